@@ -1,0 +1,366 @@
+"""The Ray engine: plan -> dispatch shards to backbone actors -> commit -> manifest.
+
+The driver is light: it lists the source once (the plan is stored, so a resumed job
+sees the same shards even if the source changed), hands shards to actors as they
+free up, replaces actors that die and retries their shard elsewhere, and finally
+writes the manifest. Shards are the unit of work, commit and retry; a committed
+shard is never recomputed.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from featurestore.config import ExtractConfig
+
+log = logging.getLogger("featurestore.extract")
+
+
+class ExtractError(RuntimeError):
+    """The job finished with failed shards (the rest are committed) or could not start."""
+
+    def __init__(self, message: str, result: "ExtractResult | None" = None):
+        super().__init__(message)
+        self.result = result
+
+
+@dataclass
+class ExtractResult:
+    store: str
+    rows: int = 0
+    inputs: int = 0
+    errors: int = 0
+    shards: int = 0
+    computed_shards: list[int] = field(default_factory=list)
+    skipped_shards: list[int] = field(default_factory=list)
+    failed_shards: dict[int, str] = field(default_factory=dict)
+    seconds: float = 0.0
+    images_per_second: float = 0.0
+    actors: int = 0
+    nodes: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed_shards
+
+    def summary(self) -> str:
+        lines = [
+            f"store:    {self.store}",
+            f"rows:     {self.rows} of {self.inputs} inputs ({self.errors} skipped, see errors.parquet)",
+            f"shards:   {self.shards} total, {len(self.computed_shards)} computed, "
+            f"{len(self.skipped_shards)} already committed, {len(self.failed_shards)} failed",
+            f"speed:    {self.images_per_second:.1f} images/s over {self.seconds:.1f}s "
+            f"on {self.actors} actor(s), {len(self.nodes)} node(s)",
+        ]
+        for idx, why in sorted(self.failed_shards.items()):
+            lines.append(f"FAILED shard {idx:05d}: {why}")
+        return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------
+# Ray placement
+# ---------------------------------------------------------------------------------
+def connect(address: str | None, num_cpus: int | None = None) -> bool:
+    """Join `address` or start an embedded instance; returns True if we started Ray here."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    kwargs: dict[str, Any] = {"ignore_reinit_error": True, "logging_level": logging.WARNING,
+                              "log_to_driver": True}
+    if address:
+        kwargs["address"] = address
+    elif os.environ.get("RAY_ADDRESS"):
+        pass  # inside a submitted Ray job: join the job's cluster
+    else:
+        # "local" starts an embedded instance even when a `ray start` cluster runs on
+        # this machine: the default must never send work somewhere unasked.
+        kwargs["address"] = "local"
+        kwargs["include_dashboard"] = False
+        if num_cpus:
+            kwargs["num_cpus"] = num_cpus
+    ray.init(**kwargs)
+    return True
+
+
+@dataclass
+class Placement:
+    actors: int
+    num_cpus: float
+    num_gpus: float
+    torch_threads: int
+    decode_threads: int
+
+
+def plan_placement(cfg: ExtractConfig, resources: dict[str, float], num_shards: int) -> Placement:
+    """Size actors to the cluster: one per GPU, or CPU actors whose threads add up to the cores."""
+    gpus = float(resources.get("GPU", 0))
+    cpus = float(resources.get("CPU", os.cpu_count() or 1))
+    gpus_per_actor = cfg.gpus_per_actor if cfg.gpus_per_actor is not None else (1.0 if gpus >= 1 else 0.0)
+    if gpus_per_actor > 0:
+        if gpus < gpus_per_actor:
+            raise ExtractError(
+                f"--gpus-per-actor {gpus_per_actor} asked for, but the cluster has {gpus:g} GPU(s); "
+                "pass --gpus-per-actor 0 to run on CPUs"
+            )
+        actors = cfg.actors or int(gpus // gpus_per_actor)
+        cpus_per_actor = cfg.cpus_per_actor or max(1.0, math.floor(cpus / max(actors, 1)))
+        torch_threads = max(1, int(cpus_per_actor) // 2) or 1
+        decode_threads = cfg.decode_threads or max(2, int(cpus_per_actor))
+    else:
+        if cfg.cpus_per_actor:
+            cpus_per_actor = cfg.cpus_per_actor
+        elif cfg.actors:
+            cpus_per_actor = max(1.0, math.floor(cpus / cfg.actors))
+        else:
+            # Few fat actors: fewer model copies and better batched maths per core.
+            cpus_per_actor = float(min(max(1, int(cpus)), 8))
+        actors = cfg.actors or max(1, int(cpus // cpus_per_actor))
+        torch_threads = max(1, int(cpus_per_actor))
+        decode_threads = cfg.decode_threads or max(2, int(cpus_per_actor))
+    actors = max(1, min(actors, num_shards)) if num_shards else 1
+    return Placement(actors, float(cpus_per_actor), float(gpus_per_actor), torch_threads, decode_threads)
+
+
+# ---------------------------------------------------------------------------------
+# Progress that reads well both on a terminal and in a Ray job's log
+# ---------------------------------------------------------------------------------
+class Progress:
+    def __init__(self, total: int, quiet: bool, initial: int = 0):
+        self.total, self.quiet, self.started = total, quiet, time.perf_counter()
+        self.initial = initial
+        self.tty = sys.stderr.isatty()
+        self.bar = None
+        self.last_line = 0.0
+        if not quiet and self.tty:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=initial, unit="img", dynamic_ncols=True, smoothing=0.1,
+                            desc="extract")
+
+    def update(self, done: int, errors: int) -> None:
+        if self.quiet:
+            return
+        if self.bar is not None:
+            self.bar.n = done
+            self.bar.set_postfix_str(f"errors={errors}", refresh=False)
+            self.bar.refresh()
+            return
+        now = time.perf_counter()
+        if now - self.last_line < 10 and done < self.total:
+            return
+        self.last_line = now
+        elapsed = now - self.started
+        rate = (done - self.initial) / elapsed if elapsed > 0 else 0.0
+        eta = (self.total - done) / rate if rate > 0 else float("nan")
+        pct = 100.0 * done / self.total if self.total else 100.0
+        print(f"extract: {done}/{self.total} images ({pct:.1f}%), {rate:.1f} img/s, ETA {eta:.0f}s, "
+              f"{errors} errors", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+# ---------------------------------------------------------------------------------
+# The job
+# ---------------------------------------------------------------------------------
+def _actor_options(p: Placement) -> dict[str, Any]:
+    return {"num_cpus": p.num_cpus, "num_gpus": p.num_gpus, "max_concurrency": 2, "max_restarts": 0}
+
+
+def extract(config: ExtractConfig | None = None, **kwargs: Any) -> ExtractResult:
+    """Extract features for every image of `config.source` into the store at `config.output`.
+
+    Re-running the same job resumes it. Raises ExtractError (with `.result`) when some
+    shards failed after retries; every other shard is committed.
+    """
+    import ray
+
+    from featurestore.sources import list_source, make_plan
+    from featurestore.store import StoreWriter
+
+    if config is None:
+        config = ExtractConfig(**kwargs)
+    elif kwargs:
+        raise TypeError("pass either an ExtractConfig or keyword fields, not both")
+    cfg = config
+    if cfg.batch_size < 1 or cfg.shard_size < 1:
+        raise ExtractError("--batch-size and --shard-size must be positive integers")
+    started = time.perf_counter()
+    storage = cfg.storage_options or None
+
+    we_started_ray = connect(cfg.address)
+    try:
+        from jobs.specs import check_output_reachable  # refuse local outputs on multi-node clusters
+
+        check_output_reachable(cfg.output, cfg.address)
+    except ImportError:
+        pass
+
+    # The plan: stored on first run, reused on resume, so the shards never move.
+    existing_plan = None
+    if not cfg.overwrite:
+        existing_plan = StoreWriter.existing_plan(cfg.output, storage_options=storage)
+    if existing_plan is not None:
+        plan = existing_plan
+        if plan.shard_size != cfg.shard_size:
+            log.warning("resuming with the store's shard size %d (asked: %d)", plan.shard_size, cfg.shard_size)
+        log.info("resuming: %d inputs in %d shards from the stored plan", len(plan.ids), plan.num_shards)
+    else:
+        t0 = time.perf_counter()
+        listing = list_source(cfg.source, storage_options=storage, path_column=cfg.path_column,
+                              label_column=cfg.label_column)
+        if not listing.ids:
+            raise ExtractError(f"{cfg.source}: no images found (looked for image files in a folder per class, "
+                               "or a CSV/Parquet manifest with a 'path' column)")
+        plan = make_plan(listing, cfg.shard_size)
+        log.info("listed %d inputs in %.1fs: %d classes, %d shards", len(plan.ids), time.perf_counter() - t0,
+                 len(plan.label_names), plan.num_shards)
+
+    from featurestore.extract import ShardExtractor
+
+    resources = ray.cluster_resources()
+    placement = plan_placement(cfg, resources, plan.num_shards)
+    RemoteExtractor = ray.remote(ShardExtractor)
+
+    def new_actor():
+        return RemoteExtractor.options(**_actor_options(placement)).remote(
+            cfg.backbone(), cfg.output, plan.label_names,
+            batch_size=cfg.batch_size, dtype=cfg.dtype, compression=cfg.compression,
+            storage_options=storage, decode_threads=placement.decode_threads,
+            torch_threads=placement.torch_threads, max_pixels=cfg.max_image_pixels, strict=cfg.strict,
+        )
+
+    actors = [new_actor() for _ in range(placement.actors)]
+    try:
+        backbone_config = ray.get(actors[0].config.remote())
+    except ray.exceptions.RayActorError as exc:
+        raise ExtractError(f"the backbone could not be loaded on a worker: {exc}") from exc
+    store_config = {**backbone_config, "dtype": cfg.dtype, "compression": cfg.compression}
+    writer = StoreWriter(cfg.output, store_config, plan.label_names, overwrite=cfg.overwrite,
+                         storage_options=storage)
+    if existing_plan is None:
+        writer.write_plan(plan)
+    committed = writer.committed()
+    shards = plan.shards()
+    todo = [s for s in shards if s.index not in committed]
+    result = ExtractResult(store=cfg.output, inputs=len(plan.ids), shards=len(shards),
+                           skipped_shards=sorted(committed), actors=len(actors))
+    if committed:
+        log.info("%d of %d shards already committed; computing %d", len(committed), len(shards), len(todo))
+
+    done_before = sum(info.rows + len(info.errors) for info in committed.values())
+    progress = Progress(len(plan.ids), cfg.quiet, initial=done_before)
+    attempts: dict[int, int] = {}
+    last_error: dict[int, str] = {}
+    queue = list(reversed(todo))  # pop() from the end keeps shard order
+    running: dict[Any, tuple[Any, Any]] = {}  # ref -> (actor, shard)
+    idle = list(actors)
+    finished_rows = done_before
+    finished_errors = sum(len(i.errors) for i in committed.values())
+    nodes: set[str] = set()
+    strict_failure: str | None = None
+    try:
+        while queue or running:
+            while queue and idle and strict_failure is None:
+                actor = idle.pop()
+                shard = queue.pop()
+                running[actor.process.remote(shard)] = (actor, shard)
+            ready, _ = ray.wait(list(running), num_returns=1, timeout=0.5)
+            for ref in ready:
+                actor, shard = running.pop(ref)
+                try:
+                    info = ray.get(ref)
+                except ray.exceptions.RayActorError as exc:
+                    # The process died (OOM, killed, node lost): retry elsewhere on a fresh actor.
+                    why = f"worker died: {str(exc).splitlines()[0][:300]}"
+                    log.warning("shard %05d: %s; retrying", shard.index, why)
+                    actors.remove(actor)
+                    replacement = new_actor()
+                    actors.append(replacement)
+                    idle.append(replacement)
+                    _retry(shard, why, attempts, last_error, queue, result, cfg.max_retries)
+                    continue
+                except ray.exceptions.RayTaskError as exc:
+                    cause = exc.cause if getattr(exc, "cause", None) is not None else exc
+                    why = f"{type(cause).__name__}: {str(cause).splitlines()[0][:300] if str(cause) else ''}"
+                    idle.append(actor)
+                    if type(cause).__name__ == "StrictModeError":
+                        strict_failure = str(cause)
+                        continue
+                    log.warning("shard %05d failed: %s", shard.index, why)
+                    _retry(shard, why, attempts, last_error, queue, result, cfg.max_retries)
+                    continue
+                idle.append(actor)
+                result.computed_shards.append(shard.index)
+                finished_rows += info.rows + len(info.errors)
+                finished_errors += len(info.errors)
+                node = getattr(info, "node_id", None)
+                if node:
+                    nodes.add(node)
+            # live progress: committed shards plus what running actors report
+            in_flight = 0
+            in_flight_err = 0
+            for ref, (actor, _) in list(running.items()):
+                try:
+                    d, e = ray.get(actor.poll.remote(), timeout=2)
+                    in_flight += d
+                    in_flight_err += e
+                except Exception:
+                    pass
+            progress.update(min(finished_rows + in_flight, len(plan.ids)), finished_errors + in_flight_err)
+            if strict_failure and not running:
+                break
+    finally:
+        progress.close()
+        for a in actors:
+            try:
+                ray.kill(a)
+            except Exception:
+                pass
+        if we_started_ray and not cfg.address:
+            pass  # keep the embedded instance for the process; ray shuts it down at exit
+
+    if strict_failure:
+        raise ExtractError(f"stopped by --strict: {strict_failure}; committed shards are kept, "
+                           "re-run without --strict to skip bad inputs")
+
+    final = writer.finalize(plan, result.failed_shards)
+    result.rows = int(getattr(final, "num_rows", 0) or _count_rows(writer))
+    result.errors = int(getattr(final, "num_errors", 0) or 0)
+    result.seconds = time.perf_counter() - started
+    computed_images = max(finished_rows - done_before, 0)
+    result.images_per_second = computed_images / result.seconds if result.seconds > 0 else 0.0
+    result.nodes = sorted(nodes)
+    if not cfg.quiet:
+        print(result.summary(), file=sys.stderr, flush=True)
+    if result.failed_shards:
+        raise ExtractError(
+            f"{len(result.failed_shards)} shard(s) failed after {cfg.max_retries} retries; the other "
+            f"{result.shards - len(result.failed_shards)} are committed. Re-run the same command to retry them.",
+            result,
+        )
+    return result
+
+
+def _retry(shard, why, attempts, last_error, queue, result, max_retries) -> None:
+    attempts[shard.index] = attempts.get(shard.index, 0) + 1
+    last_error[shard.index] = why
+    if attempts[shard.index] <= max_retries:
+        queue.insert(0, shard)  # pop() takes from the end: a retried shard goes last
+    else:
+        result.failed_shards[shard.index] = why
+        log.error("shard %05d failed %d times, giving up: %s", shard.index, attempts[shard.index], why)
+
+
+def _count_rows(writer) -> int:
+    try:
+        return sum(info.rows for info in writer.committed().values())
+    except Exception:
+        return 0

@@ -1,0 +1,265 @@
+"""The extraction engine with real parts: a real Ray instance, real HDF5 shards, real models."""
+from __future__ import annotations
+
+import io
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import featurestore
+from featurestore.config import ExtractConfig
+from featurestore.engine import ExtractError, extract
+
+MODEL = "resnet18"
+SMALL = dict(model=MODEL, weights="none", input_size=64, batch_size=8, quiet=True)
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    yield ray
+    ray.shutdown()
+
+
+def make_images(root: Path, per_class: int = 6, classes=("cat", "dog", "panda"), size=(72, 56)) -> Path:
+    rng = np.random.default_rng(0)
+    for c in classes:
+        d = root / c
+        d.mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            arr = rng.integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8)
+            Image.fromarray(arr).save(d / f"{c}_{i:03d}.jpg", quality=90)
+    return root
+
+
+def reference_features(ids: list[str], model=MODEL, input_size=64, layer=None) -> np.ndarray:
+    """Features from a plain single-process loop over the public backbone API."""
+    from featurestore.decode import decode_image
+
+    bb = featurestore.load_backbone(model, weights="none", input_size=input_size,
+                                    layers=[layer] if layer else None)
+    bb.eval()
+    draft = bb.preprocessing.draft_size
+    xs = [bb.preprocess(decode_image(Path(i).read_bytes(), i, draft_size=draft)) for i in ids]
+    with torch.inference_mode():
+        out = bb(torch.stack(xs))
+    (name,) = bb.layers if layer is None else (layer,)
+    return out[name].float().numpy()
+
+
+def read_store(uri: str):
+    reader = featurestore.open(uri)
+    X, y = reader.to_numpy()
+    return reader, np.asarray(X), np.asarray(y), [str(i) for i in reader.ids]
+
+
+def test_features_equal_single_process_reference(tmp_path, ray_local):
+    src = make_images(tmp_path / "src", per_class=5)
+    out = str(tmp_path / "store")
+    result = extract(ExtractConfig(source=str(src), output=out, shard_size=4, **SMALL))
+    assert result.ok and result.rows == 15 and result.shards == 4
+    reader, X, y, ids = read_store(out)
+    assert len(reader) == 15
+    assert reader.label_names == ["cat", "dog", "panda"]
+    # ids and labels aligned row by row: the folder names the label
+    for i, lab in zip(ids, y):
+        assert Path(i).parent.name == reader.label_names[lab]
+    assert ids == sorted(ids)
+    ref = reference_features(ids)
+    assert X.shape == ref.shape == (15, 512)
+    np.testing.assert_allclose(X, ref, atol=1e-5, rtol=0)
+    # each shard alone is a PyImageSearch-style file readable with plain h5py
+    shard0 = sorted((Path(out) / "shards").glob("shard-*.h5"))[0]
+    with h5py.File(shard0, "r") as f:
+        assert f["features"].shape == (4, 512)
+        assert list(f["labels"][:]) == list(y[:4])
+        assert [s.decode() if isinstance(s, bytes) else s for s in f["label_names"][:]] == ["cat", "dog", "panda"]
+        assert len(f["ids"]) == 4
+
+
+def test_two_layers_one_pass_and_rerun_is_a_noop(tmp_path, ray_local):
+    src = make_images(tmp_path / "src", per_class=3)
+    out = str(tmp_path / "store")
+    cfg = ExtractConfig(source=str(src), output=out, shard_size=5, layers=["layer3", "avgpool"], **SMALL)
+    first = extract(cfg)
+    assert first.ok and sorted(first.computed_shards) == [0, 1]
+    reader = featurestore.open(out)
+    assert set(reader.layers) == {"layer3", "avgpool"}
+    assert reader.features("layer3").shape == (9, 256)
+    assert reader.features("avgpool").shape == (9, 512)
+    again = extract(cfg)
+    assert again.computed_shards == [] and sorted(again.skipped_shards) == [0, 1]
+    assert featurestore.verify(out).ok
+
+
+def test_other_configuration_refused_unless_overwrite(tmp_path, ray_local):
+    src = make_images(tmp_path / "src", per_class=2)
+    out = str(tmp_path / "store")
+    extract(ExtractConfig(source=str(src), output=out, shard_size=4, **SMALL))
+    other = dict(SMALL, pooling="max")
+    with pytest.raises(Exception, match="pooling"):
+        extract(ExtractConfig(source=str(src), output=out, shard_size=4, **other))
+    res = extract(ExtractConfig(source=str(src), output=out, shard_size=4, overwrite=True, **other))
+    assert res.ok and featurestore.open(out).config["pooling"] == "max"
+
+
+def write_bad_inputs(src: Path) -> dict[str, str]:
+    """Every kind of unusable input, each beside good images; returns name -> expected reason word."""
+    bad = src / "dog"
+    (bad / "zero.jpg").write_bytes(b"")
+    (bad / "notimage.jpg").write_text("this is a text file with an image extension")
+    good = io.BytesIO()
+    Image.fromarray(np.full((60, 80, 3), 128, np.uint8)).save(good, format="JPEG")
+    (bad / "truncated.jpg").write_bytes(good.getvalue()[: len(good.getvalue()) // 3])
+    data = bytearray(good.getvalue())
+    data[200:400] = b"\x00" * 200
+    (bad / "corrupt.jpg").write_bytes(bytes(data[:180]) + b"garbage" * 40)
+    Image.new("L", (1200, 1000)).save(bad / "bomb.png")  # 1.2 Mpx > the 1 Mpx limit used below
+    os.symlink(bad / "loop.jpg", bad / "loop.jpg")  # unreadable (ELOOP), even as root
+    return {"zero.jpg": "", "notimage.jpg": "", "truncated.jpg": "", "corrupt.jpg": "", "bomb.png": "bomb",
+            "loop.jpg": ""}
+
+
+def test_bad_inputs_are_reported_and_skipped_labels_stay_right(tmp_path, ray_local):
+    src = make_images(tmp_path / "src", per_class=4)
+    expected = write_bad_inputs(src)
+    # a manifest naming a file that vanished after listing
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    out = str(tmp_path / "store")
+    res = extract(ExtractConfig(source=str(src), output=out, shard_size=5, max_image_pixels=1_000_000, **SMALL))
+    assert res.ok
+    reader, X, y, ids = read_store(out)
+    assert len(reader) == 12  # 3 classes x 4 good images
+    for i, lab in zip(ids, y):
+        assert Path(i).parent.name == reader.label_names[lab], "a label moved onto another image"
+    errors = reader.errors().to_pylist()
+    by_name = {Path(e["id"]).name: e for e in errors}
+    assert set(by_name) == set(expected)
+    assert "bomb" in by_name["bomb.png"]["reason"].lower()
+    assert all(e["reason"] for e in errors)
+    assert all(reader.label_names[e["label"]] == "dog" for e in errors)
+    manifest = reader.manifest().to_pylist()
+    assert len(manifest) == 12 + len(expected)
+    assert sum(1 for m in manifest if m["status"] == "ok") == 12
+    # features of the good images equal the reference: nothing shifted
+    np.testing.assert_allclose(X, reference_features(ids), atol=1e-5, rtol=0)
+
+    # vanished after listing: a manifest names a file that no longer exists
+    paths = [str(p) for p in sorted((src / "cat").glob("*.jpg"))]
+    table = pa.table({"path": paths + [str(src / "cat" / "gone.jpg")], "label": ["cat"] * (len(paths) + 1)})
+    pq.write_table(table, tmp_path / "list.parquet")
+    res2 = extract(ExtractConfig(source=str(tmp_path / "list.parquet"), output=str(tmp_path / "s2"),
+                                 shard_size=8, **SMALL))
+    errs = featurestore.open(str(tmp_path / "s2")).errors().to_pylist()
+    assert [Path(e["id"]).name for e in errs] == ["gone.jpg"] and "vanish" in errs[0]["reason"]
+    assert res2.rows == len(paths)
+
+
+def test_strict_stops_at_first_bad_input(tmp_path, ray_local):
+    src = make_images(tmp_path / "src", per_class=2)
+    (src / "dog" / "zero.jpg").write_bytes(b"")
+    with pytest.raises(ExtractError, match="zero.jpg"):
+        extract(ExtractConfig(source=str(src), output=str(tmp_path / "store"), strict=True, **SMALL))
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "featurestore", *args]
+
+
+def _extract_cmd(src, out, shard_size: int) -> list[str]:
+    return _cli("extract", str(src), str(out), "--model", MODEL, "--weights", "none", "--input-size", "64",
+                "--batch-size", "4", "--shard-size", str(shard_size), "--quiet")
+
+
+def _store_equal(a: str, b: str) -> None:
+    ra, Xa, ya, ia = read_store(a)
+    rb, Xb, yb, ib = read_store(b)
+    assert ia == ib and list(ya) == list(yb)
+    np.testing.assert_allclose(Xa, Xb, atol=1e-5, rtol=0)
+    assert len(set(ia)) == len(ia), "a row was duplicated"
+
+
+def _kill_tree(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
+def test_driver_killed_midway_then_resumed(tmp_path, ray_local):
+    src = make_images(tmp_path / "src", per_class=12)
+    full = tmp_path / "full"
+    extract(ExtractConfig(source=str(src), output=str(full), shard_size=4, **SMALL))
+
+    out = tmp_path / "store"
+    proc = subprocess.Popen(_extract_cmd(src, out, 4), start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 180
+    shards = out / "shards"
+    while time.time() < deadline:
+        if shards.exists() and len(list(shards.glob("shard-*.h5"))) >= 2:
+            break
+        if proc.poll() is not None:
+            pytest.fail("the extraction finished before it could be killed; make the test input larger")
+        time.sleep(0.05)
+    _kill_tree(proc)
+    before = {p.name: p.stat().st_mtime_ns for p in shards.glob("shard-*.h5")}
+    assert 2 <= len(before) < 9, before
+
+    res = subprocess.run(_cli("extract", str(src), str(out), "--model", MODEL, "--weights", "none",
+                              "--input-size", "64", "--batch-size", "4", "--shard-size", "4"),
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    after = {p.name: p.stat().st_mtime_ns for p in shards.glob("shard-*.h5")}
+    assert len(after) == 9
+    for name, mtime in before.items():
+        assert after[name] == mtime, f"{name} was computed twice"
+    assert f"{len(before)} already committed" in res.stderr
+    _store_equal(str(full), str(out))
+    assert featurestore.verify(str(out)).ok
+
+
+def test_actor_killed_midway_store_complete_and_exact(tmp_path, ray_local):
+    src = make_images(tmp_path / "src", per_class=12)
+    full = tmp_path / "full"
+    extract(ExtractConfig(source=str(src), output=str(full), shard_size=4, **SMALL))
+
+    out = tmp_path / "store"
+    proc = subprocess.Popen(_cli("extract", str(src), str(out), "--model", MODEL, "--weights", "none",
+                                 "--input-size", "64", "--batch-size", "2", "--shard-size", "4"),
+                            start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    killed = False
+    deadline = time.time() + 180
+    while time.time() < deadline and not killed:
+        if (out / "shards").exists() and list((out / "shards").glob("shard-*.h5")):
+            found = subprocess.run(["pgrep", "-f", "ray::ShardExtractor.process"], capture_output=True, text=True)
+            pids = [int(p) for p in found.stdout.split()]
+            if pids:
+                os.kill(pids[0], signal.SIGKILL)
+                killed = True
+        if proc.poll() is not None:
+            break
+        time.sleep(0.05)
+    try:
+        output, _ = proc.communicate(timeout=300)
+    finally:
+        _kill_tree(proc)
+    assert killed, "no extractor actor was found to kill"
+    assert proc.returncode == 0, output[-3000:]
+    assert "worker died" in output
+    _store_equal(str(full), str(out))
+    assert featurestore.verify(str(out)).ok
