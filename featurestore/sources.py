@@ -1,0 +1,335 @@
+"""Listing inputs (folder per class or a manifest table) and splitting them into a shard plan.
+
+Any fsspec URL works (plain paths, file://, s3://...). Listing is one recursive walk per
+source and a tight loop over strings, so a million objects list in seconds; the order
+is sorted and label ids come from sorted class names, so the same input gives the same
+store every time.
+"""
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+IMAGE_EXTENSIONS = frozenset(
+    {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
+)
+MANIFEST_EXTENSIONS = (".csv", ".parquet", ".pq")
+_LOCAL_PROTOCOLS = ("", "file", "local")
+
+
+@dataclass
+class Listing:
+    """The inputs of one job: ids (what fsspec opens), integer labels (-1 = unlabeled), class names."""
+
+    ids: list[str]
+    labels: np.ndarray
+    label_names: list[str]
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __post_init__(self) -> None:
+        self.labels = np.asarray(self.labels, dtype=np.int64)
+        if len(self.labels) != len(self.ids):
+            raise ValueError(f"Listing: {len(self.ids)} ids but {len(self.labels)} labels")
+
+
+def _protocol(url: str) -> str:
+    return url.split("://", 1)[0] if "://" in url else ""
+
+
+def _is_local(url: str) -> bool:
+    return _protocol(url) in _LOCAL_PROTOCOLS
+
+
+def _local_path(url: str) -> str:
+    if url.startswith("file://"):
+        url = url[len("file://"):]
+    elif url.startswith("local://"):
+        url = url[len("local://"):]
+    return os.path.abspath(os.path.expanduser(url))
+
+
+def _fs(url: str, storage_options: dict | None):
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
+    return fs, path
+
+
+def _has_image_ext(name: str) -> bool:
+    dot = name.rfind(".")
+    return dot > 0 and name[dot:].lower() in IMAGE_EXTENSIONS
+
+
+def split_classes(rel_paths: list[str]) -> tuple[list[str], list[str]]:
+    """Keep image files under a class folder; return (kept relative paths, class per path).
+
+    `rel_paths` are '/'-separated paths relative to the root. Hidden files and anything under a
+    hidden folder are dropped, as are non-image extensions and files directly in the root.
+    The pure-Python hot loop of listing: kept small on purpose (see bench/listing.py).
+    """
+    exts = IMAGE_EXTENSIONS
+    kept: list[str] = []
+    classes: list[str] = []
+    keep = kept.append
+    cls_append = classes.append
+    for rel in rel_paths:
+        slash = rel.find("/")
+        if slash <= 0 or rel[0] == "." or "/." in rel:
+            continue
+        dot = rel.rfind(".")
+        if dot <= rel.rfind("/") + 1 or rel[dot:].lower() not in exts:
+            continue
+        keep(rel)
+        cls_append(rel[:slash])
+    return kept, classes
+
+
+def _labels_from_names(classes: list[str]) -> tuple[np.ndarray, list[str]]:
+    names = sorted(set(classes))
+    index = {n: i for i, n in enumerate(names)}
+    return np.fromiter((index[c] for c in classes), dtype=np.int64, count=len(classes)), names
+
+
+def _walk_local(root: str) -> list[str]:
+    """Relative '/'-paths of every file under root, skipping hidden dirs early (os.scandir is fast)."""
+    out: list[str] = []
+    stack = [""]
+    while stack:
+        rel_dir = stack.pop()
+        try:
+            it = os.scandir(os.path.join(root, rel_dir) if rel_dir else root)
+        except (PermissionError, FileNotFoundError):
+            continue
+        with it:
+            for entry in it:
+                name = entry.name
+                if name[0] == ".":
+                    continue
+                rel = f"{rel_dir}/{name}" if rel_dir else name
+                if entry.is_dir(follow_symlinks=True):
+                    stack.append(rel)
+                else:
+                    out.append(rel)
+    return out
+
+
+def _list_folder(src: str, storage_options: dict | None) -> Listing:
+    if _is_local(src):
+        root = _local_path(src)
+        if not os.path.isdir(root):
+            raise FileNotFoundError(f"{src}: no such directory; pass a folder per class or a .csv/.parquet manifest")
+        rels = _walk_local(root)
+        prefix = root.rstrip(os.sep) + "/"
+    else:
+        fs, path = _fs(src, storage_options)
+        path = path.rstrip("/")
+        fs.invalidate_cache(path)
+        found = fs.find(path, detail=False)
+        if not found and not fs.isdir(path):
+            raise FileNotFoundError(f"{src}: no such folder or prefix; pass a folder per class or a .csv/.parquet manifest")
+        strip = len(path) + 1
+        rels = [p[strip:] for p in found]
+        prefix = f"{_protocol(src)}://{path}/"
+    kept, classes = split_classes(rels)
+    if not kept:
+        flat = [r for r in rels if "/" not in r and r[0] != "." and _has_image_ext(r)]
+        if flat:  # images directly in the root and no class folders: an unlabeled set
+            flat.sort()
+            return Listing([prefix + r for r in flat], np.full(len(flat), -1, np.int64), [])
+        raise ValueError(
+            f"{src}: no images found (expected <root>/<class>/<image> with extensions "
+            f"{', '.join(sorted(IMAGE_EXTENSIONS))}, or a .csv/.parquet manifest)"
+        )
+    order = sorted(range(len(kept)), key=kept.__getitem__)
+    ids = [prefix + kept[i] for i in order]
+    labels, names = _labels_from_names([classes[i] for i in order])
+    return Listing(ids, labels, names)
+
+
+def _read_table(src: str, storage_options: dict | None):
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    if _is_local(src):
+        path = _local_path(src)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{src}: no such manifest file")
+        opener = lambda: open(path, "rb")  # noqa: E731
+    else:
+        fs, path = _fs(src, storage_options)
+        if not fs.exists(path):
+            raise FileNotFoundError(f"{src}: no such manifest file")
+        opener = lambda: fs.open(path, "rb")  # noqa: E731
+    with opener() as f:
+        if src.lower().endswith(".csv"):
+            return pacsv.read_csv(f)
+        return pq.read_table(f)
+
+
+def _resolve(p: str, base: str, local: bool) -> str:
+    """A manifest path as an id: URLs kept, relative paths joined to the manifest's folder."""
+    if "://" in p:
+        return _local_path(p) if _is_local(p) else p
+    if local:
+        return os.path.normpath(os.path.join(base, os.path.expanduser(p)))
+    proto, base_path = base.split("://", 1)
+    joined = p.lstrip("/") if p.startswith("/") else posixpath.join(base_path, p)
+    return f"{proto}://{posixpath.normpath(joined)}"
+
+
+def _list_manifest(src: str, storage_options: dict | None, path_column: str, label_column: str) -> Listing:
+    table = _read_table(src, storage_options)
+    if path_column not in table.column_names:
+        raise ValueError(
+            f"{src}: manifest has no '{path_column}' column (columns: {', '.join(table.column_names)}); "
+            f"rename it or pass path_column"
+        )
+    raw_paths = table.column(path_column).to_pylist()
+    if any(p is None or str(p) == "" for p in raw_paths):
+        bad = next(i for i, p in enumerate(raw_paths) if p is None or str(p) == "")
+        raise ValueError(f"{src}: empty '{path_column}' in row {bad}; every row needs a path")
+    local = _is_local(src)
+    if local:
+        base = os.path.dirname(_local_path(src))
+    else:
+        base = src.rsplit("/", 1)[0]
+    ids = [_resolve(str(p), base, local) for p in raw_paths]
+
+    if label_column in table.column_names:
+        import pyarrow as pa
+
+        col = table.column(label_column)
+        values = col.to_pylist()
+        present = [v for v in values if v is not None and str(v) != ""]
+        if pa.types.is_integer(col.type):  # numeric labels: sort numerically, keep the numbers as names
+            names = [str(v) for v in sorted(set(present))]
+        else:
+            names = sorted({str(v) for v in present})
+        index = {n: i for i, n in enumerate(names)}
+        labels = np.array([index[str(v)] if v is not None and str(v) != "" else -1 for v in values], np.int64)
+    else:
+        names, labels = [], np.full(len(ids), -1, np.int64)
+
+    order = sorted(range(len(ids)), key=ids.__getitem__)
+    ids = [ids[i] for i in order]
+    labels = labels[np.asarray(order, dtype=np.int64)] if ids else labels
+    for a, b in zip(ids, ids[1:]):
+        if a == b:
+            raise ValueError(f"{src}: path {a} is listed more than once; each input must appear once")
+    if not ids:
+        raise ValueError(f"{src}: manifest has no rows")
+    return Listing(ids, labels, names)
+
+
+def list_source(
+    src: str,
+    *,
+    storage_options: dict[str, Any] | None = None,
+    path_column: str = "path",
+    label_column: str = "label",
+) -> Listing:
+    """List a folder per class (root/<class>/.../<image>) or a .csv/.parquet manifest.
+
+    Manifest paths may be absolute, URLs, or relative to the manifest's own folder; the label
+    column is optional (missing or empty labels are -1). A folder with images only at its root
+    is an unlabeled set.
+    """
+    src = str(src)
+    if src.lower().endswith(MANIFEST_EXTENSIONS):
+        return _list_manifest(src, storage_options, path_column, label_column)
+    return _list_folder(src, storage_options)
+
+
+@dataclass
+class ShardSpec:
+    """One unit of work, commit and retry: a contiguous slice of the plan."""
+
+    index: int
+    ids: list[str]
+    labels: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+@dataclass
+class Plan:
+    """The listing cut into shards of shard_size rows; stored once so resumes reuse it."""
+
+    ids: list[str]
+    labels: np.ndarray
+    label_names: list[str]
+    shard_size: int
+    _index: dict | None = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        self.labels = np.asarray(self.labels, dtype=np.int64)
+        if self.shard_size < 1:
+            raise ValueError(f"shard_size must be >= 1, got {self.shard_size}")
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def num_shards(self) -> int:
+        return (len(self.ids) + self.shard_size - 1) // self.shard_size
+
+    def shard(self, index: int) -> ShardSpec:
+        if not 0 <= index < self.num_shards:
+            raise IndexError(f"shard {index} out of range (plan has {self.num_shards} shards)")
+        lo, hi = index * self.shard_size, min(len(self.ids), (index + 1) * self.shard_size)
+        return ShardSpec(index, self.ids[lo:hi], self.labels[lo:hi])
+
+    def shards(self) -> list[ShardSpec]:
+        return [self.shard(i) for i in range(self.num_shards)]
+
+    def to_table(self):
+        import pyarrow as pa
+
+        shard = np.arange(len(self.ids), dtype=np.int64) // self.shard_size
+        meta = {
+            b"featurestore.label_names": json.dumps(self.label_names).encode(),
+            b"featurestore.shard_size": str(self.shard_size).encode(),
+        }
+        return pa.table(
+            {"id": pa.array(self.ids, pa.string()), "label": self.labels, "shard": shard}
+        ).replace_schema_metadata(meta)
+
+    @classmethod
+    def from_table(cls, t, label_names: list[str] | None = None, shard_size: int | None = None) -> "Plan":
+        meta = t.schema.metadata or {}
+        if label_names is None:
+            label_names = json.loads(meta.get(b"featurestore.label_names", b"[]"))
+        if shard_size is None:
+            if b"featurestore.shard_size" not in meta:
+                raise ValueError("plan table has no shard_size metadata; pass shard_size")
+            shard_size = int(meta[b"featurestore.shard_size"])
+        return cls(
+            t.column("id").to_pylist(),
+            t.column("label").to_numpy().astype(np.int64),
+            list(label_names),
+            int(shard_size),
+        )
+
+
+def make_plan(listing: Listing, shard_size: int) -> Plan:
+    """Cut a listing into shards of `shard_size` rows, in listing order."""
+    return Plan(list(listing.ids), listing.labels.copy(), list(listing.label_names), int(shard_size))
+
+
+def read_bytes(url: str, storage_options: dict[str, Any] | None = None) -> bytes:
+    """The whole content of one input (local fast path; fsspec for URLs). Raises FileNotFoundError etc."""
+    if _is_local(url):
+        with open(_local_path(url), "rb") as f:
+            return f.read()
+    import fsspec
+
+    with fsspec.open(url, "rb", **(storage_options or {})) as f:
+        return f.read()

@@ -1,0 +1,1353 @@
+"""The sharded HDF5 feature store: writer (driver + per-shard), reader, verify and inspect.
+
+Layout of a store (a local directory or any fsspec URL prefix):
+
+    store.json                 config (refuses mixing), label names, shard list, checksums, versions
+    plan.parquet               the input list cut into shards, fixed at the first run (resume reuses it)
+    shards/shard-00000.json    sidecar: rows, sha256, bytes, ids, errors (written first)
+    shards/shard-00000.h5      the shard itself (written last: its existence is the commit)
+    manifest.parquet           one row per input: id, label, shard, row, status
+    errors.parquet             every input that could not be used: id, label, shard, reason
+
+Each shard is a standalone PyImageSearch-style HDF5 file (features, labels, label_names, ids)
+that plain h5py reads. h5py needs a seekable local file, so shards are written to a local
+temporary file and then committed atomically (os.replace locally, a single PUT on S3).
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import re
+import shutil
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from dataclasses import asdict, dataclass, field
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+
+from .sources import Plan, _is_local, _local_path, _protocol
+
+log = logging.getLogger(__name__)
+
+FORMAT = "featurestore.store/1"
+SHARD_FORMAT = "featurestore.shard/1"
+DTYPES = ("float32", "float16")
+COMPRESSIONS = (None, "none", "lzf", "gzip")
+_SHARD_RE = re.compile(r"^shard-(\d{5,})\.h5$")
+_ATOMIC_PUT = {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl", "memory"}
+_BLOCK = 4 << 20
+
+
+class StoreError(RuntimeError):
+    """The store is missing, unreadable or inconsistent; the message names the store and the fix."""
+
+
+class StoreConfigMismatch(StoreError):
+    """An existing store was built with a different configuration; .differences lists the keys."""
+
+    def __init__(self, message: str, differences: list[str]):
+        super().__init__(message)
+        self.differences = differences
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:05d}.h5"
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def _jsonable(obj: Any) -> Any:
+    """Round-trip through JSON so tuples/lists and numpy scalars compare equal to what is stored."""
+    return json.loads(json.dumps(obj, default=lambda o: o.item() if hasattr(o, "item") else str(o)))
+
+
+def library_versions() -> dict[str, str | None]:
+    """Versions recorded in store.json (importlib.metadata: no heavy imports)."""
+    from importlib import metadata
+
+    out: dict[str, str | None] = {"python": sys.version.split()[0]}
+    for name in ("featurestore", "torch", "torchvision", "h5py", "numpy"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+class _Loc:
+    """A store location: local directory (os calls, os.replace) or fsspec URL prefix."""
+
+    def __init__(self, uri: str, storage_options: dict | None = None):
+        self.uri = str(uri).rstrip("/") or "/"
+        self.storage_options = dict(storage_options or {})
+        self.local = _is_local(self.uri)
+        if self.local:
+            self.root = _local_path(self.uri)
+            self.fs = None
+            self.protocol = "file"
+        else:
+            import fsspec
+
+            self.fs, root = fsspec.core.url_to_fs(self.uri, **self.storage_options)
+            self.root = root.rstrip("/")
+            self.protocol = _protocol(self.uri)
+
+    def __getstate__(self):
+        return {"uri": self.uri, "storage_options": self.storage_options}
+
+    def __setstate__(self, state):
+        self.__init__(state["uri"], state["storage_options"])
+
+    def path(self, rel: str = "") -> str:
+        if not rel:
+            return self.root
+        return os.path.join(self.root, *rel.split("/")) if self.local else f"{self.root}/{rel}"
+
+    def url(self, rel: str = "") -> str:
+        if self.local:
+            return self.path(rel)
+        return f"{self.protocol}://{self.path(rel)}"
+
+    def refresh(self, rel: str = "") -> None:
+        if self.fs is not None:
+            self.fs.invalidate_cache(self.path(rel))
+
+    def exists(self, rel: str) -> bool:
+        if self.local:
+            return os.path.exists(self.path(rel))
+        self.refresh(rel)
+        return self.fs.exists(self.path(rel))
+
+    def read_bytes(self, rel: str) -> bytes:
+        if self.local:
+            with open(self.path(rel), "rb") as f:
+                return f.read()
+        return self.fs.cat_file(self.path(rel))
+
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        """Atomic replace: readers see the old content or the new one, never a mix."""
+        if self.local:
+            path = self.path(rel)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{uuid.uuid4().hex[:8]}.tmp")
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        elif self.protocol in _ATOMIC_PUT:
+            self.fs.pipe_file(self.path(rel), data)
+        else:
+            tmp = f"{self.path(rel)}.{uuid.uuid4().hex[:8]}.tmp"
+            self.fs.pipe_file(tmp, data)
+            self.fs.mv(tmp, self.path(rel))
+
+    def put_file(self, local_path: str, rel: str) -> None:
+        """Move a finished local file into the store atomically (the commit point of a shard)."""
+        if self.local:
+            dest = self.path(rel)
+            os.makedirs(os.path.dirname(dest), exist_ok=True)
+            if os.path.dirname(os.path.abspath(local_path)) != os.path.dirname(dest):
+                tmp = os.path.join(os.path.dirname(dest), f".{os.path.basename(dest)}.{uuid.uuid4().hex[:8]}.tmp")
+                shutil.copyfile(local_path, tmp)
+                local_path = tmp
+            os.replace(local_path, dest)
+        elif self.protocol in _ATOMIC_PUT:
+            self.fs.put_file(local_path, self.path(rel))
+        else:
+            tmp = f"{self.path(rel)}.{uuid.uuid4().hex[:8]}.tmp"
+            self.fs.put_file(local_path, tmp)
+            self.fs.mv(tmp, self.path(rel))
+
+    def listdir(self, rel: str) -> list[str]:
+        if self.local:
+            try:
+                return sorted(os.listdir(self.path(rel)))
+            except FileNotFoundError:
+                return []
+        self.refresh(rel)
+        try:
+            return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(self.path(rel), detail=False))
+        except FileNotFoundError:
+            return []
+
+    def remove(self, rel: str) -> None:
+        try:
+            if self.local:
+                os.remove(self.path(rel))
+            else:
+                self.fs.rm_file(self.path(rel))
+        except FileNotFoundError:
+            pass
+
+    def remove_tree(self) -> None:
+        if self.local:
+            shutil.rmtree(self.root, ignore_errors=True)
+        else:
+            self.refresh()
+            if self.fs.exists(self.root):
+                for p in self.fs.find(self.root, detail=False):
+                    if not p.endswith("/store.json"):
+                        self.fs.rm_file(p)
+                self.remove("store.json")  # last: an interrupted wipe still looks like a store
+
+    def is_empty(self) -> bool:
+        if self.local:
+            return not os.path.isdir(self.root) or not os.listdir(self.root)
+        self.refresh()
+        try:
+            return not self.fs.find(self.root, detail=False, maxdepth=None)
+        except FileNotFoundError:
+            return True
+
+    def makedirs(self) -> None:
+        if self.local:
+            os.makedirs(os.path.join(self.root, "shards"), exist_ok=True)
+
+    def open(self, rel: str, block_size: int | None = None):
+        if self.local:
+            return open(self.path(rel), "rb")
+        kw = {"block_size": block_size} if block_size else {}
+        return self.fs.open(self.path(rel), "rb", **kw)
+
+    def sha256(self, rel: str) -> tuple[str, int]:
+        h, n = hashlib.sha256(), 0
+        with self.open(rel, block_size=_BLOCK) as f:
+            while True:
+                b = f.read(_BLOCK)
+                if not b:
+                    break
+                h.update(b)
+                n += len(b)
+        return h.hexdigest(), n
+
+    def read_parquet(self, rel: str):
+        import pyarrow.parquet as pq
+
+        return pq.read_table(io.BytesIO(self.read_bytes(rel)))
+
+    def write_parquet(self, rel: str, table) -> None:
+        import pyarrow.parquet as pq
+
+        buf = io.BytesIO()
+        pq.write_table(table, buf)
+        self.write_bytes(rel, buf.getvalue())
+
+
+def _read_meta(loc: _Loc) -> dict | None:
+    try:
+        data = loc.read_bytes("store.json")
+    except FileNotFoundError:
+        return None
+    try:
+        return json.loads(data)
+    except json.JSONDecodeError as exc:
+        raise StoreError(f"{loc.url('store.json')}: not valid JSON ({exc}); the store is damaged") from exc
+
+
+def _write_meta(loc: _Loc, meta: dict) -> None:
+    meta["updated"] = _now()
+    loc.write_bytes("store.json", json.dumps(meta, indent=1, sort_keys=False).encode())
+
+
+def _diff(old: Any, new: Any, prefix: str = "") -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        out: list[str] = []
+        for k in sorted(set(old) | set(new), key=str):
+            key = f"{prefix}{k}"
+            if k not in old:
+                out.append(f"{key}: (absent) -> {new[k]!r}")
+            elif k not in new:
+                out.append(f"{key}: {old[k]!r} -> (absent)")
+            else:
+                out.extend(_diff(old[k], new[k], key + "."))
+        return out
+    return [] if old == new else [f"{prefix.rstrip('.') or 'config'}: {old!r} -> {new!r}"]
+
+
+@dataclass
+class ShardInfo:
+    """What a committed shard holds (from its sidecar)."""
+
+    index: int
+    name: str
+    rows: int
+    sha256: str
+    bytes: int
+    errors: list[tuple[str, int, str]] = field(default_factory=list)
+    ids: list[str] | None = field(default=None, repr=False)
+    layers: dict[str, dict] = field(default_factory=dict)
+    dtype: str = "float32"
+    compression: str | None = None
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ShardInfo":
+        return cls(
+            index=int(d["index"]), name=d["name"], rows=int(d["rows"]), sha256=d["sha256"], bytes=int(d["bytes"]),
+            errors=[(str(e[0]), int(e[1]), str(e[2])) for e in d.get("errors", [])], ids=d.get("ids"),
+            layers=d.get("layers", {}), dtype=d.get("dtype", "float32"), compression=d.get("compression"),
+        )
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["errors"] = [list(e) for e in self.errors]
+        return d
+
+
+# --------------------------------------------------------------------------------------------
+# Writing
+
+
+class ShardWriter:
+    """Writes one shard: rows go to a local temporary HDF5 file; commit() publishes it atomically.
+
+    Use one per process at a time (h5py serialises every call in a process). Order of the
+    commit: sidecar JSON first, then the .h5 (its appearance is the commit); a writer that is
+    aborted or killed leaves no .h5 behind, so readers and resumes never see a partial shard.
+    """
+
+    def __init__(
+        self,
+        store_uri: str,
+        index: int,
+        label_names: Sequence[str],
+        *,
+        dtype: str = "float32",
+        compression: str | None = None,
+        storage_options: dict | None = None,
+        feature_shapes: dict[str, tuple] | None = None,
+        chunk_bytes: int = 1 << 20,
+        tmp_dir: str | None = None,
+        expected_rows: int | None = None,
+    ):
+        import h5py
+
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        if compression not in COMPRESSIONS:
+            raise ValueError(f"compression must be one of none, lzf, gzip, got {compression!r}")
+        self.loc = _Loc(store_uri, storage_options)
+        self.index = int(index)
+        self.name = shard_name(self.index)
+        self.label_names = [str(n) for n in label_names]
+        self.dtype = dtype
+        self.compression = None if compression in (None, "none") else compression
+        self.chunk_bytes = int(chunk_bytes)
+        # chunks never larger than the shard: HDF5 allocates whole chunks
+        self._max_chunk_rows = int(max(1, min(256, expected_rows or 256)))
+        self.rows = 0
+        self.errors: list[tuple[str, int, str]] = []
+        self._ids: list[str] = []
+        self._layers: list[str] = []
+        self._shapes: dict[str, tuple] = {}
+        self._state = "open"
+        if tmp_dir is None:
+            if self.loc.local:  # same directory as the final name: os.replace is atomic
+                tmp_dir = self.loc.path("shards")
+                os.makedirs(tmp_dir, exist_ok=True)
+            else:
+                tmp_dir = os.environ.get("FEATURESTORE_TMPDIR") or tempfile.gettempdir()
+        fd, self._tmp = tempfile.mkstemp(prefix=f".{self.name}.", suffix=".tmp", dir=tmp_dir)
+        os.close(fd)
+        self._h5 = h5py.File(self._tmp, "w")
+        str_t = h5py.string_dtype("utf-8")
+        self._h5.create_dataset("label_names", data=np.array(self.label_names, dtype=object), dtype=str_t)
+        small = max(1, min(1024, expected_rows or 1024))
+        self._h5.create_dataset("labels", shape=(0,), maxshape=(None,), dtype=np.int64, chunks=(small,), track_times=False)
+        self._h5.create_dataset("ids", shape=(0,), maxshape=(None,), dtype=str_t, chunks=(small,), track_times=False)
+        if feature_shapes:
+            for layer, shape in feature_shapes.items():
+                self._create_layer(layer, tuple(int(s) for s in shape))
+
+    def _create_layer(self, layer: str, shape: tuple) -> None:
+        if "/" in layer or not layer:
+            raise ValueError(f"layer name {layer!r} cannot be empty or contain '/'")
+        row_bytes = max(1, int(np.prod(shape, dtype=np.int64)) * np.dtype(self.dtype).itemsize)
+        chunk_rows = int(max(1, min(self._max_chunk_rows, self.chunk_bytes // row_bytes)))
+        kw: dict[str, Any] = {}
+        if self.compression:
+            kw = {"compression": self.compression, "shuffle": True}
+        self._h5.create_dataset(
+            f"layers/{layer}", shape=(0, *shape), maxshape=(None, *shape), dtype=self.dtype,
+            chunks=(chunk_rows, *shape), track_times=False, **kw,
+        )
+        if not self._layers:
+            self._h5["features"] = self._h5[f"layers/{layer}"]  # hard link: PyImageSearch-style name
+        self._layers.append(layer)
+        self._shapes[layer] = shape
+
+    def append(self, ids: Sequence[str], labels, features: dict[str, np.ndarray]) -> None:
+        """Add rows (same order in ids, labels and every layer's first axis)."""
+        if self._state != "open":
+            raise StoreError(f"{self.name}: writer is {self._state}; create a new ShardWriter")
+        ids = [str(i) for i in ids]
+        labels = np.asarray(labels, dtype=np.int64).reshape(-1)
+        n = len(ids)
+        if len(labels) != n:
+            raise ValueError(f"{self.name}: {n} ids but {len(labels)} labels")
+        if not isinstance(features, dict) or not features:
+            raise ValueError(f"{self.name}: features must be a non-empty dict of layer -> array")
+        arrays = {}
+        for layer, arr in features.items():
+            arr = np.asarray(arr.detach().cpu() if hasattr(arr, "detach") else arr)
+            if arr.shape[:1] != (n,):
+                raise ValueError(f"{self.name}: layer {layer!r} has {arr.shape[0] if arr.ndim else 0} rows, expected {n}")
+            arrays[layer] = arr
+        if not self._layers:
+            for layer, arr in arrays.items():
+                self._create_layer(layer, tuple(arr.shape[1:]))
+        if set(arrays) != set(self._layers):
+            raise ValueError(f"{self.name}: layers {sorted(arrays)} differ from earlier rows' {self._layers}")
+        for layer, arr in arrays.items():
+            if tuple(arr.shape[1:]) != self._shapes[layer]:
+                raise ValueError(f"{self.name}: layer {layer!r} rows have shape {arr.shape[1:]}, expected {self._shapes[layer]}")
+        if n == 0:
+            return
+        bad = (labels < -1) | (labels >= len(self.label_names)) if self.label_names else labels != -1
+        if np.any(bad):
+            raise ValueError(f"{self.name}: label {int(labels[bad][0])} outside -1..{len(self.label_names) - 1}")
+        lo, hi = self.rows, self.rows + n
+        for layer, arr in arrays.items():
+            ds = self._h5[f"layers/{layer}"]
+            ds.resize(hi, axis=0)
+            ds[lo:hi] = arr.astype(self.dtype, copy=False)
+        for name, data in (("labels", labels), ("ids", np.array(ids, dtype=object))):
+            ds = self._h5[name]
+            ds.resize(hi, axis=0)
+            ds[lo:hi] = data
+        self._ids.extend(ids)
+        self.rows = hi
+
+    def add_error(self, id: str, label: int, reason: str) -> None:
+        """Record an input of this shard that could not be used (goes to errors.parquet)."""
+        self.errors.append((str(id), int(label), str(reason)))
+
+    def commit(self) -> ShardInfo:
+        """Close the file, write the sidecar, then publish the .h5 atomically. Returns its info."""
+        if self._state != "open":
+            raise StoreError(f"{self.name}: writer is {self._state}; cannot commit")
+        try:
+            f = self._h5
+            f.attrs["format"] = SHARD_FORMAT
+            f.attrs["shard_index"] = self.index
+            f.attrs["rows"] = self.rows
+            f.attrs["layers"] = json.dumps(self._layers)
+            f.attrs["dtype"] = self.dtype
+            f.close()
+            h, size = hashlib.sha256(), 0
+            with open(self._tmp, "rb") as fh:
+                while True:
+                    b = fh.read(_BLOCK)
+                    if not b:
+                        break
+                    h.update(b)
+                    size += len(b)
+                if self.loc.local:
+                    os.fsync(fh.fileno())
+            info = ShardInfo(
+                self.index, self.name, self.rows, h.hexdigest(), size, list(self.errors), list(self._ids),
+                {k: {"shape": list(self._shapes[k]), "dtype": self.dtype} for k in self._layers},
+                self.dtype, self.compression,
+            )
+            self.loc.write_bytes(f"shards/{self.name[:-3]}.json", json.dumps(info.to_dict()).encode())
+            self.loc.put_file(self._tmp, f"shards/{self.name}")  # the commit point
+        except BaseException:
+            self.abort()
+            raise
+        self._state = "committed"
+        self._cleanup()
+        return info
+
+    def abort(self) -> None:
+        """Drop everything written so far; nothing becomes visible."""
+        if self._state == "open":
+            self._state = "aborted"
+        try:
+            if self._h5.id.valid:
+                self._h5.close()
+        except Exception:  # pragma: no cover - closing a broken file
+            pass
+        self._cleanup()
+
+    def _cleanup(self) -> None:
+        try:
+            os.remove(self._tmp)
+        except FileNotFoundError:
+            pass
+
+    def __enter__(self) -> "ShardWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None or self._state == "open":
+            self.abort()
+
+    def __del__(self):  # an abandoned writer leaves nothing behind
+        try:
+            if getattr(self, "_state", None) == "open":
+                self.abort()
+        except Exception:
+            pass
+
+
+class StoreWriter:
+    """Driver side of a store: creates store.json, keeps the plan, lists commits, finalizes.
+
+    `config` is everything that changes the numbers (backbone config, dtype...); opening an
+    existing store with a different config raises StoreConfigMismatch unless overwrite=True.
+    On resume the stored label names and plan win over the new listing (see read_plan()).
+    """
+
+    def __init__(
+        self,
+        uri: str,
+        config: dict,
+        label_names: Sequence[str],
+        *,
+        overwrite: bool = False,
+        storage_options: dict | None = None,
+    ):
+        self.loc = _Loc(uri, storage_options)
+        self.uri = self.loc.uri
+        self.storage_options = self.loc.storage_options
+        self.config = _jsonable(dict(config))
+        existing = _read_meta(self.loc)
+        if existing is None and self.loc.listdir("") not in ([], ["shards"]):
+            raise StoreError(
+                f"{self.uri} exists, is not empty and holds no store.json; refusing to write into it "
+                f"(choose a new or empty output)"
+            )
+        if existing is not None and overwrite:
+            log.info("overwriting store %s", self.uri)
+            self.loc.remove_tree()
+            existing = None
+        if existing is not None:
+            diffs = _diff(existing.get("config", {}), self.config)
+            if diffs:
+                raise StoreConfigMismatch(
+                    f"{self.uri} already holds a store built with a different configuration "
+                    f"({'; '.join(diffs)}); write to a new output, or pass --overwrite "
+                    f"(overwrite=True) to replace it",
+                    diffs,
+                )
+            self.meta = existing
+            self.meta["status"] = "running"
+            self.resumed = True
+        else:
+            self.meta = {
+                "format": FORMAT,
+                "status": "running",
+                "created": _now(),
+                "config": self.config,
+                "label_names": [str(n) for n in label_names],
+                "versions": library_versions(),
+            }
+            self.resumed = False
+        self.loc.makedirs()
+        _write_meta(self.loc, self.meta)
+        self.label_names = list(self.meta["label_names"])
+
+    def write_plan(self, plan: Plan) -> None:
+        """Store the plan (once per store: a resume must reuse the first run's plan)."""
+        self.loc.write_parquet("plan.parquet", plan.to_table())
+        self.meta["shard_size"] = plan.shard_size
+        self.meta["num_inputs"] = len(plan)
+        self.meta["num_shards"] = plan.num_shards
+        self.meta["label_names"] = list(plan.label_names)
+        self.label_names = list(plan.label_names)
+        _write_meta(self.loc, self.meta)
+
+    def read_plan(self) -> Plan | None:
+        if not self.loc.exists("plan.parquet"):
+            return None
+        return Plan.from_table(self.loc.read_parquet("plan.parquet"))
+
+    def committed(self) -> dict[int, ShardInfo]:
+        """Shards whose .h5 exists (the commit point), with their sidecar info."""
+        return _committed(self.loc)
+
+    def finalize(self, plan: Plan, failed: dict[int, str] | None = None) -> dict:
+        """Write manifest.parquet, errors.parquet and the final store.json; returns store.json's dict."""
+        import pyarrow as pa
+
+        failed = {int(k): str(v) for k, v in (failed or {}).items()}
+        infos = self.committed()
+        n = len(plan)
+        shard_of = np.arange(n, dtype=np.int64) // plan.shard_size
+        row = np.full(n, -1, dtype=np.int64)
+        status = np.full(n, "ok", dtype=object)
+        reason: dict[int, str] = {}
+        for spec_index in range(plan.num_shards):
+            lo = spec_index * plan.shard_size
+            hi = min(n, lo + plan.shard_size)
+            info = infos.get(spec_index)
+            if info is None:
+                why = failed.get(spec_index, "shard was not committed")
+                status[lo:hi] = "failed"
+                for p in range(lo, hi):
+                    reason[p] = f"shard failed: {why}"
+                continue
+            failed.pop(spec_index, None)  # committed after all (e.g. a late retry)
+            pos = {plan.ids[p]: p for p in range(lo, hi)}
+            ids = info.ids if info.ids is not None else _shard_ids(self.loc, info.name)
+            for r, i in enumerate(ids):
+                p = pos.get(i)
+                if p is None:
+                    raise StoreError(f"{self.loc.url('shards/' + info.name)} holds id {i!r} that its plan shard does not list; re-run with --overwrite")
+                row[p] = r
+            for i, _label, why in info.errors:
+                p = pos.get(i)
+                if p is not None and row[p] < 0:
+                    status[p], reason[p] = "error", why
+            for p in range(lo, hi):
+                if row[p] < 0 and p not in reason:
+                    status[p], reason[p] = "error", "missing from the committed shard"
+        manifest = pa.table({
+            "id": pa.array(plan.ids, pa.string()),
+            "label": plan.labels.astype(np.int64),
+            "shard": shard_of,
+            "row": row,
+            "status": pa.array(status.tolist(), pa.string()),
+        })
+        err_pos = np.array(sorted(reason), dtype=np.int64)
+        errors = pa.table({
+            "id": pa.array([plan.ids[p] for p in err_pos], pa.string()),
+            "label": plan.labels[err_pos].astype(np.int64) if len(err_pos) else np.zeros(0, np.int64),
+            "shard": shard_of[err_pos] if len(err_pos) else np.zeros(0, np.int64),
+            "reason": pa.array([reason[p] for p in err_pos], pa.string()),
+        })
+        self.loc.write_parquet("manifest.parquet", manifest)
+        self.loc.write_parquet("errors.parquet", errors)
+        self._remove_stale_temps()
+
+        shards = [infos[i] for i in sorted(infos) if i < plan.num_shards]
+        layers: dict[str, dict] = {}
+        dtype, compression = self.config.get("dtype"), self.config.get("compression")
+        for s in shards:
+            if s.layers:
+                layers, dtype, compression = s.layers, s.dtype, s.compression
+                break
+        self.meta.update({
+            "status": "complete" if not failed else "incomplete",
+            "label_names": list(plan.label_names),
+            "shard_size": plan.shard_size,
+            "num_inputs": n,
+            "num_rows": int(sum(s.rows for s in shards)),
+            "num_errors": int(len(err_pos)),
+            "num_shards": plan.num_shards,
+            "failed_shards": {str(k): v for k, v in sorted(failed.items())},
+            "layers": layers,
+            "dtype": dtype,
+            "compression": compression,
+            "shards": [
+                {"index": s.index, "name": s.name, "rows": s.rows, "errors": len(s.errors), "sha256": s.sha256, "bytes": s.bytes}
+                for s in shards
+            ],
+            "versions": library_versions(),
+        })
+        _write_meta(self.loc, self.meta)
+        return self.meta
+
+    def _remove_stale_temps(self) -> None:
+        if self.loc.local:
+            for name in self.loc.listdir("shards"):
+                if name.startswith(".") and name.endswith(".tmp"):
+                    self.loc.remove(f"shards/{name}")
+
+
+def _committed(loc: _Loc) -> dict[int, ShardInfo]:
+    names = loc.listdir("shards")
+    present = set(names)
+    h5s = [(int(m.group(1)), n) for n in names if (m := _SHARD_RE.match(n))]
+    sidecars = [f"shards/{n[:-3]}.json" for _, n in h5s]
+    blobs: dict[str, bytes] = {}
+    if loc.local:
+        for rel in sidecars:
+            if rel.split("/")[1] in present:
+                blobs[rel] = loc.read_bytes(rel)
+    elif sidecars:  # one concurrent batch of GETs (s3fs/async filesystems)
+        got = loc.fs.cat([loc.path(r) for r in sidecars if r.split("/")[1] in present], on_error="omit")
+        for r in sidecars:
+            if loc.path(r) in got:
+                blobs[r] = got[loc.path(r)]
+    out: dict[int, ShardInfo] = {}
+    for (index, name), rel in zip(h5s, sidecars):
+        if rel in blobs:
+            out[index] = ShardInfo.from_dict(json.loads(blobs[rel]))
+        else:  # sidecar lost: rebuild what we can from the shard itself
+            sha, size = loc.sha256(f"shards/{name}")
+            out[index] = ShardInfo(index, name, -1, sha, size, [], None)
+    return out
+
+
+def _shard_ids(loc: _Loc, name: str) -> list[str]:
+    import h5py
+
+    with _open_shard_for_scan(loc, name) as path, h5py.File(path, "r") as f:
+        return list(f["ids"].asstr()[()])
+
+
+class _open_shard_for_scan:
+    """A local path for a shard: itself when local, else a downloaded temporary copy."""
+
+    def __init__(self, loc: _Loc, name: str):
+        self.loc, self.name, self.tmp = loc, name, None
+
+    def __enter__(self) -> str:
+        if self.loc.local:
+            return self.loc.path(f"shards/{self.name}")
+        fd, self.tmp = tempfile.mkstemp(suffix=".h5")
+        os.close(fd)
+        self.loc.fs.get_file(self.loc.path(f"shards/{self.name}"), self.tmp)
+        return self.tmp
+
+    def __exit__(self, *exc) -> None:
+        if self.tmp:
+            os.remove(self.tmp)
+
+
+def write_store(
+    uri: str,
+    features: dict[str, np.ndarray] | np.ndarray,
+    labels,
+    label_names: Sequence[str],
+    ids: Sequence[str] | None = None,
+    config: dict | None = None,
+    shard_size: int = 1024,
+    dtype: str = "float32",
+    overwrite: bool = False,
+    *,
+    compression: str | None = None,
+    storage_options: dict | None = None,
+) -> "StoreReader":
+    """Write a complete store from arrays in memory (no model); rows keep the given order.
+
+    features: {layer: array (N, ...)} or one array (stored as layer "features"). ids default to
+    "item-00000000"...; they must be unique. Returns a reader on the new store.
+    """
+    if not isinstance(features, dict):
+        features = {"features": features}
+    features = {str(k): np.asarray(v) for k, v in features.items()}
+    if not features:
+        raise ValueError("write_store: features is empty; pass {layer: array (N, ...)}")
+    labels = np.asarray(labels, dtype=np.int64).reshape(-1)
+    n = len(labels)
+    for layer, arr in features.items():
+        if arr.ndim < 1 or arr.shape[0] != n:
+            raise ValueError(f"write_store: layer {layer!r} has {arr.shape[0] if arr.ndim else 0} rows but there are {n} labels")
+    if ids is None:
+        ids = [f"item-{i:08d}" for i in range(n)]
+    ids = [str(i) for i in ids]
+    if len(ids) != n:
+        raise ValueError(f"write_store: {len(ids)} ids but {n} labels")
+    if len(set(ids)) != n:
+        seen: set[str] = set()
+        dup = next(i for i in ids if i in seen or seen.add(i))
+        raise ValueError(f"write_store: id {dup!r} appears more than once; ids must be unique")
+    label_names = [str(x) for x in label_names]
+    if n and (labels.min() < -1 or labels.max() >= len(label_names)):
+        raise ValueError(f"write_store: labels must lie in -1..{len(label_names) - 1} (label_names has {len(label_names)} names)")
+    cfg = dict(config or {})
+    cfg.setdefault("layers", list(features))
+    cfg.setdefault("dtype", dtype)
+    plan = Plan(ids, labels, label_names, int(shard_size))
+    writer = StoreWriter(uri, cfg, label_names, overwrite=overwrite, storage_options=storage_options)
+    writer.write_plan(plan)
+    shapes = {k: v.shape[1:] for k, v in features.items()}
+    done = writer.committed()
+    for spec in plan.shards():
+        if spec.index in done:
+            continue
+        lo = spec.index * plan.shard_size
+        hi = lo + len(spec)
+        with ShardWriter(uri, spec.index, label_names, dtype=dtype, compression=compression,
+                         storage_options=storage_options, feature_shapes=shapes, expected_rows=len(spec)) as sw:
+            sw.append(spec.ids, spec.labels, {k: v[lo:hi] for k, v in features.items()})
+            sw.commit()
+    writer.finalize(plan, {})
+    return open_store(uri, storage_options=storage_options)
+
+
+# --------------------------------------------------------------------------------------------
+# Reading
+
+
+def _default_cache_dir() -> str:
+    return os.environ.get("FEATURESTORE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "featurestore", "shards")
+
+
+class LazyFeatures:
+    """One layer's features across all shards, read on demand (numpy-style indexing on rows)."""
+
+    def __init__(self, reader: "StoreReader", layer: str):
+        self._r = reader
+        self.layer = layer
+        info = reader.meta.get("layers", {}).get(layer)
+        if info is None:
+            raise KeyError(f"{reader.uri}: no layer {layer!r}; layers: {', '.join(reader.layers) or '(none)'}")
+        self.shape = (len(reader), *info["shape"])
+        self.dtype = np.dtype(info["dtype"])
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __repr__(self) -> str:
+        return f"LazyFeatures(layer={self.layer!r}, shape={self.shape}, dtype={self.dtype})"
+
+    def __array__(self, dtype=None, copy=None):
+        out = self.to_numpy()
+        return out.astype(dtype, copy=False) if dtype is not None else out
+
+    def _ds(self, k: int):
+        return self._r._file(k)[f"layers/{self.layer}"]
+
+    def to_numpy(self) -> np.ndarray:
+        out = np.empty(self.shape, dtype=self.dtype)
+        for k, (lo, hi) in enumerate(self._r._bounds()):
+            if hi > lo:
+                self._ds(k).read_direct(out, np.s_[0:hi - lo], np.s_[lo:hi])
+        return out
+
+    def _rows(self, start: int, stop: int) -> np.ndarray:
+        out = np.empty((max(0, stop - start), *self.shape[1:]), dtype=self.dtype)
+        for k, (lo, hi) in enumerate(self._r._bounds()):
+            a, b = max(lo, start), min(hi, stop)
+            if b > a:
+                self._ds(k).read_direct(out, np.s_[a - lo:b - lo], np.s_[a - start:b - start])
+        return out
+
+    def _take(self, idx: np.ndarray) -> np.ndarray:
+        n = self.shape[0]
+        idx = np.asarray(idx)
+        if idx.dtype == bool:
+            if idx.shape != (n,):
+                raise IndexError(f"boolean index of shape {idx.shape} does not match {n} rows")
+            idx = np.flatnonzero(idx)
+        idx = idx.astype(np.int64, copy=False).reshape(-1)
+        if len(idx) and (idx.min() < -n or idx.max() >= n):
+            raise IndexError(f"row index out of range for {n} rows")
+        idx = np.where(idx < 0, idx + n, idx)
+        out = np.empty((len(idx), *self.shape[1:]), dtype=self.dtype)
+        if not len(idx):
+            return out
+        offsets = self._r._offsets()
+        shard = np.searchsorted(offsets, idx, side="right") - 1
+        order = np.argsort(idx, kind="stable")
+        for k in np.unique(shard):
+            sel = order[shard[order] == k]
+            local = idx[sel] - offsets[k]
+            uniq, inv = np.unique(local, return_inverse=True)
+            ds = self._ds(int(k))
+            span = int(uniq[-1] - uniq[0] + 1)
+            if span <= 4 * len(uniq) or len(uniq) > 256:
+                block = ds[int(uniq[0]):int(uniq[-1]) + 1]
+                vals = block[uniq - uniq[0]]
+            else:
+                vals = ds[uniq]
+            out[sel] = vals[inv]
+        return out
+
+    def __getitem__(self, key):
+        rest = ()
+        if isinstance(key, tuple):
+            key, rest = key[0], key[1:]
+        if isinstance(key, (int, np.integer)):
+            i = int(key)
+            if not -len(self) <= i < len(self):
+                raise IndexError(f"row {i} out of range for {len(self)} rows")
+            res = self._take(np.array([i]))[0]
+        elif isinstance(key, slice):
+            start, stop, step = key.indices(len(self))
+            res = self._rows(start, stop) if step == 1 else self._take(np.arange(start, stop, step))
+        else:
+            res = self._take(np.asarray(key))
+        return res[(slice(None), *rest)] if rest and res.ndim == self.ndim else (res[rest] if rest else res)
+
+
+class StoreReader:
+    """A store opened for reading. Shards are opened lazily; features are read on demand.
+
+    Remote shards (s3:// ...) are copied once into a local content-addressed cache (by sha256)
+    and read from there with plain h5py (remote="cache", the default; faster than reading HDF5
+    through s3fs's small random reads), or read in place through fsspec (remote="stream").
+    """
+
+    def __init__(self, uri: str, storage_options: dict | None = None, *, remote: str = "cache",
+                 cache_dir: str | None = None, block_size: int = 1 << 20, max_open: int = 32):
+        if remote not in ("cache", "stream"):
+            raise ValueError(f"remote must be 'cache' or 'stream', got {remote!r}")
+        self.loc = _Loc(uri, storage_options)
+        self.uri = self.loc.uri
+        self.storage_options = self.loc.storage_options
+        self.remote = remote
+        self.cache_dir = cache_dir
+        self.block_size = int(block_size)
+        self.max_open = int(max_open)
+        meta = _read_meta(self.loc)
+        if meta is None:
+            raise StoreError(f"{self.uri}: no store.json; not a feature store (or not written yet)")
+        self.meta = meta
+        if "shards" in meta:
+            self._shards = [dict(s) for s in meta["shards"]]
+        else:  # still running: read what has been committed so far
+            infos = _committed(self.loc)
+            self._shards = [{"index": i.index, "name": i.name, "rows": i.rows, "sha256": i.sha256, "bytes": i.bytes} for _, i in sorted(infos.items())]
+            if infos and not meta.get("layers"):
+                first = next((i for i in infos.values() if i.layers), None)
+                if first is not None:
+                    self.meta = {**meta, "layers": first.layers, "dtype": first.dtype}
+        self._init_state()
+
+    def _init_state(self) -> None:
+        self._pid = os.getpid()
+        self._handles: OrderedDict[int, tuple] = OrderedDict()
+        self._lock = threading.RLock()
+        self._ids = None
+        self._labels = None
+        self._index = None
+        rows = np.array([int(s["rows"]) for s in self._shards], dtype=np.int64)
+        self._offs = np.concatenate([[0], np.cumsum(rows)]).astype(np.int64)
+
+    def __getstate__(self):
+        return {k: v for k, v in self.__dict__.items() if k not in ("_handles", "_lock", "_ids", "_labels", "_index", "_pid", "_offs")}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._init_state()
+
+    # -- metadata
+    def __len__(self) -> int:
+        return int(self._offs[-1])
+
+    def __repr__(self) -> str:
+        return f"StoreReader({self.uri!r}, rows={len(self)}, shards={len(self._shards)}, layers={self.layers})"
+
+    @property
+    def label_names(self) -> list[str]:
+        return list(self.meta.get("label_names", []))
+
+    @property
+    def layers(self) -> list[str]:
+        return list(self.meta.get("layers", {}))
+
+    @property
+    def config(self) -> dict:
+        return dict(self.meta.get("config", {}))
+
+    @property
+    def status(self) -> str:
+        return self.meta.get("status", "unknown")
+
+    @property
+    def shard_uris(self) -> list[str]:
+        return [self.loc.url(f"shards/{s['name']}") for s in self._shards]
+
+    def _offsets(self) -> np.ndarray:
+        return self._offs
+
+    def _bounds(self) -> list[tuple[int, int]]:
+        return [(int(self._offs[k]), int(self._offs[k + 1])) for k in range(len(self._shards))]
+
+    # -- shard files
+    def _file(self, k: int):
+        import h5py
+
+        with self._lock:
+            if self._pid != os.getpid():  # forked (DataLoader workers): never share HDF5 handles
+                self._handles = OrderedDict()
+                self._pid = os.getpid()
+            if k in self._handles:
+                self._handles.move_to_end(k)
+                return self._handles[k][0]
+            s = self._shards[k]
+            rel = f"shards/{s['name']}"
+            extra = None
+            if self.loc.local:
+                f = h5py.File(self.loc.path(rel), "r")
+            elif self.remote == "cache":
+                f = h5py.File(self._cached(s), "r")
+            else:
+                extra = self.loc.open(rel, block_size=self.block_size)
+                f = h5py.File(extra, "r")
+            self._handles[k] = (f, extra)
+            while len(self._handles) > self.max_open:
+                _, (old, old_extra) = self._handles.popitem(last=False)
+                old.close()
+                if old_extra is not None:
+                    old_extra.close()
+            return f
+
+    def _cached(self, s: dict) -> str:
+        root = self.cache_dir or _default_cache_dir()
+        os.makedirs(root, exist_ok=True)
+        key = s.get("sha256") or f"{abs(hash((self.uri, s['name'])))}"
+        path = os.path.join(root, f"{key}.h5")
+        if os.path.exists(path) and (not s.get("bytes") or os.path.getsize(path) == int(s["bytes"])):
+            return path
+        tmp = f"{path}.{uuid.uuid4().hex[:8]}.tmp"
+        try:
+            self.loc.fs.get_file(self.loc.path(f"shards/{s['name']}"), tmp)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        return path
+
+    def close(self) -> None:
+        with self._lock:
+            for f, extra in self._handles.values():
+                try:
+                    f.close()
+                finally:
+                    if extra is not None:
+                        extra.close()
+            self._handles.clear()
+
+    def __enter__(self) -> "StoreReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- rows
+    def _load_ids_labels(self) -> None:
+        if self._ids is not None:
+            return
+        ids, labels = None, None
+        if self.meta.get("status") in ("complete", "incomplete") and self.loc.exists("manifest.parquet"):
+            import pyarrow.compute as pc
+
+            t = self.manifest()
+            t = t.filter(pc.equal(t["status"], "ok")).sort_by([("shard", "ascending"), ("row", "ascending")])
+            if t.num_rows == len(self):
+                ids = np.array(t["id"].to_pylist(), dtype=object)
+                labels = t["label"].to_numpy().astype(np.int64)
+        if ids is None:
+            parts_i, parts_l = [], []
+            for k in range(len(self._shards)):
+                if self._shards[k]["rows"]:
+                    f = self._file(k)
+                    parts_i.append(np.asarray(f["ids"].asstr()[()], dtype=object))
+                    parts_l.append(f["labels"][()].astype(np.int64))
+            ids = np.concatenate(parts_i) if parts_i else np.zeros(0, dtype=object)
+            labels = np.concatenate(parts_l) if parts_l else np.zeros(0, dtype=np.int64)
+        self._ids, self._labels = ids, labels
+
+    @property
+    def ids(self) -> np.ndarray:
+        self._load_ids_labels()
+        return self._ids
+
+    @property
+    def labels(self) -> np.ndarray:
+        self._load_ids_labels()
+        return self._labels
+
+    def _layer(self, layer: str | None) -> str:
+        if layer is None:
+            if not self.layers:
+                raise StoreError(f"{self.uri}: the store has no feature layers (no rows were written)")
+            return self.layers[0]
+        if layer not in self.meta.get("layers", {}):
+            raise KeyError(f"{self.uri}: no layer {layer!r}; layers: {', '.join(self.layers) or '(none)'}")
+        return layer
+
+    def features(self, layer: str | None = None) -> LazyFeatures:
+        """A lazy (N, ...) array of one layer (default: the first) across all shards."""
+        return LazyFeatures(self, self._layer(layer))
+
+    def to_numpy(self, layer: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """All features of one layer and the labels, in memory."""
+        return self.features(layer).to_numpy(), self.labels.copy()
+
+    def iter_batches(self, batch_size: int = 4096, layer: str | None = None) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """Yield (ids, X, y) batches of batch_size rows (the last may be smaller), reading shard by
+        shard, so memory stays about two batches whatever the store's size."""
+        if batch_size < 1:
+            raise ValueError("batch_size must be >= 1")
+        layer = self._layer(layer)
+        pend: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        have = 0
+
+        def flush(n):
+            nonlocal pend, have
+            ids = np.concatenate([p[0] for p in pend])
+            X = np.concatenate([p[1] for p in pend])
+            y = np.concatenate([p[2] for p in pend])
+            out = (ids[:n], X[:n], y[:n])
+            pend = [(ids[n:], X[n:], y[n:])] if len(ids) > n else []
+            have = len(ids) - n
+            return out
+
+        for k, s in enumerate(self._shards):
+            rows = int(s["rows"])
+            if not rows:
+                continue
+            f = self._file(k)
+            for a in range(0, rows, batch_size):
+                b = min(rows, a + batch_size)
+                pend.append((np.asarray(f["ids"].asstr()[a:b], dtype=object), f[f"layers/{layer}"][a:b], f["labels"][a:b].astype(np.int64)))
+                have += b - a
+                while have >= batch_size:
+                    yield flush(batch_size)
+        if have:
+            yield flush(have)
+
+    def select(self, ids: Sequence[str], layer: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Features and labels of the given ids, in the order given. KeyError names missing ids."""
+        if self._index is None:
+            self._index = {v: i for i, v in enumerate(self.ids.tolist())}
+        ids = [str(i) for i in ids]
+        missing = [i for i in ids if i not in self._index]
+        if missing:
+            raise KeyError(f"{self.uri}: {len(missing)} id(s) not in the store, e.g. {', '.join(missing[:3])}")
+        rows = np.array([self._index[i] for i in ids], dtype=np.int64)
+        return self.features(layer)[rows], self.labels[rows]
+
+    def torch_dataset(self, layer: str | None = None, transform=None):
+        """A torch Dataset of (features tensor, label); safe with DataLoader worker processes."""
+        return FeatureDataset(self, self._layer(layer), transform)
+
+    def manifest(self):
+        return self.loc.read_parquet("manifest.parquet")
+
+    def errors(self):
+        return self.loc.read_parquet("errors.parquet")
+
+
+def _dataset_base():
+    try:
+        from torch.utils.data import Dataset
+
+        return Dataset
+    except ImportError:  # pragma: no cover - torch is a dependency
+        return object
+
+
+class FeatureDataset(_dataset_base()):  # type: ignore[misc]
+    """Rows of one layer as (torch.Tensor, int label); each worker process opens its own files."""
+
+    def __init__(self, reader: StoreReader, layer: str, transform=None):
+        self.reader, self.layer, self.transform = reader, layer, transform
+        self._feats = reader.features(layer)
+        self._labels = reader.labels
+
+    def __len__(self) -> int:
+        return len(self.reader)
+
+    def __getitem__(self, i: int):
+        import torch
+
+        x = torch.from_numpy(np.ascontiguousarray(self._feats[int(i)]))
+        if self.transform is not None:
+            x = self.transform(x)
+        return x, int(self._labels[int(i)])
+
+
+def open_store(uri: str, storage_options: dict | None = None, **kwargs) -> StoreReader:
+    """Open a store for reading (featurestore.open). kwargs: remote="cache"|"stream", cache_dir."""
+    return StoreReader(uri, storage_options=storage_options, **kwargs)
+
+
+# --------------------------------------------------------------------------------------------
+# verify / inspect
+
+
+@dataclass
+class VerifyReport:
+    ok: bool
+    problems: list[str]
+    rows: int
+    shards: int
+    checked_bytes: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def verify(uri: str, storage_options: dict | None = None) -> VerifyReport:
+    """Recompute checksums and check counts and manifest consistency; problems as readable lines."""
+    import h5py
+
+    loc = _Loc(uri, storage_options)
+    problems: list[str] = []
+    meta = _read_meta(loc)
+    if meta is None:
+        return VerifyReport(False, [f"{loc.uri}: no store.json (not a feature store)"], 0, 0)
+    status = meta.get("status")
+    if status != "complete":
+        failed = meta.get("failed_shards") or {}
+        extra = f": failed shards {', '.join(f'{k} ({v})' for k, v in failed.items())}" if failed else ""
+        problems.append(f"store status is {status!r}, not 'complete'{extra}")
+    listed = meta.get("shards", [])
+    label_names = meta.get("label_names", [])
+    layers = meta.get("layers", {})
+    on_disk = {n for n in loc.listdir("shards") if _SHARD_RE.match(n)}
+    for n in sorted(on_disk - {s["name"] for s in listed}):
+        problems.append(f"shards/{n}: present but not listed in store.json")
+    shard_ids: dict[int, np.ndarray] = {}
+    shard_labels: dict[int, np.ndarray] = {}
+    checked = 0
+    for s in listed:
+        rel = f"shards/{s['name']}"
+        if s["name"] not in on_disk:
+            problems.append(f"{rel}: missing (listed in store.json with {s['rows']} rows)")
+            continue
+        tmp = None
+        try:
+            if loc.local:
+                path = loc.path(rel)
+                sha, size = loc.sha256(rel)
+            else:  # one download: hash it and open it with h5py
+                fd, tmp = tempfile.mkstemp(suffix=".h5")
+                os.close(fd)
+                loc.fs.get_file(loc.path(rel), tmp)
+                path = tmp
+                h, size = hashlib.sha256(), 0
+                with open(tmp, "rb") as fh:
+                    for b in iter(lambda: fh.read(_BLOCK), b""):
+                        h.update(b)
+                        size += len(b)
+                sha = h.hexdigest()
+            checked += size
+            if sha != s.get("sha256"):
+                problems.append(f"{rel}: checksum mismatch (sha256 {sha[:12]}..., store.json says {str(s.get('sha256'))[:12]}...); the file is corrupt or was replaced")
+            if s.get("bytes") is not None and size != int(s["bytes"]):
+                problems.append(f"{rel}: {size} bytes, store.json says {s['bytes']}")
+            try:
+                with h5py.File(path, "r") as f:
+                    rows = int(s["rows"])
+                    ids = np.asarray(f["ids"].asstr()[()], dtype=object)
+                    lab = f["labels"][()]
+                    for name, n in (("ids", len(ids)), ("labels", len(lab))):
+                        if n != rows:
+                            problems.append(f"{rel}: {name} has {n} rows, store.json says {rows}")
+                    for layer, info in layers.items():
+                        if rows == 0 and f"layers/{layer}" not in f:
+                            continue
+                        if f"layers/{layer}" not in f:
+                            problems.append(f"{rel}: layer {layer!r} missing")
+                            continue
+                        shape = f[f"layers/{layer}"].shape
+                        if shape != (rows, *info["shape"]):
+                            problems.append(f"{rel}: layer {layer!r} has shape {shape}, expected {(rows, *info['shape'])}")
+                    names = list(f["label_names"].asstr()[()]) if "label_names" in f else None
+                    if names != label_names:
+                        problems.append(f"{rel}: label_names differ from store.json")
+                    shard_ids[int(s["index"])] = ids
+                    shard_labels[int(s["index"])] = lab
+            except (OSError, KeyError) as exc:
+                problems.append(f"{rel}: not a readable shard ({exc})")
+        finally:
+            if tmp:
+                os.remove(tmp)
+    total = sum(int(s["rows"]) for s in listed)
+    if meta.get("num_rows") is not None and int(meta["num_rows"]) != total:
+        problems.append(f"store.json: num_rows {meta['num_rows']} but the shards list sums to {total}")
+    all_ids = np.concatenate(list(shard_ids.values())) if shard_ids else np.zeros(0, dtype=object)
+    uniq, counts = np.unique(all_ids.astype(str), return_counts=True) if len(all_ids) else (np.zeros(0), np.zeros(0))
+    dups = uniq[counts > 1]
+    if len(dups):
+        problems.append(f"{len(dups)} id(s) appear in more than one shard row, e.g. {', '.join(map(str, dups[:3]))}")
+
+    if status in ("complete", "incomplete"):
+        try:
+            man = loc.read_parquet("manifest.parquet")
+        except FileNotFoundError:
+            problems.append("manifest.parquet: missing")
+            man = None
+        if man is not None:
+            mid = man["id"].to_pylist()
+            mshard = man["shard"].to_numpy()
+            mrow = man["row"].to_numpy()
+            mlabel = man["label"].to_numpy()
+            mstatus = man["status"].to_pylist()
+            if meta.get("num_inputs") is not None and len(mid) != int(meta["num_inputs"]):
+                problems.append(f"manifest.parquet: {len(mid)} rows, store.json says {meta['num_inputs']} inputs")
+            if len(set(mid)) != len(mid):
+                problems.append("manifest.parquet: duplicate ids")
+            ok = [i for i, st in enumerate(mstatus) if st == "ok"]
+            if len(ok) != total:
+                problems.append(f"manifest.parquet: {len(ok)} ok rows, shards hold {total}")
+            bad = 0
+            examples: list[str] = []
+            for i in ok:
+                k, r = int(mshard[i]), int(mrow[i])
+                sid = shard_ids.get(k)
+                if sid is None or not 0 <= r < len(sid) or sid[r] != mid[i] or int(shard_labels[k][r]) != int(mlabel[i]):
+                    bad += 1
+                    if len(examples) < 3:
+                        examples.append(f"{mid[i]} -> shard {k} row {r}")
+            if bad:
+                problems.append(f"manifest.parquet: {bad} ok row(s) do not match their shard row (id or label), e.g. {'; '.join(examples)}")
+            try:
+                errs = loc.read_parquet("errors.parquet")
+                if errs.num_rows != len(mid) - len(ok):
+                    problems.append(f"errors.parquet: {errs.num_rows} rows, manifest has {len(mid) - len(ok)} non-ok inputs")
+            except FileNotFoundError:
+                problems.append("errors.parquet: missing")
+    return VerifyReport(not problems, problems, total, len(listed), checked)
+
+
+def inspect(uri: str, storage_options: dict | None = None) -> dict:
+    """A JSON-able summary of a store: what built it, its size, classes and errors."""
+    loc = _Loc(uri, storage_options)
+    meta = _read_meta(loc)
+    if meta is None:
+        raise StoreError(f"{loc.uri}: no store.json; not a feature store (or not written yet)")
+    cfg = meta.get("config", {})
+    out: dict[str, Any] = {
+        "uri": loc.uri,
+        "status": meta.get("status"),
+        "rows": meta.get("num_rows"),
+        "inputs": meta.get("num_inputs"),
+        "errors": meta.get("num_errors"),
+        "shards": len(meta.get("shards", [])),
+        "planned_shards": meta.get("num_shards"),
+        "failed_shards": meta.get("failed_shards", {}),
+        "bytes": sum(int(s.get("bytes", 0)) for s in meta.get("shards", [])),
+        "model": cfg.get("model"),
+        "weights": cfg.get("weights"),
+        "layers": meta.get("layers", {}),
+        "pooling": cfg.get("pooling"),
+        "dtype": meta.get("dtype"),
+        "compression": meta.get("compression"),
+        "label_names": meta.get("label_names", []),
+        "created": meta.get("created"),
+        "updated": meta.get("updated"),
+        "versions": meta.get("versions", {}),
+        "config": cfg,
+    }
+    if meta.get("status") in ("complete", "incomplete") and loc.exists("manifest.parquet"):
+        man = loc.read_parquet("manifest.parquet")
+        labels = man["label"].to_numpy()
+        ok = np.array([s == "ok" for s in man["status"].to_pylist()], dtype=bool)
+        names = out["label_names"]
+        counts = {}
+        for i, n in enumerate(names):
+            counts[n] = int(np.sum(ok & (labels == i)))
+        if np.any(ok & (labels == -1)):
+            counts["(unlabeled)"] = int(np.sum(ok & (labels == -1)))
+        out["class_counts"] = counts
+    if meta.get("num_errors") and loc.exists("errors.parquet"):
+        errs = loc.read_parquet("errors.parquet")
+        reasons: dict[str, int] = {}
+        for r in errs["reason"].to_pylist():
+            key = r.split(":")[0] if r.startswith("shard failed") else r
+            reasons[key] = reasons.get(key, 0) + 1
+        out["error_reasons"] = dict(sorted(reasons.items(), key=lambda kv: -kv[1]))
+    return out

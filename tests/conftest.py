@@ -1,0 +1,115 @@
+"""Shared fixtures: small labeled image folders and a real S3-compatible server (moto) on loopback.
+
+image_folder (function scope, factory)
+    image_folder(classes={"cat": 3, "dog": 2}, size=(24, 24), fmt="mixed", name="images", seed=0) -> Path
+    Writes <tmp_path>/<name>/<class>/<class>_<i>.<ext> with deterministic random pixels
+    (numpy Generator seeded from `seed`), so two calls with the same arguments give
+    byte-identical files. `classes` may also be a list of names (3 images each).
+    fmt: "jpg", "png" or "mixed" (alternating). Returns the root folder.
+
+s3_server (session scope)
+    Starts moto's real HTTP server (ThreadedMotoServer) on 127.0.0.1 at a free port and yields
+    an S3Server with .endpoint_url, .storage_options (pass to fsspec/s3fs: key/secret dummies
+    and client_kwargs.endpoint_url), .env (AWS_* variables for subprocesses and Ray workers),
+    .make_bucket(name=None) -> "s3://<bucket>" and .fs() (an s3fs filesystem, caches off).
+    AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_DEFAULT_REGION and AWS_ENDPOINT_URL are set
+    only while the fixture is active and restored afterwards.
+
+s3_bucket (function scope)
+    A fresh empty bucket on s3_server, as "s3://<bucket>".
+"""
+from __future__ import annotations
+
+import itertools
+import os
+import socket
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+
+@pytest.fixture
+def image_folder(tmp_path):
+    from PIL import Image
+
+    def make(classes=None, size=(24, 24), fmt="mixed", name="images", seed=0):
+        if classes is None:
+            classes = {"cat": 3, "dog": 2}
+        if not isinstance(classes, dict):
+            classes = {c: 3 for c in classes}
+        root = tmp_path / name
+        rng = np.random.default_rng(seed)
+        for cls in sorted(classes):
+            d = root / cls
+            d.mkdir(parents=True, exist_ok=True)
+            for i in range(classes[cls]):
+                ext = fmt if fmt != "mixed" else ("jpg" if i % 2 == 0 else "png")
+                pixels = rng.integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8)
+                img = Image.fromarray(pixels, "RGB")
+                if ext == "jpg":
+                    img.save(d / f"{cls}_{i}.jpg", format="JPEG", quality=90)
+                else:
+                    img.save(d / f"{cls}_{i}.png", format="PNG")
+        return root
+
+    return make
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class S3Server:
+    endpoint_url: str
+    storage_options: dict
+    env: dict = field(default_factory=dict)
+    _counter: itertools.count = field(default_factory=itertools.count)
+
+    def fs(self):
+        import s3fs
+
+        return s3fs.S3FileSystem(skip_instance_cache=True, use_listings_cache=False, **self.storage_options)
+
+    def make_bucket(self, name: str | None = None) -> str:
+        name = name or f"test-{next(self._counter)}-{uuid.uuid4().hex[:8]}"
+        self.fs().mkdir(name)
+        return f"s3://{name}"
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    pytest.importorskip("s3fs")
+    server_mod = pytest.importorskip("moto.server")
+    port = _free_port()
+    server = server_mod.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    env = {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL": endpoint,
+    }
+    options = {
+        "key": "testing",
+        "secret": "testing",
+        "client_kwargs": {"endpoint_url": endpoint, "region_name": "us-east-1"},
+    }
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in env.items():
+            mp.setenv(k, v)
+        try:
+            yield S3Server(endpoint, options, env)
+        finally:
+            server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_server) -> str:
+    return s3_server.make_bucket()
