@@ -68,7 +68,7 @@ def _has_image_ext(name: str) -> bool:
 
 
 def split_classes(rel_paths: list[str]) -> tuple[list[str], list[str]]:
-    """Keep image files under a class folder; return (kept relative paths, class per path).
+    """Keep image files under a class folder; return (kept relative paths sorted, class per path).
 
     `rel_paths` are '/'-separated paths relative to the root. Hidden files and anything under a
     hidden folder are dropped, as are non-image extensions and files directly in the root.
@@ -76,9 +76,7 @@ def split_classes(rel_paths: list[str]) -> tuple[list[str], list[str]]:
     """
     exts = IMAGE_EXTENSIONS
     kept: list[str] = []
-    classes: list[str] = []
     keep = kept.append
-    cls_append = classes.append
     for rel in rel_paths:
         slash = rel.find("/")
         if slash <= 0 or rel[0] == "." or "/." in rel:
@@ -87,14 +85,14 @@ def split_classes(rel_paths: list[str]) -> tuple[list[str], list[str]]:
         if dot <= rel.rfind("/") + 1 or rel[dot:].lower() not in exts:
             continue
         keep(rel)
-        cls_append(rel[:slash])
-    return kept, classes
+    kept.sort()
+    return kept, [r[:r.find("/")] for r in kept]
 
 
 def _labels_from_names(classes: list[str]) -> tuple[np.ndarray, list[str]]:
     names = sorted(set(classes))
     index = {n: i for i, n in enumerate(names)}
-    return np.fromiter((index[c] for c in classes), dtype=np.int64, count=len(classes)), names
+    return np.fromiter(map(index.__getitem__, classes), dtype=np.int64, count=len(classes)), names
 
 
 def _walk_local(root: str) -> list[str]:
@@ -147,10 +145,8 @@ def _list_folder(src: str, storage_options: dict | None) -> Listing:
             f"{src}: no images found (expected <root>/<class>/<image> with extensions "
             f"{', '.join(sorted(IMAGE_EXTENSIONS))}, or a .csv/.parquet manifest)"
         )
-    order = sorted(range(len(kept)), key=kept.__getitem__)
-    ids = [prefix + kept[i] for i in order]
-    labels, names = _labels_from_names([classes[i] for i in order])
-    return Listing(ids, labels, names)
+    labels, names = _labels_from_names(classes)
+    return Listing([prefix + r for r in kept], labels, names)
 
 
 def _read_table(src: str, storage_options: dict | None):

@@ -275,6 +275,16 @@ def _diff(old: Any, new: Any, prefix: str = "") -> list[str]:
     return [] if old == new else [f"{prefix.rstrip('.') or 'config'}: {old!r} -> {new!r}"]
 
 
+class StoreMeta(dict):
+    """store.json's content; keys also read as attributes (meta.num_rows)."""
+
+    def __getattr__(self, key: str) -> Any:
+        try:
+            return self[key]
+        except KeyError:
+            raise AttributeError(key) from None
+
+
 @dataclass
 class ShardInfo:
     """What a committed shard holds (from its sidecar)."""
@@ -572,12 +582,21 @@ class StoreWriter:
             return None
         return Plan.from_table(self.loc.read_parquet("plan.parquet"))
 
+    @staticmethod
+    def existing_plan(uri: str, storage_options: dict | None = None) -> Plan | None:
+        """The plan of an existing store at uri (None if there is no store or no plan yet); touches nothing."""
+        loc = _Loc(uri, storage_options)
+        if _read_meta(loc) is None or not loc.exists("plan.parquet"):
+            return None
+        return Plan.from_table(loc.read_parquet("plan.parquet"))
+
     def committed(self) -> dict[int, ShardInfo]:
         """Shards whose .h5 exists (the commit point), with their sidecar info."""
         return _committed(self.loc)
 
-    def finalize(self, plan: Plan, failed: dict[int, str] | None = None) -> dict:
-        """Write manifest.parquet, errors.parquet and the final store.json; returns store.json's dict."""
+    def finalize(self, plan: Plan, failed: dict[int, str] | None = None) -> "StoreMeta":
+        """Write manifest.parquet, errors.parquet and the final store.json; returns store.json's
+        content (a dict whose keys also read as attributes: .status, .num_rows, .num_errors ...)."""
         import pyarrow as pa
 
         failed = {int(k): str(v) for k, v in (failed or {}).items()}
@@ -656,7 +675,7 @@ class StoreWriter:
             "versions": library_versions(),
         })
         _write_meta(self.loc, self.meta)
-        return self.meta
+        return StoreMeta(self.meta)
 
     def _remove_stale_temps(self) -> None:
         if self.loc.local:

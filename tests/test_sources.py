@@ -1,0 +1,141 @@
+"""Listing (folder per class, manifests) and the shard plan, on real files."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from featurestore.sources import Listing, Plan, list_source, make_plan, read_bytes, split_classes
+
+
+def test_folder_per_class_sorted_with_labels(image_folder):
+    root = image_folder({"dog": 2, "cat": 3, "ant": 1})
+    listing = list_source(str(root))
+    assert listing.label_names == ["ant", "cat", "dog"]
+    assert listing.ids == sorted(listing.ids)
+    assert all(os.path.isabs(i) and os.path.exists(i) for i in listing.ids)
+    by_class = {os.path.basename(os.path.dirname(i)): int(l) for i, l in zip(listing.ids, listing.labels)}
+    assert by_class == {"ant": 0, "cat": 1, "dog": 2}
+    assert listing.labels.dtype == np.int64 and len(listing) == 6
+
+
+def test_hidden_nested_and_non_images(image_folder):
+    root = image_folder({"cat": 2, "dog": 2})
+    (root / "cat" / ".DS_Store").write_bytes(b"junk")
+    (root / "cat" / "._cat_0.jpg").write_bytes(b"appledouble")
+    (root / ".thumbs").mkdir()
+    (root / ".thumbs" / "x.jpg").write_bytes(b"x")
+    (root / "dog" / ".cache").mkdir()
+    (root / "dog" / ".cache" / "y.png").write_bytes(b"y")
+    (root / "dog" / "notes.txt").write_text("not an image")
+    (root / "stray.jpg").write_bytes(b"root-level file has no class")
+    nested = root / "dog" / "puppies" / "small"
+    nested.mkdir(parents=True)
+    (nested / "p.JPEG").write_bytes((root / "dog" / "dog_0.jpg").read_bytes())
+    listing = list_source(str(root))
+    names = [os.path.relpath(i, root) for i in listing.ids]
+    assert names == ["cat/cat_0.jpg", "cat/cat_1.png", "dog/dog_0.jpg", "dog/dog_1.png", "dog/puppies/small/p.JPEG"]
+    assert listing.labels.tolist() == [0, 0, 1, 1, 1]
+
+
+def test_file_url_gives_the_same_listing(image_folder):
+    root = image_folder()
+    a = list_source(str(root))
+    b = list_source(f"file://{root}")
+    assert a.ids == b.ids and a.label_names == b.label_names
+    assert np.array_equal(a.labels, b.labels)
+
+
+def test_flat_folder_is_unlabeled(tmp_path, image_folder):
+    src = image_folder({"x": 3})
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for p in sorted((src / "x").iterdir()):
+        (flat / p.name).write_bytes(p.read_bytes())
+    listing = list_source(str(flat))
+    assert listing.label_names == [] and listing.labels.tolist() == [-1, -1, -1]
+
+
+def test_missing_and_empty_folders_have_clear_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such directory"):
+        list_source(str(tmp_path / "nope"))
+    (tmp_path / "empty" / "cls").mkdir(parents=True)
+    (tmp_path / "empty" / "cls" / "a.txt").write_text("x")
+    with pytest.raises(ValueError, match="no images found"):
+        list_source(str(tmp_path / "empty"))
+
+
+def test_csv_manifest_relative_paths_and_labels(image_folder, tmp_path):
+    root = image_folder({"cat": 2, "dog": 2})
+    sub = tmp_path / "lists"
+    sub.mkdir()
+    manifest = sub / "train.csv"
+    rows = ["path,label", "../images/dog/dog_1.png,dog", "../images/cat/cat_0.jpg,cat",
+            f"{root}/dog/dog_0.jpg,dog", "../images/cat/cat_1.png,"]
+    manifest.write_text("\n".join(rows) + "\n")
+    listing = list_source(str(manifest))
+    assert listing.ids == sorted(str(p) for p in [root / "cat/cat_0.jpg", root / "cat/cat_1.png",
+                                                  root / "dog/dog_0.jpg", root / "dog/dog_1.png"])
+    assert listing.label_names == ["cat", "dog"]
+    assert listing.labels.tolist() == [0, -1, 1, 1]  # empty label -> unlabeled
+    assert all(os.path.exists(i) for i in listing.ids)
+
+
+def test_parquet_manifest_unlabeled_and_custom_column(image_folder, tmp_path):
+    root = image_folder({"cat": 2})
+    files = sorted(str(p.relative_to(tmp_path)) for p in root.rglob("*.*"))
+    pq.write_table(pa.table({"file": files}), tmp_path / "m.parquet")
+    listing = list_source(str(tmp_path / "m.parquet"), path_column="file")
+    assert listing.label_names == [] and listing.labels.tolist() == [-1, -1]
+    assert listing.ids == [str(tmp_path / f) for f in files]
+
+
+def test_manifest_integer_labels_sort_numerically(tmp_path):
+    pq.write_table(pa.table({"path": ["a.jpg", "b.jpg", "c.jpg"], "label": [10, 2, 2]}), tmp_path / "m.parquet")
+    listing = list_source(str(tmp_path / "m.parquet"))
+    assert listing.label_names == ["2", "10"]
+    assert listing.labels.tolist() == [1, 0, 0]
+
+
+def test_manifest_errors_name_the_problem(tmp_path):
+    (tmp_path / "m.csv").write_text("file,label\na.jpg,x\n")
+    with pytest.raises(ValueError, match="no 'path' column.*file, label"):
+        list_source(str(tmp_path / "m.csv"))
+    (tmp_path / "d.csv").write_text("path\na.jpg\na.jpg\n")
+    with pytest.raises(ValueError, match="more than once"):
+        list_source(str(tmp_path / "d.csv"))
+    with pytest.raises(FileNotFoundError, match="no such manifest"):
+        list_source(str(tmp_path / "missing.parquet"))
+
+
+def test_split_classes_filters():
+    kept, classes = split_classes(["b/x.jpg", "a/y.PNG", ".h/z.jpg", "a/.z.jpg", "a/b/.c/d.jpg",
+                                   "top.jpg", "a/readme.md", "a/noext", "a/.jpg", "c/d/e.webp"])
+    assert kept == ["a/y.PNG", "b/x.jpg", "c/d/e.webp"]
+    assert classes == ["a", "b", "c"]
+
+
+def test_plan_shards_and_table_round_trip():
+    listing = Listing([f"/d/c/{i:02d}.jpg" for i in range(10)], np.arange(10) % 3, ["a", "b", "c"])
+    plan = make_plan(listing, 4)
+    assert plan.num_shards == 3
+    specs = plan.shards()
+    assert [len(s) for s in specs] == [4, 4, 2]
+    assert specs[2].ids == listing.ids[8:] and specs[2].labels.tolist() == [2, 0]
+    back = Plan.from_table(plan.to_table())
+    assert back.ids == plan.ids and back.label_names == plan.label_names and back.shard_size == 4
+    assert np.array_equal(back.labels, plan.labels)
+    assert plan.to_table().column("shard").to_pylist() == [0, 0, 0, 0, 1, 1, 1, 1, 2, 2]
+    with pytest.raises(ValueError):
+        make_plan(listing, 0)
+
+
+def test_read_bytes_local(image_folder):
+    root = image_folder({"cat": 1})
+    p = next((root / "cat").iterdir())
+    assert read_bytes(str(p)) == p.read_bytes() == read_bytes(f"file://{p}")
+    with pytest.raises(FileNotFoundError):
+        read_bytes(str(p) + ".gone")
