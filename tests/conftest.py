@@ -99,7 +99,8 @@ def s3_server():
     options = {
         "key": "testing",
         "secret": "testing",
-        "client_kwargs": {"endpoint_url": endpoint, "region_name": "us-east-1"},
+        # no region_name here: s3fs would send it as a LocationConstraint, which moto refuses for us-east-1
+        "client_kwargs": {"endpoint_url": endpoint},
     }
     with pytest.MonkeyPatch.context() as mp:
         for k, v in env.items():
