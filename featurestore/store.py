@@ -201,15 +201,6 @@ class _Loc:
                         self.fs.rm_file(p)
                 self.remove("store.json")  # last: an interrupted wipe still looks like a store
 
-    def is_empty(self) -> bool:
-        if self.local:
-            return not os.path.isdir(self.root) or not os.listdir(self.root)
-        self.refresh()
-        try:
-            return not self.fs.find(self.root, detail=False, maxdepth=None)
-        except FileNotFoundError:
-            return True
-
     def makedirs(self) -> None:
         if self.local:
             os.makedirs(os.path.join(self.root, "shards"), exist_ok=True)

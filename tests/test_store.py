@@ -177,12 +177,14 @@ def test_uncommitted_and_aborted_writers_leave_no_shard(tmp_path):
     assert os.listdir(shard_dir) == []
     with pytest.raises(StoreError):
         sw.append(["x"], [0], {"f": np.ones((1, 3))})
-    with ShardWriter(w.uri, 1, plan.label_names) as sw:  # an exception inside the block aborts
-        sw.append(plan.shard(1).ids, plan.shard(1).labels, {"f": np.ones((4, 3))})
-        with pytest.raises(ValueError, match="layers"):
+    with pytest.raises(ValueError, match="layers"):
+        with ShardWriter(w.uri, 1, plan.label_names) as sw:  # an exception leaving the block aborts
+            sw.append(plan.shard(1).ids, plan.shard(1).labels, {"f": np.ones((4, 3))})
             sw.append(["x"], [0], {"g": np.ones((1, 3))})
-        raise_it = True
-    assert raise_it and os.listdir(shard_dir) == []
+    assert os.listdir(shard_dir) == []
+    with ShardWriter(w.uri, 1, plan.label_names) as sw:  # leaving without commit() also aborts
+        sw.append(plan.shard(1).ids, plan.shard(1).labels, {"f": np.ones((4, 3))})
+    assert os.listdir(shard_dir) == [] and w.committed() == {}
 
 
 def test_killed_writer_leaves_no_shard_and_resume_commits(tmp_path):
