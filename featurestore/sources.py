@@ -96,14 +96,24 @@ def _labels_from_names(classes: list[str]) -> tuple[np.ndarray, list[str]]:
 
 
 def _walk_local(root: str) -> list[str]:
-    """Relative '/'-paths of every file under root, skipping hidden dirs early (os.scandir is fast)."""
+    """Relative '/'-paths of every file under root, skipping hidden dirs early (os.scandir is fast).
+
+    Symlinked folders are followed once (a link back to an ancestor is not a loop); a broken or
+    looping file link is listed as a file, so decoding reports it instead of listing failing.
+    """
     out: list[str] = []
+    seen: set[tuple[int, int]] = set()
     stack = [""]
     while stack:
         rel_dir = stack.pop()
+        path = os.path.join(root, rel_dir) if rel_dir else root
         try:
-            it = os.scandir(os.path.join(root, rel_dir) if rel_dir else root)
-        except (PermissionError, FileNotFoundError):
+            st = os.stat(path)
+            if (st.st_dev, st.st_ino) in seen:
+                continue
+            seen.add((st.st_dev, st.st_ino))
+            it = os.scandir(path)
+        except OSError:
             continue
         with it:
             for entry in it:
@@ -111,7 +121,11 @@ def _walk_local(root: str) -> list[str]:
                 if name[0] == ".":
                     continue
                 rel = f"{rel_dir}/{name}" if rel_dir else name
-                if entry.is_dir(follow_symlinks=True):
+                try:
+                    is_dir = entry.is_dir(follow_symlinks=True)
+                except OSError:
+                    is_dir = False
+                if is_dir:
                     stack.append(rel)
                 else:
                     out.append(rel)

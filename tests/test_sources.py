@@ -139,3 +139,13 @@ def test_read_bytes_local(image_folder):
     assert read_bytes(str(p)) == p.read_bytes() == read_bytes(f"file://{p}")
     with pytest.raises(FileNotFoundError):
         read_bytes(str(p) + ".gone")
+
+
+def test_symlink_loops_do_not_break_listing(image_folder):
+    root = image_folder({"cat": 1, "dog": 1})
+    os.symlink(root / "dog" / "loop.jpg", root / "dog" / "loop.jpg")  # a file link to itself
+    os.symlink(root, root / "cat" / "back")  # a folder link to an ancestor
+    listing = list_source(str(root))
+    names = [os.path.relpath(i, root) for i in listing.ids]
+    assert "dog/loop.jpg" in names  # listed: decoding reports it as unreadable
+    assert "cat/cat_0.jpg" in names and not any(n.startswith("cat/back/cat/back") for n in names)
