@@ -1,0 +1,153 @@
+"""Applying a head: to a store (predict, evaluate) and to new images (backbone + head).
+
+All of these refuse features from another backbone configuration first, and read the
+store in chunks so a large store never needs to fit in memory.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+from .core import Head, HeadConfigMismatch
+
+
+def as_head(head: Head | str | os.PathLike) -> Head:
+    if isinstance(head, Head):
+        return head
+    from .persist import load_head
+
+    return load_head(str(head))
+
+
+def proba_rows(head: Head, feats, rows: np.ndarray, batch_size: int = 4096) -> np.ndarray:
+    """Probabilities of the given (sorted) rows of a lazy feature array, read batch_size at a time."""
+    rows = np.asarray(rows, dtype=np.int64)
+    out = np.empty((len(rows), len(head.label_names)), dtype=np.float64)
+    for a in range(0, len(rows), batch_size):
+        out[a:a + batch_size] = head.predict_proba(feats[rows[a:a + batch_size]])
+    return out
+
+
+def _labels_in_head_ids(head: Head, reader) -> np.ndarray:
+    """The store's label ids re-expressed as the head's label ids (by name); -1 stays unlabeled."""
+    y = np.asarray(reader.labels, dtype=np.int64)
+    names = list(reader.label_names)
+    if names == list(head.label_names):
+        return y
+    lut = np.array([head.label_names.index(n) for n in names] + [-1], dtype=np.int64)
+    return lut[y]  # y == -1 picks the trailing -1
+
+
+def evaluate(head, store, out: str | None = None, *, batch_size: int = 4096, storage_options=None) -> dict:
+    """Report (accuracy, balanced accuracy, per class, confusion matrix) on every labeled row of a store."""
+    from .report import compute_report, write_report
+    from .fit import _open
+
+    h = as_head(head)
+    reader = _open(store, storage_options)
+    h.check_compatible(reader)
+    y = _labels_in_head_ids(h, reader)
+    rows = np.flatnonzero(y >= 0)
+    proba = proba_rows(h, reader.features(h.layer), rows, batch_size)
+    rep = compute_report(y[rows], proba, h.label_names, head=h.kind, layer=h.layer, store=reader.uri,
+                         head_path=h.path, params=h.params)
+    if out is not None:
+        write_report(rep, out, title=f"{h.kind} head on {os.path.basename(str(reader.uri).rstrip('/'))}")
+    return rep
+
+
+def predict(head, store, out: str | None = None, *, batch_size: int = 4096, storage_options=None):
+    """Predictions for every row of a store as a pyarrow Table (id, label, predicted, predicted_label,
+    probabilities, prob_<class>...); written to Parquet when `out` is given."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from .fit import _open
+
+    h = as_head(head)
+    reader = _open(store, storage_options)
+    h.check_compatible(reader)
+    feats = reader.features(h.layer)
+    proba = proba_rows(h, feats, np.arange(len(reader)), batch_size)
+    pred = proba.argmax(axis=1) if len(proba) else np.zeros(0, dtype=np.int64)
+    names = np.array(h.label_names, dtype=object)
+    y = _labels_in_head_ids(h, reader)
+    cols: dict[str, Any] = {
+        "id": pa.array([str(i) for i in reader.ids], pa.string()),
+        "label": pa.array([names[v] if v >= 0 else None for v in y], pa.string()),
+        "predicted": pa.array(pred.astype(np.int64)),
+        "predicted_label": pa.array(names[pred].tolist() if len(pred) else [], pa.string()),
+        "probabilities": pa.array(proba.astype(np.float32).tolist(), pa.list_(pa.float32())),
+    }
+    for i, n in enumerate(h.label_names):
+        cols[f"prob_{n}"] = pa.array(proba[:, i].astype(np.float32))
+    table = pa.table(cols)
+    if out is not None:
+        parent = os.path.dirname(os.path.abspath(out))
+        os.makedirs(parent, exist_ok=True)
+        pq.write_table(table, out)
+    return table
+
+
+def load_head_backbone(head: Head, device: str = "cpu"):
+    """The backbone that made the head's training features, rebuilt from the stored configuration.
+
+    Refuses (HeadConfigMismatch) when the rebuilt network differs, e.g. a weights file that changed.
+    """
+    from featurestore.backbones import load_backbone
+
+    cfg = head.store_config
+    if not cfg.get("model"):
+        raise HeadConfigMismatch(f"{head.path or 'head'}: the training store recorded no backbone model; "
+                                 "pass backbone= explicitly", ["model"])
+    pre = cfg.get("preprocessing") or {}
+    size = pre.get("input_size")
+    bb = load_backbone(cfg["model"], weights=cfg.get("weights", "DEFAULT"), layers=[head.layer],
+                       pooling=cfg.get("pooling", "avg"), precision=cfg.get("precision", "fp32"), device=device,
+                       input_size=int(size[0]) if size else None, crop=pre.get("crop", "center"),
+                       decode=pre.get("decode", "draft"))
+    check_backbone(head, bb)
+    return bb
+
+
+def check_backbone(head: Head, backbone) -> None:
+    from .core import config_differences
+
+    shapes = backbone.feature_shapes
+    diffs = config_differences(head.store_config, backbone.config(), head.layer, list(backbone.layers),
+                               head.feature_shape, shapes.get(head.layer))
+    if diffs:
+        raise HeadConfigMismatch(f"backbone {backbone.model_name} differs from the one {head.path or 'the head'} was "
+                                 "trained on: " + "; ".join(diffs), diffs)
+
+
+def predict_images(head, images: Iterable[Any], *, backbone=None, batch_size: int = 32,
+                   device: str = "cpu") -> list[tuple[str, dict[str, float]]]:
+    """Backbone + head on new images (paths, URLs or PIL images): [(label, {class: prob})] per image.
+
+    This is what `featurestore classify --head HEAD IMAGE...` calls.
+    """
+    import torch
+
+    h = as_head(head)
+    bb = backbone if backbone is not None else load_head_backbone(h, device=device)
+    if backbone is not None:
+        check_backbone(h, bb)
+    from featurestore.decode import load_image
+
+    pics = [load_image(str(im)) if isinstance(im, (str, os.PathLike)) else im for im in images]
+    results: list[tuple[str, dict[str, float]]] = []
+    for a in range(0, len(pics), batch_size):
+        x = torch.stack([bb.preprocess(p) for p in pics[a:a + batch_size]])
+        feats = bb(x)[h.layer].cpu().numpy()
+        proba = h.predict_proba(feats)
+        for row in proba:
+            results.append((h.label_names[int(row.argmax())], {n: float(v) for n, v in zip(h.label_names, row)}))
+    return results
+
+
+def predict_features(head, features: np.ndarray | Sequence) -> np.ndarray:
+    """Probabilities for a features array (N, ...) of the head's layer (no configuration check possible)."""
+    return as_head(head).predict_proba(np.asarray(features))

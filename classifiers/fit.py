@@ -1,0 +1,181 @@
+"""train(): split a store, sweep hyperparameters on the training part, fit, report, save.
+
+Two paths: in memory (GridSearchCV over a scikit-learn pipeline, joblib-parallel, Ray's
+joblib backend when attached to a cluster) and streaming (SGDClassifier.partial_fit over
+the store's shards, for stores larger than the memory budget, or `head="sgd"`).
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+from typing import Any
+
+import numpy as np
+
+from .core import Head
+from .heads import (calibrated, check_kind, make_pipeline, needs_calibration, parse_grid, HeadError)
+from .report import compute_report, write_report
+from .apply import proba_rows
+from .split import hash_split, manifest_split, read_split_file
+
+log = logging.getLogger(__name__)
+
+
+def default_memory_budget() -> int:
+    """A quarter of physical memory: room for the copies scikit-learn makes while fitting."""
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4)
+    except (ValueError, OSError, AttributeError):  # pragma: no cover
+        return 4 << 30
+
+
+def _open(store, storage_options=None):
+    if isinstance(store, (str, os.PathLike)):
+        from featurestore.store import open_store
+
+        return open_store(str(store), storage_options=storage_options)
+    return store
+
+
+def _test_mask(reader, ids, labels, split, split_column, test_size, seed) -> tuple[np.ndarray, str]:
+    if split is not None:
+        if isinstance(split, dict):
+            from .split import split_from_mapping
+
+            return split_from_mapping({str(k): str(v).lower() for k, v in split.items()}, ids, "split"), "given mapping"
+        return read_split_file(str(split), ids, split_column=split_column), f"file {split}"
+    from_manifest = manifest_split(reader, split_column)
+    if from_manifest is not None:
+        return from_manifest, f"manifest column {split_column!r}"
+    return hash_split(ids, labels, test_size=test_size, seed=seed), f"stratified hash of ids (seed {seed}, test {test_size})"
+
+
+@contextlib.contextmanager
+def _joblib_backend(address: str | None):
+    """Ray's joblib backend when attached to a cluster; joblib's default (processes) otherwise."""
+    if not address:
+        yield
+        return
+    import joblib
+    import ray
+    from ray.util.joblib import register_ray
+
+    if not ray.is_initialized():
+        ray.init(address=address)
+    register_ray()
+    with joblib.parallel_backend("ray"):
+        yield
+
+
+def train(store, head: str = "logreg", layer: str | None = None, grid=None, cv: int = 5,
+          class_weight: str | dict | None = None, test_size: float = 0.25, seed: int = 0,
+          out: str | None = None, *, l2: bool = False, loss: str = "log_loss", split=None,
+          split_column: str = "split", scoring: str | None = None, memory_budget: int | None = None,
+          n_jobs: int | None = None, address: str | None = None, batch_size: int = 4096, epochs: int = 8,
+          storage_options: dict | None = None, overwrite: bool = True) -> Head:
+    """Train a head on a store (path/URL or StoreReader) and return it (saved to `out` when given).
+
+    The test part (hash split of ids, a manifest `split` column, or `split=` file/mapping) is
+    used only for the final report. The sweep is `cv`-fold on the training part, scored by
+    balanced accuracy when class_weight is set (imbalanced data), accuracy otherwise.
+    """
+    t0 = time.perf_counter()
+    check_kind(head)
+    if class_weight not in (None, "balanced") and not isinstance(class_weight, dict):
+        raise HeadError(f"class_weight must be None, 'balanced' or a dict, got {class_weight!r}")
+    reader = _open(store, storage_options)
+    feats = reader.features(layer)
+    layer = feats.layer
+    label_names = list(reader.label_names)
+    ids, labels = np.asarray(reader.ids), np.asarray(reader.labels)
+    labeled = labels >= 0
+    if labeled.sum() == 0:
+        raise HeadError(f"{reader.uri}: no labeled rows; a head needs labels (folder per class or a label column)")
+    is_test, split_how = _test_mask(reader, ids, labels, split, split_column, test_size, seed)
+    train_rows = np.flatnonzero(labeled & ~is_test)
+    test_rows = np.flatnonzero(labeled & is_test)
+    present = np.unique(labels[train_rows])
+    if len(present) < 2:
+        raise HeadError(f"{reader.uri}: the training part has {len(present)} class(es); a head needs at least 2")
+    grid = parse_grid(grid, head)
+    scoring = scoring or ("balanced_accuracy" if class_weight is not None else "accuracy")
+    dim = int(np.prod(feats.shape[1:]))
+    need = len(train_rows) * dim * 8 * 2  # float64 copy and one more inside the estimator
+    budget = default_memory_budget() if memory_budget is None else int(memory_budget)
+    streaming = head == "sgd" or need > budget
+    if streaming and head != "sgd":
+        log.warning("%s: training features need ~%.1f GiB > memory budget %.1f GiB: streaming with SGD (%s loss)",
+                    reader.uri, need / 2**30, budget / 2**30, loss)
+        head, grid = "sgd", parse_grid(None, "sgd")
+    common = dict(reader=reader, layer=layer, label_names=label_names, is_test=is_test, labeled=labeled,
+                  ids=ids, labels=labels, seed=seed, scoring=scoring)
+    if streaming:
+        from .stream import fit_streaming
+
+        fitted = fit_streaming(grid=grid, loss=loss, class_weight=class_weight, l2=l2, batch_size=batch_size,
+                               epochs=epochs, train_rows=train_rows, **common)
+        pipeline, params, sweep, cv_used = fitted
+        kind_loss = loss
+    else:
+        pipeline, params, sweep, cv_used = _fit_in_memory(feats, labels, train_rows, head, grid, cv, class_weight,
+                                                          l2, seed, scoring, n_jobs, address, loss)
+        kind_loss = loss if head == "sgd" else None
+    result = Head(pipeline=pipeline, kind=head, layer=layer, label_names=label_names, store_config=reader.config,
+                  feature_shape=tuple(int(v) for v in feats.shape[1:]), params=params, loss=kind_loss, l2=l2,
+                  streaming=streaming, sweep=sweep, trained_on=reader.uri)
+    y_test = labels[test_rows]
+    p_test = proba_rows(result, feats, test_rows, batch_size) if len(test_rows) else None
+    report_extra = dict(head=head, layer=layer, store=reader.uri, path="streaming (SGD partial_fit)" if streaming else "in memory",
+                        split=split_how, n_train=int(len(train_rows)), params=params, sweep=sweep,
+                        sweep_scoring=scoring, cv=cv_used, class_weight=class_weight, l2=l2,
+                        seconds=round(time.perf_counter() - t0, 3))
+    if p_test is None:
+        result.report = {"n": 0, "label_names": label_names, **report_extra}
+    else:
+        result.report = compute_report(y_test, p_test, label_names, **report_extra)
+    if out is not None:
+        result.save(out)
+        write_report(result.report, out, title=f"{head} head on {os.path.basename(str(reader.uri).rstrip('/'))} (test part)")
+    return result
+
+
+def _fit_in_memory(feats, labels, train_rows, head, grid, cv, class_weight, l2, seed, scoring, n_jobs, address, loss):
+    from sklearn.model_selection import GridSearchCV, StratifiedKFold
+
+    X = np.asarray(feats[train_rows]).reshape(len(train_rows), -1)
+    y = labels[train_rows]
+    min_count = int(np.bincount(y)[np.unique(y)].min())
+    base = make_pipeline(head, l2=l2, class_weight=class_weight, seed=seed, loss=loss)
+    points = int(np.prod([len(v) for v in grid.values()]))
+    folds = min(int(cv), min_count)
+    sweep: list[dict] = []
+    if points > 1 and folds >= 2:
+        if folds < cv:
+            log.warning("only %d rows in the smallest class: %d-fold CV instead of %d", min_count, folds, cv)
+        search = GridSearchCV(base, {f"clf__{k}": v for k, v in grid.items()}, scoring=scoring,
+                              cv=StratifiedKFold(folds, shuffle=True, random_state=seed),
+                              n_jobs=n_jobs, refit=not needs_calibration(head), error_score="raise")
+        with _joblib_backend(address):
+            search.fit(X, y)
+        res = search.cv_results_
+        sweep = [{"params": {k.removeprefix("clf__"): _plain(v) for k, v in p.items()},
+                  "mean": float(m), "std": float(s)}
+                 for p, m, s in zip(res["params"], res["mean_test_score"], res["std_test_score"])]
+        params = {k.removeprefix("clf__"): _plain(v) for k, v in search.best_params_.items()}
+        model = None if needs_calibration(head) else search.best_estimator_
+    else:
+        params = {k: _plain(v[0]) for k, v in grid.items()}
+        folds = 0
+        model = None
+    if model is None:
+        model = make_pipeline(head, l2=l2, class_weight=class_weight, seed=seed, loss=loss, **params)
+        if needs_calibration(head):
+            model = calibrated(model, cv=max(2, min(3, min_count)))
+        model.fit(X, y)
+    return model, params, sweep, folds
+
+
+def _plain(v: Any):
+    return v.item() if hasattr(v, "item") else v

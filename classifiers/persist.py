@@ -1,0 +1,132 @@
+"""Saving and loading heads without letting a file run code.
+
+A head directory holds head.json (kind, layer, label names, the store's backbone
+configuration, hyperparameters, the model file's sha256) and model.skops. skops is a
+pickle-free format that only rebuilds types it is told to trust: we trust skops's own
+defaults (numpy, scikit-learn estimators) plus the exact scikit-learn helpers our heads
+use, and refuse anything else before loading. The recorded sha256 refuses a model file
+that changed after saving.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from typing import Any
+
+from .core import Head
+
+FORMAT = "featurestore-head"
+VERSION = 1
+MODEL_FILE = "model.skops"
+META_FILE = "head.json"
+# Beyond skops's default trust (numpy, builtins, scikit-learn estimators): the calibration helpers.
+TRUSTED_TYPES = (
+    "sklearn.calibration._CalibratedClassifier",
+    "sklearn.calibration._SigmoidCalibration",
+)
+
+
+class HeadFileError(RuntimeError):
+    """A head directory is missing, malformed, modified after saving, or holds untrusted types."""
+
+
+def _versions() -> dict[str, Any]:
+    import numpy
+    import sklearn
+    import skops
+
+    return {"scikit-learn": sklearn.__version__, "skops": skops.__version__, "numpy": numpy.__version__}
+
+
+def save_head(head: Head, path: str) -> str:
+    """Write head.json and model.skops into directory `path` (created); returns the path."""
+    import skops.io as sio
+
+    os.makedirs(path, exist_ok=True)
+    data = sio.dumps(head.pipeline)
+    untrusted = set(sio.get_untrusted_types(data=data)) - set(TRUSTED_TYPES)
+    if untrusted:  # would not load again: refuse now rather than at load time
+        raise HeadFileError(f"cannot save: the model holds types outside the trusted list: {', '.join(sorted(untrusted))}")
+    tmp = os.path.join(path, f".{MODEL_FILE}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, os.path.join(path, MODEL_FILE))
+    meta = {
+        "format": FORMAT, "version": VERSION, "kind": head.kind, "layer": head.layer,
+        "label_names": list(head.label_names), "feature_shape": list(head.feature_shape),
+        "params": head.params, "loss": head.loss, "l2": head.l2, "streaming": head.streaming,
+        "calibrated_probabilities": head.calibrated_probabilities,
+        "sweep": head.sweep, "trained_on": head.trained_on, "store_config": head.store_config,
+        "model_file": MODEL_FILE, "model_sha256": hashlib.sha256(data).hexdigest(),
+        "saved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "libraries": _versions(),
+    }
+    tmp = os.path.join(path, f".{META_FILE}.tmp")
+    with open(tmp, "w") as f:
+        json.dump(meta, f, indent=2, default=str)
+    os.replace(tmp, os.path.join(path, META_FILE))
+    head.path = str(path)
+    return str(path)
+
+
+def read_meta(path: str) -> dict:
+    meta_path = os.path.join(path, META_FILE)
+    if not os.path.isfile(meta_path):
+        raise HeadFileError(f"{path}: not a head directory (no {META_FILE}); train one with `featurestore train STORE --out DIR`")
+    try:
+        with open(meta_path) as f:
+            meta = json.load(f)
+    except (OSError, json.JSONDecodeError) as exc:
+        raise HeadFileError(f"{meta_path}: unreadable ({exc})") from None
+    if meta.get("format") != FORMAT:
+        raise HeadFileError(f"{meta_path}: not a featurestore head (format {meta.get('format')!r})")
+    if int(meta.get("version", 0)) > VERSION:
+        raise HeadFileError(f"{meta_path}: head format version {meta.get('version')} is newer than this library "
+                            f"reads ({VERSION}); upgrade featurestore")
+    return meta
+
+
+def load_head(path: str) -> Head:
+    """Load a saved head, refusing a model file whose sha256 changed or that holds untrusted types."""
+    import skops.io as sio
+
+    path = str(path)
+    meta = read_meta(path)
+    model_path = os.path.join(path, os.path.basename(meta.get("model_file", MODEL_FILE)))
+    try:
+        with open(model_path, "rb") as f:
+            data = f.read()
+    except OSError as exc:
+        raise HeadFileError(f"{model_path}: cannot read the model ({exc})") from None
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != meta.get("model_sha256"):
+        raise HeadFileError(f"{model_path}: sha256 {digest[:16]}... does not match head.json "
+                            f"({str(meta.get('model_sha256'))[:16]}...): the file was modified after saving; refusing to load it")
+    try:
+        untrusted = set(sio.get_untrusted_types(data=data)) - set(TRUSTED_TYPES)
+    except Exception as exc:
+        raise HeadFileError(f"{model_path}: not a valid skops file ({exc}); refusing to load it") from None
+    if untrusted:
+        raise HeadFileError(f"{model_path}: holds types outside the trusted list ({', '.join(sorted(untrusted))}); "
+                            "refusing to load it")
+    try:
+        pipeline = sio.loads(data, trusted=list(TRUSTED_TYPES))
+    except Exception as exc:
+        raise HeadFileError(f"{model_path}: refused by the safe loader ({type(exc).__name__}: {exc})") from None
+    return Head(pipeline=pipeline, kind=meta["kind"], layer=meta["layer"], label_names=list(meta["label_names"]),
+                store_config=dict(meta.get("store_config") or {}), feature_shape=tuple(meta["feature_shape"]),
+                params=dict(meta.get("params") or {}), loss=meta.get("loss"), l2=bool(meta.get("l2")),
+                streaming=bool(meta.get("streaming")), sweep=list(meta.get("sweep") or []),
+                report=_read_report(path), trained_on=meta.get("trained_on"), path=path)
+
+
+def _read_report(path: str) -> dict | None:
+    p = os.path.join(path, "report.json")
+    if not os.path.isfile(p):
+        return None
+    try:
+        with open(p) as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError):
+        return None

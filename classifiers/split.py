@@ -1,0 +1,86 @@
+"""Deterministic, stratified train/test splits keyed on the store's ids.
+
+Keyed on a hash of (seed, id) rather than on row order, so a row keeps its side when the
+store is re-extracted, re-sharded or grows; per class, so both sides keep class ratios.
+"""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+
+SPLIT_VALUES = {"train": False, "test": True}
+
+
+def _keys(ids, seed: int, salt: str = "") -> np.ndarray:
+    out = np.empty(len(ids), dtype=np.uint64)
+    prefix = f"{salt}{int(seed)}:".encode()
+    for i, v in enumerate(ids):
+        out[i] = int.from_bytes(hashlib.blake2b(prefix + str(v).encode(), digest_size=8).digest(), "little")
+    return out
+
+
+def hash_split(ids, labels, test_size: float = 0.25, seed: int = 0, salt: str = "") -> np.ndarray:
+    """Boolean mask, True = test: per class, the round(test_size * n) ids with the smallest hashes.
+
+    Every class with at least 2 rows gets at least one row on each side.
+    """
+    if not 0.0 < test_size < 1.0:
+        raise ValueError(f"test_size must lie strictly between 0 and 1, got {test_size}")
+    labels = np.asarray(labels)
+    keys = _keys(ids, seed, salt)
+    is_test = np.zeros(len(labels), dtype=bool)
+    for c in np.unique(labels):
+        rows = np.flatnonzero(labels == c)
+        n_test = int(round(test_size * len(rows)))
+        if len(rows) >= 2:
+            n_test = min(max(n_test, 1), len(rows) - 1)
+        else:
+            n_test = 0
+        order = rows[np.argsort(keys[rows], kind="stable")]
+        is_test[order[:n_test]] = True
+    return is_test
+
+
+def read_split_file(path: str, ids, id_column: str | None = None, split_column: str = "split") -> np.ndarray:
+    """Boolean test mask from a CSV/Parquet file mapping id -> train|test (every store id must appear)."""
+    import pyarrow.csv as pcsv
+    import pyarrow.parquet as pq
+
+    p = str(path)
+    if not Path(p).exists():
+        raise FileNotFoundError(f"--split {p}: no such file (a CSV/Parquet file with columns id and {split_column})")
+    table = pq.read_table(p) if p.lower().endswith((".parquet", ".pq")) else pcsv.read_csv(p)
+    cols = table.column_names
+    if id_column is None:
+        id_column = next((c for c in ("id", "path") if c in cols), None)
+    if id_column not in cols or split_column not in cols:
+        raise ValueError(f"--split {p}: needs columns 'id' (or 'path') and {split_column!r}; it has {', '.join(cols)}")
+    mapping = dict(zip((str(v) for v in table[id_column].to_pylist()),
+                       (str(v).strip().lower() for v in table[split_column].to_pylist())))
+    return split_from_mapping(mapping, ids, source=p)
+
+
+def split_from_mapping(mapping: dict, ids, source: str) -> np.ndarray:
+    bad = sorted({v for v in mapping.values() if v not in SPLIT_VALUES})
+    if bad:
+        raise ValueError(f"{source}: split values must be train or test; found {', '.join(map(repr, bad[:5]))}")
+    missing = [str(i) for i in ids if str(i) not in mapping]
+    if missing:
+        raise ValueError(f"{source}: {len(missing)} store id(s) have no split, e.g. {', '.join(missing[:3])}; "
+                         "list every id with train or test")
+    return np.array([SPLIT_VALUES[mapping[str(i)]] for i in ids], dtype=bool)
+
+
+def manifest_split(reader, split_column: str = "split") -> np.ndarray | None:
+    """The store manifest's own split column (aligned to reader.ids), or None when it has none."""
+    try:
+        table = reader.manifest()
+    except Exception:  # no manifest (a store still running): fall back to hashing
+        return None
+    if split_column not in table.column_names:
+        return None
+    mapping = dict(zip((str(v) for v in table["id"].to_pylist()),
+                       (str(v).strip().lower() for v in table[split_column].to_pylist())))
+    return split_from_mapping(mapping, reader.ids, source=f"{reader.uri}/manifest.parquet")
