@@ -93,16 +93,17 @@ class Head:
         """(N, num_classes) probabilities over all label_names (classes absent in training get 0)."""
         X = self._flat(X)
         clf = self.pipeline
-        if self.calibrated_probabilities:
+        if self.kind != "sgd":
             p = clf.predict_proba(X)
-        else:  # hinge: sklearn's one-vs-rest logistic squashing of the margins, normalised
+        else:  # one-vs-rest logistic scores normalised (sklearn's rule), computed in log space to stay finite
+            from scipy.special import expit, log_expit, softmax
+
             d = clf.decision_function(X)
             if d.ndim == 1:
-                s = 1.0 / (1.0 + np.exp(-d))
+                s = expit(d)
                 p = np.stack([1.0 - s, s], axis=1)
             else:
-                s = 1.0 / (1.0 + np.exp(-d))
-                p = s / s.sum(axis=1, keepdims=True)
+                p = softmax(log_expit(d), axis=1)
         classes = np.asarray(clf.classes_, dtype=np.int64)
         if len(classes) == len(self.label_names) and np.array_equal(classes, np.arange(len(classes))):
             return p
