@@ -1,0 +1,149 @@
+"""What every `python -m jobs.<name>` shares: argument parsing, logs, exit codes, stopping.
+
+A Ray job's log is a plain file read later in a browser or by `featurestore jobs logs`,
+so logs are line-oriented with timestamps (no progress bars), and the first and last
+lines say what ran, where, and how it ended.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+import time
+from typing import Any, Callable
+
+from featurestore.config import ConfigError
+
+log = logging.getLogger("jobs")
+
+EXIT_OK, EXIT_FAILED, EXIT_BAD_SPEC, EXIT_STOPPED = 0, 1, 2, 143
+
+
+def setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, force=True,
+                        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", datefmt="%Y-%m-%d %H:%M:%S")
+    # Ray and HTTP clients are chatty at INFO; their warnings still show.
+    for name in ("ray", "botocore", "s3fs", "aiobotocore", "fsspec", "urllib3", "matplotlib", "PIL"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def redacted(config: Any) -> dict:
+    """A job configuration safe to print: storage_options values are hidden."""
+    import dataclasses
+
+    data = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(config)
+    if data.get("storage_options"):
+        data["storage_options"] = {k: "***" for k in data["storage_options"]}
+    return data
+
+
+def _on_sigterm(signum, frame):  # pragma: no cover - exercised by the cluster test
+    log.warning("received signal %d: stopping. Committed work is kept; submit the same spec again to resume.", signum)
+    raise SystemExit(EXIT_STOPPED)
+
+
+def join_cluster_if_in_job() -> bool:
+    """Inside a submitted Ray job (RAY_ADDRESS set), connect to its cluster; True if connected."""
+    import ray
+
+    if ray.is_initialized():
+        return True
+    if not os.environ.get("RAY_ADDRESS"):
+        return False
+    ray.init(logging_level=logging.WARNING)
+    return True
+
+
+def check_outputs(spec, typed) -> None:
+    from jobs.specs import check_output_reachable, output_fields
+
+    if any(loc for _, loc in output_fields(spec, typed)) and join_cluster_if_in_job():
+        for _, location in output_fields(spec, typed):
+            check_output_reachable(location, os.environ.get("RAY_ADDRESS"))
+
+
+def main(kind: str, run: Callable[[Any, Any], int | None], argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog=f"python -m jobs.{kind}",
+                                     description=f"Run a featurestore '{kind}' job spec on this Ray node.")
+    parser.add_argument("--config", required=True, metavar="SPEC.yaml", help="the YAML job spec")
+    args = parser.parse_args(argv)
+    setup_logging()
+    try:
+        from jobs.specs import load_spec
+
+        spec, typed = load_spec(args.config, expect=kind)
+    except ConfigError as exc:
+        log.error("invalid job spec: %s", exc)
+        return EXIT_BAD_SPEC
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    job_id = os.environ.get("RAY_JOB_SUBMISSION_ID") or os.environ.get("RAY_JOB_ID") or "-"
+    log.info("featurestore %s job %s from %s on host %s (pid %d)", kind, job_id, spec.source,
+             socket.gethostname(), os.getpid())
+    for key, value in redacted(typed).items():
+        log.info("  %s: %s", key, value)
+    started = time.perf_counter()
+    try:
+        code = run(spec, typed) or EXIT_OK
+    except ConfigError as exc:
+        log.error("refused: %s", exc)
+        code = EXIT_BAD_SPEC
+    except KeyboardInterrupt:
+        log.warning("interrupted; committed work is kept, run the same spec again to resume")
+        code = EXIT_STOPPED
+    except Exception as exc:  # the job log must say what failed, once, plainly
+        log.exception("%s job failed: %s: %s", kind, type(exc).__name__, exc)
+        code = EXIT_FAILED
+    outcome = "succeeded" if code == EXIT_OK else f"ended with exit code {code}"
+    log.info("%s job %s %s after %.1fs", kind, job_id, outcome, time.perf_counter() - started)
+    return code
+
+
+# ---------------------------------------------------------------------------------
+# Files that heads read and write locally, moved to and from object storage
+# ---------------------------------------------------------------------------------
+def _fs(url: str, storage_options: dict | None):
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
+    return fs, path
+
+
+def is_remote(location: str) -> bool:
+    from jobs.specs import is_local_path
+
+    return not is_local_path(location)
+
+
+def upload_dir(local_dir: str, url: str, storage_options: dict | None = None) -> None:
+    fs, path = _fs(url, storage_options)
+    for root, _, files in os.walk(local_dir):
+        for name in files:
+            src = os.path.join(root, name)
+            rel = os.path.relpath(src, local_dir).replace(os.sep, "/")
+            fs.put_file(src, f"{path.rstrip('/')}/{rel}")
+
+
+def upload_file(local: str, url: str, storage_options: dict | None = None) -> None:
+    fs, path = _fs(url, storage_options)
+    fs.put_file(local, path)
+
+
+def fetch_dir(url: str, storage_options: dict | None = None) -> str:
+    """Copy a remote directory (a saved head) to a temporary local one; returns its path."""
+    fs, path = _fs(url, storage_options)
+    local = tempfile.mkdtemp(prefix="featurestore-head-")
+    entries = fs.find(path)
+    if not entries:
+        shutil.rmtree(local, ignore_errors=True)
+        raise FileNotFoundError(f"{url}: nothing there; pass the `out` of a train job")
+    for remote in entries:
+        rel = remote[len(path.rstrip("/")) + 1:]
+        dest = os.path.join(local, *rel.split("/"))
+        os.makedirs(os.path.dirname(dest), exist_ok=True)
+        fs.get_file(remote, dest)
+    return local

@@ -1,0 +1,313 @@
+"""Typed YAML job specs, validated before anything is submitted or started.
+
+A job spec names its job, the job's configuration and, optionally, how to run it:
+
+    job: extract                 # extract | train | evaluate | predict
+    config:                      # ExtractConfig / TrainSpec / EvaluateSpec / PredictSpec fields
+      source: s3://bucket/images
+      output: s3://bucket/stores/animals
+    runtime:                     # only used by `featurestore submit`
+      pip: [s3fs]                # extra requirements installed for the job
+      env: [AWS_ENDPOINT_URL]    # NAMES of variables copied from the submitter's environment
+
+A typo found on the cluster costs a queued GPU job, so unknown keys, wrong types and
+missing fields are refused here, naming the field and the file. Credentials never
+belong in a spec: `runtime.env` holds variable names only, and storage_options keys
+that carry secrets are refused.
+"""
+from __future__ import annotations
+
+import os
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Literal, Mapping
+
+from featurestore.config import ConfigError, ExtractConfig, from_mapping, load_yaml
+
+JOB_KINDS = ("extract", "train", "evaluate", "predict")
+
+# storage_options keys that hold secrets: they come from the environment (or an instance
+# role), never from a file that gets committed, shipped and shown in dashboards.
+SECRET_OPTION_KEYS = frozenset({
+    "key", "secret", "token", "password", "aws_access_key_id", "aws_secret_access_key",
+    "aws_session_token", "client_secret", "account_key", "sas_token", "connection_string",
+})
+
+
+@dataclass
+class TrainSpec:
+    """classifiers.train(...) on a store; the head is saved to `out` (a directory or URL)."""
+
+    store: str
+    out: str
+    head: str = "logreg"  # one of classifiers.HEADS; checked by parse_spec
+    layer: str | None = None
+    grid: dict[str, Any] | None = None
+    cv: int = 5
+    class_weight: str | dict[str, Any] | None = None
+    test_size: float = 0.25
+    seed: int = 0
+    l2: bool = False
+    loss: str = "log_loss"
+    split: str | None = None
+    split_column: str = "split"
+    scoring: str | None = None
+    memory_budget: int | None = None
+    n_jobs: int | None = None
+    batch_size: int = 4096
+    epochs: int = 8
+    storage_options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class EvaluateSpec:
+    """classifiers.evaluate(head, store): a report on every labeled row, written to `out`."""
+
+    head: str
+    store: str
+    out: str | None = None
+    batch_size: int = 4096
+    storage_options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class PredictSpec:
+    """classifiers.predict(head, store): a Parquet table of predictions per row, written to `out`."""
+
+    head: str
+    store: str
+    out: str
+    batch_size: int = 4096
+    storage_options: dict[str, Any] = field(default_factory=dict)
+
+
+SPEC_CLASSES: dict[str, type] = {
+    "extract": ExtractConfig,
+    "train": TrainSpec,
+    "evaluate": EvaluateSpec,
+    "predict": PredictSpec,
+}
+
+
+@dataclass
+class RuntimeSpec:
+    """How `featurestore submit` runs the job; ignored by `python -m jobs.<name>`."""
+
+    pip: list[str] = field(default_factory=list)  # extra pip requirements installed on the nodes
+    env: list[str] = field(default_factory=list)  # names of variables taken from the submitter's environment
+    working_dir: str | None = None  # shipped to the cluster; default: the current directory
+    excludes: list[str] = field(default_factory=list)  # added to the default excludes
+    entrypoint_num_cpus: float | None = None
+    entrypoint_num_gpus: float | None = None
+    entrypoint_resources: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class JobSpec:
+    job: Literal["extract", "train", "evaluate", "predict"]
+    config: dict[str, Any]
+    runtime: RuntimeSpec = field(default_factory=RuntimeSpec)
+    name: str | None = None  # a readable prefix for the submission id
+
+    # filled by load_spec: the typed configuration and where it came from
+    source: str = "<dict>"
+
+    @property
+    def typed(self) -> Any:
+        return _typed(self)
+
+
+def _typed(spec: JobSpec) -> Any:
+    return from_mapping(SPEC_CLASSES[spec.job], spec.config, spec.source, prefix="config.")
+
+
+def _check_no_secrets(options: Mapping[str, Any], source: str) -> None:
+    for key in options:
+        if str(key).lower() in SECRET_OPTION_KEYS:
+            raise ConfigError(
+                f"{source}: field 'config.storage_options.{key}' holds a credential; job specs must not "
+                "carry secrets. Set it in the environment instead (e.g. AWS_ACCESS_KEY_ID / "
+                "AWS_SECRET_ACCESS_KEY, forwarded with `featurestore submit --env NAME`) or use an instance role"
+            )
+
+
+def _check_head_kind(kind: str, source: str) -> None:
+    try:
+        from classifiers.heads import HEADS
+    except ImportError:  # heads not installed here: the job will say so on the cluster
+        return
+    if kind not in HEADS:
+        raise ConfigError(f"{source}: field 'config.head' must be one of {', '.join(HEADS)}, got {kind!r}")
+
+
+def parse_spec(data: Mapping[str, Any], source: str = "<dict>") -> tuple[JobSpec, Any]:
+    """Validate a job spec mapping; returns (JobSpec, typed config). Raises ConfigError."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{source}: a job spec must be a mapping with keys job, config[, runtime, name]")
+    data = dict(data)
+    known = {"job", "config", "runtime", "name"}
+    for key in data:
+        if key not in known:
+            import difflib
+
+            close = difflib.get_close_matches(str(key), sorted(known), n=1)
+            hint = f"; did you mean {close[0]}?" if close else ""
+            if str(key).replace("-", "_") in {f for cls in SPEC_CLASSES.values() for f in cls.__dataclass_fields__}:
+                hint += " (job fields go under 'config:')"
+            raise ConfigError(f"{source}: unknown field '{key}'{hint}; a job spec has job, config, runtime, name")
+    if "job" not in data:
+        raise ConfigError(f"{source}: missing required field 'job' (one of {', '.join(JOB_KINDS)})")
+    if data["job"] not in JOB_KINDS:
+        raise ConfigError(f"{source}: field 'job' must be one of {', '.join(JOB_KINDS)}, got {data['job']!r}")
+    if "config" not in data:
+        raise ConfigError(f"{source}: missing required field 'config' (the {data['job']} job's settings)")
+    if not isinstance(data["config"], Mapping):
+        raise ConfigError(f"{source}: field 'config' must be a mapping of field: value, got {data['config']!r}")
+    runtime = data.get("runtime") or {}
+    if not isinstance(runtime, Mapping):
+        raise ConfigError(f"{source}: field 'runtime' must be a mapping, got {runtime!r}")
+    rt = from_mapping(RuntimeSpec, runtime, source, prefix="runtime.")
+    for name in rt.env:
+        if not name or "=" in name:
+            raise ConfigError(f"{source}: field 'runtime.env' lists variable NAMES (e.g. AWS_ENDPOINT_URL), got "
+                              f"{name.split('=')[0]}=...; values come from the submitter's environment, never the spec")
+    if data.get("name") is not None and not isinstance(data["name"], str):
+        raise ConfigError(f"{source}: field 'name' must be str, got {data['name']!r}")
+    spec = JobSpec(job=data["job"], config=dict(data["config"]), runtime=rt, name=data.get("name"), source=source)
+    typed = _typed(spec)
+    if spec.job == "train":
+        _check_head_kind(typed.head, source)
+    _check_no_secrets(getattr(typed, "storage_options", None) or {}, source)
+    return spec, typed
+
+
+def load_spec(path: str | os.PathLike, expect: str | None = None) -> tuple[JobSpec, Any]:
+    """Load and validate a YAML job spec; `expect` refuses a spec for another job kind."""
+    text_source = str(path)
+    if text_source.startswith("env:"):  # a spec shipped in an environment variable by `submit`
+        import yaml
+
+        var = text_source[4:]
+        if var not in os.environ:
+            raise ConfigError(f"{text_source}: environment variable {var} is not set")
+        data = yaml.safe_load(os.environ[var]) or {}
+        text_source = os.environ.get("FEATURESTORE_JOB_SPEC_NAME", text_source)
+    else:
+        data = load_yaml(path)
+    spec, typed = parse_spec(data, text_source)
+    if expect is not None and spec.job != expect:
+        raise ConfigError(f"{text_source}: this is a '{spec.job}' job spec; run it with python -m jobs.{spec.job}")
+    return spec, typed
+
+
+def output_fields(spec: JobSpec, typed: Any) -> list[tuple[str, str]]:
+    """(field, location) pairs the job writes to: the ones a multi-node cluster must be able to reach."""
+    if spec.job == "extract":
+        return [("output", typed.output)]
+    out = getattr(typed, "out", None)
+    return [("out", out)] if out else []
+
+
+# -------------------------------------------------------------------------------------
+# Local outputs on clusters without a shared filesystem
+# -------------------------------------------------------------------------------------
+def is_local_path(location: str) -> bool:
+    """True for plain paths and file:// URLs; False for object storage (s3://, gs://, ...)."""
+    if location.startswith("file://") or location.startswith("local://"):
+        return True
+    return "://" not in location
+
+
+def _local_path(location: str) -> str:
+    for prefix in ("file://", "local://"):
+        if location.startswith(prefix):
+            return location[len(prefix):]
+    return location
+
+
+def _probe_dir(path: str) -> str:
+    """The nearest existing directory at or above `path`: where a probe file can be written."""
+    p = os.path.abspath(path)
+    while not os.path.isdir(p):
+        parent = os.path.dirname(p)
+        if parent == p:
+            break
+        p = parent
+    return p
+
+
+def check_output_reachable(output: str | None, address: str | None = None) -> None:
+    """Refuse a local `output` on a multi-node Ray cluster whose nodes do not share a filesystem.
+
+    Call after joining the cluster (ray.init). Each alive node is asked, by a zero-CPU task
+    pinned to it, whether it sees a probe file written next to the output; a node that
+    does not would write its shards where nobody else can read them. A single node, an
+    embedded instance or object storage (s3://, gs://, ...) always passes.
+    """
+    if not output or not is_local_path(output):
+        return
+    try:
+        import ray
+    except ImportError:  # pragma: no cover - ray is a dependency
+        return
+    if not ray.is_initialized():
+        return
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if len(nodes) <= 1:
+        return
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    path = _local_path(output)
+    probe_dir = _probe_dir(path)
+    probe = os.path.join(probe_dir, f".featurestore-probe-{uuid.uuid4().hex}")
+    try:
+        with open(probe, "w") as f:
+            f.write("probe")
+    except OSError as exc:
+        raise ConfigError(f"output {output!r}: cannot write under {probe_dir} ({exc}); "
+                          "write to object storage instead, e.g. output: s3://BUCKET/stores/NAME") from None
+
+    @ray.remote(num_cpus=0, max_retries=0)
+    def _sees(p: str) -> bool:
+        return os.path.exists(p)
+
+    try:
+        refs = {
+            n["NodeID"]: _sees.options(
+                scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=n["NodeID"], soft=False)
+            ).remote(probe)
+            for n in nodes
+        }
+        blind = []
+        for node_id, ref in refs.items():
+            try:
+                if not ray.get(ref, timeout=120):
+                    blind.append(node_id)
+            except Exception:  # a node that cannot even answer cannot be trusted with the output
+                blind.append(node_id)
+    finally:
+        try:
+            os.remove(probe)
+        except OSError:
+            pass
+    if blind:
+        where = f"the Ray cluster at {address}" if address else "this Ray cluster"
+        addrs = sorted({n.get("NodeManagerAddress", "?") for n in nodes if n["NodeID"] in blind})
+        raise ConfigError(
+            f"output {output!r} is a local path, but {where} has {len(nodes)} nodes and {len(blind)} of them "
+            f"(at {', '.join(addrs)}) do not share this filesystem: their shards would be written where the "
+            "others cannot read them. Write to object storage instead, e.g. output: s3://BUCKET/stores/NAME "
+            "(or put the path on a filesystem every node mounts)."
+        )
+
+
+# The name the cluster issue uses for the same rule.
+featurestore_output_check = check_output_reachable
+
+
+def new_submission_id(spec: JobSpec) -> str:
+    """A readable, unique Ray submission id: <name or job>-<8 hex>."""
+    import re
+
+    base = re.sub(r"[^A-Za-z0-9_-]+", "-", spec.name or f"featurestore-{spec.job}").strip("-") or "featurestore"
+    return f"{base}-{uuid.uuid4().hex[:8]}"

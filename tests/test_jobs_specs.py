@@ -1,0 +1,145 @@
+"""Job specs are refused before submission, with a message naming the field and the file."""
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from featurestore.config import ConfigError, ExtractConfig
+from jobs.specs import (TrainSpec, check_output_reachable, is_local_path, load_spec, new_submission_id,
+                        parse_spec)
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "jobs" / "examples"
+
+GOOD = {
+    "job": "extract",
+    "config": {"source": "s3://b/images", "output": "s3://b/stores/x", "model": "resnet18", "weights": "none",
+               "batch_size": 8},
+    "runtime": {"env": ["AWS_ENDPOINT_URL"], "pip": ["s3fs"]},
+}
+
+
+def write(tmp_path: Path, data) -> Path:
+    p = tmp_path / "spec.yaml"
+    p.write_text(yaml.safe_dump(data) if not isinstance(data, str) else textwrap.dedent(data))
+    return p
+
+
+def test_good_spec_gives_typed_config(tmp_path):
+    spec, cfg = load_spec(write(tmp_path, GOOD))
+    assert spec.job == "extract" and isinstance(cfg, ExtractConfig)
+    assert cfg.model == "resnet18" and cfg.batch_size == 8
+    assert spec.runtime.env == ["AWS_ENDPOINT_URL"]
+
+
+@pytest.mark.parametrize("path", sorted(EXAMPLES.glob("*.yaml")), ids=lambda p: p.name)
+def test_examples_are_valid(path):
+    spec, cfg = load_spec(path)
+    assert spec.job in ("extract", "train", "evaluate", "predict")
+
+
+def test_examples_exist():
+    jobs = {load_spec(p)[0].job for p in EXAMPLES.glob("*.yaml")}
+    assert {"extract", "train"} <= jobs
+
+
+@pytest.mark.parametrize("mutate,needle", [
+    (lambda d: d["config"].update(batch_sise=8), "unknown field 'config.batch_sise'; did you mean batch_size"),
+    (lambda d: d["config"].update(batch_size="eight"), "field 'config.batch_size' must be int"),
+    (lambda d: d["config"].pop("output"), "missing required field(s) config.output"),
+    (lambda d: d["config"].update(pooling="mean"), "field 'config.pooling' must be one of"),
+    (lambda d: d["runtime"].update(pip="s3fs"), "field 'runtime.pip' must be a list of str"),
+    (lambda d: d["runtime"].update(envs=["X"]), "unknown field 'runtime.envs'"),
+    (lambda d: d.update(job="extrakt"), "field 'job' must be one of extract, train, evaluate, predict"),
+    (lambda d: d.pop("job"), "missing required field 'job'"),
+    (lambda d: d.update(source="s3://x"), "unknown field 'source'"),
+])
+def test_bad_field_is_named_with_the_file(tmp_path, mutate, needle):
+    import copy
+
+    data = copy.deepcopy(GOOD)
+    mutate(data)
+    path = write(tmp_path, data)
+    with pytest.raises(ConfigError) as err:
+        load_spec(path)
+    msg = str(err.value)
+    assert str(path) in msg
+    assert needle in msg
+
+
+def test_train_spec_fields_and_head_kind(tmp_path):
+    data = {"job": "train", "config": {"store": "s3://b/stores/x", "out": "s3://b/heads/x", "head": "logreg",
+                                       "cv": 3, "grid": {"C": [0.1, 1.0]}}}
+    spec, cfg = load_spec(write(tmp_path, data))
+    assert isinstance(cfg, TrainSpec) and cfg.cv == 3 and cfg.grid == {"C": [0.1, 1.0]}
+    data["config"]["head"] = "forest"
+    with pytest.raises(ConfigError, match=r"config.head' must be one of"):
+        load_spec(write(tmp_path, data))
+    data["config"]["head"] = "logreg"
+    data["config"]["cv"] = 2.5
+    with pytest.raises(ConfigError, match=r"config.cv' must be int"):
+        load_spec(write(tmp_path, data))
+
+
+def test_secrets_and_env_values_are_refused(tmp_path):
+    data = {"job": "extract", "config": {"source": "s3://b/i", "output": "s3://b/s",
+                                         "storage_options": {"secret": "abc"}}}
+    with pytest.raises(ConfigError, match=r"config.storage_options.secret' holds a credential"):
+        load_spec(write(tmp_path, data))
+    data = {"job": "extract", "config": {"source": "s3://b/i", "output": "s3://b/s"},
+            "runtime": {"env": ["AWS_SECRET_ACCESS_KEY=abc"]}}
+    with pytest.raises(ConfigError) as err:
+        load_spec(write(tmp_path, data))
+    assert "runtime.env" in str(err.value) and "abc" not in str(err.value)
+
+
+def test_wrong_job_kind_for_entrypoint(tmp_path):
+    with pytest.raises(ConfigError, match="python -m jobs.extract"):
+        load_spec(write(tmp_path, GOOD), expect="train")
+
+
+def test_not_yaml_and_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="no such file"):
+        load_spec(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_spec(write(tmp_path, "job: [extract\n"))
+
+
+def test_submit_refuses_bad_spec_before_contacting_a_cluster(tmp_path):
+    """The address points nowhere: the spec error must come first, naming field and file."""
+    from jobs.cli import submit
+
+    import copy
+
+    data = copy.deepcopy(GOOD)
+    data["config"]["shard_size"] = "big"
+    path = write(tmp_path, data)
+    res = CliRunner().invoke(submit, [str(path), "--address", "http://127.0.0.1:9"])
+    assert res.exit_code != 0
+    assert "config.shard_size" in res.output and str(path) in res.output
+    assert "Traceback" not in res.output
+
+
+def test_submit_refuses_unset_env_name(tmp_path, monkeypatch):
+    from jobs.cli import submit
+
+    monkeypatch.delenv("FS_TEST_NOT_SET", raising=False)
+    path = write(tmp_path, GOOD)
+    res = CliRunner().invoke(submit, [str(path), "--address", "http://127.0.0.1:9", "--env", "FS_TEST_NOT_SET"])
+    assert res.exit_code != 0 and "FS_TEST_NOT_SET" in res.output and "not set" in res.output
+
+
+def test_output_check_passes_object_storage_and_single_node():
+    assert not is_local_path("s3://b/x") and is_local_path("/tmp/x") and is_local_path("file:///tmp/x")
+    # Not connected to Ray, or object storage: nothing to refuse.
+    check_output_reachable("s3://bucket/store", "http://head:8265")
+    check_output_reachable("/tmp/store", None)
+
+
+def test_submission_id_is_readable_and_unique():
+    spec, _ = parse_spec(dict(GOOD, name="animals extract"))
+    a, b = new_submission_id(spec), new_submission_id(spec)
+    assert a.startswith("animals-extract-") and a != b
