@@ -99,7 +99,6 @@ def train(store, head: str = "logreg", layer: str | None = None, grid=None, cv: 
     present = np.unique(labels[train_rows])
     if len(present) < 2:
         raise HeadError(f"{reader.uri}: the training part has {len(present)} class(es); a head needs at least 2")
-    grid = parse_grid(grid, head)
     scoring = scoring or ("balanced_accuracy" if class_weight is not None else "accuracy")
     dim = int(np.prod(feats.shape[1:]))
     need = len(train_rows) * dim * 8 * 2  # float64 copy and one more inside the estimator
@@ -108,7 +107,12 @@ def train(store, head: str = "logreg", layer: str | None = None, grid=None, cv: 
     if streaming and head != "sgd":
         log.warning("%s: training features need ~%.1f GiB > memory budget %.1f GiB: streaming with SGD (%s loss)",
                     reader.uri, need / 2**30, budget / 2**30, loss)
-        head, grid = "sgd", parse_grid(None, "sgd")
+        if isinstance(grid, dict) and "C" in grid:  # same regularisation strength: alpha = 1 / (C * n)
+            grid = {"alpha": [1.0 / (float(c) * len(train_rows)) for c in grid["C"]]}
+        elif grid and not (isinstance(grid, dict) and set(grid) <= {"alpha"}):
+            grid = None
+        head = "sgd"
+    grid = parse_grid(grid, head)
     common = dict(reader=reader, layer=layer, label_names=label_names, is_test=is_test, labeled=labeled,
                   ids=ids, labels=labels, seed=seed, scoring=scoring)
     if streaming:

@@ -41,12 +41,15 @@ def _chunks(n: int, size: int) -> list[tuple[int, int]]:
 
 
 def _mixed_batches(feats, labels, mask, size: int, mix: int, rng, transform) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Rows where mask is True, as shuffled batches: chunks in random order, `mix` chunks pooled at a time."""
-    chunks = [c for c in _chunks(len(labels), size) if mask[c[0]:c[1]].any()]
+    """Rows where mask is True, as shuffled batches of `size`: small contiguous chunks (size/16 rows) are
+    read in random order and pooled `mix` batches' worth at a time, then shuffled within the pool."""
+    step = max(32, size // 16)
+    chunks = [c for c in _chunks(len(labels), step) if mask[c[0]:c[1]].any()]
     order = rng.permutation(len(chunks))
-    for g in range(0, len(order), mix):
+    per_pool = max(1, (mix * size) // step)
+    for g in range(0, len(order), per_pool):
         xs, ys = [], []
-        for ci in order[g:g + mix]:
+        for ci in order[g:g + per_pool]:
             a, b = chunks[ci]
             m = mask[a:b]
             X = np.asarray(feats[a:b]).reshape(b - a, -1)[m]

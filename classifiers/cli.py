@@ -1,0 +1,142 @@
+"""CLI commands for heads: `train`, `evaluate`, `predict`, `export` (thin layers over classifiers)."""
+from __future__ import annotations
+
+import functools
+import json
+
+import click
+
+
+def _errors(fn):
+    """Known user errors become a one-line message and exit code 2, not a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*a, **kw):
+        from featurestore.store import StoreError
+
+        from .core import HeadConfigMismatch
+        from .persist import HeadFileError
+
+        try:
+            return fn(*a, **kw)
+        except (HeadConfigMismatch, HeadFileError, StoreError, FileNotFoundError, KeyError, ValueError) as exc:
+            msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
+            raise click.UsageError(str(msg)) from None
+
+    return wrapper
+
+
+def _summary(rep: dict) -> str:
+    if not rep.get("n"):
+        return "no labeled test rows"
+    s = f"accuracy {rep['accuracy']:.4f}  balanced accuracy {rep['balanced_accuracy']:.4f}  (n={rep['n']})"
+    if "top5_accuracy" in rep:
+        s += f"  top-5 {rep['top5_accuracy']:.4f}"
+    return s
+
+
+@click.command("train")
+@click.argument("store")
+@click.option("--head", "kind", type=click.Choice(["logreg", "linear-svm", "svm", "sgd"]), default="logreg", show_default=True)
+@click.option("--layer", default=None, help="Store layer to train on (default: the store's first layer).")
+@click.option("--grid", multiple=True, metavar="NAME=V1,V2",
+              help="Sweep values, repeatable: C=0.01,0.1,1,10; gamma=scale,0.001 (svm); alpha=1e-5,1e-4 (sgd).")
+@click.option("--cv", type=int, default=5, show_default=True, help="Cross-validation folds on the training part.")
+@click.option("--class-weight", type=click.Choice(["balanced"]), default=None, help="Weight classes inversely to their frequency.")
+@click.option("--test-size", type=float, default=0.25, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--split", "split_file", default=None, metavar="FILE",
+              help="CSV/Parquet mapping id -> train|test (columns id (or path) and split) instead of the hash split.")
+@click.option("--split-column", default="split", show_default=True, help="Split column in --split FILE or the store manifest.")
+@click.option("--l2/--no-l2", default=False, show_default=True, help="L2-normalise each feature vector before scaling.")
+@click.option("--loss", type=click.Choice(["log_loss", "hinge"]), default="log_loss", show_default=True, help="SGD loss (streaming).")
+@click.option("--memory-budget", default=None, metavar="BYTES",
+              help="Stream with SGD when training features exceed this (e.g. 8G; default: a quarter of RAM).")
+@click.option("--batch-size", type=int, default=4096, show_default=True, help="Rows per streaming batch.")
+@click.option("--epochs", type=int, default=8, show_default=True, help="Passes over the store when streaming.")
+@click.option("--n-jobs", type=int, default=None, help="Parallel sweep jobs (joblib; -1 = all cores).")
+@click.option("--address", default=None, help="Ray cluster address: run the sweep on it via Ray's joblib backend.")
+@click.option("--out", required=True, help="Head directory to write (head.json, model.skops, report.*).")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@_errors
+def train(store, kind, layer, grid, cv, class_weight, test_size, seed, split_file, split_column, l2, loss,
+          memory_budget, batch_size, epochs, n_jobs, address, out, as_json):
+    """Train a head on STORE, sweep hyperparameters by CV on the training part, report on the test part."""
+    from .fit import train as _train
+
+    h = _train(store, head=kind, layer=layer, grid=list(grid) or None, cv=cv, class_weight=class_weight,
+               test_size=test_size, seed=seed, out=out, l2=l2, loss=loss, split=split_file,
+               split_column=split_column, memory_budget=_bytes(memory_budget), n_jobs=n_jobs, address=address,
+               batch_size=batch_size, epochs=epochs)
+    if as_json:
+        click.echo(json.dumps(h.report, indent=2, default=str))
+        return
+    click.echo(f"{h.describe()} -> {out}")
+    click.echo(f"training path: {h.report.get('path')}; split: {h.report.get('split')}")
+    click.echo(f"test: {_summary(h.report)}")
+    click.echo(f"report: {out}/report.md")
+
+
+def _bytes(text):
+    if text is None:
+        return None
+    t = str(text).strip().upper().removesuffix("B")
+    mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    try:
+        if t and t[-1] in mult:
+            return int(float(t[:-1]) * mult[t[-1]])
+        return int(float(t))
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not a size (e.g. 512M, 8G)", param_hint="--memory-budget") from None
+
+
+@click.command("evaluate")
+@click.argument("head")
+@click.argument("store")
+@click.option("--out", default=None, help="Directory for report.json, report.md and confusion_matrix.png.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@_errors
+def evaluate(head, store, out, as_json):
+    """Report HEAD's accuracy on every labeled row of STORE (same backbone configuration required)."""
+    from .apply import evaluate as _evaluate
+
+    rep = _evaluate(head, store, out=out)
+    if as_json:
+        click.echo(json.dumps(rep, indent=2, default=str))
+        return
+    click.echo(_summary(rep))
+    for name, m in rep.get("per_class", {}).items():
+        click.echo(f"  {name}: precision {m['precision']:.3f} recall {m['recall']:.3f} f1 {m['f1']:.3f} (n={m['support']})")
+    if out:
+        click.echo(f"report: {out}/report.md")
+
+
+@click.command("predict")
+@click.argument("head")
+@click.argument("store")
+@click.option("--out", required=True, help="Parquet file: id, label, predicted, predicted_label, probabilities, prob_<class>.")
+@_errors
+def predict(head, store, out):
+    """Predict every row of STORE with HEAD into a Parquet file."""
+    from .apply import predict as _predict
+
+    table = _predict(head, store, out=out)
+    click.echo(f"{table.num_rows} predictions -> {out}")
+
+
+@click.command("export")
+@click.argument("head")
+@click.option("--format", "fmt", type=click.Choice(["onnx", "torchscript"]), default="onnx", show_default=True)
+@click.option("--out", default=None, help="Output file (default: HEAD/model.onnx or HEAD/model.torchscript.pt).")
+@click.option("--opset", type=int, default=17, show_default=True, help="ONNX opset.")
+@_errors
+def export(head, fmt, out, opset):
+    """Write backbone + HEAD as one model: preprocessed images [N,3,H,W] in, class probabilities out.
+
+    The backbone is rebuilt from the head's stored configuration; the written model is checked
+    against the Python path (max difference <= 1e-4) before this returns.
+    """
+    from .exporter import export as _export
+
+    path = _export(head, fmt, out, opset=opset)
+    click.echo(f"{fmt} -> {path} (input 'image' [N,3,H,W] preprocessed; output 'probabilities' [N,K])")

@@ -1,0 +1,138 @@
+"""Heads: planted signal, noise, class weights, streaming vs in-memory, splits, reports."""
+from __future__ import annotations
+
+import json
+import tracemalloc
+
+import numpy as np
+import pytest
+
+from featurestore.store import write_store
+
+import classifiers
+from classifiers.heads import HeadError, parse_grid
+from classifiers.split import hash_split
+
+CFG = {"model": "resnet18", "weights": "none", "weights_sha256": "a" * 64, "layers": ["avgpool"],
+       "pooling": "avg", "precision": "fp32", "preprocessing": {"input_size": [32, 32], "crop": "center"}}
+
+
+def make_store(path, X, y, names, shard_size=256, config=CFG, layer="avgpool"):
+    return write_store(str(path), {layer: X.astype(np.float32)}, y, names, config=config, shard_size=shard_size)
+
+
+def planted(n=240, d=20, k=3, seed=0):
+    rng = np.random.default_rng(seed)
+    y = np.arange(n) % k
+    X = rng.normal(size=(n, d))
+    X[np.arange(n), y] += 8.0  # class c lights up dimension c: linearly separable with a wide margin
+    return X, y
+
+
+@pytest.mark.parametrize("kind", ["logreg", "linear-svm", "svm", "sgd"])
+def test_planted_signal_reaches_accuracy_one(tmp_path, kind):
+    X, y = planted()
+    store = make_store(tmp_path / "s", X, y, ["cat", "dog", "panda"])
+    head = classifiers.train(store, head=kind, cv=3, seed=0)
+    assert head.report["n"] == 60
+    assert head.report["accuracy"] == 1.0
+    assert head.report["balanced_accuracy"] == 1.0
+    assert head.report["path"] == ("streaming (SGD partial_fit)" if kind == "sgd" else "in memory")
+
+
+@pytest.mark.parametrize("kind", ["logreg", "svm"])
+def test_noise_stays_near_chance(tmp_path, kind):
+    rng = np.random.default_rng(1)
+    n, k = 600, 3
+    X, y = rng.normal(size=(n, 16)), np.arange(n) % k
+    head = classifiers.train(make_store(tmp_path / "s", X, y, ["a", "b", "c"]), head=kind, cv=3,
+                             grid={"C": [1.0]})
+    assert abs(head.report["accuracy"] - 1 / k) < 0.12, head.report["accuracy"]
+
+
+def test_class_weight_balanced_raises_balanced_accuracy(tmp_path):
+    rng = np.random.default_rng(2)
+    n_major, n_minor = 1900, 100
+    y = np.r_[np.zeros(n_major, int), np.ones(n_minor, int)]
+    X = rng.normal(size=(len(y), 10))
+    X[y == 1, 0] += 1.5  # overlapping classes: an unweighted fit favours the majority
+    store = make_store(tmp_path / "s", X, y, ["neg", "pos"], shard_size=512)
+    plain = classifiers.train(store, head="logreg", grid={"C": [1.0]})
+    weighted = classifiers.train(store, head="logreg", grid={"C": [1.0]}, class_weight="balanced")
+    assert weighted.report["class_weight"] == "balanced"
+    assert weighted.report["balanced_accuracy"] > plain.report["balanced_accuracy"] + 0.1, (
+        plain.report["balanced_accuracy"], weighted.report["balanced_accuracy"])
+    assert weighted.report["per_class"]["pos"]["recall"] > plain.report["per_class"]["pos"]["recall"]
+
+
+def test_streaming_within_one_point_of_in_memory_with_bounded_memory(tmp_path):
+    rng = np.random.default_rng(3)
+    n, d, k = 12000, 48, 4
+    y = np.sort(np.arange(n) % k)  # class-sorted rows, as a folder listing writes them
+    centers = rng.normal(size=(k, d)) * 0.35
+    X = centers[y] + rng.normal(size=(n, d))
+    store = make_store(tmp_path / "s", X, y, ["a", "b", "c", "d"], shard_size=2048)
+    in_memory = classifiers.train(store, head="logreg", grid={"C": [1.0]})
+    tracemalloc.start()
+    try:
+        streamed = classifiers.train(store, head="logreg", memory_budget=1 << 20, batch_size=250, epochs=6,
+                                     grid={"alpha": [1e-4]})
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert streamed.kind == "sgd" and streamed.streaming  # chosen automatically: over the 1 MiB budget
+    full = n * d * 8
+    assert peak < 0.5 * full, (peak, full)
+    a_mem, a_str = in_memory.report["accuracy"], streamed.report["accuracy"]
+    assert 0.6 < a_mem < 0.99  # a meaningful, not saturated, problem
+    assert abs(a_str - a_mem) <= 0.01, (a_mem, a_str)
+
+
+def test_split_is_deterministic_stratified_and_order_free():
+    ids = [f"img/{i}.jpg" for i in range(1000)]
+    labels = np.r_[np.zeros(800, int), np.ones(200, int)]
+    a = hash_split(ids, labels, 0.25, seed=0)
+    assert np.array_equal(a, hash_split(ids, labels, 0.25, seed=0))
+    assert a[labels == 0].sum() == 200 and a[labels == 1].sum() == 50
+    perm = np.random.default_rng(0).permutation(1000)
+    b = hash_split([ids[i] for i in perm], labels[perm], 0.25, seed=0)
+    assert {ids[i] for i in perm[b]} == {ids[i] for i in np.flatnonzero(a)}
+    assert not np.array_equal(a, hash_split(ids, labels, 0.25, seed=1))
+
+
+def test_split_file_is_used_and_test_part_not_tuned(tmp_path):
+    X, y = planted(n=120)
+    store = make_store(tmp_path / "s", X, y, ["a", "b", "c"])
+    ids = list(store.ids)
+    test_ids = set(ids[:30])
+    split = tmp_path / "split.csv"
+    split.write_text("id,split\n" + "".join(f"{i},{'test' if i in test_ids else 'train'}\n" for i in ids))
+    head = classifiers.train(store, head="logreg", split=str(split), cv=3)
+    assert head.report["n"] == 30 and head.report["n_train"] == 90
+    assert "file" in head.report["split"]
+    split.write_text("id,split\n" + f"{ids[0]},test\n")
+    with pytest.raises(ValueError, match="have no split"):
+        classifiers.train(store, head="logreg", split=str(split))
+
+
+def test_reports_written(tmp_path):
+    X, y = planted(n=300, k=3)
+    out = tmp_path / "head"
+    classifiers.train(make_store(tmp_path / "s", X, y, ["cat", "dog", "panda"]), head="logreg",
+                      grid={"C": [0.1, 1.0]}, cv=3, out=str(out))
+    rep = json.loads((out / "report.json").read_text())
+    assert set(rep["per_class"]) == {"cat", "dog", "panda"}
+    assert len(rep["sweep"]) == 2 and rep["params"]["C"] in (0.1, 1.0)
+    assert np.array(rep["confusion_matrix"]).sum() == rep["n"] == 75
+    md = (out / "report.md").read_text()
+    assert "balanced accuracy" in md and "| panda |" in md
+    assert (out / "confusion_matrix.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_grid_parsing_names_bad_input():
+    assert parse_grid(["C=0.01,0.1"], "logreg") == {"C": [0.01, 0.1]}
+    assert parse_grid(["C=1", "gamma=scale,0.01"], "svm") == {"C": [1.0], "gamma": ["scale", 0.01]}
+    with pytest.raises(HeadError, match="no hyperparameter 'gamma'"):
+        parse_grid(["gamma=1"], "logreg")
+    with pytest.raises(HeadError, match="not a number"):
+        parse_grid(["C=big"], "logreg")
