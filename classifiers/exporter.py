@@ -170,6 +170,7 @@ def export(head, fmt: str = "onnx", out: str | None = None, *, backbone=None, op
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # torch marks jit/legacy ONNX export as deprecated
         warnings.simplefilter("ignore", UserWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)
         if fmt == "onnx":
             torch.onnx.export(model, (x,), out, input_names=["image"], output_names=["probabilities"],
                               dynamic_axes={"image": {0: "batch"}, "probabilities": {0: "batch"}},

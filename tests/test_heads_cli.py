@@ -1,0 +1,66 @@
+"""The train / evaluate / predict / export commands, end to end through the featurestore CLI group."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+from click.testing import CliRunner
+
+from featurestore.cli import main
+from featurestore.store import write_store
+
+CFG = {"model": "resnet18", "weights": "none", "weights_sha256": "a" * 64, "layers": ["avgpool"],
+       "pooling": "avg", "precision": "fp32", "preprocessing": {"input_size": [32, 32], "crop": "center"}}
+
+
+def _store(path, config=CFG):
+    rng = np.random.default_rng(0)
+    y = np.arange(120) % 2
+    X = rng.normal(size=(120, 8))
+    X[:, 0] += 4 * y
+    write_store(str(path), {"avgpool": X.astype(np.float32)}, y, ["neg", "pos"], config=config)
+    return str(path)
+
+
+def test_train_evaluate_predict(tmp_path):
+    store, head = _store(tmp_path / "s"), str(tmp_path / "h")
+    r = CliRunner().invoke(main, ["train", store, "--head", "svm", "--grid", "C=0.1,1", "--grid", "gamma=scale",
+                                  "--cv", "3", "--class-weight", "balanced", "--out", head])
+    assert r.exit_code == 0, r.output
+    assert "balanced accuracy 1.0000" in r.output and "in memory" in r.output
+    rep = json.loads((tmp_path / "h" / "report.json").read_text())
+    assert rep["params"]["C"] in (0.1, 1.0) and len(rep["sweep"]) == 2
+    r = CliRunner().invoke(main, ["evaluate", head, store, "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output)["n"] == 120
+    r = CliRunner().invoke(main, ["predict", head, store, "--out", str(tmp_path / "p.parquet")])
+    assert r.exit_code == 0 and "120 predictions" in r.output
+
+
+def test_streaming_flag_and_errors(tmp_path):
+    store, head = _store(tmp_path / "s"), str(tmp_path / "h")
+    r = CliRunner().invoke(main, ["train", store, "--head", "logreg", "--memory-budget", "1K", "--out", head])
+    assert r.exit_code == 0, r.output
+    assert "streaming" in r.output
+    other = _store(tmp_path / "o", config={**CFG, "pooling": "max"})
+    r = CliRunner().invoke(main, ["evaluate", head, other])
+    assert r.exit_code == 2 and "pooling" in r.output
+    r = CliRunner().invoke(main, ["train", store, "--grid", "gamma=1", "--out", head])
+    assert r.exit_code == 2 and "no hyperparameter 'gamma'" in r.output
+    r = CliRunner().invoke(main, ["evaluate", str(tmp_path / "nohead"), store])
+    assert r.exit_code == 2 and "not a head directory" in r.output
+
+
+def test_export_command(tmp_path):
+    from featurestore.backbones import load_backbone
+    import torch
+
+    bb = load_backbone("resnet18", "none", input_size=32)
+    f = bb(torch.randn(40, 3, 32, 32, generator=torch.Generator().manual_seed(0)))[bb.layers[0]].numpy()
+    y = (f[:, 0] > np.median(f[:, 0])).astype(int)
+    write_store(str(tmp_path / "s"), {bb.layers[0]: f}, y, ["a", "b"], config=bb.config())
+    head = str(tmp_path / "h")
+    assert CliRunner().invoke(main, ["train", str(tmp_path / "s"), "--out", head]).exit_code == 0
+    r = CliRunner().invoke(main, ["export", head, "--format", "onnx"])
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "h" / "model.onnx").stat().st_size > 1000
