@@ -67,6 +67,17 @@ def check_outputs(spec, typed) -> None:
             check_output_reachable(location, os.environ.get("RAY_ADDRESS"))
 
 
+def submission_id() -> str:
+    """The Jobs API submission id when running as a submitted job, else "-"."""
+    import json
+
+    try:
+        meta = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")).get("metadata") or {}
+    except ValueError:
+        meta = {}
+    return meta.get("job_submission_id") or os.environ.get("RAY_JOB_SUBMISSION_ID") or "-"
+
+
 def main(kind: str, run: Callable[[Any, Any], int | None], argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog=f"python -m jobs.{kind}",
                                      description=f"Run a featurestore '{kind}' job spec on this Ray node.")
@@ -81,11 +92,10 @@ def main(kind: str, run: Callable[[Any, Any], int | None], argv: list[str] | Non
         log.error("invalid job spec: %s", exc)
         return EXIT_BAD_SPEC
     signal.signal(signal.SIGTERM, _on_sigterm)
-    job_id = os.environ.get("RAY_JOB_SUBMISSION_ID") or os.environ.get("RAY_JOB_ID") or "-"
+    job_id = submission_id()
     log.info("featurestore %s job %s from %s on host %s (pid %d)", kind, job_id, spec.source,
              socket.gethostname(), os.getpid())
-    for key, value in redacted(typed).items():
-        log.info("  %s: %s", key, value)
+    log.info("config: %s", ", ".join(f"{k}={v}" for k, v in redacted(typed).items()))
     started = time.perf_counter()
     try:
         code = run(spec, typed) or EXIT_OK
