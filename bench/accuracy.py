@@ -27,16 +27,16 @@ DATASETS = {"animals": DATA / "animals", "smiles": DATA / "smiles"}
 HEADS = ["logreg", "linear-svm", "svm", "sgd"]
 
 
-def extract_ray(src: Path, out: str, model: str, weights: str, batch_size: int) -> None:
+def extract_ray(src: Path, out: str, model: str, weights: str, batch_size: int, layers=(), pooling="avg") -> None:
     from featurestore.config import ExtractConfig
     from featurestore.engine import extract
 
-    res = extract(ExtractConfig(source=str(src), output=out, model=model, weights=weights,
-                                batch_size=batch_size, quiet=True))
+    res = extract(ExtractConfig(source=str(src), output=out, model=model, weights=weights, layers=list(layers),
+                                pooling=pooling, batch_size=batch_size, quiet=True))
     print(f"  extracted {src.name}: {res.summary() if hasattr(res, 'summary') else res}", flush=True)
 
 
-def extract_loop(src: Path, out: str, model: str, weights: str, batch_size: int) -> None:
+def extract_loop(src: Path, out: str, model: str, weights: str, batch_size: int, layers=(), pooling="avg") -> None:
     """One process, no Ray: list, decode, forward, write_store."""
     import torch
 
@@ -46,7 +46,7 @@ def extract_loop(src: Path, out: str, model: str, weights: str, batch_size: int)
     from featurestore.store import write_store
 
     listing = list_source(str(src))
-    bb = load_backbone(model, weights)
+    bb = load_backbone(model, weights, layers=list(layers) or None, pooling=pooling)
     layer = bb.layers[0]
     ids, labels, feats = [], [], []
     for a in range(0, len(listing.ids), batch_size):
@@ -69,6 +69,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="efficientnet_lite0")
     ap.add_argument("--weights", default="DEFAULT", help="DEFAULT (pretrained) or none (random init)")
+    ap.add_argument("--layers", nargs="+", default=[], help="cut layer(s) (default: the model's penultimate layer)")
+    ap.add_argument("--pooling", default="avg", choices=["avg", "max", "flatten"])
     ap.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
     ap.add_argument("--heads", nargs="+", default=HEADS, choices=HEADS)
     ap.add_argument("--engine", choices=["ray", "loop"], default="ray",
@@ -89,7 +91,8 @@ def main(argv=None) -> int:
         if not src.exists():
             print(f"skip {name}: {src} not found", file=sys.stderr)
             continue
-        store = os.path.join(args.work, f"{name}-{args.model}-{args.weights}".replace("/", "_").replace(":", "_"))
+        tag = f"{name}-{args.model}-{args.weights}-{'+'.join(args.layers) or 'default'}-{args.pooling}"
+        store = os.path.join(args.work, tag.replace("/", "_").replace(":", "_"))
         t0 = time.perf_counter()
         try:
             reader = open_store(store)
@@ -97,7 +100,8 @@ def main(argv=None) -> int:
         except Exception:
             ok = False
         if not ok:
-            (extract_ray if args.engine == "ray" else extract_loop)(src, store, args.model, args.weights, args.batch_size)
+            (extract_ray if args.engine == "ray" else extract_loop)(src, store, args.model, args.weights, args.batch_size,
+                                                                    args.layers, args.pooling)
             reader = open_store(store)
         t_extract = time.perf_counter() - t0
         counts = np.bincount(reader.labels[reader.labels >= 0])
