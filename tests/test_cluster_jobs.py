@@ -1,0 +1,292 @@
+"""The cluster path, really started: cluster/local.sh brings up a head and two worker
+nodes (separate raylets), jobs go over HTTP to the Jobs API with `featurestore submit`,
+images come from and stores go to a real S3 server (moto) on loopback.
+
+The nodes get no AWS variables of their own: the job only reaches S3 because submit
+forwards the caller's variables (named with --env) into its runtime environment.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(480)]
+
+ROOT = Path(__file__).resolve().parent.parent
+AWS_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL")
+
+
+def _ports_free(base: int, span: int = 600) -> bool:
+    for port in list(range(base, base + 40)) + list(range(base + 200, base + span, 50)):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                return False
+    return True
+
+
+def _our_processes(cluster_dir: str) -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if cluster_dir + "/" in cmd:
+            pids.append(int(entry.name))
+    return pids
+
+
+@pytest.fixture(scope="module")
+def local_cluster():
+    """`cluster/local.sh up 2` on free ports; always `down` afterwards (only our nodes)."""
+    rng = random.Random(os.getpid())
+    base = next(b for b in (rng.randrange(30000, 40000, 10) for _ in range(50)) if _ports_free(b))
+    cluster_dir = f"/tmp/fsray-test-{base}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env.update(FS_CLUSTER_PORT=str(base), FS_CLUSTER_DIR=cluster_dir, FS_CLUSTER_CPUS="1", FS_CLUSTER_HEAD_CPUS="0",
+               FS_CLUSTER_OBJECT_STORE="100000000", RAY=str(Path(sys.executable).parent / "ray"))
+    script = str(ROOT / "cluster" / "local.sh")
+    try:
+        up = subprocess.run([script, "up", "2"], env=env, capture_output=True, text=True, timeout=240)
+        assert up.returncode == 0, up.stdout + up.stderr
+        jobs_api = re.search(r"Jobs API:\s+(http://\S+)", up.stdout).group(1)
+        status = subprocess.run([script, "status"], env=env, capture_output=True, text=True, timeout=60)
+        assert status.returncode == 0 and status.stdout.count(" ALIVE ") == 3, status.stdout
+        again = subprocess.run([script, "up", "2"], env=env, capture_output=True, text=True, timeout=60)
+        assert again.returncode == 0 and "already up" in again.stdout  # idempotent
+        yield {"jobs_api": jobs_api, "dir": cluster_dir, "env": env}
+    finally:
+        down = subprocess.run([script, "down"], env=env, capture_output=True, text=True, timeout=120)
+        left = _our_processes(cluster_dir)
+        assert down.returncode == 0, down.stdout + down.stderr
+        assert not left, f"processes of the test cluster still running: {left}"
+        down2 = subprocess.run([script, "down"], env=env, capture_output=True, text=True, timeout=60)
+        assert down2.returncode == 0  # idempotent
+
+
+def cli(*args, timeout=300) -> subprocess.CompletedProcess:
+    """The `featurestore` command as a user runs it, from the repository (the shipped working dir)."""
+    return subprocess.run([sys.executable, "-m", "featurestore", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout, env=dict(os.environ))
+
+
+def submit(spec: Path, address: str, *extra) -> str:
+    env_flags = [a for name in AWS_ENV for a in ("--env", name)]
+    res = cli("submit", str(spec), "--address", address, *env_flags, *extra)
+    assert res.returncode == 0, res.stdout + res.stderr
+    return res.stdout.strip().splitlines()[0]
+
+
+def client(address):
+    from ray.job_submission import JobSubmissionClient
+
+    return JobSubmissionClient(address)
+
+
+def wait_terminal(address: str, job_id: str, timeout: float = 240) -> str:
+    c = client(address)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = c.get_job_status(job_id)
+        if status.is_terminal():
+            return str(status)
+        time.sleep(1)
+    raise AssertionError(f"job {job_id} still {c.get_job_status(job_id)} after {timeout}s:\n{c.get_job_logs(job_id)[-3000:]}")
+
+
+def write_spec(path: Path, job: str, config: dict) -> Path:
+    path.write_text(yaml.safe_dump({"name": f"test-{job}", "job": job, "config": config}))
+    return path
+
+
+def upload_images(s3_server, image_folder, bucket: str, classes: dict, size=(24, 24), name="images") -> str:
+    local = image_folder(classes=classes, size=size, fmt="jpg", name=name)
+    fs = s3_server.fs()
+    src = f"{bucket}/{name}"
+    fs.put(str(local), src[len("s3://"):], recursive=True)
+    return src
+
+
+def shard_nodes(fs, store: str) -> dict[int, str]:
+    out = {}
+    for p in fs.glob(f"{store[5:]}/shards/shard-*.json"):
+        side = json.loads(fs.cat_file(p))
+        if side.get("node_id"):
+            out[int(side["index"])] = side["node_id"]
+    return out
+
+
+def test_extract_then_train_on_the_cluster(local_cluster, s3_server, image_folder, tmp_path):
+    from featurestore.store import verify
+
+    address = local_cluster["jobs_api"]
+    bucket = s3_server.make_bucket()
+    source = upload_images(s3_server, image_folder, bucket, {"cat": 6, "dog": 6})
+    store = f"{bucket}/stores/animals"
+    spec = write_spec(tmp_path / "extract.yaml", "extract", {
+        "source": source, "output": store, "model": "resnet18", "weights": "none", "input_size": 32,
+        "shard_size": 2, "batch_size": 2, "actors": 2, "cpus_per_actor": 1,
+    })
+    job_id = submit(spec, address)
+    assert job_id.startswith("test-extract-")
+    status = wait_terminal(address, job_id)
+    logs = client(address).get_job_logs(job_id)
+    assert status == "SUCCEEDED", logs[-4000:]
+
+    report = verify(store)
+    assert report.ok, report.problems
+    assert report.rows == 12 and report.shards == 6
+
+    # shards were written by actors on at least two different worker nodes
+    from ray.util.state import list_nodes
+
+    workers = {n.node_id for n in list_nodes(address=address) if not n.is_head_node and n.state == "ALIVE"}
+    recorded = shard_nodes(s3_server.fs(), store)
+    if recorded:  # the store records the node per shard
+        assert len(recorded) == 6 and set(recorded.values()) <= workers
+        nodes = set(recorded.values())
+    else:  # the engine's summary line, checked against the cluster's node ids
+        line = re.search(r"nodes: ([0-9a-f, ]+)", logs).group(1)
+        nodes = {w for prefix in line.split(", ") for w in workers if w.startswith(prefix.strip())}
+    assert len(nodes) >= 2, f"shards written on {nodes} only"
+
+    # credentials went in through the runtime env, never into the log or `jobs status`
+    status_out = cli("jobs", "status", job_id, "--address", address)
+    assert "SUCCEEDED" in status_out.stdout and "AWS_SECRET_ACCESS_KEY" in status_out.stdout
+    assert "values hidden" in status_out.stdout
+    secret = os.environ["AWS_SECRET_ACCESS_KEY"]
+    for text in (logs, status_out.stdout):
+        assert f"={secret}" not in text and f"'{secret}'" not in text and f": {secret}" not in text
+    listed = cli("jobs", "list", "--address", address)
+    assert job_id in listed.stdout
+
+    # a head on the store, as a second job, saved to S3
+    head_out = f"{bucket}/heads/animals"
+    spec = write_spec(tmp_path / "train.yaml", "train", {
+        "store": store, "out": head_out, "head": "logreg", "cv": 2, "test_size": 0.25,
+    })
+    res = cli("submit", str(spec), "--address", address, "--follow",
+              *[a for name in AWS_ENV for a in ("--env", name)])
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-2000:]
+    train_id = res.stdout.strip().splitlines()[0]
+    assert client(address).get_job_status(train_id) == "SUCCEEDED"
+    assert "head logreg on layer" in res.stdout
+    fs = s3_server.fs()
+    assert fs.exists(f"{head_out[5:]}/head.json") and fs.exists(f"{head_out[5:]}/model.skops")
+    meta = json.loads(fs.cat_file(f"{head_out[5:]}/head.json"))
+    assert meta["kind"] == "logreg" and meta["label_names"] == ["cat", "dog"]
+
+
+def test_stopped_job_resumes_computing_only_unfinished_shards(local_cluster, s3_server, image_folder, tmp_path):
+    from featurestore.store import verify
+
+    address = local_cluster["jobs_api"]
+    bucket = s3_server.make_bucket()
+    # larger inputs and a bigger network make each shard take a while, so the stop lands midway
+    source = upload_images(s3_server, image_folder, bucket, {"a": 20, "b": 20}, size=(64, 64))
+    store = f"{bucket}/stores/slow"
+    spec = write_spec(tmp_path / "extract.yaml", "extract", {
+        "source": source, "output": store, "model": "resnet50", "weights": "none", "input_size": 160,
+        "shard_size": 2, "batch_size": 2, "actors": 2, "cpus_per_actor": 1,
+    })
+    fs = s3_server.fs()
+    job_id = submit(spec, address)
+    deadline = time.monotonic() + 240
+    committed: list[str] = []
+    while time.monotonic() < deadline:
+        fs.invalidate_cache()
+        committed = fs.glob(f"{store[5:]}/shards/shard-*.h5")
+        if committed:
+            break
+        assert not client(address).get_job_status(job_id).is_terminal(), client(address).get_job_logs(job_id)[-3000:]
+        time.sleep(0.3)
+    assert committed, "no shard committed in time"
+    # in-process (no interpreter start-up) so the stop lands while shards are still running
+    from click.testing import CliRunner
+
+    from jobs.cli import jobs as jobs_group
+
+    stop = CliRunner().invoke(jobs_group, ["stop", job_id, "--address", address])
+    assert stop.exit_code == 0 and "STOPPED" in stop.output, stop.output
+    assert client(address).get_job_status(job_id) == "STOPPED"
+
+    time.sleep(1)
+    fs.invalidate_cache()
+    before = {p: fs.info(p)["ETag"] for p in fs.glob(f"{store[5:]}/shards/shard-*.h5")}
+    assert 0 < len(before) < 20, f"{len(before)} shards committed at the stop; expected some but not all"
+    fs.invalidate_cache()
+    assert not fs.exists(f"{store[5:]}/manifest.parquet")  # the stopped run never finalized
+
+    again = submit(spec, address)
+    assert wait_terminal(address, again) == "SUCCEEDED", client(address).get_job_logs(again)[-4000:]
+    logs = client(address).get_job_logs(again)
+    m = re.search(r"(\d+) computed, (\d+) already committed", logs)
+    assert m, logs[-3000:]
+    assert int(m.group(2)) == len(before) and int(m.group(1)) == 20 - len(before)
+    fs.invalidate_cache()
+    after = {p: fs.info(p)["ETag"] for p in fs.glob(f"{store[5:]}/shards/shard-*.h5")}
+    assert len(after) == 20
+    assert all(after[p] == etag for p, etag in before.items()), "a committed shard was written again"
+    report = verify(store)
+    assert report.ok and report.rows == 40, report.problems
+
+
+PROBE_SCRIPT = """
+import sys, ray
+from featurestore.config import ConfigError
+from jobs.specs import check_output_reachable
+ray.init(address=sys.argv[1], logging_level="ERROR")
+for out in sys.argv[2:]:
+    try:
+        check_output_reachable(out, sys.argv[1])
+        print("ACCEPTED", out, flush=True)
+    except ConfigError as exc:
+        print("REFUSED", out, "::", exc, flush=True)
+"""
+
+
+def test_local_output_on_cluster_without_shared_filesystem_is_refused(local_cluster, tmp_path):
+    """The driver runs in its own mount namespace with a private tmpfs over one directory:
+    for the cluster's nodes that directory is a different (empty) one, exactly as a local
+    disk on another machine. An output there is refused; a path all nodes share and object
+    storage are accepted."""
+    import shutil
+
+    if not shutil.which("unshare"):
+        pytest.skip("unshare(1) not available")
+    private = tmp_path / "private"
+    shared = tmp_path / "shared"
+    private.mkdir()
+    shared.mkdir()
+    host, port = local_cluster["jobs_api"].replace("http://", "").rsplit(":", 1)
+    gcs_address = f"{host}:{int(port) - 1}"  # local.sh: GCS on the base port, dashboard on base + 1
+    script = tmp_path / "probe.py"
+    script.write_text(PROBE_SCRIPT)
+    cmd = (f"mount -t tmpfs tmpfs {private} && exec {sys.executable} {script} {gcs_address} "
+           f"{private}/store {shared}/store s3://bucket/store")
+    res = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", cmd], cwd=ROOT,
+                         capture_output=True, text=True, timeout=180,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    if "mount:" in res.stderr and "permission denied" in res.stderr.lower():
+        pytest.skip("no permission for a private mount namespace here")
+    assert res.returncode == 0, res.stdout + res.stderr
+    lines = {ln.split()[1]: ln for ln in res.stdout.splitlines() if ln.startswith(("ACCEPTED", "REFUSED"))}
+    refused = lines[f"{private}/store"]
+    assert refused.startswith("REFUSED"), res.stdout
+    assert "do not share this filesystem" in refused and "s3://" in refused and "2 of them" in refused
+    assert lines[f"{shared}/store"].startswith("ACCEPTED"), res.stdout
+    assert lines["s3://bucket/store"].startswith("ACCEPTED"), res.stdout
