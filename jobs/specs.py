@@ -292,10 +292,11 @@ def check_output_reachable(output: str | None, address: str | None = None) -> No
             pass
     if blind:
         where = f"the Ray cluster at {address}" if address else "this Ray cluster"
-        addrs = sorted({n.get("NodeManagerAddress", "?") for n in nodes if n["NodeID"] in blind})
+        addrs = sorted(f"node {n['NodeID'][:12]} at {n.get('NodeManagerAddress', '?')}"
+                       for n in nodes if n["NodeID"] in blind)
         raise ConfigError(
             f"output {output!r} is a local path, but {where} has {len(nodes)} nodes and {len(blind)} of them "
-            f"(at {', '.join(addrs)}) do not share this filesystem: their shards would be written where the "
+            f"({', '.join(addrs)}) do not share this filesystem: their shards would be written where the "
             "others cannot read them. Write to object storage instead, e.g. output: s3://BUCKET/stores/NAME "
             "(or put the path on a filesystem every node mounts)."
         )

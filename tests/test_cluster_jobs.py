@@ -287,6 +287,6 @@ def test_local_output_on_cluster_without_shared_filesystem_is_refused(local_clus
     lines = {ln.split()[1]: ln for ln in res.stdout.splitlines() if ln.startswith(("ACCEPTED", "REFUSED"))}
     refused = lines[f"{private}/store"]
     assert refused.startswith("REFUSED"), res.stdout
-    assert "do not share this filesystem" in refused and "s3://" in refused and "2 of them" in refused
+    assert "do not share this filesystem" in refused and "s3://" in refused and "3 nodes and 3 of them" in refused
     assert lines[f"{shared}/store"].startswith("ACCEPTED"), res.stdout
     assert lines["s3://bucket/store"].startswith("ACCEPTED"), res.stdout
