@@ -145,7 +145,7 @@ def test_submission_id_is_readable_and_unique():
     assert a.startswith("animals-extract-") and a != b
 
 
-def test_entrypoints_train_evaluate_predict_on_a_local_store(tmp_path, caplog):
+def test_entrypoints_train_evaluate_predict_on_a_local_store(tmp_path):
     """The job entrypoints run end to end without a cluster (a plain `python -m jobs.<name>`)."""
     import numpy as np
     import pyarrow.parquet as pq
