@@ -20,8 +20,8 @@ ADDRESS_ENV = ("FEATURESTORE_RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")
 # Never shipped: version control, environments, caches, build outputs and data/stores
 # (those belong in object storage; Ray refuses large working directories anyway).
 DEFAULT_EXCLUDES = [
-    ".git", ".hg", ".venv", "venv", "env", "**/__pycache__", "*.pyc", "*.egg-info", ".pytest_cache",
-    ".mypy_cache", ".ruff_cache", "build", "dist", ".whl", "out", "stores", "heads", "data",
+    ".git", ".hg", "/.venv", "/venv", "/env", "**/__pycache__", "*.pyc", "*.egg-info", ".pytest_cache",
+    ".mypy_cache", ".ruff_cache", "/build", "/dist", "/.whl", "/out", "/stores", "/heads", "/data",
     "*.h5", "*.h5.tmp", "*.parquet", "*.onnx", "*.pt", "*.pth", "*.safetensors", ".ipynb_checkpoints",
 ]
 SPEC_ENV = "FEATURESTORE_JOB_SPEC"
