@@ -196,12 +196,9 @@ def extract(config: ExtractConfig | None = None, **kwargs: Any) -> ExtractResult
     storage = cfg.storage_options or None
 
     we_started_ray = connect(cfg.address)
-    try:
-        from jobs.specs import check_output_reachable  # refuse local outputs on multi-node clusters
+    from jobs.specs import check_output_reachable
 
-        check_output_reachable(cfg.output, cfg.address)
-    except ImportError:
-        pass
+    check_output_reachable(cfg.output, cfg.address)  # a local output on a multi-node cluster is refused
 
     # The plan: stored on first run, reused on resume, so the shards never move.
     existing_plan = None

@@ -184,6 +184,7 @@ class ShardExtractor:
         self.pool = cf.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="decode")
         self.window = max(2 * self.batch_size, 4 * threads)
         self.progress = ShardProgress()
+        self.node_id = self.info()["node_id"]  # recorded in every shard this actor writes
 
     # -- metadata the driver asks for ------------------------------------------------
     def config(self) -> dict[str, Any]:
@@ -230,6 +231,8 @@ class ShardExtractor:
             dtype=self.dtype,
             compression=self.compression,
             storage_options=self.storage_options,
+            expected_rows=len(shard.ids),
+            node_id=self.node_id,
         )
         try:
             def work(i: int, id: str, label: int) -> Decoded:
@@ -252,10 +255,6 @@ class ShardExtractor:
                 )
                 self.progress.add(done=len(batch))
             info = writer.commit()
-            try:  # which node wrote it: the cluster path is checked through this
-                info.node_id = self.info()["node_id"]
-            except Exception:
-                pass
         except BaseException:
             writer.abort()
             raise

@@ -290,6 +290,7 @@ class ShardInfo:
     layers: dict[str, dict] = field(default_factory=dict)
     dtype: str = "float32"
     compression: str | None = None
+    node_id: str | None = None  # the Ray node that wrote it (None outside Ray)
 
     @classmethod
     def from_dict(cls, d: dict) -> "ShardInfo":
@@ -297,6 +298,7 @@ class ShardInfo:
             index=int(d["index"]), name=d["name"], rows=int(d["rows"]), sha256=d["sha256"], bytes=int(d["bytes"]),
             errors=[(str(e[0]), int(e[1]), str(e[2])) for e in d.get("errors", [])], ids=d.get("ids"),
             layers=d.get("layers", {}), dtype=d.get("dtype", "float32"), compression=d.get("compression"),
+            node_id=d.get("node_id"),
         )
 
     def to_dict(self) -> dict:
@@ -330,6 +332,7 @@ class ShardWriter:
         chunk_bytes: int = 1 << 20,
         tmp_dir: str | None = None,
         expected_rows: int | None = None,
+        node_id: str | None = None,
     ):
         import h5py
 
@@ -344,6 +347,7 @@ class ShardWriter:
         self.dtype = dtype
         self.compression = None if compression in (None, "none") else compression
         self.chunk_bytes = int(chunk_bytes)
+        self.node_id = node_id
         # chunks never larger than the shard: HDF5 allocates whole chunks
         self._max_chunk_rows = int(max(1, min(256, expected_rows or 256)))
         self.rows = 0
@@ -458,7 +462,7 @@ class ShardWriter:
             info = ShardInfo(
                 self.index, self.name, self.rows, h.hexdigest(), size, list(self.errors), list(self._ids),
                 {k: {"shape": list(self._shapes[k]), "dtype": self.dtype} for k in self._layers},
-                self.dtype, self.compression,
+                self.dtype, self.compression, self.node_id,
             )
             self.loc.write_bytes(f"shards/{self.name[:-3]}.json", json.dumps(info.to_dict()).encode())
             self.loc.put_file(self._tmp, f"shards/{self.name}")  # the commit point
@@ -660,7 +664,8 @@ class StoreWriter:
             "dtype": dtype,
             "compression": compression,
             "shards": [
-                {"index": s.index, "name": s.name, "rows": s.rows, "errors": len(s.errors), "sha256": s.sha256, "bytes": s.bytes}
+                {"index": s.index, "name": s.name, "rows": s.rows, "errors": len(s.errors), "sha256": s.sha256, "bytes": s.bytes,
+                 "node_id": s.node_id}
                 for s in shards
             ],
             "versions": library_versions(),
