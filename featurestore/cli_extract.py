@@ -55,11 +55,20 @@ def extract(source, output, config_path, **flags):
         cfg = from_mapping(ExtractConfig, data, source=config_path or "command line")
     except ConfigError as exc:
         raise click.UsageError(str(exc))
+    from featurestore.backbones import UnknownLayerError
+    from featurestore.store import StoreError
+    from featurestore.weights import WeightsError
+    from featurestore.zoo import UnknownModelError
+
     try:
         result = run_extract(cfg)
     except ExtractError as exc:
         click.echo(f"featurestore extract: {exc}", err=True)
         sys.exit(1)
+    except (ConfigError, StoreError, WeightsError, UnknownModelError, UnknownLayerError, FileNotFoundError) as exc:
+        # the input's fault, said once without a traceback
+        click.echo(f"featurestore extract: {exc}", err=True)
+        sys.exit(2)
     if cfg.quiet:
         return
     click.echo(f"store written to {result.store}")

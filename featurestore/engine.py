@@ -84,6 +84,8 @@ def connect(address: str | None, num_cpus: int | None = None) -> bool:
         kwargs["include_dashboard"] = False
         if num_cpus:
             kwargs["num_cpus"] = num_cpus
+    # Ray >= 2.5x says on every start that token auth is on; it stays on, the line goes.
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     ray.init(**kwargs)
     return True
 
@@ -125,6 +127,27 @@ def plan_placement(cfg: ExtractConfig, resources: dict[str, float], num_shards: 
         decode_threads = cfg.decode_threads or max(2, int(cpus_per_actor))
     actors = max(1, min(actors, num_shards)) if num_shards else 1
     return Placement(actors, float(cpus_per_actor), float(gpus_per_actor), torch_threads, decode_threads)
+
+
+def preflight(backbone) -> None:
+    """Fail in the driver, before Ray starts, on an unknown model or unreachable weights.
+
+    An actor that cannot load its backbone dies with Ray's stack dump in the log; a bad
+    model name or an offline download is better said once, plainly, up front. Fetching
+    torchvision weights here also fills the cache that local actors then read.
+    """
+    from featurestore.weights import NAMED_SOURCES, _hub_cache_file, fetch_torchvision, is_file_spec, \
+        torchvision_enum
+    from featurestore.zoo import canonical_name
+
+    name = canonical_name(backbone.model)  # UnknownModelError names the closest models
+    weights = "none" if backbone.weights is None else str(backbone.weights)
+    low = weights.strip().lower()
+    if name.startswith("timm:") or low == "none" or low in NAMED_SOURCES or is_file_spec(weights):
+        return
+    member = torchvision_enum(name, weights)
+    if not os.path.exists(_hub_cache_file(member.url)):
+        fetch_torchvision(member)
 
 
 # ---------------------------------------------------------------------------------
@@ -195,10 +218,7 @@ def extract(config: ExtractConfig | None = None, **kwargs: Any) -> ExtractResult
     started = time.perf_counter()
     storage = cfg.storage_options or None
 
-    we_started_ray = connect(cfg.address)
-    from jobs.specs import check_output_reachable
-
-    check_output_reachable(cfg.output, cfg.address)  # a local output on a multi-node cluster is refused
+    preflight(cfg.backbone())
 
     # The plan: stored on first run, reused on resume, so the shards never move.
     existing_plan = None
@@ -221,7 +241,10 @@ def extract(config: ExtractConfig | None = None, **kwargs: Any) -> ExtractResult
                  len(plan.label_names), plan.num_shards)
 
     from featurestore.extract import ShardExtractor
+    from jobs.specs import check_output_reachable
 
+    we_started_ray = connect(cfg.address)
+    check_output_reachable(cfg.output, cfg.address)  # a local output on a multi-node cluster is refused
     resources = ray.cluster_resources()
     placement = plan_placement(cfg, resources, plan.num_shards)
     RemoteExtractor = ray.remote(ShardExtractor)
@@ -238,7 +261,7 @@ def extract(config: ExtractConfig | None = None, **kwargs: Any) -> ExtractResult
     try:
         backbone_config = ray.get(actors[0].config.remote())
     except ray.exceptions.RayActorError as exc:
-        raise ExtractError(f"the backbone could not be loaded on a worker: {exc}") from exc
+        raise ExtractError(f"the backbone could not be loaded on a worker: {_root_cause(str(exc))}") from None
     store_config = {**backbone_config, "dtype": cfg.dtype, "compression": cfg.compression}
     writer = StoreWriter(cfg.output, store_config, plan.label_names, overwrite=cfg.overwrite,
                          storage_options=storage)
@@ -354,6 +377,19 @@ def _retry(shard, why, attempts, last_error, queue, result, max_retries) -> None
     else:
         result.failed_shards[shard.index] = why
         log.error("shard %05d failed %d times, giving up: %s", shard.index, attempts[shard.index], why)
+
+
+def _root_cause(message: str) -> str:
+    """The raised exception and its message from a remote traceback, without Ray's frames."""
+    import re
+
+    lines = message.splitlines()
+    for i in range(len(lines) - 1, -1, -1):
+        if re.match(r"^[A-Za-z_][\w.]*(Error|Exception|Exit)\b.*:", lines[i]):
+            head = lines[i].split(": ", 1)
+            name = head[0].rsplit(".", 1)[-1]
+            return "\n".join([f"{name}: {head[1] if len(head) > 1 else ''}", *lines[i + 1:]]).rstrip()
+    return message
 
 
 def _count_rows(writer) -> int:
