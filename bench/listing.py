@@ -1,20 +1,29 @@
-"""How long the pure-Python part of listing takes for N synthetic object keys (default 1e6).
+"""How long listing takes for a million inputs (a folder per class, or a manifest table).
 
-Times split_classes (class from the path, hidden/extension filtering), the sort and the
-label ids -- everything list_source does after the one recursive fs.find/walk.
-Usage: python bench/listing.py [N]
+    python bench/listing.py                 # 1e6 synthetic keys: the pure-Python part only
+    python bench/listing.py --real 1e6      # also: a real folder of N empty .jpg files and a
+                                            # Parquet manifest of N paths, listed end to end
+
+The synthetic run times split_classes (class from the path, hidden/extension filtering),
+the sort and the label ids -- everything list_source does after the one recursive
+fs.find/walk. --real writes N empty files (1000 class folders) under a temporary
+directory, then times list_source + make_plan on the folder and on a manifest; the files
+are deleted afterwards.
 """
 from __future__ import annotations
 
-import sys
+import argparse
+import os
+import shutil
+import tempfile
 import time
 
 import numpy as np
 
-from featurestore.sources import _labels_from_names, split_classes
+from featurestore.sources import _labels_from_names, list_source, make_plan, split_classes
 
 
-def main(n: int = 1_000_000) -> None:
+def synthetic(n: int) -> None:
     rng = np.random.default_rng(0)
     classes = [f"class_{i:03d}" for i in range(1000)]
     cls = rng.integers(0, len(classes), n)
@@ -29,8 +38,57 @@ def main(n: int = 1_000_000) -> None:
     labels, label_names = _labels_from_names(names)
     t2 = time.perf_counter()
     assert len(ids) == n and len(label_names) == len(set(cls.tolist()))
-    print(f"{n} paths: filter+sort+classes {t1 - t0:.2f}s, ids+label ids {t2 - t1:.2f}s, total {t2 - t0:.2f}s")
+    print(f"synthetic  {n} keys: filter+sort+classes {t1 - t0:.2f}s, ids+label ids {t2 - t1:.2f}s, "
+          f"total {t2 - t0:.2f}s")
+
+
+def real(n: int, shard_size: int = 1024) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    root = tempfile.mkdtemp(prefix="fs-listing-")
+    try:
+        t0 = time.perf_counter()
+        per = -(-n // 1000)
+        made = 0
+        for c in range(1000):
+            d = os.path.join(root, "images", f"class_{c:03d}")
+            os.makedirs(d)
+            for i in range(min(per, n - made)):
+                open(os.path.join(d, f"img_{made:08d}.jpg"), "wb").close()
+                made += 1
+        print(f"(made {made} empty files in {time.perf_counter() - t0:.0f}s)")
+
+        t0 = time.perf_counter()
+        listing = list_source(os.path.join(root, "images"))
+        t1 = time.perf_counter()
+        plan = make_plan(listing, shard_size)
+        t2 = time.perf_counter()
+        assert len(listing.ids) == made and len(listing.label_names) == 1000
+        print(f"folder     {made} files: list_source {t1 - t0:.2f}s, plan {t2 - t1:.2f}s "
+              f"({plan.num_shards} shards), total {t2 - t0:.2f}s")
+
+        manifest = os.path.join(root, "manifest.parquet")
+        pq.write_table(pa.table({"path": listing.ids,
+                                 "label": [listing.label_names[i] for i in listing.labels]}), manifest)
+        t0 = time.perf_counter()
+        table_listing = list_source(manifest)
+        t1 = time.perf_counter()
+        assert len(table_listing.ids) == made
+        print(f"manifest   {made} rows:  list_source {t1 - t0:.2f}s")
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("n", nargs="?", type=float, default=1e6, help="synthetic keys (default 1e6)")
+    ap.add_argument("--real", type=float, default=0, help="also list a real folder / manifest of this many files")
+    a = ap.parse_args()
+    synthetic(int(a.n))
+    if a.real:
+        real(int(a.real))
 
 
 if __name__ == "__main__":
-    main(int(float(sys.argv[1])) if len(sys.argv) > 1 else 1_000_000)
+    main()
