@@ -28,6 +28,7 @@ _EXPORTS = {
     "open": "featurestore.store:open_store",
     "verify": "featurestore.store:verify",
     "extract": "featurestore.engine:extract",
+    "probe": "featurestore.probe:probe",
     "ExtractConfig": "featurestore.config:ExtractConfig",
 }
 
