@@ -2,8 +2,8 @@
 
 A job spec names its job, the job's configuration and, optionally, how to run it:
 
-    job: extract                 # extract | train | evaluate | predict
-    config:                      # ExtractConfig / TrainSpec / EvaluateSpec / PredictSpec fields
+    job: extract                 # extract | train | evaluate | predict | probe
+    config:                      # ExtractConfig / TrainSpec / EvaluateSpec / PredictSpec / ProbeConfig fields
       source: s3://bucket/images
       output: s3://bucket/stores/animals
     runtime:                     # only used by `featurestore submit`
@@ -23,8 +23,9 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Mapping
 
 from featurestore.config import ConfigError, ExtractConfig, from_mapping, load_yaml
+from featurestore.probe import ProbeConfig
 
-JOB_KINDS = ("extract", "train", "evaluate", "predict")
+JOB_KINDS = ("extract", "train", "evaluate", "predict", "probe")
 
 # storage_options keys that hold secrets: they come from the environment (or an instance
 # role), never from a file that gets committed, shipped and shown in dashboards.
@@ -86,6 +87,7 @@ SPEC_CLASSES: dict[str, type] = {
     "train": TrainSpec,
     "evaluate": EvaluateSpec,
     "predict": PredictSpec,
+    "probe": ProbeConfig,  # featurestore.probe: backbones x layers on one image set, table and plot in `out`
 }
 
 
@@ -104,7 +106,7 @@ class RuntimeSpec:
 
 @dataclass
 class JobSpec:
-    job: Literal["extract", "train", "evaluate", "predict"]
+    job: Literal["extract", "train", "evaluate", "predict", "probe"]
     config: dict[str, Any]
     runtime: RuntimeSpec = field(default_factory=RuntimeSpec)
     name: str | None = None  # a readable prefix for the submission id
@@ -138,6 +140,21 @@ def _check_head_kind(kind: str, source: str) -> None:
         return
     if kind not in HEADS:
         raise ConfigError(f"{source}: field 'config.head' must be one of {', '.join(HEADS)}, got {kind!r}")
+
+
+def _check_probe(cfg: ProbeConfig, source: str) -> None:
+    """The probe's models/weights/layers syntax (model names are checked where the job runs)."""
+    from featurestore.probe import ProbeError, parse_layers, parse_weights
+
+    if not cfg.models:
+        raise ConfigError(f"{source}: field 'config.models' lists no model; e.g. [efficientnet_lite0, resnet18@none]")
+    for what, check in (("weights", lambda: parse_weights(cfg.weights)), ("layers", lambda: parse_layers(cfg.layers))):
+        try:
+            check()
+        except ProbeError as exc:
+            raise ConfigError(f"{source}: field 'config.{what}': {exc}") from None
+    if cfg.sample is not None and cfg.sample < 1:
+        raise ConfigError(f"{source}: field 'config.sample' must be a positive number of images, got {cfg.sample}")
 
 
 def parse_spec(data: Mapping[str, Any], source: str = "<dict>") -> tuple[JobSpec, Any]:
@@ -175,8 +192,10 @@ def parse_spec(data: Mapping[str, Any], source: str = "<dict>") -> tuple[JobSpec
         raise ConfigError(f"{source}: field 'name' must be str, got {data['name']!r}")
     spec = JobSpec(job=data["job"], config=dict(data["config"]), runtime=rt, name=data.get("name"), source=source)
     typed = _typed(spec)
-    if spec.job == "train":
+    if spec.job in ("train", "probe"):
         _check_head_kind(typed.head, source)
+    if spec.job == "probe":
+        _check_probe(typed, source)
     _check_no_secrets(getattr(typed, "storage_options", None) or {}, source)
     return spec, typed
 

@@ -38,7 +38,7 @@ def test_good_spec_gives_typed_config(tmp_path):
 @pytest.mark.parametrize("path", sorted(EXAMPLES.glob("*.yaml")), ids=lambda p: p.name)
 def test_examples_are_valid(path):
     spec, cfg = load_spec(path)
-    assert spec.job in ("extract", "train", "evaluate", "predict")
+    assert spec.job in ("extract", "train", "evaluate", "predict", "probe")
 
 
 def test_examples_exist():
