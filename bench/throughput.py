@@ -1,15 +1,22 @@
 """Throughput: featurestore extract against its baselines, same images and model, one run.
 
     python bench/throughput.py                       # resnet18 and mobilenet_v3_small on ../shared/data/animals
-    python bench/throughput.py --models resnet50 --precision bf16 --images PATH   # on a GPU node
+    python bench/throughput.py --models resnet50 --precision bf16 --decode gpu --batch-size auto \
+        --images ../shared/data/animals-full --repeat 40          # on a GPU node (the GPU targets)
 
 Prints images/s of
-  ceiling    the forward pass alone, on tensors decoded and preprocessed beforehand
+  ceiling    the forward pass alone, on tensors decoded, preprocessed and moved to the device
+             beforehand (channels_last and autocast as the actors use them): the ceiling
   loop       a plain single-process loop: PIL decode, transform, forward, h5py append
   raydata    Ray Data read_images().map_batches(<actor class>) with default settings
-  extract    featurestore.extract on an embedded Ray instance (Ray start-up excluded)
-and the ratios extract/loop, extract/raydata, extract/ceiling. Not a test: figures vary
-with the machine; the ratios are what the README quotes.
+  extract    featurestore.extract on an embedded Ray instance, wall clock of the call
+             (Ray start-up excluded; actor start-up, weights and compilation included)
+  steady     the same run from the moment every actor was ready (what a long job sustains)
+and the ratios extract/loop, extract/raydata, extract/ceiling and steady/ceiling. Not a
+test: figures vary with the machine; the ratios are what the README quotes.
+
+--repeat N lists every image N times through symlinks (distinct paths, no extra disk), so
+a small folder of full-size JPEGs can keep a fast GPU busy long enough to measure.
 """
 from __future__ import annotations
 
@@ -35,27 +42,61 @@ def list_images(root: Path, limit: int | None) -> list[str]:
     return ids[:limit] if limit else ids
 
 
+def replicate(paths: list[str], repeat: int, where: Path) -> list[str]:
+    """Each path `repeat` times, as distinct symlinks under `where` (copy k of a/b.jpg is where/k/b/a.jpg's link)."""
+    if repeat <= 1:
+        return list(paths)
+    out = []
+    for k in range(repeat):
+        for p in paths:
+            src = Path(p)
+            dst = where / f"r{k:03d}" / src.parent.name / src.name
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            if not dst.is_symlink():
+                os.symlink(src.resolve(), dst)
+            out.append(str(dst))
+    return out
+
+
 def load(model: str, precision: str, device: str):
     import featurestore
 
-    bb = featurestore.load_backbone(model, weights="none", precision=precision, device=device)
+    bb = featurestore.load_backbone(model, weights="none", precision=precision, device=device,
+                                    channels_last=device == "cuda")
     bb.eval()
     return bb
 
 
+def resolve_batch(bb, batch_size, device) -> int:
+    from featurestore.extract import auto_batch_size
+
+    if batch_size != "auto":
+        return int(batch_size)
+    return auto_batch_size([bb], torch.device(device))[0]
+
+
 def bench_ceiling(bb, paths, batch_size, device) -> float:
+    """Forward only: distinct images decoded once, batches on the device beforehand, cycled to len(paths)."""
     from featurestore.decode import decode_image
 
-    xs = torch.stack([bb.preprocess(decode_image(Path(p).read_bytes(), p)) for p in paths])
-    batches = [xs[i:i + batch_size].to(device) for i in range(0, len(xs), batch_size)]
+    unique = list(dict.fromkeys(os.path.realpath(p) for p in paths))[: max(batch_size * 8, 64)]
+    xs = torch.stack([bb.preprocess(decode_image(Path(p).read_bytes(), p, draft_size=bb.preprocessing.draft_size))
+                      for p in unique])
+    while len(xs) < batch_size:
+        xs = torch.cat([xs, xs])
+    batches = [xs[i:i + batch_size].to(device) for i in range(0, len(xs) - batch_size + 1, batch_size)]
+    if bb.channels_last:
+        batches = [b.contiguous(memory_format=torch.channels_last) for b in batches]
+    n_batches = max(1, -(-len(paths) // batch_size))
     with torch.inference_mode():
-        bb(batches[0])  # warm-up
+        for b in batches[:2]:
+            bb(b)  # warm-up (cudnn autotuning, compilation)
         sync(device)
         t = time.perf_counter()
-        for b in batches:
-            bb(b)
+        for k in range(n_batches):
+            bb(batches[k % len(batches)])
         sync(device)
-    return len(paths) / (time.perf_counter() - t)
+    return n_batches * batch_size / (time.perf_counter() - t)
 
 
 def bench_loop(bb, paths, batch_size, device, out: Path) -> float:
@@ -100,13 +141,13 @@ class RayDataEmbedder:
         return {"features": out.float().cpu().numpy()}
 
 
-def bench_raydata(model, precision, paths) -> float:
+def bench_raydata(model, precision, paths, use_gpu: bool) -> float:
     import ray
 
     t = time.perf_counter()
     ds = ray.data.read_images(paths, mode="RGB")
     ds = ds.map_batches(RayDataEmbedder, fn_constructor_args=(model, precision), concurrency=1,
-                        num_gpus=1 if torch.cuda.is_available() else 0)
+                        num_gpus=1 if use_gpu else 0)
     n = 0
     for batch in ds.iter_batches(batch_size=None):
         n += len(batch["features"])
@@ -114,20 +155,23 @@ def bench_raydata(model, precision, paths) -> float:
     return n / (time.perf_counter() - t)
 
 
-def bench_extract(model, precision, paths, batch_size, out: Path, **kw) -> float:
+def bench_extract(model, precision, paths, batch_size, out: Path, **kw) -> tuple[float, float, dict]:
+    """(wall images/s, steady images/s, first actor's info) of featurestore.extract."""
     import pyarrow as pa
     import pyarrow.csv as pacsv
 
-    import featurestore
+    from featurestore.config import ExtractConfig
+    from featurestore.engine import extract
 
     manifest = out.with_suffix(".csv")
     pacsv.write_csv(pa.table({"path": paths}), manifest)
     t = time.perf_counter()
-    res = featurestore.extract(featurestore.ExtractConfig(
+    res = extract(ExtractConfig(
         source=str(manifest), output=str(out), model=model, weights="none", precision=precision,
         batch_size=batch_size, shard_size=max(256, len(paths) // 4), quiet=True, overwrite=True, **kw))
+    wall = time.perf_counter() - t
     assert res.rows == len(paths), res.summary()
-    return len(paths) / (time.perf_counter() - t)
+    return len(paths) / wall, res.steady_images_per_second, (res.actor_info[0] if res.actor_info else {})
 
 
 def sync(device):
@@ -135,52 +179,86 @@ def sync(device):
         torch.cuda.synchronize()
 
 
+def batch_arg(text: str):
+    if text.strip().lower() == "auto":
+        return "auto"
+    n = int(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError("give a positive number of images, or auto")
+    return n
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", type=Path, default=DEFAULT_IMAGES)
     ap.add_argument("--limit", type=int, default=None, help="use only the first N images")
+    ap.add_argument("--repeat", type=int, default=1, help="list every image N times (symlinks)")
     ap.add_argument("--models", default="resnet18,mobilenet_v3_small")
-    ap.add_argument("--precision", default="fp32")
-    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                    help="auto: cuda where available")
+    ap.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"))
+    ap.add_argument("--decode", default="draft", choices=("draft", "full", "gpu"), help="extract's --decode")
+    ap.add_argument("--batch-size", type=batch_arg, default=32, help="images per forward, or auto")
+    ap.add_argument("--compile", action="store_true", help="torch.compile (the ceiling's model and the actors')")
+    ap.add_argument("--actors", type=int, default=None, help="extract's --actors")
     ap.add_argument("--skip", default="", help="comma list of methods to skip: ceiling,loop,raydata,extract")
     args = ap.parse_args(argv)
     if not args.images.exists():
         print(f"no images at {args.images}; pass --images PATH", file=sys.stderr)
         return 2
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("--device cuda: no CUDA device here", file=sys.stderr)
+        return 2
     import ray
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    paths = list_images(args.images, args.limit)
+    device = "cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu"
+    if device == "cuda":
+        torch.backends.cudnn.benchmark = True  # as the actors do
     skip = set(filter(None, args.skip.split(",")))
     tmp = Path(tempfile.mkdtemp(prefix="fs-bench-"))
+    paths = replicate(list_images(args.images, args.limit), args.repeat, tmp / "images")
     ray.init(include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     cpu = os.cpu_count()
     gpu = torch.cuda.get_device_name(0) if device == "cuda" else "none"
-    print(f"# {len(paths)} images from {args.images}; {cpu} CPUs; GPU: {gpu}; torch {torch.__version__}; "
-          f"precision {args.precision}; batch {args.batch_size}")
-    print(f"{'model':<22}{'ceiling':>10}{'loop':>10}{'raydata':>10}{'extract':>10}"
-          f"{'ext/loop':>10}{'ext/rayd':>10}{'ext/ceil':>10}")
+    print(f"# {len(paths)} images ({args.repeat}x) from {args.images}; {cpu} CPUs; device {device}; GPU: {gpu}; "
+          f"torch {torch.__version__}; precision {args.precision}; decode {args.decode}; batch {args.batch_size}"
+          f"{'; compile' if args.compile else ''}")
+    print(f"{'model':<22}{'ceiling':>10}{'loop':>10}{'raydata':>10}{'extract':>10}{'steady':>10}"
+          f"{'ext/loop':>10}{'ext/rayd':>10}{'ext/ceil':>10}{'stdy/ceil':>10}")
+    extra = {"decode": args.decode, "compile": args.compile, "actors": args.actors}
+    if device == "cpu":
+        extra["gpus_per_actor"] = 0
     try:
         for model in args.models.split(","):
             bb = load(model, args.precision, device)
+            batch = resolve_batch(bb, args.batch_size, device)
+            if args.compile:
+                from featurestore.extract import compile_backbones
+
+                compile_backbones([bb], None, batch, torch.device(device))
             r = {}
             if "ceiling" not in skip:
-                r["ceiling"] = bench_ceiling(bb, paths, args.batch_size, device)
+                r["ceiling"] = bench_ceiling(bb, paths, batch, device)
             if "loop" not in skip:
-                r["loop"] = bench_loop(bb, paths, args.batch_size, device, tmp / f"{model}-loop.h5")
+                r["loop"] = bench_loop(bb, paths, batch, device, tmp / f"{model}-loop.h5")
             del bb
             if "raydata" not in skip:
-                r["raydata"] = bench_raydata(model, args.precision, paths)
+                r["raydata"] = bench_raydata(model, args.precision, paths, device == "cuda")
+            info = {}
             if "extract" not in skip:
-                r["extract"] = bench_extract(model, args.precision, paths, args.batch_size, tmp / f"{model}-store")
+                r["extract"], r["steady"], info = bench_extract(model, args.precision, paths, args.batch_size,
+                                                                tmp / f"{model}-store", **extra)
 
             def ratio(a, b):
                 return f"{r[a] / r[b]:.2f}x" if a in r and b in r else "-"
 
             print(f"{model:<22}" + "".join(f"{r[k]:>10.1f}" if k in r else f"{'-':>10}"
-                                           for k in ("ceiling", "loop", "raydata", "extract"))
-                  + f"{ratio('extract', 'loop'):>10}{ratio('extract', 'raydata'):>10}{ratio('extract', 'ceiling'):>10}",
-                  flush=True)
+                                           for k in ("ceiling", "loop", "raydata", "extract", "steady"))
+                  + f"{ratio('extract', 'loop'):>10}{ratio('extract', 'raydata'):>10}"
+                  + f"{ratio('extract', 'ceiling'):>10}{ratio('steady', 'ceiling'):>10}", flush=True)
+            if info:
+                print(f"#   {model}: ceiling/loop batch {batch}; actors: {info.get('device')}, "
+                      f"{info.get('batch_note')}, compile {info.get('compile')}", flush=True)
     finally:
         ray.shutdown()
         shutil.rmtree(tmp, ignore_errors=True)

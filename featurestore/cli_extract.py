@@ -5,23 +5,59 @@ import sys
 
 import click
 
-from featurestore.config import COMPRESSIONS, CROPS, DTYPES, POOLINGS, PRECISIONS, ConfigError, ExtractConfig, \
-    from_mapping, load_yaml
+from featurestore.config import AUTO_BATCH, COMPRESSIONS, CROPS, DECODES, DTYPES, POOLINGS, PRECISIONS, ConfigError, \
+    ExtractConfig, from_mapping, load_yaml, parse_model_values
+
+
+class _BatchSize(click.ParamType):
+    """A positive integer, or 'auto'."""
+
+    name = "N|auto"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, int) and not isinstance(value, bool):
+            n = value
+        elif str(value).strip().lower() == AUTO_BATCH:
+            return AUTO_BATCH
+        else:
+            try:
+                n = int(str(value).strip())
+            except ValueError:
+                self.fail(f"{value!r} is neither a number of images nor 'auto'", param, ctx)
+        if n < 1:
+            self.fail(f"{value!r}: give a positive number of images, or 'auto'", param, ctx)
+        return n
 
 
 @click.command("extract")
 @click.argument("source", required=False)
 @click.argument("output", required=False)
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), help="YAML job spec; flags override it.")
-@click.option("--model", help="Backbone name (see `featurestore models`). Default: efficientnet_lite0.")
-@click.option("--weights", help="DEFAULT, an enum name (IMAGENET1K_V2), a state-dict file/URL, or none.")
-@click.option("--layer", "layers", multiple=True, help="Cut layer (repeatable). Default: the model's recommended cut.")
+@click.option("--model", "models", multiple=True,
+              help="Backbone name (see `featurestore models`). Default: efficientnet_lite0. Repeat it to extract "
+                   "several models from one decode of each image: OUTPUT then holds one store per model, "
+                   "OUTPUT/<model>.")
+@click.option("--weights", "weights", multiple=True,
+              help="DEFAULT, an enum name (IMAGENET1K_V2), a state-dict file/URL, or none; for every model, or "
+                   "MODEL=SPEC for one of several models (repeatable), e.g. --weights resnet50=/w/r50.pth.")
+@click.option("--layer", "layers", multiple=True,
+              help="Cut layer (repeatable). Default: the model's recommended cut. With several models, "
+                   "MODEL=LAYER cuts that model only.")
 @click.option("--pooling", type=click.Choice(POOLINGS), help="How a layer's map becomes a vector. Default: avg.")
-@click.option("--precision", type=click.Choice(PRECISIONS), help="Forward precision. Default: fp32.")
+@click.option("--precision", type=click.Choice(PRECISIONS), help="Forward precision (autocast). Default: fp32.")
 @click.option("--input-size", type=int, help="Override the weights' input size (pixels, square).")
 @click.option("--crop", type=click.Choice(CROPS), help="center (default), squash or pad.")
-@click.option("--decode", type=click.Choice(("draft", "full")), help="draft: JPEG DCT scaling to the needed size (default).")
-@click.option("--batch-size", type=int, help="Images per forward pass. Default: 32.")
+@click.option("--decode", type=click.Choice(DECODES),
+              help="draft: JPEG DCT scaling to the needed size on CPU threads (default); full: never scaled; "
+                   "gpu: JPEGs decoded by nvJPEG and resized/normalised on the GPU (non-JPEGs and what nvJPEG "
+                   "rejects fall back to PIL per image; without CUDA the same path runs on the CPU, with a "
+                   "warning). Numerics differ slightly from draft/full; the store records which.")
+@click.option("--batch-size", type=_BatchSize(),
+              help="Images per forward pass, or auto: measured per actor against free GPU memory "
+                   "(32 on CPU). Default: 32.")
+@click.option("--compile/--no-compile", "compile_", default=None,
+              help="torch.compile the backbones in each actor (off by default; falls back to eager mode with a "
+                   "warning if compiling fails).")
 @click.option("--shard-size", type=int, help="Rows per shard: the unit of work, commit and retry. Default: 1024.")
 @click.option("--dtype", type=click.Choice(DTYPES), help="Stored feature dtype. Default: float32.")
 @click.option("--compression", type=click.Choice(COMPRESSIONS), help="HDF5 compression. Default: none.")
@@ -34,41 +70,56 @@ from featurestore.config import COMPRESSIONS, CROPS, DTYPES, POOLINGS, PRECISION
 @click.option("--strict/--no-strict", default=None, help="Fail on the first unusable image instead of skipping it.")
 @click.option("--overwrite/--no-overwrite", default=None, help="Replace a store made with another configuration.")
 @click.option("--quiet", "-q", is_flag=True, default=None, help="No progress bar or summary.")
-def extract(source, output, config_path, **flags):
+def extract(source, output, config_path, models, weights, layers, compile_, **flags):
     """Extract features of every image in SOURCE into the sharded HDF5 store OUTPUT.
 
     SOURCE is a folder per class (root/<class>/<image>) or a CSV/Parquet manifest with a
     `path` (and optional `label`) column, on a local path or any fsspec URL (s3://...).
     Running the same command again resumes: committed shards are skipped.
+
+    Several models, one decode: `--model resnet50 --model efficientnet_b0` writes
+    OUTPUT/resnet50 and OUTPUT/efficientnet_b0, two complete stores with the same shards;
+    a resume recomputes a shard only for the stores that lack it.
     """
     from featurestore.engine import ExtractError
     from featurestore.engine import extract as run_extract
 
-    data = load_yaml(config_path) if config_path else {}
+    where = config_path or "command line"
+    try:
+        data = load_yaml(config_path) if config_path else {}
+    except ConfigError as exc:
+        raise click.UsageError(str(exc))
     if source:
         data["source"] = source
     if output:
         data["output"] = output
-    flags["layers"] = list(flags["layers"]) or None
+    if models:
+        data["model"] = models[0] if len(models) == 1 else list(models)
+    if compile_ is not None:
+        data["compile"] = compile_
     data.update({k: v for k, v in flags.items() if v is not None})
+    model_names = data.get("model", ExtractConfig.model)
+    model_names = [model_names] if isinstance(model_names, str) else list(model_names or [])
     try:
-        cfg = from_mapping(ExtractConfig, data, source=config_path or "command line")
+        w = parse_model_values(list(weights), model_names, "--weights")
+        if w is not None:
+            data["weights"] = w
+        lay = parse_model_values(list(layers), model_names, "--layer", multiple=True)
+        if lay is not None:
+            data["layers"] = lay
+        cfg = from_mapping(ExtractConfig, data, source=where)
+        cfg.backbones()  # per-model weights/layers name models that exist
     except ConfigError as exc:
         raise click.UsageError(str(exc))
-    from featurestore.backbones import UnknownLayerError
-    from featurestore.store import StoreError
-    from featurestore.weights import WeightsError
-    from featurestore.zoo import UnknownModelError
-
     try:
         result = run_extract(cfg)
     except ExtractError as exc:
         click.echo(f"featurestore extract: {exc}", err=True)
         sys.exit(1)
-    except (ConfigError, StoreError, WeightsError, UnknownModelError, UnknownLayerError, FileNotFoundError) as exc:
-        # the input's fault, said once without a traceback
-        click.echo(f"featurestore extract: {exc}", err=True)
-        sys.exit(2)
     if cfg.quiet:
         return
-    click.echo(f"store written to {result.store}")
+    if len(result.stores) > 1:
+        click.echo(f"{len(result.stores)} stores written under {result.store}: "
+                   + ", ".join(result.stores.values()))
+    else:
+        click.echo(f"store written to {result.store}")

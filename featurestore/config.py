@@ -19,7 +19,9 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 CROPS = ("center", "squash", "pad")
 DTYPES = ("float32", "float16")
 COMPRESSIONS = ("none", "lzf", "gzip")
-DECODES = ("draft", "full")
+DECODES = ("draft", "full", "gpu")
+AUTO_BATCH = "auto"
+ANY_MODEL = "*"  # key of a per-model mapping (weights, layers) that applies to models not named
 
 
 class ConfigError(ValueError):
@@ -37,24 +39,37 @@ class BackboneConfig:
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     input_size: int | None = None  # None: the weights' own input size
     crop: Literal["center", "squash", "pad"] = "center"
-    decode: Literal["draft", "full"] = "draft"
+    decode: Literal["draft", "full", "gpu"] = "draft"
 
 
 @dataclass
 class ExtractConfig:
-    """One extraction job: a source of labeled images into one store."""
+    """One extraction job: a source of labeled images into one store, or into one store per model.
+
+    model:   one name (OUTPUT is the store), or a list of two or more: every image is decoded
+             once and each model's features go to their own complete store OUTPUT/<model>.
+    weights: one spec for every model, or {model: spec} (key "*" for the models not named;
+             a model missing from the mapping gets DEFAULT).
+    layers:  layer names for every model, or {model: [layers]} (key "*" for the rest).
+    decode:  draft (JPEG DCT scaling on CPU, the default), full, or gpu (JPEG decoded by
+             nvJPEG, resized and normalised with torch on the device; see featurestore.gpu_decode).
+    batch_size: images per forward pass, or "auto": chosen by each actor from a measured
+             trial against its free GPU memory (a fixed CPU_AUTO_BATCH on CPU).
+    compile: torch.compile the backbones in the actors (falls back to eager if compiling fails).
+    """
 
     source: str
     output: str
-    model: str = "efficientnet_lite0"
-    weights: str | None = "DEFAULT"
-    layers: list[str] = field(default_factory=list)
+    model: str | list[str] = "efficientnet_lite0"
+    weights: str | dict[str, str] | None = "DEFAULT"
+    layers: list[str] | dict[str, list[str]] = field(default_factory=list)
     pooling: Literal["avg", "max", "flatten", "none"] = "avg"
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     input_size: int | None = None
     crop: Literal["center", "squash", "pad"] = "center"
-    decode: Literal["draft", "full"] = "draft"
-    batch_size: int = 32
+    decode: Literal["draft", "full", "gpu"] = "draft"
+    batch_size: int | Literal["auto"] = 32
+    compile: bool = False
     shard_size: int = 1024
     dtype: Literal["float32", "float16"] = "float32"
     compression: Literal["none", "lzf", "gzip"] = "none"
@@ -72,9 +87,121 @@ class ExtractConfig:
     storage_options: dict[str, Any] = field(default_factory=dict)
     quiet: bool = False
 
+    # -- models ------------------------------------------------------------------------------
+    def models(self) -> list[str]:
+        """The model names, as given (one, or several for a multi-model extraction)."""
+        models = [self.model] if isinstance(self.model, str) else list(self.model)
+        if not models:
+            raise ConfigError("field 'model' lists no model; give one name or a list of names")
+        seen: set[str] = set()
+        for m in models:
+            if not isinstance(m, str) or not m.strip():
+                raise ConfigError(f"field 'model' must hold model names, got {m!r}")
+            if m in seen:
+                raise ConfigError(f"field 'model' names {m!r} twice; each model gets one store, list it once")
+            seen.add(m)
+        return models
+
+    @property
+    def multi_model(self) -> bool:
+        """True when several models are extracted: OUTPUT is then a parent of one store per model."""
+        return len(self.models()) > 1
+
+    def backbones(self) -> list[BackboneConfig]:
+        """One BackboneConfig per model, with that model's weights and layers resolved."""
+        models = self.models()
+        weights = per_model(self.weights, models, "weights", default="DEFAULT")
+        layers = per_model(self.layers, models, "layers", default=[])
+        shared = {f.name: getattr(self, f.name) for f in dataclasses.fields(BackboneConfig)
+                  if f.name not in ("model", "weights", "layers")}
+        out = []
+        for m in models:
+            lay = layers[m]
+            lay = [lay] if isinstance(lay, str) else list(lay or [])
+            if not all(isinstance(v, str) for v in lay):
+                raise ConfigError(f"field 'layers' for model {m!r} must be a list of layer names, got {lay!r}")
+            out.append(BackboneConfig(model=m, weights=weights[m], layers=lay, **shared))
+        return out
+
     def backbone(self) -> BackboneConfig:
-        names = {f.name for f in dataclasses.fields(BackboneConfig)}
-        return BackboneConfig(**{k: getattr(self, k) for k in names})
+        """The BackboneConfig of a single-model job (ConfigError when several models are given)."""
+        bbs = self.backbones()
+        if len(bbs) != 1:
+            raise ConfigError(f"{len(bbs)} models given ({', '.join(b.model for b in bbs)}); use backbones()")
+        return bbs[0]
+
+    def outputs(self) -> list[str]:
+        """Where each model's store goes: OUTPUT itself for one model, OUTPUT/<model> for several."""
+        models = self.models()
+        if len(models) == 1:
+            return [self.output]
+        return [join_uri(self.output, store_dir_name(m)) for m in models]
+
+
+def store_dir_name(model: str) -> str:
+    """The folder of a model's store under a multi-model OUTPUT (timm:x -> timm-x)."""
+    import re
+
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", model).strip("-.") or "model"
+
+
+def join_uri(parent: str, name: str) -> str:
+    return parent.rstrip("/") + "/" + name
+
+
+def per_model(value: Any, models: list[str], what: str, default: Any) -> dict[str, Any]:
+    """Resolve a per-model field: one value for all, or {model: value} with "*" for the rest."""
+    if not isinstance(value, Mapping):
+        return {m: value for m in models}
+    unknown = [k for k in value if k != ANY_MODEL and k not in models]
+    if unknown:
+        raise ConfigError(
+            f"field '{what}' names model(s) {', '.join(map(repr, unknown))} that are not among the models "
+            f"({', '.join(models)}); key a mapping by the model names as given, or '{ANY_MODEL}' for the rest")
+    rest = value.get(ANY_MODEL, default)
+    return {m: value.get(m, rest) for m in models}
+
+
+def parse_model_values(entries: list[str] | tuple[str, ...], models: list[str], flag: str,
+                       multiple: bool = False) -> Any:
+    """CLI values that may be keyed by model: `SPEC` (every model) or `MODEL=SPEC` (that model).
+
+    A prefix before '=' counts as a model key only when it is one of `models` (as given) or
+    '*', so specs that contain '=' themselves (URLs with a query) stay whole. Returns None
+    (no entries), the plain value (no keyed entry; a list when `multiple`), or a mapping
+    {model: value, '*': plain value}.
+    """
+    plain: list[str] = []
+    keyed: dict[str, list[str]] = {}
+    for entry in entries:
+        key, sep, rest = entry.partition("=")
+        if sep and (key in models or key == ANY_MODEL):
+            if not rest:
+                raise ConfigError(f"{flag} {entry!r}: nothing after '='; write {flag} {key}=VALUE")
+            keyed.setdefault(key, []).append(rest)
+        elif sep and len(models) > 1 and key and "/" not in key and ":" not in key and "." not in key:
+            raise ConfigError(f"{flag} {entry!r}: {key!r} is not one of the models ({', '.join(models)}); "
+                              f"write {flag} MODEL=VALUE with a model given to --model")
+        else:
+            plain.append(entry)
+    if not entries:
+        return None
+
+    def one(values: list[str], where: str) -> Any:
+        if multiple:
+            return list(values)
+        if len(values) > 1:
+            raise ConfigError(f"{flag} given twice for {where} ({', '.join(values)}); give it once")
+        return values[0]
+
+    if not keyed:
+        return one(plain, "every model")
+    out = {k: one(v, f"model {k}") for k, v in keyed.items()}
+    if plain:
+        if ANY_MODEL in out:
+            raise ConfigError(f"{flag}: both a plain value and '{ANY_MODEL}=' given; keep one")
+        out[ANY_MODEL] = one(plain, "the models not named")
+    return out
 
 
 def _type_ok(value: Any, tp: Any) -> bool:

@@ -14,7 +14,7 @@ import warnings
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-__all__ = ["BadImage", "decode_image", "load_image"]
+__all__ = ["BadImage", "decode_image", "decode_image_multi", "draft_scale", "load_image"]
 
 # EXIF orientations that swap width and height.
 _TRANSPOSED = {5, 6, 7, 8}
@@ -121,6 +121,58 @@ def decode_image(
     except Exception as exc:
         raise BadImage(f"cannot convert {fmt} ({img.mode}): {exc}"[:200], name) from None
     return img
+
+
+def draft_scale(size: tuple[int, int], request: tuple[int, int] | None) -> int:
+    """The DCT scale (1, 2, 4 or 8) Pillow's JPEG draft picks for an image of `size` asked for `request`."""
+    if request is None:
+        return 1
+    scale = min(int(size[0]) // max(1, int(request[0])), int(size[1]) // max(1, int(request[1])))
+    for s in (8, 4, 2, 1):
+        if scale >= s:
+            return s
+    return 1
+
+
+def decode_image_multi(
+    data: bytes,
+    name: str = "<bytes>",
+    *,
+    draft_sizes: list[tuple[int, int] | None],
+    max_pixels: int = 100_000_000,
+) -> list[Image.Image]:
+    """decode_image for several draft requests at once (one per model), decoding as rarely as possible.
+
+    A JPEG is decoded once per distinct DCT scale the requests lead to -- in practice once,
+    since models of similar input sizes land on the same scale -- and every request gets
+    exactly the pixels decode_image(data, draft_size=request) would give it alone, so a
+    multi-model extraction equals single-model ones. Raises BadImage like decode_image.
+    """
+    requests = list(draft_sizes)
+    if not requests:
+        return []
+    keys: list[object] = list(requests)
+    if len(set(requests)) > 1 and any(r is not None for r in requests):
+        try:  # header only: the size and orientation decide the scale
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                head = Image.open(io.BytesIO(data))
+            if head.format == "JPEG":
+                w, h = head.size
+                swap = _exif_orientation(head) in _TRANSPOSED
+                keys = ["full" if r is None else
+                        draft_scale((w, h), (r[1], r[0]) if swap else (r[0], r[1])) for r in requests]
+            else:
+                keys = ["any"] * len(requests)  # draft applies to JPEGs only
+        except Exception:
+            pass  # decode_image below reports what is wrong with it
+    decoded: dict[object, Image.Image] = {}
+    out = []
+    for key, request in zip(keys, requests):
+        if key not in decoded:
+            decoded[key] = decode_image(data, name, draft_size=request, max_pixels=max_pixels)
+        out.append(decoded[key])
+    return out
 
 
 def load_image(path_or_url: str, *, storage_options: dict | None = None, **kw) -> Image.Image:

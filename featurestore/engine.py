@@ -43,20 +43,37 @@ class ExtractResult:
     images_per_second: float = 0.0
     actors: int = 0
     nodes: list[str] = field(default_factory=list)
+    stores: dict[str, str] = field(default_factory=dict)  # model -> store URI (one entry per model)
+    computed_images: int = 0  # inputs of the shards computed in this run (rows + skipped)
+    startup_seconds: float = 0.0  # until every actor had loaded its backbones (and compiled them)
+    actor_info: list[dict] = field(default_factory=list)  # device, batch size, compile status per actor
 
     @property
     def ok(self) -> bool:
         return not self.failed_shards
 
+    @property
+    def steady_images_per_second(self) -> float:
+        """Images/s once the actors were up: start-up (Ray workers, weights, compile) excluded."""
+        busy = self.seconds - self.startup_seconds
+        return self.computed_images / busy if busy > 0 else 0.0
+
     def summary(self) -> str:
+        where = [f"store:    {self.store}"] if len(self.stores) <= 1 else \
+            [f"stores:   {len(self.stores)} under {self.store}"] + [f"  {m}: {u}" for m, u in self.stores.items()]
         lines = [
-            f"store:    {self.store}",
+            *where,
             f"rows:     {self.rows} of {self.inputs} inputs ({self.errors} skipped, see errors.parquet)",
             f"shards:   {self.shards} total, {len(self.computed_shards)} computed, "
             f"{len(self.skipped_shards)} already committed, {len(self.failed_shards)} failed",
             f"speed:    {self.images_per_second:.1f} images/s over {self.seconds:.1f}s "
-            f"on {self.actors} actor(s), {len(self.nodes)} node(s)",
+            f"on {self.actors} actor(s), {len(self.nodes)} node(s) "
+            f"({self.steady_images_per_second:.1f} images/s after {self.startup_seconds:.1f}s of start-up)",
         ]
+        if self.actor_info:
+            a = self.actor_info[0]
+            lines.append(f"actors:   {a.get('device')}, decode {a.get('decode')}, {a.get('batch_note')}, "
+                         f"compile {a.get('compile')}")
         for idx, why in sorted(self.failed_shards.items()):
             lines.append(f"FAILED shard {idx:05d}: {why}")
         return "\n".join(lines)
@@ -197,33 +214,68 @@ def _actor_options(p: Placement) -> dict[str, Any]:
     return {"num_cpus": p.num_cpus, "num_gpus": p.num_gpus, "max_concurrency": 2, "max_restarts": 0}
 
 
+def _plans_agree(a, b) -> bool:
+    return a.shard_size == b.shard_size and list(a.ids) == list(b.ids) and list(a.labels) == list(b.labels) \
+        and list(a.label_names) == list(b.label_names)
+
+
 def extract(config: ExtractConfig | None = None, **kwargs: Any) -> ExtractResult:
     """Extract features for every image of `config.source` into the store at `config.output`.
+
+    With several models (config.model a list), every image is decoded once and each model's
+    features go to their own complete store OUTPUT/<model> (same plan and shard ids in all);
+    a shard counts as done only when it is committed in every store.
 
     Re-running the same job resumes it. Raises ExtractError (with `.result`) when some
     shards failed after retries; every other shard is committed.
     """
     import ray
 
+    from featurestore.config import AUTO_BATCH, ConfigError
     from featurestore.sources import list_source, make_plan
-    from featurestore.store import StoreWriter
+    from featurestore.store import StoreWriter, shard_name
 
     if config is None:
         config = ExtractConfig(**kwargs)
     elif kwargs:
         raise TypeError("pass either an ExtractConfig or keyword fields, not both")
     cfg = config
-    if cfg.batch_size < 1 or cfg.shard_size < 1:
+    if cfg.batch_size != AUTO_BATCH and (isinstance(cfg.batch_size, bool) or not isinstance(cfg.batch_size, int)
+                                         or cfg.batch_size < 1):
+        raise ExtractError(f"--batch-size must be a positive integer or 'auto', got {cfg.batch_size!r}")
+    if cfg.shard_size < 1:
         raise ExtractError("--batch-size and --shard-size must be positive integers")
+    try:
+        backbones = cfg.backbones()
+        outputs = cfg.outputs()
+    except ConfigError as exc:
+        raise ExtractError(str(exc)) from None
+    multi = len(backbones) > 1
     started = time.perf_counter()
     storage = cfg.storage_options or None
 
-    preflight(cfg.backbone())
+    we_started_ray = connect(cfg.address)
+    from jobs.specs import check_output_reachable
 
-    # The plan: stored on first run, reused on resume, so the shards never move.
-    existing_plan = None
-    if not cfg.overwrite:
-        existing_plan = StoreWriter.existing_plan(cfg.output, storage_options=storage)
+    check_output_reachable(cfg.output, cfg.address)  # a local output on a multi-node cluster is refused
+    if multi:
+        from featurestore.store import _Loc, _read_meta
+
+        if _read_meta(_Loc(cfg.output, storage)) is not None:
+            raise ExtractError(
+                f"{cfg.output} holds a single-model store; with several models OUTPUT is a parent folder of "
+                f"one store per model (OUTPUT/<model>): choose a new output")
+
+    # The plan: stored on first run, reused on resume, so the shards never move. Every store of a
+    # multi-model job holds the same plan; a store that lost (or never had) its plan gets it back.
+    existing = [None if cfg.overwrite else StoreWriter.existing_plan(u, storage_options=storage) for u in outputs]
+    found = [(u, pl) for u, pl in zip(outputs, existing) if pl is not None]
+    existing_plan = found[0][1] if found else None
+    for u, pl in found[1:]:
+        if not _plans_agree(existing_plan, pl):
+            raise ExtractError(
+                f"the stores {found[0][0]} and {u} hold different plans (images or shard size); they were not "
+                f"made by one multi-model run. Write to a new output, or pass --overwrite to start them again")
     if existing_plan is not None:
         plan = existing_plan
         if plan.shard_size != cfg.shard_size:
@@ -241,41 +293,58 @@ def extract(config: ExtractConfig | None = None, **kwargs: Any) -> ExtractResult
                  len(plan.label_names), plan.num_shards)
 
     from featurestore.extract import ShardExtractor
-    from jobs.specs import check_output_reachable
 
-    we_started_ray = connect(cfg.address)
-    check_output_reachable(cfg.output, cfg.address)  # a local output on a multi-node cluster is refused
     resources = ray.cluster_resources()
     placement = plan_placement(cfg, resources, plan.num_shards)
     RemoteExtractor = ray.remote(ShardExtractor)
+    # A debugging knob for the compiler backend (e.g. "eager", "aot_eager"); inductor by default.
+    compile_backend = os.environ.get("FEATURESTORE_COMPILE_BACKEND") or None
 
     def new_actor():
         return RemoteExtractor.options(**_actor_options(placement)).remote(
-            cfg.backbone(), cfg.output, plan.label_names,
+            backbones if multi else backbones[0], outputs if multi else outputs[0], plan.label_names,
             batch_size=cfg.batch_size, dtype=cfg.dtype, compression=cfg.compression,
             storage_options=storage, decode_threads=placement.decode_threads,
             torch_threads=placement.torch_threads, max_pixels=cfg.max_image_pixels, strict=cfg.strict,
+            compile=cfg.compile, compile_backend=compile_backend,
         )
 
     actors = [new_actor() for _ in range(placement.actors)]
     try:
-        backbone_config = ray.get(actors[0].config.remote())
+        backbone_configs = ray.get(actors[0].configs.remote())
+        actor_info = ray.get([a.info.remote() for a in actors])
     except ray.exceptions.RayActorError as exc:
-        raise ExtractError(f"the backbone could not be loaded on a worker: {_root_cause(str(exc))}") from None
-    store_config = {**backbone_config, "dtype": cfg.dtype, "compression": cfg.compression}
-    writer = StoreWriter(cfg.output, store_config, plan.label_names, overwrite=cfg.overwrite,
-                         storage_options=storage)
-    if existing_plan is None:
-        writer.write_plan(plan)
-    committed = writer.committed()
+        raise ExtractError(f"the backbone could not be loaded on a worker: {exc}") from exc
+    startup = time.perf_counter() - started
+    for a in actor_info[:1]:
+        log.info("actors ready after %.1fs: %s, decode %s, %s, compile %s", startup, a["device"], a["decode"],
+                 a["batch_note"], a["compile"])
+    writers = []
+    for uri, bconf, had_plan in zip(outputs, backbone_configs, existing):
+        store_config = {**bconf, "dtype": cfg.dtype, "compression": cfg.compression}
+        w = StoreWriter(uri, store_config, plan.label_names, overwrite=cfg.overwrite, storage_options=storage)
+        if had_plan is None:
+            w.write_plan(plan)
+        writers.append(w)
+    commits = [w.committed() for w in writers]
     shards = plan.shards()
-    todo = [s for s in shards if s.index not in committed]
+    # per shard, the stores that still need it
+    needs = {s.index: [j for j, c in enumerate(commits) if s.index not in c] for s in shards}
+    todo = [s for s in shards if needs[s.index]]
+    committed = commits[0] if not multi else {i: c for i, c in commits[0].items() if not needs.get(i, [0])}
+    names = [b.model for b in backbones]
     result = ExtractResult(store=cfg.output, inputs=len(plan.ids), shards=len(shards),
-                           skipped_shards=sorted(committed), actors=len(actors))
+                           skipped_shards=sorted(i for i in committed if i < len(shards)), actors=len(actors),
+                           stores=dict(zip(names, outputs)), startup_seconds=startup, actor_info=actor_info)
     if committed:
         log.info("%d of %d shards already committed; computing %d", len(committed), len(shards), len(todo))
+    if multi:
+        partial = [s.index for s in todo if len(needs[s.index]) < len(writers)]
+        if partial:
+            log.info("%d shard(s) are committed in some stores only; computing them for the others",
+                     len(partial))
 
-    done_before = sum(info.rows + len(info.errors) for info in committed.values())
+    done_before = sum(info.rows + len(info.errors) for i, info in committed.items() if i < len(shards))
     progress = Progress(len(plan.ids), cfg.quiet, initial=done_before)
     attempts: dict[int, int] = {}
     last_error: dict[int, str] = {}
@@ -291,12 +360,13 @@ def extract(config: ExtractConfig | None = None, **kwargs: Any) -> ExtractResult
             while queue and idle and strict_failure is None:
                 actor = idle.pop()
                 shard = queue.pop()
-                running[actor.process.remote(shard)] = (actor, shard)
+                ref = actor.process.remote(shard, needs[shard.index]) if multi else actor.process.remote(shard)
+                running[ref] = (actor, shard)
             ready, _ = ray.wait(list(running), num_returns=1, timeout=0.5)
             for ref in ready:
                 actor, shard = running.pop(ref)
                 try:
-                    info = ray.get(ref)
+                    got = ray.get(ref)
                 except ray.exceptions.RayActorError as exc:
                     # The process died (OOM, killed, node lost): retry elsewhere on a fresh actor.
                     why = f"worker died: {str(exc).splitlines()[0][:300]}"
@@ -315,12 +385,18 @@ def extract(config: ExtractConfig | None = None, **kwargs: Any) -> ExtractResult
                         strict_failure = str(cause)
                         continue
                     log.warning("shard %05d failed: %s", shard.index, why)
+                    # stores that committed it before the failure need it no more
+                    if multi:
+                        needs[shard.index] = [j for j in needs[shard.index]
+                                              if not writers[j].loc.exists(f"shards/{shard_name(shard.index)}")]
                     _retry(shard, why, attempts, last_error, queue, result, cfg.max_retries)
                     continue
                 idle.append(actor)
+                info = got[0] if isinstance(got, list) else got
                 result.computed_shards.append(shard.index)
                 finished_rows += info.rows + len(info.errors)
                 finished_errors += len(info.errors)
+                result.computed_images += info.rows + len(info.errors)
                 node = getattr(info, "node_id", None)
                 if node:
                     nodes.add(node)
@@ -351,12 +427,11 @@ def extract(config: ExtractConfig | None = None, **kwargs: Any) -> ExtractResult
         raise ExtractError(f"stopped by --strict: {strict_failure}; committed shards are kept, "
                            "re-run without --strict to skip bad inputs")
 
-    final = writer.finalize(plan, result.failed_shards)
-    result.rows = int(getattr(final, "num_rows", 0) or _count_rows(writer))
-    result.errors = int(getattr(final, "num_errors", 0) or 0)
+    finals = [w.finalize(plan, result.failed_shards) for w in writers]
+    result.rows = int(getattr(finals[0], "num_rows", 0) or _count_rows(writers[0]))
+    result.errors = int(getattr(finals[0], "num_errors", 0) or 0)
     result.seconds = time.perf_counter() - started
-    computed_images = max(finished_rows - done_before, 0)
-    result.images_per_second = computed_images / result.seconds if result.seconds > 0 else 0.0
+    result.images_per_second = result.computed_images / result.seconds if result.seconds > 0 else 0.0
     result.nodes = sorted(nodes)
     if not cfg.quiet:
         print(result.summary(), file=sys.stderr, flush=True)

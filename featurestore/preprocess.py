@@ -14,9 +14,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-__all__ = ["Preprocessing", "CROPS", "INTERPOLATIONS"]
+__all__ = ["Preprocessing", "CROPS", "DECODES", "INTERPOLATIONS"]
 
 CROPS = ("center", "squash", "pad")
+DECODES = ("draft", "full", "gpu")
 INTERPOLATIONS = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST,
                   "lanczos": Image.LANCZOS}
 
@@ -31,15 +32,17 @@ class Preprocessing:
     interpolation: str = "bilinear"
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
-    decode: str = "draft"  # "draft": JPEG DCT scaling allowed down to draft_size; "full": never
+    # "draft": JPEG DCT scaling allowed down to draft_size; "full": never; "gpu": JPEGs decoded at full
+    # size by torchvision (nvJPEG on CUDA), resize/crop/normalise as torch ops (featurestore.gpu_decode)
+    decode: str = "draft"
 
     def __post_init__(self):
         if self.crop not in CROPS:
             raise ValueError(f"crop must be one of {', '.join(CROPS)}, got {self.crop!r}")
         if self.interpolation not in INTERPOLATIONS:
             raise ValueError(f"interpolation must be one of {', '.join(INTERPOLATIONS)}, got {self.interpolation!r}")
-        if self.decode not in ("draft", "full"):
-            raise ValueError(f"decode must be 'draft' or 'full', got {self.decode!r}")
+        if self.decode not in DECODES:
+            raise ValueError(f"decode must be one of {', '.join(DECODES)}, got {self.decode!r}")
         object.__setattr__(self, "input_size", tuple(int(v) for v in self.input_size))
         object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
         object.__setattr__(self, "std", tuple(float(v) for v in self.std))
@@ -80,6 +83,21 @@ class Preprocessing:
             return (r, r)
         return (w, h)  # squash and pad resize straight to fit (w, h)
 
+    # -- the geometry, shared with the tensor path (featurestore.gpu_decode) ------------------------
+    def center_resize(self, iw: int, ih: int) -> tuple[int, int]:
+        """(w, h) an iw x ih image is resized to before the center crop (shorter side to the resize size)."""
+        h, w = self.input_size
+        r = max(self.resize_size, h, w) if self.resize_size < max(h, w) else self.resize_size
+        if iw <= ih:
+            return r, max(1, int(r * ih / iw))
+        return max(1, int(r * iw / ih)), r
+
+    def pad_resize(self, iw: int, ih: int) -> tuple[int, int]:
+        """(w, h) an iw x ih image is resized to before being pasted, centered, on the padded canvas."""
+        h, w = self.input_size
+        scale = min(w / iw, h / ih)
+        return max(1, round(iw * scale)), max(1, round(ih * scale))
+
     # -- the transform ----------------------------------------------------------------------------
     def resize_crop(self, img: Image.Image) -> Image.Image:
         """The geometric part: an RGB image of exactly input_size."""
@@ -91,19 +109,14 @@ class Preprocessing:
         if self.crop == "squash":
             return img.resize((w, h), interp)
         if self.crop == "pad":
-            scale = min(w / iw, h / ih)
-            nw, nh = max(1, round(iw * scale)), max(1, round(ih * scale))
+            nw, nh = self.pad_resize(iw, ih)
             resized = img.resize((nw, nh), interp)
             fill = tuple(int(round(m * 255)) for m in self.mean)  # pads normalise to 0
             canvas = Image.new("RGB", (w, h), fill)
             canvas.paste(resized, ((w - nw) // 2, (h - nh) // 2))
             return canvas
         # center: shorter side to resize_size (as torchvision does), then center crop
-        r = max(self.resize_size, h, w) if self.resize_size < max(h, w) else self.resize_size
-        if iw <= ih:
-            nw, nh = r, max(1, int(r * ih / iw))
-        else:
-            nw, nh = max(1, int(r * iw / ih)), r
+        nw, nh = self.center_resize(iw, ih)
         if (nw, nh) != (iw, ih):
             img = img.resize((nw, nh), interp)
         left = int(round((nw - w) / 2.0))
