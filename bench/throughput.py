@@ -68,7 +68,7 @@ def load(model: str, precision: str, device: str):
 
 
 def resolve_batch(bb, batch_size, device) -> int:
-    from featurestore.extract import auto_batch_size
+    from featurestore.extractor import auto_batch_size
 
     if batch_size != "auto":
         return int(batch_size)
@@ -233,7 +233,7 @@ def main(argv=None) -> int:
             bb = load(model, args.precision, device)
             batch = resolve_batch(bb, args.batch_size, device)
             if args.compile:
-                from featurestore.extract import compile_backbones
+                from featurestore.extractor import compile_backbones
 
                 compile_backbones([bb], None, batch, torch.device(device))
             r = {}

@@ -28,7 +28,7 @@ _EXPORTS = {
     "open": "featurestore.store:open_store",
     "verify": "featurestore.store:verify",
     "extract": "featurestore.engine:extract",
-    "probe": "featurestore.probe:probe",
+    "probe": "featurestore.probing:probe",
     "ExtractConfig": "featurestore.config:ExtractConfig",
 }
 

@@ -111,11 +111,20 @@ def extract(source, output, config_path, models, weights, layers, compile_, **fl
         cfg.backbones()  # per-model weights/layers name models that exist
     except ConfigError as exc:
         raise click.UsageError(str(exc))
+    from featurestore.backbones import UnknownLayerError
+    from featurestore.store import StoreError
+    from featurestore.weights import WeightsError
+    from featurestore.zoo import UnknownModelError
+
     try:
         result = run_extract(cfg)
     except ExtractError as exc:
         click.echo(f"featurestore extract: {exc}", err=True)
         sys.exit(1)
+    except (ConfigError, StoreError, WeightsError, UnknownModelError, UnknownLayerError, FileNotFoundError) as exc:
+        # the input's fault, said once without a traceback
+        click.echo(f"featurestore extract: {exc}", err=True)
+        sys.exit(2)
     if cfg.quiet:
         return
     if len(result.stores) > 1:

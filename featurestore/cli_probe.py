@@ -61,8 +61,8 @@ def probe(source, config_path, **flags):
         --models efficientnet_lite0,efficientnet_lite0@none,resnet18@none,mobilenet_v2 \\
         --weights mobilenet_v2=weights/mobilenet_v2_imagenet_dequantized.pth
     """
-    from featurestore.probe import ProbeConfig, ProbeError, ProbeExtractionError
-    from featurestore.probe import probe as run_probe
+    from featurestore.probing import ProbeConfig, ProbeError, ProbeExtractionError
+    from featurestore.probing import probe as run_probe
 
     data = load_yaml(config_path) if config_path else {}
     if source:

@@ -254,10 +254,8 @@ def extract(config: ExtractConfig | None = None, **kwargs: Any) -> ExtractResult
     started = time.perf_counter()
     storage = cfg.storage_options or None
 
-    we_started_ray = connect(cfg.address)
-    from jobs.specs import check_output_reachable
-
-    check_output_reachable(cfg.output, cfg.address)  # a local output on a multi-node cluster is refused
+    for b in backbones:
+        preflight(b)
     if multi:
         from featurestore.store import _Loc, _read_meta
 
@@ -292,8 +290,11 @@ def extract(config: ExtractConfig | None = None, **kwargs: Any) -> ExtractResult
         log.info("listed %d inputs in %.1fs: %d classes, %d shards", len(plan.ids), time.perf_counter() - t0,
                  len(plan.label_names), plan.num_shards)
 
-    from featurestore.extract import ShardExtractor
+    from featurestore.extractor import ShardExtractor
+    from jobs.specs import check_output_reachable
 
+    we_started_ray = connect(cfg.address)
+    check_output_reachable(cfg.output, cfg.address)  # a local output on a multi-node cluster is refused
     resources = ray.cluster_resources()
     placement = plan_placement(cfg, resources, plan.num_shards)
     RemoteExtractor = ray.remote(ShardExtractor)
@@ -314,7 +315,7 @@ def extract(config: ExtractConfig | None = None, **kwargs: Any) -> ExtractResult
         backbone_configs = ray.get(actors[0].configs.remote())
         actor_info = ray.get([a.info.remote() for a in actors])
     except ray.exceptions.RayActorError as exc:
-        raise ExtractError(f"the backbone could not be loaded on a worker: {exc}") from exc
+        raise ExtractError(f"the backbone could not be loaded on a worker: {_root_cause(str(exc))}") from None
     startup = time.perf_counter() - started
     for a in actor_info[:1]:
         log.info("actors ready after %.1fs: %s, decode %s, %s, compile %s", startup, a["device"], a["decode"],

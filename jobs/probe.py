@@ -16,7 +16,7 @@ log = logging.getLogger("jobs.probe")
 
 def run(spec, cfg) -> int:
     from featurestore.engine import ExtractError
-    from featurestore.probe import ProbeError, ProbeExtractionError, probe
+    from featurestore.probing import ProbeError, ProbeExtractionError, probe
 
     check_outputs(spec, cfg)  # a local `out` on a multi-node cluster without a shared filesystem is refused
     cfg.quiet = False  # progress and the engine's summaries belong in the job log

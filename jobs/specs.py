@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Mapping
 
 from featurestore.config import ConfigError, ExtractConfig, from_mapping, load_yaml
-from featurestore.probe import ProbeConfig
+from featurestore.probing import ProbeConfig
 
 JOB_KINDS = ("extract", "train", "evaluate", "predict", "probe")
 
@@ -144,7 +144,7 @@ def _check_head_kind(kind: str, source: str) -> None:
 
 def _check_probe(cfg: ProbeConfig, source: str) -> None:
     """The probe's models/weights/layers syntax (model names are checked where the job runs)."""
-    from featurestore.probe import ProbeError, parse_layers, parse_weights
+    from featurestore.probing import ProbeError, parse_layers, parse_weights
 
     if not cfg.models:
         raise ConfigError(f"{source}: field 'config.models' lists no model; e.g. [efficientnet_lite0, resnet18@none]")

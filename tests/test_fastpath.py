@@ -22,7 +22,7 @@ import featurestore
 from featurestore.config import ConfigError, ExtractConfig, from_mapping, parse_model_values
 from featurestore.decode import BadImage, decode_image, decode_image_multi
 from featurestore.engine import ExtractError, extract
-from featurestore.extract import CPU_AUTO_BATCH, ShardExtractor, choose_batch_size
+from featurestore.extractor import CPU_AUTO_BATCH, ShardExtractor, choose_batch_size
 from featurestore.gpu_decode import RawImage, TensorPreprocess, decode_batch, orient, pil_decode, prepare
 from featurestore.preprocess import Preprocessing
 

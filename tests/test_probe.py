@@ -16,7 +16,7 @@ from PIL import Image
 
 import featurestore
 from featurestore.config import ConfigError
-from featurestore.probe import (ProbeError, ProbeRow, mark_best, parse_candidates, parse_layers,
+from featurestore.probing import (ProbeError, ProbeRow, mark_best, parse_candidates, parse_layers,
                                 parse_markdown_table, probe, read_csv, stratified_sample)
 
 TINY = dict(weights="none", input_size=32, batch_size=8, shard_size=8, cv=2, grid={"C": [0.1, 1.0]}, quiet=True,
@@ -282,8 +282,10 @@ def test_pareto_and_best_on_known_rows():
     assert math.isclose(max(r.accuracy for r in rows if r.pareto), 0.95)
 
 
-def test_featurestore_probe_is_callable_after_the_submodule_import():
-    import featurestore.probe as module
+def test_featurestore_probe_and_extract_stay_functions_after_their_modules_load():
+    import featurestore.engine
+    import featurestore.extractor
+    import featurestore.probing
 
-    assert callable(featurestore.probe) and callable(module)
-    assert featurestore.probe.ProbeConfig is module.ProbeConfig
+    assert featurestore.probe is featurestore.probing.probe
+    assert featurestore.extract is featurestore.engine.extract

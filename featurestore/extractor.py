@@ -22,10 +22,8 @@ from __future__ import annotations
 import concurrent.futures as cf
 import logging
 import os
-import sys
 import threading
 import time
-import types
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Sequence
@@ -36,7 +34,7 @@ from torch import nn
 
 from featurestore.config import AUTO_BATCH, BackboneConfig
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("featurestore.extract")  # one logger for the stage, driver and actors
 
 CPU_AUTO_BATCH = 32  # --batch-size auto on CPU: larger batches buy nothing there
 AUTO_START = 16  # first trial batch size on CUDA
@@ -712,17 +710,3 @@ class ShardExtractor:
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
-
-
-class _CallableModule(types.ModuleType):
-    """`featurestore.extract` names both the engine's extract() (a lazy package export) and this module;
-    importing the module rebinds the package attribute to it, so the module forwards calls to the
-    function: `featurestore.extract(cfg)` keeps working after the engine has imported this module."""
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        from featurestore.engine import extract
-
-        return extract(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule

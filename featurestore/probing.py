@@ -1080,14 +1080,3 @@ def _save_record(out: _Out, record: dict, stores: dict, cfg: ProbeConfig, rows: 
     record.clear()
     record.update(data)
     return out.write_bytes("probe.json", json.dumps(data, indent=2, default=str).encode())
-
-
-# `featurestore.probe(...)` is the API, and featurestore/probe.py is also a submodule: once
-# `import featurestore.probe` has run, Python binds the package attribute to this module, so the
-# module itself calls probe() to keep `featurestore.probe(...)` working either way.
-class _CallableModule(type(sys)):
-    def __call__(self, *args: Any, **kwargs: Any) -> ProbeResult:
-        return probe(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
