@@ -27,16 +27,18 @@ DATASETS = {"animals": DATA / "animals", "smiles": DATA / "smiles"}
 HEADS = ["logreg", "linear-svm", "svm", "sgd"]
 
 
-def extract_ray(src: Path, out: str, model: str, weights: str, batch_size: int, layers=(), pooling="avg") -> None:
+def extract_ray(src: Path, out: str, model: str, weights: str, batch_size: int, layers=(), pooling="avg",
+                crop="center") -> None:
     from featurestore.config import ExtractConfig
     from featurestore.engine import extract
 
     res = extract(ExtractConfig(source=str(src), output=out, model=model, weights=weights, layers=list(layers),
-                                pooling=pooling, batch_size=batch_size, quiet=True))
+                                pooling=pooling, crop=crop, batch_size=batch_size, quiet=True))
     print(f"  extracted {src.name}: {res.summary() if hasattr(res, 'summary') else res}", flush=True)
 
 
-def extract_loop(src: Path, out: str, model: str, weights: str, batch_size: int, layers=(), pooling="avg") -> None:
+def extract_loop(src: Path, out: str, model: str, weights: str, batch_size: int, layers=(), pooling="avg",
+                 crop="center") -> None:
     """One process, no Ray: list, decode, forward, write_store."""
     import torch
 
@@ -46,7 +48,7 @@ def extract_loop(src: Path, out: str, model: str, weights: str, batch_size: int,
     from featurestore.store import write_store
 
     listing = list_source(str(src))
-    bb = load_backbone(model, weights, layers=list(layers) or None, pooling=pooling)
+    bb = load_backbone(model, weights, layers=list(layers) or None, pooling=pooling, crop=crop)
     layer = bb.layers[0]
     ids, labels, feats = [], [], []
     for a in range(0, len(listing.ids), batch_size):
@@ -71,6 +73,8 @@ def main(argv=None) -> int:
     ap.add_argument("--weights", default="DEFAULT", help="DEFAULT (pretrained) or none (random init)")
     ap.add_argument("--layers", nargs="+", default=[], help="cut layer(s) (default: the model's penultimate layer)")
     ap.add_argument("--pooling", default="avg", choices=["avg", "max", "flatten"])
+    ap.add_argument("--crop", default="center", choices=["center", "squash", "pad"],
+                    help="squash keeps the whole image (SMILEs: the mouth sits near the border)")
     ap.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
     ap.add_argument("--heads", nargs="+", default=HEADS, choices=HEADS)
     ap.add_argument("--engine", choices=["ray", "loop"], default="ray",
@@ -91,7 +95,7 @@ def main(argv=None) -> int:
         if not src.exists():
             print(f"skip {name}: {src} not found", file=sys.stderr)
             continue
-        tag = f"{name}-{args.model}-{args.weights}-{'+'.join(args.layers) or 'default'}-{args.pooling}"
+        tag = f"{name}-{args.model}-{args.weights}-{'+'.join(args.layers) or 'default'}-{args.pooling}-{args.crop}"
         store = os.path.join(args.work, tag.replace("/", "_").replace(":", "_"))
         t0 = time.perf_counter()
         try:
@@ -101,7 +105,7 @@ def main(argv=None) -> int:
             ok = False
         if not ok:
             (extract_ray if args.engine == "ray" else extract_loop)(src, store, args.model, args.weights, args.batch_size,
-                                                                    args.layers, args.pooling)
+                                                                    args.layers, args.pooling, args.crop)
             reader = open_store(store)
         t_extract = time.perf_counter() - t0
         counts = np.bincount(reader.labels[reader.labels >= 0])
