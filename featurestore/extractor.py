@@ -510,8 +510,10 @@ class ShardExtractor:
         threads = decode_threads or max(2, (torch_threads or os.cpu_count() or 2))
         self.pool = cf.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="decode")
         # Every shard runs on this one thread. A Ray actor with max_concurrency > 1 calls methods
-        # from alternating threads, and each calling thread gets its own OpenMP team: two teams
-        # on the same cores cost ~25% of CPU throughput (measured on 2 cores). One thread, one team.
+        # from alternating threads, and each calling thread gets its own OpenMP team and its own
+        # thread-count setting; one thread keeps one team with the count set here. (A first
+        # measurement under heavy load suggested ~25% lost without it; a later interleaved A/B on a
+        # quieter 2-core machine was within noise. It is kept for the deterministic setting.)
         self._runner = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="extract")
         if torch_threads:
             self._runner.submit(torch.set_num_threads, int(torch_threads)).result()
