@@ -7,7 +7,8 @@
 Prints images/s of
   ceiling    the forward pass alone, on tensors decoded, preprocessed and moved to the device
              beforehand (channels_last and autocast as the actors use them): the ceiling
-  loop       a plain single-process loop: PIL decode, transform, forward, h5py append
+  loop       a plain single-process loop: PIL decode, transform, forward (default memory
+             layout, torch's default threads), h5py append
   raydata    Ray Data read_images().map_batches(<actor class>) with default settings
   extract    featurestore.extract on an embedded Ray instance, wall clock of the call
              (Ray start-up excluded; actor start-up, weights and compilation included)
@@ -59,11 +60,11 @@ def replicate(paths: list[str], repeat: int, where: Path) -> list[str]:
     return out
 
 
-def load(model: str, precision: str, device: str):
+def load(model: str, precision: str, device: str, channels_last: bool):
     import featurestore
 
     bb = featurestore.load_backbone(model, weights="none", precision=precision, device=device,
-                                    channels_last=device == "cuda")
+                                    channels_last=channels_last)
     bb.eval()
     return bb
 
@@ -156,8 +157,11 @@ def bench_raydata(model, precision, paths, use_gpu: bool) -> float:
     return n / (time.perf_counter() - t)
 
 
-def bench_extract(model, precision, paths, batch_size, out: Path, **kw) -> tuple[float, float, dict]:
-    """(wall images/s, steady images/s, first actor's info) of featurestore.extract."""
+def bench_extract(model, precision, paths, batch_size, out: Path, shard_size=None, **kw) -> tuple[float, float, dict]:
+    """(wall images/s, steady images/s, first actor's info) of featurestore.extract.
+
+    Default shard size: eight equal shards, so two to eight actors finish together.
+    """
     import pyarrow as pa
     import pyarrow.csv as pacsv
 
@@ -169,10 +173,11 @@ def bench_extract(model, precision, paths, batch_size, out: Path, **kw) -> tuple
     t = time.perf_counter()
     res = extract(ExtractConfig(
         source=str(manifest), output=str(out), model=model, weights="none", precision=precision,
-        batch_size=batch_size, shard_size=max(256, len(paths) // 4), quiet=True, overwrite=True, **kw))
+        batch_size=batch_size, shard_size=shard_size or -(-len(paths) // 8), quiet=True, overwrite=True, **kw))
     wall = time.perf_counter() - t
     assert res.rows == len(paths), res.summary()
-    return len(paths) / wall, res.steady_images_per_second, (res.actor_info[0] if res.actor_info else {})
+    info = {**(res.actor_info[0] if res.actor_info else {}), "actors": res.actors}
+    return len(paths) / wall, res.steady_images_per_second, info
 
 
 def sync(device):
@@ -202,6 +207,7 @@ def main(argv=None) -> int:
     ap.add_argument("--batch-size", type=batch_arg, default=32, help="images per forward, or auto")
     ap.add_argument("--compile", action="store_true", help="torch.compile (the ceiling's model and the actors')")
     ap.add_argument("--actors", type=int, default=None, help="extract's --actors")
+    ap.add_argument("--shard-size", type=int, default=None, help="extract's --shard-size (default: 1/8 of the images)")
     ap.add_argument("--rounds", type=int, default=1,
                     help="repeat every method N times, interleaved, and keep each one's best (shared machines)")
     ap.add_argument("--skip", default="", help="comma list of methods to skip: ceiling,loop,raydata,extract")
@@ -233,7 +239,8 @@ def main(argv=None) -> int:
         extra["gpus_per_actor"] = 0
     try:
         for model in args.models.split(","):
-            bb = load(model, args.precision, device)
+            bb = load(model, args.precision, device, channels_last=True)  # as the actors run it
+            plain = load(model, args.precision, device, channels_last=False)  # as a user's loop would
             batch = resolve_batch(bb, args.batch_size, device)
             if args.compile:
                 from featurestore.extractor import compile_backbones
@@ -249,15 +256,15 @@ def main(argv=None) -> int:
                 if "ceiling" not in skip:
                     keep("ceiling", bench_ceiling(bb, paths, batch, device))
                 if "loop" not in skip:
-                    keep("loop", bench_loop(bb, paths, batch, device, tmp / f"{model}-loop.h5"))
+                    keep("loop", bench_loop(plain, paths, batch, device, tmp / f"{model}-loop.h5"))
                 if "raydata" not in skip:
                     keep("raydata", bench_raydata(model, args.precision, paths, device == "cuda"))
                 if "extract" not in skip:
                     wall, steady, info = bench_extract(model, args.precision, paths, args.batch_size,
-                                                       tmp / f"{model}-store", **extra)
+                                                       tmp / f"{model}-store", args.shard_size, **extra)
                     keep("extract", wall)
                     keep("steady", steady)
-            del bb
+            del bb, plain
 
             def ratio(a, b):
                 return f"{r[a] / r[b]:.2f}x" if a in r and b in r else "-"
@@ -267,7 +274,7 @@ def main(argv=None) -> int:
                   + f"{ratio('extract', 'loop'):>10}{ratio('extract', 'raydata'):>10}"
                   + f"{ratio('extract', 'ceiling'):>10}{ratio('steady', 'ceiling'):>10}", flush=True)
             if info:
-                print(f"#   {model}: ceiling/loop batch {batch}; actors: {info.get('device')}, "
+                print(f"#   {model}: ceiling/loop batch {batch}; {info.get('actors')} actor(s): {info.get('device')}, "
                       f"{info.get('batch_note')}, compile {info.get('compile')}", flush=True)
     finally:
         ray.shutdown()

@@ -52,7 +52,8 @@ class Decoded:
     index: int  # position in the shard
     id: str
     label: int
-    tensors: list[torch.Tensor] | None = None  # one normalised [3, h, w] per model, on the CPU
+    # one [3, h, w] per model, on the CPU: uint8 (normalised per batch) or already normalised float
+    tensors: list[torch.Tensor] | None = None
     reason: str | None = None  # why it could not be used
     raw: Any = None  # decode="gpu" on CUDA: a gpu_decode.RawImage, decoded on the device per batch
 
@@ -95,7 +96,7 @@ class DecodePlan:
     """What the reading threads do with each input's bytes.
 
     mode "pil": PIL decode (JPEG draft per model, decoded once per distinct DCT scale), then
-    each model's Preprocessing. mode "tensor" (decode="gpu"): header sniffing; on CUDA the
+    each model's resize and crop to uint8 (normalised later, per batch). mode "tensor" (decode="gpu"): header sniffing; on CUDA the
     JPEG bytes are left for a batched device decode (device_decode=True), on the CPU the
     thread decodes with torchvision and applies each model's TensorPreprocess itself.
     """
@@ -120,7 +121,8 @@ def decode_one(
     """Read, decode and preprocess one input; never raises for a bad input.
 
     `preprocess` is one model's transform (with draft_size, max_pixels, storage_options), or a
-    DecodePlan covering every model of the extractor.
+    DecodePlan covering every model of the extractor. Whatever the callable returns is kept:
+    uint8 tensors are normalised per batch, float ones are used as they are.
     """
     from featurestore.decode import BadImage, decode_image_multi
     from featurestore.sources import read_bytes
@@ -471,7 +473,7 @@ class ShardExtractor:
             bb = load_backbone(
                 c.model, weights=c.weights, layers=list(c.layers) or None, pooling=c.pooling,
                 precision=c.precision, device=str(self.device), input_size=c.input_size, crop=c.crop,
-                decode=c.decode, seed=seed, channels_last=cuda,
+                decode=c.decode, seed=seed, channels_last=True,
             )
             bb.eval()
             self.backbones.append(bb)
@@ -500,7 +502,7 @@ class ShardExtractor:
         else:
             drafts = tuple(bb.preprocessing.draft_size if self.decode == "draft" else None for bb in self.backbones)
             self.draft_size = drafts[0]
-            self.decode_plan = DecodePlan("pil", tuple(bb.preprocess for bb in self.backbones), drafts,
+            self.decode_plan = DecodePlan("pil", tuple(bb.preprocessing.to_uint8 for bb in self.backbones), drafts,
                                           self.max_pixels, self.storage_options)
 
         self.batch_size, self.batch_note = self._resolve_batch_size(batch_size, memory_fraction)
@@ -637,6 +639,9 @@ class ShardExtractor:
             self._stager.flip()
         else:
             inputs = {j: torch.stack([b.tensors[j] for b in batch]) for j in stores}
+        for j, x in inputs.items():
+            if x.dtype == torch.uint8:  # read as pixels: normalise the whole batch in one pass
+                inputs[j] = self.backbones[j].preprocessing.normalize(x)
         outputs: dict[int, dict[str, torch.Tensor]] = {}
         for j in stores:
             out = self._forward_model(j, inputs[j])

@@ -272,3 +272,24 @@ def test_actor_killed_midway_store_complete_and_exact(tmp_path, ray_local):
     assert "worker died" in output
     _store_equal(str(full), str(out))
     assert featurestore.verify(str(out)).ok
+
+
+def test_cpu_placement_prefers_thin_actors_and_honours_overrides():
+    from featurestore.engine import plan_placement
+
+    cfg = ExtractConfig(source="unused", output="unused")
+    two = plan_placement(cfg, {"CPU": 2.0}, num_shards=10)
+    assert (two.actors, two.num_cpus, two.num_gpus, two.torch_threads, two.decode_threads) == (2, 1.0, 0.0, 1, 1)
+    eight = plan_placement(cfg, {"CPU": 8.0}, num_shards=10)
+    assert (eight.actors, eight.torch_threads) == (4, 2)
+    big = plan_placement(cfg, {"CPU": 64.0}, num_shards=100)
+    assert (big.actors, big.torch_threads) == (16, 4)
+    # never more actors than shards to give them
+    assert plan_placement(cfg, {"CPU": 64.0}, num_shards=3).actors == 3
+    # explicit sizes win: one fat actor, or a given count splitting the cores
+    fat = plan_placement(ExtractConfig(source="u", output="u", cpus_per_actor=2), {"CPU": 2.0}, 10)
+    assert (fat.actors, fat.torch_threads, fat.decode_threads) == (1, 2, 2)
+    split = plan_placement(ExtractConfig(source="u", output="u", actors=2, decode_threads=3), {"CPU": 8.0}, 10)
+    assert (split.actors, split.torch_threads, split.decode_threads) == (2, 4, 3)
+    gpu = plan_placement(cfg, {"CPU": 16.0, "GPU": 2.0}, num_shards=10)
+    assert (gpu.actors, gpu.num_gpus, gpu.num_cpus) == (2, 1.0, 8.0)
