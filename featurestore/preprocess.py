@@ -6,6 +6,7 @@ with PIL alone (no randomness, no threads) so the same file gives the same tenso
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import asdict, dataclass, replace
 from typing import Any
@@ -135,9 +136,16 @@ class Preprocessing:
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         """uint8 [..., 3, h, w] -> float32 normalised, on x's device; the same operations, in the
         same order, as the per-image path, so a batch gives bit-identical values."""
-        mean = torch.tensor(self.mean, dtype=torch.float32, device=x.device).view(3, 1, 1)
-        std = torch.tensor(self.std, dtype=torch.float32, device=x.device).view(3, 1, 1)
+        mean, std = _channel_stats(self.mean, self.std, x.device)
         return x.to(torch.float32).div_(255.0).sub_(mean).div_(std)
 
     def __call__(self, img: Image.Image) -> torch.Tensor:
         return self.normalize(self.to_uint8(img))
+
+
+@functools.lru_cache(maxsize=64)
+def _channel_stats(mean: tuple, std: tuple, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and std as [3, 1, 1] tensors, made once per device: creating them from Python
+    on a GPU is a blocking copy that would stall the stream on every batch."""
+    as_tensor = lambda v: torch.tensor(v, dtype=torch.float32, device=device).view(3, 1, 1)  # noqa: E731
+    return as_tensor(mean), as_tensor(std)
