@@ -96,9 +96,10 @@ class DecodePlan:
     """What the reading threads do with each input's bytes.
 
     mode "pil": PIL decode (JPEG draft per model, decoded once per distinct DCT scale), then
-    each model's resize and crop to uint8 (normalised later, per batch). mode "tensor" (decode="gpu"): header sniffing; on CUDA the
-    JPEG bytes are left for a batched device decode (device_decode=True), on the CPU the
-    thread decodes with torchvision and applies each model's TensorPreprocess itself.
+    each model's resize and crop to uint8 (normalised later, per batch). mode "tensor"
+    (decode="gpu"): header sniffing; on CUDA the JPEG bytes are left for a batched device
+    decode (device_decode=True), on the CPU the thread decodes with torchvision and applies
+    each model's TensorPreprocess itself.
     """
 
     mode: str
@@ -473,7 +474,9 @@ class ShardExtractor:
             bb = load_backbone(
                 c.model, weights=c.weights, layers=list(c.layers) or None, pooling=c.pooling,
                 precision=c.precision, device=str(self.device), input_size=c.input_size, crop=c.crop,
-                decode=c.decode, seed=seed, channels_last=True,
+                decode=c.decode, seed=seed,
+                # faster on GPUs and on CPUs alike (oneDNN); same float32 maths, another summation order
+                channels_last=True,
             )
             bb.eval()
             self.backbones.append(bb)
@@ -502,8 +505,8 @@ class ShardExtractor:
         else:
             drafts = tuple(bb.preprocessing.draft_size if self.decode == "draft" else None for bb in self.backbones)
             self.draft_size = drafts[0]
-            self.decode_plan = DecodePlan("pil", tuple(bb.preprocessing.to_uint8 for bb in self.backbones), drafts,
-                                          self.max_pixels, self.storage_options)
+            pixels = tuple(bb.preprocessing.to_uint8 for bb in self.backbones)
+            self.decode_plan = DecodePlan("pil", pixels, drafts, self.max_pixels, self.storage_options)
 
         self.batch_size, self.batch_note = self._resolve_batch_size(batch_size, memory_fraction)
         self.compile_status = "off"
