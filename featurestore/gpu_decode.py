@@ -178,16 +178,14 @@ class TensorPreprocess:
                 f"(it does {', '.join(_TORCH_MODES)}); use --decode draft or --decode full for this model")
         self.pre = pre
         self.mode = _TORCH_MODES[pre.interpolation]
-        self._stats: dict[torch.device, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self._fills: dict[torch.device, torch.Tensor] = {}
 
-    def _consts(self, device: torch.device):
-        if device not in self._stats:
-            mean = torch.tensor(self.pre.mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
-            std = torch.tensor(self.pre.std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
-            fill = torch.tensor([float(round(m * 255)) for m in self.pre.mean], dtype=torch.float32,
-                                device=device).view(1, 3, 1, 1)
-            self._stats[device] = (mean, std, fill)
-        return self._stats[device]
+    def _fill(self, device: torch.device) -> torch.Tensor:
+        """The pad colour (the mean, in 0..255 levels) as [1, 3, 1, 1], made once per device."""
+        if device not in self._fills:
+            self._fills[device] = torch.tensor([float(round(m * 255)) for m in self.pre.mean],
+                                               dtype=torch.float32, device=device).view(1, 3, 1, 1)
+        return self._fills[device]
 
     def _resize(self, x: torch.Tensor, h: int, w: int) -> torch.Tensor:
         if tuple(x.shape[-2:]) == (h, w):
@@ -215,7 +213,7 @@ class TensorPreprocess:
         if pre.crop == "pad":
             nw, nh = pre.pad_resize(iw, ih)
             x = self._resize(x, nh, nw)
-            canvas = self._consts(x.device)[2].expand(1, 3, h, w).clone()
+            canvas = self._fill(x.device).expand(1, 3, h, w).clone()
             top, left = (h - nh) // 2, (w - nw) // 2
             canvas[:, :, top:top + nh, left:left + nw] = x
             return canvas[0]
@@ -227,6 +225,4 @@ class TensorPreprocess:
 
     def __call__(self, images: Sequence[torch.Tensor]) -> torch.Tensor:
         """uint8 [3, H, W] images (any sizes, one device) -> normalised float32 [N, 3, h, w]."""
-        x = torch.stack([self.geometry(im) for im in images])
-        mean, std, _ = self._consts(x.device)
-        return x.div_(255.0).sub_(mean).div_(std)
+        return self.pre.normalize(torch.stack([self.geometry(im) for im in images]))

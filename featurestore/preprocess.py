@@ -134,10 +134,11 @@ class Preprocessing:
         return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        """uint8 [..., 3, h, w] -> float32 normalised, on x's device; the same operations, in the
-        same order, as the per-image path, so a batch gives bit-identical values."""
+        """Pixels [..., 3, h, w] in 0..255 (uint8, or float from the tensor path) -> float32
+        normalised, on x's device, in a new tensor. The same operations in the same order
+        for one image or a batch, on either path, so they give bit-identical values."""
         mean, std = _channel_stats(self.mean, self.std, x.device)
-        return x.to(torch.float32).div_(255.0).sub_(mean).div_(std)
+        return x.to(torch.float32, copy=True).div_(255.0).sub_(mean).div_(std)
 
     def __call__(self, img: Image.Image) -> torch.Tensor:
         return self.normalize(self.to_uint8(img))
