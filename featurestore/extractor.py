@@ -58,11 +58,6 @@ class Decoded:
     raw: Any = None  # decode="gpu" on CUDA: a gpu_decode.RawImage, decoded on the device per batch
 
     @property
-    def tensor(self) -> torch.Tensor | None:
-        """The first model's tensor (single-model code)."""
-        return self.tensors[0] if self.tensors else None
-
-    @property
     def ok(self) -> bool:
         return self.reason is None and (self.tensors is not None or self.raw is not None)
 
@@ -110,26 +105,14 @@ class DecodePlan:
     device_decode: bool = False
 
 
-def decode_one(
-    index: int,
-    id: str,
-    label: int,
-    preprocess: Callable | DecodePlan,
-    draft_size: tuple[int, int] | None = None,
-    max_pixels: int = 100_000_000,
-    storage_options: dict | None = None,
-) -> Decoded:
-    """Read, decode and preprocess one input; never raises for a bad input.
-
-    `preprocess` is one model's transform (with draft_size, max_pixels, storage_options), or a
-    DecodePlan covering every model of the extractor. Whatever the callable returns is kept:
-    uint8 tensors are normalised per batch, float ones are used as they are.
+def decode_one(index: int, id: str, label: int, plan: DecodePlan) -> Decoded:
+    """Read, decode and preprocess one input for every model of `plan`; never raises for a bad
+    input. What the plan's callables return is kept: uint8 tensors are normalised per batch,
+    float ones are used as they are.
     """
     from featurestore.decode import BadImage, decode_image_multi
     from featurestore.sources import read_bytes
 
-    plan = preprocess if isinstance(preprocess, DecodePlan) else DecodePlan(
-        "pil", (preprocess,), (draft_size,), max_pixels, storage_options)
     try:
         data = read_bytes(id, storage_options=plan.storage_options)
     except FileNotFoundError:
@@ -481,7 +464,6 @@ class ShardExtractor:
             bb.eval()
             self.backbones.append(bb)
         self.backbone = self.backbones[0]  # single-model code
-        self.preprocess = self.backbone.preprocess
         self.store_uris = uris
         self.label_names = list(label_names)
         self.dtype = dtype
@@ -499,12 +481,10 @@ class ShardExtractor:
                 log.warning("--decode gpu without a CUDA device: decoding with torchvision's CPU JPEG decoder "
                             "and resizing with torch on the CPU (same numerics as on a GPU, within tolerance; "
                             "usually slower than --decode draft on CPUs)")
-            self.draft_size = None
             self.decode_plan = DecodePlan("tensor", tuple(self.tensor_pre), (), self.max_pixels,
                                           self.storage_options, device_decode=cuda)
         else:
             drafts = tuple(bb.preprocessing.draft_size if self.decode == "draft" else None for bb in self.backbones)
-            self.draft_size = drafts[0]
             pixels = tuple(bb.preprocessing.to_uint8 for bb in self.backbones)
             self.decode_plan = DecodePlan("pil", pixels, drafts, self.max_pixels, self.storage_options)
 
