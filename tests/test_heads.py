@@ -50,15 +50,17 @@ def test_noise_stays_near_chance(tmp_path, kind):
     assert abs(head.report["accuracy"] - 1 / k) < 0.12, head.report["accuracy"]
 
 
-def test_class_weight_balanced_raises_balanced_accuracy(tmp_path):
+@pytest.mark.parametrize("kind", ["logreg", "linear-svm", "svm"])
+def test_class_weight_balanced_raises_balanced_accuracy(tmp_path, kind):
+    """For SVMs too: their Platt calibrator must not pull the threshold back to the majority."""
     rng = np.random.default_rng(2)
     n_major, n_minor = 1900, 100
     y = np.r_[np.zeros(n_major, int), np.ones(n_minor, int)]
     X = rng.normal(size=(len(y), 10))
     X[y == 1, 0] += 1.5  # overlapping classes: an unweighted fit favours the majority
     store = make_store(tmp_path / "s", X, y, ["neg", "pos"], shard_size=512)
-    plain = classifiers.train(store, head="logreg", grid={"C": [1.0]})
-    weighted = classifiers.train(store, head="logreg", grid={"C": [1.0]}, class_weight="balanced")
+    plain = classifiers.train(store, head=kind, grid={"C": [1.0]})
+    weighted = classifiers.train(store, head=kind, grid={"C": [1.0]}, class_weight="balanced")
     assert weighted.report["class_weight"] == "balanced"
     assert weighted.report["balanced_accuracy"] > plain.report["balanced_accuracy"] + 0.1, (
         plain.report["balanced_accuracy"], weighted.report["balanced_accuracy"])
