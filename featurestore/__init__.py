@@ -28,6 +28,9 @@ _EXPORTS = {
     "open": "featurestore.store:open_store",
     "verify": "featurestore.store:verify",
     "extract": "featurestore.engine:extract",
+    "ExtractResult": "featurestore.engine:ExtractResult",
+    "ExtractError": "featurestore.engine:ExtractError",
+    "ExtractInterrupted": "featurestore.engine:ExtractInterrupted",
     "probe": "featurestore.probing:probe",
     "ExtractConfig": "featurestore.config:ExtractConfig",
 }

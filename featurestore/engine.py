@@ -11,7 +11,9 @@ from __future__ import annotations
 import logging
 import math
 import os
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,6 +29,58 @@ class ExtractError(RuntimeError):
     def __init__(self, message: str, result: "ExtractResult | None" = None):
         super().__init__(message)
         self.result = result
+
+
+class ExtractInterrupted(KeyboardInterrupt):
+    """Stopped by Ctrl-C or SIGTERM. Committed shards stay; running the job again resumes it.
+
+    A KeyboardInterrupt, so code that already stops on Ctrl-C keeps doing so.
+    """
+
+    def __init__(self, message: str, signum: int, result: "ExtractResult | None" = None):
+        super().__init__(message)
+        self.signum = signum
+        self.result = result
+
+
+class _StopOnSignal:
+    """Turns SIGTERM (a scheduler's stop, `kill`) into the same orderly stop as Ctrl-C.
+
+    Armed after ray.init, which installs its own SIGTERM handler (a bare sys.exit) in the
+    driver; disarming puts that one back. Only the main thread can own signal handlers.
+    """
+
+    def __init__(self) -> None:
+        self.signum = int(signal.SIGINT)
+        self.result: ExtractResult | None = None
+        self._previous: Any = None
+        self._armed = False
+
+    def arm(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        self._previous = signal.signal(signal.SIGTERM, self._on_signal)
+        self._armed = True
+
+    def disarm(self) -> None:
+        if self._armed:
+            signal.signal(signal.SIGTERM, self._previous)
+            self._armed = False
+
+    def _on_signal(self, signum, frame) -> None:
+        self.signum = signum
+        raise KeyboardInterrupt
+
+    def interrupted(self, output: str) -> ExtractInterrupted:
+        name = signal.Signals(self.signum).name
+        r = self.result
+        if r is None:
+            done = "before any shard was computed"
+        else:
+            committed = len(r.skipped_shards) + len(r.computed_shards)
+            done = f"with {committed} of {r.shards} shards committed ({len(r.computed_shards)} in this run)"
+        return ExtractInterrupted(f"interrupted by {name} {done}; committed shards are kept in {output}. "
+                                  "Run the same command (or job spec) again to resume.", self.signum, r)
 
 
 @dataclass
@@ -213,9 +267,9 @@ class Progress:
         self.last_line = now
         elapsed = now - self.started
         rate = (done - self.initial) / elapsed if elapsed > 0 else 0.0
-        eta = (self.total - done) / rate if rate > 0 else float("nan")
+        eta = f"{(self.total - done) / rate:.0f}s" if rate > 0 else "unknown"
         pct = 100.0 * done / self.total if self.total else 100.0
-        print(f"extract: {done}/{self.total} images ({pct:.1f}%), {rate:.1f} img/s, ETA {eta:.0f}s, "
+        print(f"extract: {done}/{self.total} images ({pct:.1f}%), {rate:.1f} img/s, ETA {eta}, "
               f"{errors} errors", file=sys.stderr, flush=True)
 
     def close(self) -> None:
@@ -243,19 +297,31 @@ def extract(config: ExtractConfig | None = None, **kwargs: Any) -> ExtractResult
     a shard counts as done only when it is committed in every store.
 
     Re-running the same job resumes it. Raises ExtractError (with `.result`) when some
-    shards failed after retries; every other shard is committed.
+    shards failed after retries; every other shard is committed. Ctrl-C or SIGTERM stops
+    the actors and raises ExtractInterrupted (a KeyboardInterrupt) saying what was kept.
     """
+    if config is None:
+        config = ExtractConfig(**kwargs)
+    elif kwargs:
+        raise TypeError("pass either an ExtractConfig or keyword fields, not both")
+    stop = _StopOnSignal()
+    try:
+        return _extract(config, stop)
+    except ExtractInterrupted:
+        raise
+    except KeyboardInterrupt:
+        raise stop.interrupted(config.output) from None
+    finally:
+        stop.disarm()
+
+
+def _extract(cfg: ExtractConfig, stop: _StopOnSignal) -> ExtractResult:
     import ray
 
     from featurestore.config import AUTO_BATCH, ConfigError
     from featurestore.sources import list_source, make_plan
     from featurestore.store import StoreWriter, shard_name
 
-    if config is None:
-        config = ExtractConfig(**kwargs)
-    elif kwargs:
-        raise TypeError("pass either an ExtractConfig or keyword fields, not both")
-    cfg = config
     if cfg.batch_size != AUTO_BATCH and (isinstance(cfg.batch_size, bool) or not isinstance(cfg.batch_size, int)
                                          or cfg.batch_size < 1):
         raise ExtractError(f"--batch-size must be a positive integer or 'auto', got {cfg.batch_size!r}")
@@ -309,7 +375,8 @@ def extract(config: ExtractConfig | None = None, **kwargs: Any) -> ExtractResult
     from featurestore.extractor import ShardExtractor
     from jobs.specs import check_output_reachable
 
-    we_started_ray = connect(cfg.address)
+    connect(cfg.address)  # an embedded instance stays up for the process; Ray stops it at exit
+    stop.arm()
     check_output_reachable(cfg.output, cfg.address)  # a local output on a multi-node cluster is refused
     resources = ray.cluster_resources()
     placement = plan_placement(cfg, resources, plan.num_shards)
@@ -332,6 +399,9 @@ def extract(config: ExtractConfig | None = None, **kwargs: Any) -> ExtractResult
         actor_info = ray.get([a.info.remote() for a in actors])
     except ray.exceptions.RayActorError as exc:
         raise ExtractError(f"the backbone could not be loaded on a worker: {_root_cause(str(exc))}") from None
+    except KeyboardInterrupt:
+        _kill(actors)
+        raise
     startup = time.perf_counter() - started
     for a in actor_info[:1]:
         log.info("actors ready after %.1fs: %s, decode %s, %s, compile %s", startup, a["device"], a["decode"],
@@ -353,6 +423,7 @@ def extract(config: ExtractConfig | None = None, **kwargs: Any) -> ExtractResult
     result = ExtractResult(store=cfg.output, inputs=len(plan.ids), shards=len(shards),
                            skipped_shards=sorted(i for i in committed if i < len(shards)), actors=len(actors),
                            stores=dict(zip(names, outputs)), startup_seconds=startup, actor_info=actor_info)
+    stop.result = result
     if committed:
         log.info("%d of %d shards already committed; computing %d", len(committed), len(shards), len(todo))
     if multi:
@@ -432,13 +503,7 @@ def extract(config: ExtractConfig | None = None, **kwargs: Any) -> ExtractResult
                 break
     finally:
         progress.close()
-        for a in actors:
-            try:
-                ray.kill(a)
-            except Exception:
-                pass
-        if we_started_ray and not cfg.address:
-            pass  # keep the embedded instance for the process; ray shuts it down at exit
+        _kill(actors)
 
     if strict_failure:
         raise ExtractError(f"stopped by --strict: {strict_failure}; committed shards are kept, "
@@ -459,6 +524,17 @@ def extract(config: ExtractConfig | None = None, **kwargs: Any) -> ExtractResult
             result,
         )
     return result
+
+
+def _kill(actors) -> None:
+    """Stop actors now: one killed mid-shard leaves only a temporary file, never a commit."""
+    import ray
+
+    for a in actors:
+        try:
+            ray.kill(a)
+        except Exception:
+            pass
 
 
 def _retry(shard, why, attempts, last_error, queue, result, max_retries) -> None:

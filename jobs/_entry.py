@@ -102,8 +102,10 @@ def main(kind: str, run: Callable[[Any, Any], int | None], argv: list[str] | Non
     except ConfigError as exc:
         log.error("refused: %s", exc)
         code = EXIT_BAD_SPEC
-    except KeyboardInterrupt:
-        log.warning("interrupted; committed work is kept, run the same spec again to resume")
+    except KeyboardInterrupt as exc:
+        # an extraction says how far it got; anything else was stopped before it wrote a result
+        log.warning("%s", str(exc) if str(exc) else "interrupted; committed work is kept, run the same spec again "
+                    "to resume")
         code = EXIT_STOPPED
     except Exception as exc:  # the job log must say what failed, once, plainly
         log.exception("%s job failed: %s: %s", kind, type(exc).__name__, exc)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -238,6 +239,56 @@ def test_driver_killed_midway_then_resumed(tmp_path, ray_local):
     for name, mtime in before.items():
         assert after[name] == mtime, f"{name} was computed twice"
     assert f"{len(before)} already committed" in res.stderr
+    _store_equal(str(full), str(out))
+    assert featurestore.verify(str(out)).ok
+
+
+def _stop_when_committed(proc: subprocess.Popen, shards: Path, more_than: int, sig: int) -> tuple[int, str]:
+    """Send `sig` to the driver alone once more than `more_than` shards are committed."""
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        if shards.exists() and len(list(shards.glob("shard-*.h5"))) > more_than:
+            break
+        if proc.poll() is not None:
+            pytest.fail("the extraction finished before it could be stopped; make the test input larger")
+        time.sleep(0.05)
+    proc.send_signal(sig)
+    try:
+        _, err = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        _kill_tree(proc)
+        pytest.fail(f"the driver did not stop within 120 s of signal {sig}")
+    return proc.returncode, err
+
+
+def test_sigterm_and_ctrl_c_stop_cleanly_then_resume(tmp_path, ray_local):
+    """A scheduler's SIGTERM and a user's Ctrl-C: actors stopped, a message saying what was
+    kept, the shell's exit code, nothing half-written; the next run finishes the store."""
+    src = make_images(tmp_path / "src", per_class=12)
+    full = tmp_path / "full"
+    extract(ExtractConfig(source=str(src), output=str(full), shard_size=4, **SMALL))
+    out = tmp_path / "store"
+    shards = out / "shards"
+    cmd = _cli("extract", str(src), str(out), "--model", MODEL, "--weights", "none", "--input-size", "64",
+               "--batch-size", "2", "--shard-size", "4", "--quiet")
+    committed = 0
+    for sig, code, name in ((signal.SIGTERM, 143, "SIGTERM"), (signal.SIGINT, 130, "SIGINT")):
+        proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                text=True)
+        rc, err = _stop_when_committed(proc, shards, committed, sig)
+        assert rc == code, (rc, err[-3000:])
+        said = re.search(rf"interrupted by {name} with (\d+) of 9 shards committed \((\d+) in this run\); "
+                         rf"committed shards are kept in {re.escape(str(out))}\. Run the same command", err)
+        assert said, err[-3000:]
+        assert "Traceback" not in err, err[-3000:]
+        now = len(list(shards.glob("shard-*.h5")))
+        assert committed < int(said.group(1)) <= now < 9 and int(said.group(2)) >= 1
+        assert not (out / "manifest.parquet").exists()  # an interrupted run never finalizes
+        committed = now
+
+    res = subprocess.run(cmd[:-1], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert f"{committed} already committed" in res.stderr
     _store_equal(str(full), str(out))
     assert featurestore.verify(str(out)).ok
 
