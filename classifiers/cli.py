@@ -54,7 +54,9 @@ def _summary(rep: dict) -> str:
               help="Stream with SGD when training features exceed this (e.g. 8G; default: a quarter of RAM).")
 @click.option("--batch-size", type=int, default=4096, show_default=True, help="Rows per streaming batch.")
 @click.option("--epochs", type=int, default=8, show_default=True, help="Passes over the store when streaming.")
-@click.option("--n-jobs", type=int, default=None, help="Parallel sweep jobs (joblib; -1 = all cores).")
+@click.option("--n-jobs", type=int, default=None,
+              help="Parallel sweep fits (joblib; -1 = all cores). Default: one per core, no more than "
+                   "there are fits and than free memory holds.")
 @click.option("--address", default=None, help="Ray cluster address: run the sweep on it via Ray's joblib backend.")
 @click.option("--out", required=True, help="Head directory to write (head.json, model.skops, report.*).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")

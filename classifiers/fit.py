@@ -31,6 +31,35 @@ def default_memory_budget() -> int:
         return 4 << 30
 
 
+def _available_memory() -> int | None:
+    """MemAvailable from /proc/meminfo (Linux): free memory plus what the page cache would give back."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def sweep_jobs(n_jobs: int | None, nbytes: int, fits: int, cores: int | None = None,
+               available: int | None = None) -> int | None:
+    """Parallel sweep fits when the caller did not choose: one per core, no more than there
+    are fits, and no more than half the available memory holds at about four copies of the
+    training features each (a fold's rows, the scaled copy, a float64 copy in the solver)."""
+    if n_jobs is not None:
+        return n_jobs
+    if cores is None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    jobs = max(1, min(int(cores), int(fits)))
+    if available is None:
+        available = _available_memory()
+    if available is not None:
+        jobs = min(jobs, max(1, int(available // 2 // max(4 * int(nbytes), 1))))
+    return jobs
+
+
 def _open(store, storage_options=None):
     if isinstance(store, (str, os.PathLike)):
         from featurestore.store import open_store
@@ -158,6 +187,9 @@ def _fit_in_memory(feats, labels, train_rows, head, grid, cv, class_weight, l2, 
     if points > 1 and folds >= 2:
         if folds < cv:
             log.warning("only %d rows in the smallest class: %d-fold CV instead of %d", min_count, folds, cv)
+        if not address:  # on a cluster, Ray's joblib backend spreads the fits; n_jobs=None lets it
+            n_jobs = sweep_jobs(n_jobs, X.nbytes, points * folds)
+        log.info("sweep: %d settings x %d folds, %s parallel fit(s)", points, folds, n_jobs or "backend's")
         search = GridSearchCV(base, {f"clf__{k}": v for k, v in grid.items()}, scoring=scoring,
                               cv=StratifiedKFold(folds, shuffle=True, random_state=seed),
                               n_jobs=n_jobs, refit=not needs_calibration(head), error_score="raise")

@@ -10,6 +10,7 @@ import pytest
 from featurestore.store import write_store
 
 import classifiers
+from classifiers.fit import sweep_jobs
 from classifiers.heads import HeadError, parse_grid
 from classifiers.split import hash_split
 
@@ -65,6 +66,16 @@ def test_class_weight_balanced_raises_balanced_accuracy(tmp_path, kind):
     assert weighted.report["balanced_accuracy"] > plain.report["balanced_accuracy"] + 0.1, (
         plain.report["balanced_accuracy"], weighted.report["balanced_accuracy"])
     assert weighted.report["per_class"]["pos"]["recall"] > plain.report["per_class"]["pos"]["recall"]
+
+
+def test_sweep_runs_in_parallel_within_cores_fits_and_memory():
+    gib = 1 << 30
+    assert sweep_jobs(None, nbytes=gib // 100, fits=20, cores=8, available=16 * gib) == 8
+    assert sweep_jobs(None, nbytes=gib // 100, fits=3, cores=8, available=16 * gib) == 3  # no idle workers
+    assert sweep_jobs(None, nbytes=gib, fits=20, cores=8, available=16 * gib) == 2  # 8 GiB at ~4 GiB a fit
+    assert sweep_jobs(None, nbytes=8 * gib, fits=20, cores=8, available=16 * gib) == 1  # never zero
+    assert sweep_jobs(3, nbytes=8 * gib, fits=20, cores=8, available=16 * gib) == 3  # the caller's choice stands
+    assert sweep_jobs(None, nbytes=1, fits=20) >= 1  # this machine's cores and memory
 
 
 def test_streaming_within_one_point_of_in_memory_with_bounded_memory(tmp_path):
