@@ -3,6 +3,7 @@
     python bench/accuracy.py                      # pretrained EfficientNet-Lite0 (weights DEFAULT)
     python bench/accuracy.py --weights none       # randomly initialised backbone: the floor
     python bench/accuracy.py --engine loop        # extract with a plain loop instead of the Ray engine
+    python bench/accuracy.py --seeds 0 1 2 3 4    # five seeded splits: mean and spread, not one draw
 
 Extracts features once per dataset into a store (reused when present under --work), then
 trains each head with its default sweep (5-fold CV on the training part; class weights
@@ -83,6 +84,8 @@ def main(argv=None) -> int:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--cv", type=int, default=5)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seeds", type=int, nargs="+", default=None,
+                    help="repeat the split with each seed and add mean and spread (how much one split moves)")
     args = ap.parse_args(argv)
 
     import classifiers
@@ -113,18 +116,28 @@ def main(argv=None) -> int:
         print(f"{name}: {len(reader)} rows, classes {dict(zip(reader.label_names, counts.tolist()))}, "
               f"layer {reader.layers[0]} {reader.features().shape[1:]}, class_weight={cw}, extract {t_extract:.0f}s",
               flush=True)
+        seeds = args.seeds or [args.seed]
         for kind in args.heads:
-            t1 = time.perf_counter()
-            h = classifiers.train(reader, head=kind, cv=args.cv, class_weight=cw, seed=args.seed)
-            rep = h.report
-            rows.append([name, kind, f"{rep['accuracy'] * 100:.1f}", f"{rep['balanced_accuracy'] * 100:.1f}",
-                         str(rep["n"]), ", ".join(f"{k}={v}" for k, v in h.params.items()),
-                         f"{time.perf_counter() - t1:.1f}"])
-            print("  " + "  ".join(rows[-1]), flush=True)
-    headers = ["dataset", "head", "test acc %", "balanced acc %", "n test", "chosen", "train s"]
+            scores = []
+            for seed in seeds:
+                t1 = time.perf_counter()
+                h = classifiers.train(reader, head=kind, cv=args.cv, class_weight=cw, seed=seed)
+                rep = h.report
+                scores.append((rep["accuracy"], rep["balanced_accuracy"]))
+                rows.append([name, kind, str(seed), f"{rep['accuracy'] * 100:.1f}",
+                             f"{rep['balanced_accuracy'] * 100:.1f}", str(rep["n"]),
+                             ", ".join(f"{k}={v}" for k, v in h.params.items()), f"{time.perf_counter() - t1:.1f}"])
+                print("  " + "  ".join(rows[-1]), flush=True)
+            if len(seeds) > 1:
+                acc, bal = (np.array(s) * 100 for s in zip(*scores))
+                rows.append([name, kind, f"mean of {len(seeds)}", f"{acc.mean():.1f} ± {acc.std(ddof=1):.1f}",
+                             f"{bal.mean():.1f} ± {bal.std(ddof=1):.1f}", "", "", ""])
+                print("  " + "  ".join(rows[-1]), flush=True)
+    headers = ["dataset", "head", "split seed", "test acc %", "balanced acc %", "n test", "chosen", "train s"]
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)] if rows else [len(h) for h in headers]
     print()
-    print(f"model {args.model}, weights {args.weights}, split: stratified hash of ids (seed {args.seed}, 25% test)")
+    print(f"model {args.model}, weights {args.weights}, split: stratified hash of ids (25% test; "
+          "mean ± sample standard deviation over the split seeds)")
     print("| " + " | ".join(h.ljust(w) for h, w in zip(headers, widths)) + " |")
     print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
     for r in rows:
