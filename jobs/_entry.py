@@ -43,8 +43,16 @@ def redacted(config: Any) -> dict:
 
 
 def _on_sigterm(signum, frame):  # pragma: no cover - exercised by the cluster test
-    log.warning("received signal %d: stopping. Committed work is kept; submit the same spec again to resume.", signum)
-    raise SystemExit(EXIT_STOPPED)
+    log.warning("received signal %d (`featurestore jobs stop`, or the cluster ending the job): stopping", signum)
+    raise KeyboardInterrupt  # main() logs what was kept and exits EXIT_STOPPED
+
+
+def _handle_sigterm() -> None:
+    """(Re)install our SIGTERM handler: ray.init replaces it with a bare sys.exit."""
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _on_sigterm)
 
 
 def join_cluster_if_in_job() -> bool:
@@ -56,6 +64,7 @@ def join_cluster_if_in_job() -> bool:
     if not os.environ.get("RAY_ADDRESS"):
         return False
     ray.init(logging_level=logging.WARNING)
+    _handle_sigterm()
     return True
 
 
@@ -91,7 +100,7 @@ def main(kind: str, run: Callable[[Any, Any], int | None], argv: list[str] | Non
     except ConfigError as exc:
         log.error("invalid job spec: %s", exc)
         return EXIT_BAD_SPEC
-    signal.signal(signal.SIGTERM, _on_sigterm)
+    _handle_sigterm()
     job_id = submission_id()
     log.info("featurestore %s job %s from %s on host %s (pid %d)", kind, job_id, spec.source,
              socket.gethostname(), os.getpid())

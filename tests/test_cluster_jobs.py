@@ -223,6 +223,8 @@ def test_stopped_job_resumes_computing_only_unfinished_shards(local_cluster, s3_
     stop = CliRunner().invoke(jobs_group, ["stop", job_id, "--address", address])
     assert stop.exit_code == 0 and "STOPPED" in stop.output, stop.output
     assert client(address).get_job_status(job_id) == "STOPPED"
+    stopped_log = client(address).get_job_logs(job_id)  # an orderly stop: the log says what was kept
+    assert re.search(r"interrupted by SIGTERM with \d+ of 20 shards committed", stopped_log), stopped_log[-3000:]
 
     time.sleep(1)
     fs.invalidate_cache()
