@@ -305,17 +305,20 @@ def extract(config: ExtractConfig | None = None, **kwargs: Any) -> ExtractResult
     elif kwargs:
         raise TypeError("pass either an ExtractConfig or keyword fields, not both")
     stop = _StopOnSignal()
+    leases: list = []  # the output's writer lease, once taken; released however the job ends
     try:
-        return _extract(config, stop)
+        return _extract(config, stop, leases)
     except ExtractInterrupted:
         raise
     except KeyboardInterrupt:
         raise stop.interrupted(config.output) from None
     finally:
         stop.disarm()
+        for lease in leases:
+            lease.release()
 
 
-def _extract(cfg: ExtractConfig, stop: _StopOnSignal) -> ExtractResult:
+def _extract(cfg: ExtractConfig, stop: _StopOnSignal, leases: list) -> ExtractResult:
     import ray
 
     from featurestore.config import AUTO_BATCH, ConfigError
@@ -345,6 +348,11 @@ def _extract(cfg: ExtractConfig, stop: _StopOnSignal) -> ExtractResult:
             raise ExtractError(
                 f"{cfg.output} holds a single-model store; with several models OUTPUT is a parent folder of "
                 f"one store per model (OUTPUT/<model>): choose a new output")
+
+    # One writer at a time (see featurestore.lease): refused here, before any worker starts.
+    from featurestore.lease import WriterLease
+
+    leases.append(WriterLease(cfg.output, storage_options=storage).acquire())
 
     # The plan: stored on first run, reused on resume, so the shards never move. Every store of a
     # multi-model job holds the same plan; a store that lost (or never had) its plan gets it back.

@@ -42,6 +42,7 @@ SHARD_FORMAT = "featurestore.shard/1"
 DTYPES = ("float32", "float16")
 COMPRESSIONS = (None, "none", "lzf", "gzip")
 _SHARD_RE = re.compile(r"^shard-(\d{5,})\.h5$")
+LEASE_FILE = ".writer.json"  # featurestore.lease: which extraction is writing here now
 _ATOMIC_PUT = {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl", "memory"}
 _BLOCK = 4 << 20
 
@@ -191,15 +192,23 @@ class _Loc:
             pass
 
     def remove_tree(self) -> None:
+        """Everything but the writer's lease (the run that wipes is the one that holds it)."""
         if self.local:
-            shutil.rmtree(self.root, ignore_errors=True)
+            for name in self.listdir(""):
+                path = self.path(name)
+                if name in (LEASE_FILE, "store.json"):
+                    continue
+                if os.path.isdir(path) and not os.path.islink(path):
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    self.remove(name)
         else:
             self.refresh()
             if self.fs.exists(self.root):
                 for p in self.fs.find(self.root, detail=False):
-                    if not p.endswith("/store.json"):
+                    if not p.endswith(("/store.json", f"/{LEASE_FILE}")):
                         self.fs.rm_file(p)
-                self.remove("store.json")  # last: an interrupted wipe still looks like a store
+        self.remove("store.json")  # last: an interrupted wipe still looks like a store
 
     def makedirs(self) -> None:
         if self.local:
@@ -527,7 +536,7 @@ class StoreWriter:
         self.storage_options = self.loc.storage_options
         self.config = _jsonable(dict(config))
         existing = _read_meta(self.loc)
-        if existing is None and self.loc.listdir("") not in ([], ["shards"]):
+        if existing is None and [n for n in self.loc.listdir("") if n != LEASE_FILE] not in ([], ["shards"]):
             raise StoreError(
                 f"{self.uri} exists, is not empty and holds no store.json; refusing to write into it "
                 f"(choose a new or empty output)"

@@ -293,6 +293,26 @@ def test_sigterm_and_ctrl_c_stop_cleanly_then_resume(tmp_path, ray_local):
     assert featurestore.verify(str(out)).ok
 
 
+def test_second_extraction_on_a_busy_output_is_refused_before_any_worker_starts(tmp_path, ray_local):
+    from featurestore.lease import LEASE_FILE, StoreBusy
+
+    src = make_images(tmp_path / "src", per_class=2)
+    out = tmp_path / "store"
+    hold = "import sys, time; from featurestore.lease import WriterLease; WriterLease(sys.argv[1]).acquire(); " \
+           "print('held', flush=True); time.sleep(600)"
+    holder = subprocess.Popen([sys.executable, "-c", hold, str(out)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(StoreBusy, match=f"being written by another extraction \\(pid {holder.pid}"):
+            extract(ExtractConfig(source=str(src), output=str(out), **SMALL))
+        assert not (out / "shards").exists()  # refused before anything was written
+    finally:
+        holder.kill()
+        holder.wait()
+    res = extract(ExtractConfig(source=str(src), output=str(out), **SMALL))  # the holder died: taken over
+    assert res.rows == 6 and not (out / LEASE_FILE).exists()
+
+
 def test_actor_killed_midway_store_complete_and_exact(tmp_path, ray_local):
     src = make_images(tmp_path / "src", per_class=12)
     full = tmp_path / "full"

@@ -1,0 +1,62 @@
+"""The writer lease: one extraction per output, with real files and real processes."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from featurestore.lease import LEASE_FILE, StoreBusy, WriterLease
+
+HOLD = "import sys, time; from featurestore.lease import WriterLease; WriterLease(sys.argv[1]).acquire(); " \
+       "print('held', flush=True); time.sleep(600)"
+
+
+def _hold(out) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, "-c", HOLD, str(out)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
+def test_a_live_process_holds_the_output_and_a_dead_one_frees_it(tmp_path):
+    out = tmp_path / "store"
+    holder = _hold(out)
+    try:
+        with pytest.raises(StoreBusy, match=rf"pid {holder.pid} on host .*process {holder.pid} on this host is alive"):
+            WriterLease(str(out)).acquire()
+    finally:
+        holder.kill()
+        holder.wait()
+    lease = WriterLease(str(out)).acquire()  # its holder died (SIGKILL): taken over at once
+    assert json.loads((out / LEASE_FILE).read_text())["pid"] == os.getpid()
+    lease.release()
+    assert not (out / LEASE_FILE).exists()
+
+
+def test_a_lease_from_another_host_expires_after_its_last_heartbeat(tmp_path):
+    out = tmp_path / "store"
+    out.mkdir()
+    other = {"token": "t", "host": f"not-{socket.gethostname()}", "pid": 1, "started": time.time() - 600}
+    (out / LEASE_FILE).write_text(json.dumps({**other, "renewed": time.time() - 10}))
+    with pytest.raises(StoreBusy, match="last heartbeat 10s ago"):
+        WriterLease(str(out), expire_s=120).acquire()
+    (out / LEASE_FILE).write_text(json.dumps({**other, "renewed": time.time() - 500}))
+    lease = WriterLease(str(out), expire_s=120, heartbeat_s=0.1).acquire()
+    first = json.loads((out / LEASE_FILE).read_text())["renewed"]
+    time.sleep(0.5)
+    assert json.loads((out / LEASE_FILE).read_text())["renewed"] > first  # the heartbeat runs
+    lease.release()
+    assert not (out / LEASE_FILE).exists()
+
+
+def test_release_leaves_a_lease_taken_over_by_another_run(tmp_path):
+    out = tmp_path / "store"
+    mine = WriterLease(str(out), heartbeat_s=3600).acquire()
+    theirs = {"token": "theirs", "host": "elsewhere", "pid": 1, "started": time.time(), "renewed": time.time()}
+    (out / LEASE_FILE).write_text(json.dumps(theirs))
+    mine.release()
+    assert json.loads((out / LEASE_FILE).read_text())["token"] == "theirs"
