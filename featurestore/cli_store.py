@@ -53,6 +53,11 @@ def inspect_cmd(store: str, as_json: bool, storage_options: str | None) -> None:
     ]
     for layer, meta in info["layers"].items():
         rows.append((f"layer {layer}", f"{tuple(meta['shape'])} {meta['dtype']}"))
+    writer = info.get("writer")
+    if writer:
+        state = "running" if writer["live"] else "gone; the next run takes over"
+        rows.append(("writer", f"pid {writer['pid']} on {writer['host']}, last heartbeat "
+                               f"{writer['seconds_since_heartbeat']:.0f}s ago ({state})"))
     rows.append(("created", f"{info['created']}  (updated {info['updated']})"))
     rows.append(("versions", "  ".join(f"{k}={v}" for k, v in info["versions"].items())))
     width = max(len(k) for k, _ in rows)

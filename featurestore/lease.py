@@ -124,3 +124,16 @@ class WriterLease:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+def writer_status(uri: str, storage_options: dict | None = None) -> dict | None:
+    """Who holds the output's lease and whether it looks alive (for `featurestore inspect`)."""
+    probe = WriterLease(uri, storage_options)
+    other = probe.read()
+    if other is None:
+        return None
+    why = probe.why_live(other)
+    return {"host": other.get("host"), "pid": other.get("pid"), "started": other.get("started"),
+            "seconds_since_heartbeat": round(time.time() - float(other.get("renewed", 0)), 1),
+            "live": why is not None, "why": why or "its process is gone or its heartbeat expired"}
+

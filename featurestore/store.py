@@ -1356,6 +1356,9 @@ def inspect(uri: str, storage_options: dict | None = None) -> dict:
         "versions": meta.get("versions", {}),
         "config": cfg,
     }
+    from featurestore.lease import writer_status  # lease imports this module
+
+    out["writer"] = writer_status(loc.uri, storage_options)
     if meta.get("status") in ("complete", "incomplete") and loc.exists("manifest.parquet"):
         man = loc.read_parquet("manifest.parquet")
         labels = man["label"].to_numpy()

@@ -60,3 +60,26 @@ def test_release_leaves_a_lease_taken_over_by_another_run(tmp_path):
     (out / LEASE_FILE).write_text(json.dumps(theirs))
     mine.release()
     assert json.loads((out / LEASE_FILE).read_text())["token"] == "theirs"
+
+
+def test_inspect_names_the_writer_and_whether_it_is_alive(tmp_path):
+    import numpy as np
+    from click.testing import CliRunner
+
+    from featurestore.cli import main as cli
+    from featurestore.store import inspect, write_store
+
+    out = tmp_path / "store"
+    write_store(str(out), {"avgpool": np.zeros((4, 3), np.float32)}, np.array([0, 1, 0, 1]), ["a", "b"],
+                ids=[f"i{k}" for k in range(4)], config={"model": "m"})
+    assert inspect(str(out))["writer"] is None
+    holder = _hold(out)
+    try:
+        w = inspect(str(out))["writer"]
+        assert w["pid"] == holder.pid and w["live"] is True
+        shown = CliRunner().invoke(cli, ["inspect", str(out)])
+        assert shown.exit_code == 0 and f"pid {holder.pid} on" in shown.output and "(running)" in shown.output
+    finally:
+        holder.kill()
+        holder.wait()
+    assert inspect(str(out))["writer"]["live"] is False
