@@ -5,8 +5,8 @@ a second terminal) would compute every shard twice, and the second would sweep t
 one's temporary files away under it. The lease, `OUT/.writer.json`, names the holder
 (host, pid, start) and is rewritten every HEARTBEAT_S seconds by a daemon thread. Another
 run refuses to start while it is live. A holder that died (SIGKILL, lost node) leaves the
-file behind: on the same host a dead pid frees it at once, elsewhere it expires EXPIRE_S
-seconds after its last heartbeat. It is advisory (object stores offer no atomic
+file behind: on the same host (and pid namespace) a dead pid frees it at once, elsewhere it
+expires EXPIRE_S seconds after its last heartbeat. It is advisory (object stores offer no atomic
 create-if-absent through fsspec), which is enough to stop the accidents above.
 """
 from __future__ import annotations
@@ -43,14 +43,25 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _pid_namespace() -> str | None:
+    """Which pid namespace this process is in: a pid means the same process only within one
+    (containers sharing a hostname, e.g. with host networking, have their own)."""
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return None
+
+
 class WriterLease:
+    """The lease of one output: `acquire()` ... `release()`, or `with WriterLease(uri):`."""
+
     def __init__(self, uri: str, storage_options: dict | None = None, *, heartbeat_s: float = HEARTBEAT_S,
                  expire_s: float = EXPIRE_S):
         self.loc = _Loc(uri, storage_options)
         self.heartbeat_s, self.expire_s = heartbeat_s, expire_s
         self.token = uuid.uuid4().hex
         self.holder = {"token": self.token, "host": socket.gethostname(), "pid": os.getpid(),
-                       "started": time.time()}
+                       "pid_namespace": _pid_namespace(), "started": time.time()}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -66,9 +77,10 @@ class WriterLease:
         """Why `other` still holds the lease, or None when it is free to take."""
         now = time.time() if now is None else now
         age = now - float(other.get("renewed", 0))
-        same_host = other.get("host") == self.holder["host"]
+        same_pids = (other.get("host") == self.holder["host"] and self.holder["pid_namespace"] is not None
+                     and other.get("pid_namespace") == self.holder["pid_namespace"])
         pid = int(other.get("pid", -1))
-        if same_host and pid != os.getpid():
+        if same_pids and pid != os.getpid():
             return f"process {pid} on this host is alive" if pid > 0 and _pid_alive(pid) else None
         if age < self.expire_s:
             return f"last heartbeat {age:.0f}s ago, expires after {self.expire_s:.0f}s without one"

@@ -83,3 +83,19 @@ def test_inspect_names_the_writer_and_whether_it_is_alive(tmp_path):
         holder.kill()
         holder.wait()
     assert inspect(str(out))["writer"]["live"] is False
+
+
+def test_same_hostname_in_another_pid_namespace_is_judged_by_heartbeat(tmp_path):
+    """Containers sharing a hostname (host networking) have their own pids: a pid that is
+    dead here may be alive there, so only the heartbeat can free the lease."""
+    out = tmp_path / "store"
+    out.mkdir()
+    dead_here = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead_here.wait()
+    other = {"token": "t", "host": socket.gethostname(), "pid": dead_here.pid, "pid_namespace": "pid:[1]",
+             "started": time.time(), "renewed": time.time() - 5}
+    (out / LEASE_FILE).write_text(json.dumps(other))
+    with pytest.raises(StoreBusy, match="last heartbeat 5s ago"):
+        WriterLease(str(out)).acquire()
+    (out / LEASE_FILE).write_text(json.dumps({**other, "pid_namespace": WriterLease(str(out)).holder["pid_namespace"]}))
+    WriterLease(str(out)).acquire().release()  # same namespace: the dead pid frees it at once
