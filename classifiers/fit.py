@@ -207,16 +207,16 @@ def _fit_in_memory(feats, labels, train_rows, head, grid, cv, class_weight, l2, 
         model = None
     if model is None:
         fit_kw: dict[str, Any] = {}
-        if needs_calibration(head) and class_weight is not None:
-            # Platt's sigmoid fitted on unweighted rows moves the threshold back to the majority
-            # class and undoes the weighting. Give the SVM and its calibrator the same per-row
-            # weights instead (for the SVM, the same as class_weight).
+        # Platt's sigmoid fitted on unweighted rows moves the threshold back to the majority
+        # class and undoes the weighting. Give the SVM and its calibrator the same per-row
+        # weights instead (for the SVM, the same as class_weight).
+        weigh_rows = needs_calibration(head) and class_weight is not None
+        if weigh_rows:
             from sklearn.utils.class_weight import compute_sample_weight
 
             fit_kw["clf__sample_weight"] = compute_sample_weight(class_weight, y)
-            model = make_pipeline(head, l2=l2, class_weight=None, seed=seed, loss=loss, **params)
-        else:
-            model = make_pipeline(head, l2=l2, class_weight=class_weight, seed=seed, loss=loss, **params)
+        model = make_pipeline(head, l2=l2, class_weight=None if weigh_rows else class_weight, seed=seed, loss=loss,
+                              **params)
         if needs_calibration(head):
             model = calibrated(model, cv=max(2, min(3, min_count)))
         model.fit(X, y, **fit_kw)

@@ -36,10 +36,8 @@ def _pid_alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:  # someone else's process: alive
-        return True
-    except OSError:
-        return True
+    except OSError:  # e.g. PermissionError: someone else's process, alive
+        pass
     return True
 
 
@@ -53,7 +51,7 @@ def _pid_namespace() -> str | None:
 
 
 class WriterLease:
-    """The lease of one output: `acquire()` ... `release()`, or `with WriterLease(uri):`."""
+    """The lease of one output: `acquire()`, then `release()` however the job ends."""
 
     def __init__(self, uri: str, storage_options: dict | None = None, *, heartbeat_s: float = HEARTBEAT_S,
                  expire_s: float = EXPIRE_S):
@@ -130,12 +128,6 @@ class WriterLease:
                 self.loc.remove(LEASE_FILE)
         except Exception as exc:
             log.warning("%s: could not remove the writer lease (it expires by itself): %s", self.loc.uri, exc)
-
-    def __enter__(self) -> "WriterLease":
-        return self.acquire()
-
-    def __exit__(self, *exc) -> None:
-        self.release()
 
 
 def writer_status(uri: str, storage_options: dict | None = None) -> dict | None:
