@@ -5,7 +5,7 @@
 
 For each actor count and each image count, runs featurestore.extract (embedded Ray,
 fresh store) and samples, every 0.1 s, the resident memory (RSS) of the driver plus every
-extraction actor process (`ray::ShardExtractor`); Ray's own daemons (raylet, GCS) are not
+extraction actor process (`ray::ExtractorActor`); Ray's own daemons (raylet, GCS) are not
 counted. Prints images/s (wall clock of the call, and after the actors were ready) and the
 peak, with the ratios that matter: images/s against one actor, and peak(x10)/peak(x1):
 memory must stay flat as the image count grows, because shards stream through a bounded
@@ -47,7 +47,7 @@ def _ppid(pid: int) -> int:
 
 
 def _actor_pids() -> list[int]:
-    """This driver's extraction actors: `ray::ShardExtractor...` processes whose raylet this process started.
+    """This driver's extraction actors: `ray::ExtractorActor...` processes whose raylet this process started.
 
     Other Ray instances on the machine (a colleague's tests) have their own raylets and are not counted.
     """
@@ -62,7 +62,7 @@ def _actor_pids() -> list[int]:
         except OSError:
             continue
     raylets = {pid for pid, cmd in procs.items() if b"raylet" in cmd.split(b"\0")[0] and _ppid(pid) == me}
-    return [pid for pid, cmd in procs.items() if cmd.startswith(b"ray::ShardExtractor") and _ppid(pid) in raylets]
+    return [pid for pid, cmd in procs.items() if cmd.startswith(b"ray::ExtractorActor") and _ppid(pid) in raylets]
 
 
 class PeakMemory:
@@ -140,7 +140,7 @@ def main(argv=None) -> int:
     ray.init(num_cpus=cores, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     print(f"# {args.model}, random init; images from {args.images} ({len(found)} files, repeated by symlink); "
           f"{cores} CPUs; torch {torch.__version__}; batch {batch}; shard {args.shard_size}; "
-          f"RSS = driver + ShardExtractor actors, sampled every 0.1 s")
+          f"RSS = driver + ExtractorActor actors, sampled every 0.1 s")
     print(f"{'actors':>6}{'images':>8}{'img/s':>9}{'steady':>9}{'vs 1 actor':>12}{'peak MiB':>10}"
           f"{'actors MiB':>12}{f'peak x{args.factor}/x1':>13}")
     try:

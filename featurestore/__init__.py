@@ -19,7 +19,7 @@ _EXPORTS = {
     "LayerInfo": "featurestore.backbones:LayerInfo",
     "ModelInfo": "featurestore.zoo:ModelInfo",
     "UnknownModelError": "featurestore.zoo:UnknownModelError",
-    "UnknownLayerError": "featurestore.backbones:UnknownLayerError",
+    "UnknownLayerError": "featurestore.zoo:UnknownLayerError",
     "WeightsError": "featurestore.weights:WeightsError",
     "Preprocessing": "featurestore.preprocess:Preprocessing",
     "decode_image": "featurestore.decode:decode_image",

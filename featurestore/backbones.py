@@ -21,7 +21,7 @@ from .preprocess import Preprocessing
 from .weights import (DEFAULT_NAMED, NAMED_SOURCES, WeightsError, fetch_timm_pretrained, fetch_torchvision,
                       is_file_spec, load_strict, torchvision_offline_error, named_state_dict, read_state_dict, state_dict_sha256,
                       torchvision_enum)
-from .zoo import ModelInfo, UnknownModelError, canonical_name, family_of
+from .zoo import ModelInfo, UnknownLayerError, UnknownModelError, canonical_name, family_of
 from .zoo import list_models as _zoo_list_models
 
 __all__ = ["Backbone", "LayerInfo", "load_backbone", "list_models", "list_layers", "classify",
@@ -34,10 +34,6 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 _DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Identity)
 _PARAMETRIC = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.MultiheadAttention)
-
-
-class UnknownLayerError(ValueError):
-    """A layer name the model does not have; names the closest valid ones."""
 
 
 def list_models(family: str | None = None, max_params: float | None = None,

@@ -21,6 +21,7 @@ DTYPES = ("float32", "float16")
 COMPRESSIONS = ("none", "lzf", "gzip")
 DECODES = ("draft", "full", "gpu")
 AUTO_BATCH = "auto"
+DEFAULT_SHARD_SIZE = 1024  # rows per shard when the job does not say
 ANY_MODEL = "*"  # key of a per-model mapping (weights, layers) that applies to models not named
 
 
@@ -56,6 +57,8 @@ class ExtractConfig:
     batch_size: images per forward pass, or "auto": chosen by each actor from a measured
              trial against its free GPU memory (a fixed CPU_AUTO_BATCH on CPU).
     compile: torch.compile the backbones in the actors (falls back to eager if compiling fails).
+    shard_size: rows per shard; None: DEFAULT_SHARD_SIZE, or fewer when the input is small,
+             so that every actor gets at least two shards (see engine.auto_shard_size).
     """
 
     source: str
@@ -70,7 +73,7 @@ class ExtractConfig:
     decode: Literal["draft", "full", "gpu"] = "draft"
     batch_size: int | Literal["auto"] = 32
     compile: bool = False
-    shard_size: int = 1024
+    shard_size: int | None = None
     dtype: Literal["float32", "float16"] = "float32"
     compression: Literal["none", "lzf", "gzip"] = "none"
     address: str | None = None  # None: an embedded local Ray instance

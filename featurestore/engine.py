@@ -185,8 +185,26 @@ def cpu_threads_per_actor(cpus: int) -> int:
     return 2 if cpus <= 16 else 4
 
 
-def plan_placement(cfg: ExtractConfig, resources: dict[str, float], num_shards: int) -> Placement:
-    """Size actors to the cluster: one per GPU, or CPU actors whose threads add up to the cores."""
+def auto_shard_size(num_inputs: int, actors: int) -> int:
+    """Rows per shard when the job does not say: DEFAULT_SHARD_SIZE, or fewer for a small input.
+
+    A shard is the unit of work, so a 900-image job in one 1024-row shard kept one actor busy
+    and the others idle; at least two shards per actor also lets a fast actor take over the
+    tail of a slow one. MIN_AUTO_SHARD_SIZE keeps the per-shard cost (a file, a commit) small.
+    """
+    from featurestore.config import DEFAULT_SHARD_SIZE
+
+    per_actor = -(-max(num_inputs, 1) // (2 * max(actors, 1)))
+    return max(MIN_AUTO_SHARD_SIZE, min(DEFAULT_SHARD_SIZE, per_actor))
+
+
+MIN_AUTO_SHARD_SIZE = 64
+
+
+def plan_placement(cfg: ExtractConfig, resources: dict[str, float], num_shards: int | None) -> Placement:
+    """Size actors to the cluster: one per GPU, or CPU actors whose threads add up to the cores.
+
+    num_shards caps the actors (None: not yet known, no cap)."""
     gpus = float(resources.get("GPU", 0))
     cpus = float(resources.get("CPU", os.cpu_count() or 1))
     gpus_per_actor = cfg.gpus_per_actor if cfg.gpus_per_actor is not None else (1.0 if gpus >= 1 else 0.0)
@@ -212,7 +230,7 @@ def plan_placement(cfg: ExtractConfig, resources: dict[str, float], num_shards: 
         # A CPU actor's forward pass is far slower than decoding one image at the draft size,
         # so one reading thread per torch thread keeps it fed without stealing its cores.
         decode_threads = cfg.decode_threads or max(1, int(cpus_per_actor))
-    actors = max(1, min(actors, num_shards)) if num_shards else 1
+    actors = max(1, actors if num_shards is None else min(actors, num_shards))
     return Placement(actors, float(cpus_per_actor), float(gpus_per_actor), torch_threads, decode_threads)
 
 
@@ -280,6 +298,31 @@ class Progress:
 # ---------------------------------------------------------------------------------
 # The job
 # ---------------------------------------------------------------------------------
+class ExtractorActor:
+    """The Ray actor: a ShardExtractor built in the actor's own process.
+
+    The class lives in this light module so that the driver can name it without
+    importing torch and torchvision, which takes seconds before Ray even starts.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        from featurestore.extractor import ShardExtractor
+
+        self._extractor = ShardExtractor(*args, **kwargs)
+
+    def configs(self) -> list[dict[str, Any]]:
+        return self._extractor.configs()
+
+    def info(self) -> dict[str, Any]:
+        return self._extractor.info()
+
+    def poll(self) -> tuple[int, int]:
+        return self._extractor.poll()
+
+    def process(self, shard, stores=None):
+        return self._extractor.process(shard, stores)
+
+
 def _actor_options(p: Placement) -> dict[str, Any]:
     return {"num_cpus": p.num_cpus, "num_gpus": p.num_gpus, "max_concurrency": 2, "max_restarts": 0}
 
@@ -328,8 +371,10 @@ def _extract(cfg: ExtractConfig, stop: _StopOnSignal, leases: list) -> ExtractRe
     if cfg.batch_size != AUTO_BATCH and (isinstance(cfg.batch_size, bool) or not isinstance(cfg.batch_size, int)
                                          or cfg.batch_size < 1):
         raise ExtractError(f"--batch-size must be a positive integer or 'auto', got {cfg.batch_size!r}")
-    if cfg.shard_size < 1:
-        raise ExtractError("--batch-size and --shard-size must be positive integers")
+    if cfg.shard_size is not None and (isinstance(cfg.shard_size, bool) or not isinstance(cfg.shard_size, int)
+                                       or cfg.shard_size < 1):
+        raise ExtractError(f"--shard-size must be a positive integer (rows per shard), got {cfg.shard_size!r}; "
+                           "leave it out for the default")
     try:
         backbones = cfg.backbones()
         outputs = cfg.outputs()
@@ -364,9 +409,10 @@ def _extract(cfg: ExtractConfig, stop: _StopOnSignal, leases: list) -> ExtractRe
             raise ExtractError(
                 f"the stores {found[0][0]} and {u} hold different plans (images or shard size); they were not "
                 f"made by one multi-model run. Write to a new output, or pass --overwrite to start them again")
+    listing = None
     if existing_plan is not None:
         plan = existing_plan
-        if plan.shard_size != cfg.shard_size:
+        if cfg.shard_size is not None and plan.shard_size != cfg.shard_size:
             log.warning("resuming with the store's shard size %d (asked: %d)", plan.shard_size, cfg.shard_size)
         log.info("resuming: %d inputs in %d shards from the stored plan", len(plan.ids), plan.num_shards)
     else:
@@ -376,19 +422,21 @@ def _extract(cfg: ExtractConfig, stop: _StopOnSignal, leases: list) -> ExtractRe
         if not listing.ids:
             raise ExtractError(f"{cfg.source}: no images found (looked for image files in a folder per class, "
                                "or a CSV/Parquet manifest with a 'path' column)")
-        plan = make_plan(listing, cfg.shard_size)
-        log.info("listed %d inputs in %.1fs: %d classes, %d shards", len(plan.ids), time.perf_counter() - t0,
-                 len(plan.label_names), plan.num_shards)
+        log.info("listed %d inputs in %.1fs: %d classes", len(listing.ids), time.perf_counter() - t0,
+                 len(listing.label_names))
 
-    from featurestore.extractor import ShardExtractor
     from jobs.specs import check_output_reachable
 
     connect(cfg.address)  # an embedded instance stays up for the process; Ray stops it at exit
     stop.arm()
     check_output_reachable(cfg.output, cfg.address)  # a local output on a multi-node cluster is refused
     resources = ray.cluster_resources()
+    if listing is not None:  # a new plan: its shard size may depend on how many actors the cluster holds
+        shard_size = cfg.shard_size or auto_shard_size(len(listing.ids), plan_placement(cfg, resources, None).actors)
+        plan = make_plan(listing, shard_size)
+        log.info("plan: %d shards of up to %d rows", plan.num_shards, plan.shard_size)
     placement = plan_placement(cfg, resources, plan.num_shards)
-    RemoteExtractor = ray.remote(ShardExtractor)
+    RemoteExtractor = ray.remote(ExtractorActor)
     # A debugging knob for the compiler backend (e.g. "eager", "aot_eager"); inductor by default.
     compile_backend = os.environ.get("FEATURESTORE_COMPILE_BACKEND") or None
 

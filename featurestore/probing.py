@@ -85,7 +85,7 @@ class ProbeConfig:
     crop: Literal["center", "squash", "pad"] = "center"
     decode: Literal["draft", "full"] = "draft"
     batch_size: int = 32
-    shard_size: int = 1024
+    shard_size: int | None = None  # None: ExtractConfig's default (shrinks for small inputs)
     dtype: Literal["float32", "float16"] = "float32"
     address: str | None = None  # None: an embedded local Ray instance
     actors: int | None = None

@@ -1144,7 +1144,8 @@ class StoreReader:
 
     def torch_dataset(self, layer: str | None = None, transform=None):
         """A torch Dataset of (features tensor, label); safe with DataLoader worker processes."""
-        return FeatureDataset(self, self._layer(layer), transform)
+        cls = globals().get("FeatureDataset") or _feature_dataset_class()
+        return cls(self, self._layer(layer), transform)
 
     def manifest(self):
         return self.loc.read_parquet("manifest.parquet")
@@ -1153,33 +1154,40 @@ class StoreReader:
         return self.loc.read_parquet("errors.parquet")
 
 
-def _dataset_base():
-    try:
-        from torch.utils.data import Dataset
+def _feature_dataset_class():
+    """FeatureDataset, built on first use: importing torch takes seconds that a job's driver,
+    `inspect` or `train` should not pay just for reading a store."""
+    from torch.utils.data import Dataset
 
-        return Dataset
-    except ImportError:  # pragma: no cover - torch is a dependency
-        return object
+    class FeatureDataset(Dataset):
+        """Rows of one layer as (torch.Tensor, int label); each worker process opens its own files."""
+
+        def __init__(self, reader: StoreReader, layer: str, transform=None):
+            self.reader, self.layer, self.transform = reader, layer, transform
+            self._feats = reader.features(layer)
+            self._labels = reader.labels
+
+        def __len__(self) -> int:
+            return len(self.reader)
+
+        def __getitem__(self, i: int):
+            import torch
+
+            x = torch.from_numpy(np.ascontiguousarray(self._feats[int(i)]))
+            if self.transform is not None:
+                x = self.transform(x)
+            return x, int(self._labels[int(i)])
+
+    FeatureDataset.__module__ = __name__
+    FeatureDataset.__qualname__ = "FeatureDataset"  # pickled by name: spawned DataLoader workers find it
+    globals()["FeatureDataset"] = FeatureDataset
+    return FeatureDataset
 
 
-class FeatureDataset(_dataset_base()):  # type: ignore[misc]
-    """Rows of one layer as (torch.Tensor, int label); each worker process opens its own files."""
-
-    def __init__(self, reader: StoreReader, layer: str, transform=None):
-        self.reader, self.layer, self.transform = reader, layer, transform
-        self._feats = reader.features(layer)
-        self._labels = reader.labels
-
-    def __len__(self) -> int:
-        return len(self.reader)
-
-    def __getitem__(self, i: int):
-        import torch
-
-        x = torch.from_numpy(np.ascontiguousarray(self._feats[int(i)]))
-        if self.transform is not None:
-            x = self.transform(x)
-        return x, int(self._labels[int(i)])
+def __getattr__(name: str):
+    if name == "FeatureDataset":
+        return _feature_dataset_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def open_store(uri: str, storage_options: dict | None = None, **kwargs) -> StoreReader:

@@ -12,9 +12,10 @@ import hashlib
 import io
 import os
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
-import torch
+if TYPE_CHECKING:
+    import torch  # imported where used: a job's driver checks weights without paying for torch
 
 __all__ = [
     "WeightsError", "NAMED_SOURCES", "NamedSource", "state_dict_sha256", "file_sha256",
@@ -37,6 +38,8 @@ def state_dict_sha256(sd: dict[str, torch.Tensor]) -> str:
     Independent of file format and key order, so the same numbers always give the same hash
     (a converted package file and the equivalent .pth agree).
     """
+    import torch
+
     h = hashlib.sha256()
     for key in sorted(sd):
         t = sd[key]
@@ -66,6 +69,8 @@ def is_file_spec(weights: str) -> bool:
 
 
 def _unwrap(obj: Any, uri: str) -> dict[str, torch.Tensor]:
+    import torch
+
     if isinstance(obj, torch.nn.Module):
         obj = obj.state_dict()
     if isinstance(obj, dict):
@@ -86,6 +91,7 @@ def read_state_dict(uri: str, storage_options: dict | None = None) -> tuple[dict
     Returns (state_dict, sha256 of the file bytes).
     """
     import fsspec
+    import torch
 
     path = os.path.expanduser(uri)
     try:
@@ -159,6 +165,8 @@ def torchvision_enum(model_name: str, weights: str):
 
 
 def _hub_cache_file(url: str) -> str:
+    import torch
+
     return os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url.split("?")[0]))
 
 

@@ -14,8 +14,8 @@ from dataclasses import asdict, dataclass
 from functools import lru_cache
 from typing import Any
 
-__all__ = ["ModelInfo", "UnknownModelError", "ALIASES", "canonical_name", "family_of", "list_models",
-           "model_info", "torchvision_models", "DEFAULT_MODEL"]
+__all__ = ["ModelInfo", "UnknownModelError", "UnknownLayerError", "ALIASES", "canonical_name", "family_of",
+           "list_models", "model_info", "torchvision_models", "DEFAULT_MODEL"]
 
 DEFAULT_MODEL = "efficientnet_lite0"
 # Friendly names for models whose weights ship offline.
@@ -36,6 +36,10 @@ _FAMILIES = [
 
 class UnknownModelError(ValueError):
     """A model name that is neither a torchvision classifier nor a timm model; names the closest ones."""
+
+
+class UnknownLayerError(ValueError):
+    """A layer name the model does not have; names the closest valid ones (raised by backbones)."""
 
 
 def family_of(name: str) -> str:
@@ -76,7 +80,9 @@ def canonical_name(name: str) -> str:
         raise UnknownModelError(
             f"unknown timm model {base!r}" + (f"; closest: {', '.join('timm:' + c for c in close)}" if close else "")
             + "; list them with timm.list_models()")
-    if name in torchvision_models():
+    # The traced table names torchvision's classifiers without importing torchvision, which
+    # takes seconds (torch._dynamo); the driver of a job needs only the name.
+    if name in _TV_TRACED or name in torchvision_models():
         return name
     if name in _timm_models():
         return "timm:" + name

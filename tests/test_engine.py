@@ -326,7 +326,7 @@ def test_actor_killed_midway_store_complete_and_exact(tmp_path, ray_local):
     deadline = time.time() + 180
     while time.time() < deadline and not killed:
         if (out / "shards").exists() and list((out / "shards").glob("shard-*.h5")):
-            found = subprocess.run(["pgrep", "-f", "ray::ShardExtractor.process"], capture_output=True, text=True)
+            found = subprocess.run(["pgrep", "-f", "ray::ExtractorActor.process"], capture_output=True, text=True)
             pids = [int(p) for p in found.stdout.split()]
             if pids:
                 os.kill(pids[0], signal.SIGKILL)
@@ -364,3 +364,31 @@ def test_cpu_placement_prefers_thin_actors_and_honours_overrides():
     assert (split.actors, split.torch_threads, split.decode_threads) == (2, 4, 3)
     gpu = plan_placement(cfg, {"CPU": 16.0, "GPU": 2.0}, num_shards=10)
     assert (gpu.actors, gpu.num_gpus, gpu.num_cpus) == (2, 1.0, 8.0)
+
+
+def test_default_shard_size_gives_every_actor_work():
+    from featurestore.engine import auto_shard_size
+
+    assert auto_shard_size(900, 2) == 225  # four shards: two per actor, not one shard for one actor
+    assert auto_shard_size(100_000, 8) == 1024  # large inputs keep the full default
+    assert auto_shard_size(5_000, 8) == 313
+    assert auto_shard_size(10, 4) == 64  # never tiny shards
+    assert auto_shard_size(0, 1) == 64
+
+
+def test_small_input_without_shard_size_is_spread_over_the_actors(tmp_path, ray_local, monkeypatch):
+    import featurestore.engine as engine
+
+    monkeypatch.setattr(engine, "MIN_AUTO_SHARD_SIZE", 2)  # the driver decides; 18 images stand for 900
+    src = make_images(tmp_path / "src", per_class=6)
+    out = str(tmp_path / "store")
+    result = extract(ExtractConfig(source=str(src), output=out, actors=2, cpus_per_actor=1, **SMALL))
+    assert result.ok and result.actors == 2
+    assert (result.shards, result.rows) == (4, 18)  # 18 rows / (2 actors x 2 shards) -> shards of 5
+    reader = featurestore.open(out)
+    assert reader.meta["shard_size"] == 5 and len(reader) == 18
+    assert len({i["pid"] for i in result.actor_info}) == 2
+    # a resume reads the stored plan, whatever the default would say now
+    monkeypatch.setattr(engine, "MIN_AUTO_SHARD_SIZE", 64)
+    again = extract(ExtractConfig(source=str(src), output=out, actors=2, cpus_per_actor=1, **SMALL))
+    assert again.computed_shards == [] and again.shards == 4

@@ -52,6 +52,13 @@ def test_names_resolve_or_suggest():
         canonical_name("mobilenetv2")
 
 
+def test_traced_table_names_only_installed_torchvision_models():
+    # canonical_name trusts the table without importing torchvision (a job's driver stays light)
+    from featurestore.zoo import _TV_TRACED, torchvision_models
+
+    assert set(_TV_TRACED) <= set(torchvision_models())
+
+
 def test_stored_trace_matches_a_fresh_trace():
     from featurestore.zoo import _TV_TRACED
 
