@@ -392,3 +392,28 @@ def test_small_input_without_shard_size_is_spread_over_the_actors(tmp_path, ray_
     monkeypatch.setattr(engine, "MIN_AUTO_SHARD_SIZE", 64)
     again = extract(ExtractConfig(source=str(src), output=out, actors=2, cpus_per_actor=1, **SMALL))
     assert again.computed_shards == [] and again.shards == 4
+
+
+def test_the_driver_never_imports_torch(tmp_path):
+    """Importing torch and torchvision takes seconds; a job's driver needs neither (its actors do)."""
+    src = make_images(tmp_path / "src", per_class=2)
+    code = f"""
+import sys
+import ray
+import featurestore
+from featurestore.config import ExtractConfig
+from featurestore.engine import ExtractorActor, preflight
+from featurestore.sources import list_source, make_plan
+from featurestore.store import StoreReader, StoreWriter, verify
+from featurestore.lease import WriterLease
+import featurestore.cli_extract, jobs.specs
+cfg = ExtractConfig(source={str(src)!r}, output="unused", model="resnet18", weights="none")
+preflight(cfg.backbones()[0])
+make_plan(list_source(cfg.source), 4)
+ray.remote(ExtractorActor)
+featurestore.UnknownLayerError, featurestore.ExtractError
+print(sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "torchvision")))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().splitlines()[-1] == "[]"

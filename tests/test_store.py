@@ -86,9 +86,13 @@ def test_iter_batches_select_and_torch(store):
     ds = r.torch_dataset()
     x, lab = ds[12]
     assert isinstance(x, torch.Tensor) and torch.equal(x, torch.from_numpy(feats["layer4"][12])) and lab == labels[12]
+    assert isinstance(ds, torch.utils.data.Dataset)
     loader = torch.utils.data.DataLoader(ds, batch_size=8)
     xb = torch.cat([b[0] for b in loader])
     assert torch.equal(xb, torch.from_numpy(feats["layer4"]))
+    # spawned workers unpickle the dataset by its class name (built lazily, on first use)
+    spawned = torch.utils.data.DataLoader(ds, batch_size=8, num_workers=2, multiprocessing_context="spawn")
+    assert torch.equal(torch.cat([b[0] for b in spawned]), xb)
 
 
 def test_shards_are_plain_pyimagesearch_h5(store):
