@@ -160,7 +160,7 @@ def bench_raydata(model, precision, paths, use_gpu: bool) -> float:
 def bench_extract(model, precision, paths, batch_size, out: Path, shard_size=None, **kw) -> tuple[float, float, dict]:
     """(wall images/s, steady images/s, first actor's info) of featurestore.extract.
 
-    Default shard size: eight equal shards, so two to eight actors finish together.
+    Default shard size: extract's own (at least two shards per actor on a small input).
     """
     import pyarrow as pa
     import pyarrow.csv as pacsv
@@ -173,7 +173,7 @@ def bench_extract(model, precision, paths, batch_size, out: Path, shard_size=Non
     t = time.perf_counter()
     res = extract(ExtractConfig(
         source=str(manifest), output=str(out), model=model, weights="none", precision=precision,
-        batch_size=batch_size, shard_size=shard_size or -(-len(paths) // 8), quiet=True, overwrite=True, **kw))
+        batch_size=batch_size, shard_size=shard_size, quiet=True, overwrite=True, **kw))
     wall = time.perf_counter() - t
     assert res.rows == len(paths), res.summary()
     info = {**(res.actor_info[0] if res.actor_info else {}), "actors": res.actors}
@@ -207,7 +207,7 @@ def main(argv=None) -> int:
     ap.add_argument("--batch-size", type=batch_arg, default=32, help="images per forward, or auto")
     ap.add_argument("--compile", action="store_true", help="torch.compile (the ceiling's model and the actors')")
     ap.add_argument("--actors", type=int, default=None, help="extract's --actors")
-    ap.add_argument("--shard-size", type=int, default=None, help="extract's --shard-size (default: 1/8 of the images)")
+    ap.add_argument("--shard-size", type=int, default=None, help="extract's --shard-size (default: extract's own)")
     ap.add_argument("--rounds", type=int, default=1,
                     help="repeat every method N times, interleaved, and keep each one's best (shared machines)")
     ap.add_argument("--skip", default="", help="comma list of methods to skip: ceiling,loop,raydata,extract")
