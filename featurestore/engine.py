@@ -265,6 +265,7 @@ class Progress:
         self.tty = sys.stderr.isatty()
         self.bar = None
         self.last_line = 0.0
+        self.last_done = initial
         if not quiet and self.tty:
             from tqdm import tqdm
 
@@ -280,9 +281,12 @@ class Progress:
             self.bar.refresh()
             return
         now = time.perf_counter()
-        if now - self.last_line < 10 and done < self.total:
+        if done >= self.total:  # the last shards may still be committing: say 100% once
+            if self.last_done >= self.total:
+                return
+        elif now - self.last_line < 10:
             return
-        self.last_line = now
+        self.last_line, self.last_done = now, done
         elapsed = now - self.started
         rate = (done - self.initial) / elapsed if elapsed > 0 else 0.0
         eta = f"{(self.total - done) / rate:.0f}s" if rate > 0 else "unknown"
@@ -427,6 +431,12 @@ def _extract(cfg: ExtractConfig, stop: _StopOnSignal, leases: list) -> ExtractRe
 
     from jobs.specs import check_output_reachable
 
+    def say(message: str) -> None:  # start-up takes seconds: tell the user what is going on
+        if not cfg.quiet:
+            print(f"extract: {message}", file=sys.stderr, flush=True)
+
+    if not ray.is_initialized():
+        say(f"joining the Ray cluster at {cfg.address}" if cfg.address else "starting Ray")
     connect(cfg.address)  # an embedded instance stays up for the process; Ray stops it at exit
     stop.arm()
     check_output_reachable(cfg.output, cfg.address)  # a local output on a multi-node cluster is refused
@@ -449,6 +459,8 @@ def _extract(cfg: ExtractConfig, stop: _StopOnSignal, leases: list) -> ExtractRe
             compile=cfg.compile, compile_backend=compile_backend,
         )
 
+    say(f"{len(plan.ids)} inputs in {plan.num_shards} shard(s); starting {placement.actors} "
+        f"{'GPU' if placement.num_gpus else 'CPU'} actor(s) with {', '.join(b.model for b in backbones)}")
     actors = [new_actor() for _ in range(placement.actors)]
     try:
         backbone_configs = ray.get(actors[0].configs.remote())

@@ -79,6 +79,10 @@ class ShardProgress:
         with self.lock:
             return self.done, self.errors
 
+    def reset(self) -> None:
+        with self.lock:
+            self.done = self.errors = 0
+
 
 def pick_device(requested: str | None = None) -> torch.device:
     if requested:
@@ -566,7 +570,8 @@ class ShardExtractor:
                 "decode": self.decode, "models": [bb.model_name for bb in self.backbones]}
 
     def poll(self) -> tuple[int, int]:
-        """Images done and errors so far (read by the driver for its progress bar)."""
+        """Images done and errors so far in the current shard (the driver's progress bar adds
+        them to the shards it has seen committed, so they count from zero in every shard)."""
         return self.progress.snapshot()
 
     # -- the work ----------------------------------------------------------------------
@@ -661,6 +666,7 @@ class ShardExtractor:
         from featurestore.store import ShardWriter
 
         started = time.perf_counter()
+        self.progress.reset()
         wanted = list(range(len(self.store_uris))) if stores is None else sorted({int(s) for s in stores})
         writers: dict[int, ShardWriter] = {}
         try:

@@ -417,3 +417,23 @@ print(sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "torchvision
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_progress_counts_each_shard_once(tmp_path):
+    """poll() covers the running shard only: the driver already counted the committed ones."""
+    from featurestore.config import BackboneConfig
+    from featurestore.extractor import ShardExtractor
+    from featurestore.sources import list_source, make_plan
+
+    src = make_images(tmp_path / "src", per_class=3)
+    (src / "cat" / "cat_000.jpg").write_bytes(b"not a jpeg")
+    plan = make_plan(list_source(str(src)), 5)
+    ex = ShardExtractor(BackboneConfig(model=MODEL, weights="none", input_size=64), str(tmp_path / "store"),
+                        plan.label_names, batch_size=4, torch_threads=1)
+    try:
+        first = ex.process(plan.shard(0))
+        assert (first.rows, len(first.errors)) == (4, 1) and ex.poll() == (5, 1)
+        ex.process(plan.shard(1))
+        assert ex.poll() == (4, 0)  # not 9: the first shard is not counted again
+    finally:
+        ex.close()
