@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from featurestore.config import ExtractConfig
+from featurestore.config import DEFAULT_SHARD_SIZE, ExtractConfig
 
 log = logging.getLogger("featurestore.extract")
 
@@ -185,6 +185,9 @@ def cpu_threads_per_actor(cpus: int) -> int:
     return 2 if cpus <= 16 else 4
 
 
+MIN_AUTO_SHARD_SIZE = 64  # rows: a smaller default shard costs more in files and commits than it saves
+
+
 def auto_shard_size(num_inputs: int, actors: int) -> int:
     """Rows per shard when the job does not say: DEFAULT_SHARD_SIZE, or fewer for a small input.
 
@@ -192,13 +195,8 @@ def auto_shard_size(num_inputs: int, actors: int) -> int:
     and the others idle; at least two shards per actor also lets a fast actor take over the
     tail of a slow one. MIN_AUTO_SHARD_SIZE keeps the per-shard cost (a file, a commit) small.
     """
-    from featurestore.config import DEFAULT_SHARD_SIZE
-
     per_actor = -(-max(num_inputs, 1) // (2 * max(actors, 1)))
     return max(MIN_AUTO_SHARD_SIZE, min(DEFAULT_SHARD_SIZE, per_actor))
-
-
-MIN_AUTO_SHARD_SIZE = 64
 
 
 def plan_placement(cfg: ExtractConfig, resources: dict[str, float], num_shards: int | None) -> Placement:
