@@ -58,8 +58,9 @@ class _BatchSize(click.ParamType):
 @click.option("--compile/--no-compile", "compile_", default=None,
               help="torch.compile the backbones in each actor (off by default; falls back to eager mode with a "
                    "warning if compiling fails).")
-@click.option("--shard-size", type=int, help="Rows per shard: the unit of work, commit and retry. Default: 1024, or fewer "
-              "for a small input, so that every actor gets at least two shards.")
+@click.option("--shard-size", type=int,
+              help="Rows per shard: the unit of work, commit and retry. Default: 1024, or fewer for a small "
+                   "input, so that every actor gets at least two shards.")
 @click.option("--dtype", type=click.Choice(DTYPES), help="Stored feature dtype. Default: float32.")
 @click.option("--compression", type=click.Choice(COMPRESSIONS), help="HDF5 compression. Default: none.")
 @click.option("--address", help="Ray cluster to join (ray://HOST:10001 or auto). Default: an embedded local instance.")
