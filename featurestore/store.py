@@ -1144,8 +1144,7 @@ class StoreReader:
 
     def torch_dataset(self, layer: str | None = None, transform=None):
         """A torch Dataset of (features tensor, label); safe with DataLoader worker processes."""
-        cls = globals().get("FeatureDataset") or _feature_dataset_class()
-        return cls(self, self._layer(layer), transform)
+        return _feature_dataset_class()(self, self._layer(layer), transform)
 
     def manifest(self):
         return self.loc.read_parquet("manifest.parquet")
@@ -1157,6 +1156,9 @@ class StoreReader:
 def _feature_dataset_class():
     """FeatureDataset, built on first use: importing torch takes seconds that a job's driver,
     `inspect` or `train` should not pay just for reading a store."""
+    built = globals().get("FeatureDataset")
+    if built is not None:
+        return built
     from torch.utils.data import Dataset
 
     class FeatureDataset(Dataset):
