@@ -509,6 +509,7 @@ def _extract(cfg: ExtractConfig, stop: _StopOnSignal, leases: list) -> ExtractRe
     finished_errors = sum(len(i.errors) for i in committed.values())
     nodes: set[str] = set()
     strict_failure: str | None = None
+    interrupted = False
     try:
         while queue or running:
             while queue and idle and strict_failure is None:
@@ -567,9 +568,17 @@ def _extract(cfg: ExtractConfig, stop: _StopOnSignal, leases: list) -> ExtractRe
             progress.update(min(finished_rows + in_flight, len(plan.ids)), finished_errors + in_flight_err)
             if strict_failure and not running:
                 break
+    except KeyboardInterrupt:
+        interrupted = True
+        raise
     finally:
         progress.close()
         _kill(actors)
+        if interrupted:
+            # An actor may have committed a shard whose reply the driver had not read yet: the
+            # stop message counts what the stores hold now that no actor runs.
+            stored = set.intersection(*(set(w.committed()) for w in writers))
+            result.computed_shards = sorted(i for i in stored - set(result.skipped_shards) if i < len(shards))
 
     if strict_failure:
         raise ExtractError(f"stopped by --strict: {strict_failure}; committed shards are kept, "
