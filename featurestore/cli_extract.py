@@ -71,13 +71,18 @@ class _BatchSize(click.ParamType):
 @click.option("--max-retries", type=int, help="Retries of a shard whose worker died. Default: 3.")
 @click.option("--strict/--no-strict", default=None, help="Fail on the first unusable image instead of skipping it.")
 @click.option("--overwrite/--no-overwrite", default=None, help="Replace a store made with another configuration.")
+@click.option("--append/--no-append", default=None,
+              help="Add the images SOURCE holds that OUTPUT lacks (new since the store was planned) as new "
+                   "shards; existing shards are kept. Without it such images stop the run.")
 @click.option("--quiet", "-q", is_flag=True, default=None, help="No progress bar or summary.")
 def extract(source, output, config_path, models, weights, layers, compile_, **flags):
     """Extract features of every image in SOURCE into the sharded HDF5 store OUTPUT.
 
     SOURCE is a folder per class (root/<class>/<image>) or a CSV/Parquet manifest with a
     `path` (and optional `label`) column, on a local path or any fsspec URL (s3://...).
-    Running the same command again resumes: committed shards are skipped.
+    Running the same command again resumes: committed shards are skipped. Images added
+    to SOURCE since the store was planned stop the run with a message; --append adds them
+    as new shards.
 
     Several models, one decode: `--model resnet50 --model efficientnet_b0` writes
     OUTPUT/resnet50 and OUTPUT/efficientnet_b0, two complete stores with the same shards;
@@ -121,7 +126,8 @@ def extract(source, output, config_path, models, weights, layers, compile_, **fl
         result = run_extract(cfg)
     except ExtractError as exc:
         click.echo(f"featurestore extract: {exc}", err=True)
-        sys.exit(1)
+        # 1: shards failed (a re-run retries them); 2: the job could not start as asked
+        sys.exit(1 if exc.result is not None and exc.result.failed_shards else 2)
     except ExtractInterrupted as exc:
         click.echo(f"featurestore extract: {exc}", err=True)
         sys.exit(128 + exc.signum)  # the shell's convention: 130 for Ctrl-C, 143 for SIGTERM

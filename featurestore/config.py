@@ -59,6 +59,8 @@ class ExtractConfig:
     compile: torch.compile the backbones in the actors (falls back to eager if compiling fails).
     shard_size: rows per shard; None: DEFAULT_SHARD_SIZE, or fewer when the input is small,
              so that every actor gets at least two shards (see engine.auto_shard_size).
+    append:  a store's plan is fixed by its first run; inputs that SOURCE holds and the plan
+             lacks are refused, or with append added as new shards after the last one.
     """
 
     source: str
@@ -84,6 +86,7 @@ class ExtractConfig:
     max_retries: int = 3
     strict: bool = False
     overwrite: bool = False
+    append: bool = False  # add inputs that SOURCE holds and the store's plan lacks, as new shards
     label_column: str = "label"
     path_column: str = "path"
     max_image_pixels: int = 100_000_000  # decompression-bomb guard

@@ -1,10 +1,10 @@
 """The Ray engine: plan -> dispatch shards to backbone actors -> commit -> manifest.
 
-The driver is light: it lists the source once (the plan is stored, so a resumed job
-sees the same shards even if the source changed), hands shards to actors as they
-free up, replaces actors that die and retries their shard elsewhere, and finally
-writes the manifest. Shards are the unit of work, commit and retry; a committed
-shard is never recomputed.
+The driver is light: it lists the source, fixes the shards in a stored plan on the first
+run (a resumed job sees the same shards; inputs added to the source since are refused, or
+appended as new shards with --append), hands shards to actors as they free up, replaces
+actors that die and retries their shard elsewhere, and finally writes the manifest.
+Shards are the unit of work, commit and retry; a committed shard is never recomputed.
 """
 from __future__ import annotations
 
@@ -330,8 +330,57 @@ def _actor_options(p: Placement) -> dict[str, Any]:
 
 
 def _plans_agree(a, b) -> bool:
+    if a is b:
+        return True
     return a.shard_size == b.shard_size and list(a.ids) == list(b.ids) and list(a.labels) == list(b.labels) \
-        and list(a.label_names) == list(b.label_names)
+        and list(a.label_names) == list(b.label_names) and list(a.starts) == list(b.starts)
+
+
+def _plan_extends(longer, shorter) -> bool:
+    """True if `shorter`'s shards are `longer`'s first shards (an append that reached some stores only)."""
+    k, n = shorter.num_shards, len(shorter)
+    return longer.shard_size == shorter.shard_size and list(longer.label_names) == list(shorter.label_names) \
+        and longer.num_shards >= k and list(longer.starts[:k]) == list(shorter.starts) \
+        and (k == longer.num_shards or longer.starts[k] == n) \
+        and list(longer.ids[:n]) == list(shorter.ids) and list(longer.labels[:n]) == list(shorter.labels)
+
+
+def _reconcile(plan, listing, cfg: ExtractConfig, say):
+    """The stored plan, or with --append that plan plus the new inputs of `listing` in new shards.
+
+    The plan is fixed by the first run so the shards never move; a source that has grown
+    since is refused (a silent resume would leave the new images out of a "complete" store).
+    """
+    from featurestore.sources import compare
+
+    delta = compare(plan, listing)
+    if delta.unchanged:
+        return plan
+    if delta.gone:
+        log.warning("%d of the store's %d planned inputs are no longer in %s; rows already extracted stay, "
+                    "the others are recorded in errors.parquet", delta.gone, len(plan), cfg.source)
+    if delta.relabeled:
+        log.warning("%d input(s) have another label in %s than in the store; the store keeps the labels it was "
+                    "planned with (--overwrite rebuilds it)", delta.relabeled, cfg.source)
+    if not delta.new_ids:
+        return plan
+    more = f"{len(delta.new_ids)} image(s) that the store {cfg.output} was not planned with " \
+        f"(first: {delta.new_ids[0]})"
+    if not cfg.append:
+        raise ExtractError(
+            f"{cfg.source} holds {more}; the store's plan has {len(plan)} inputs from its first run. Pass "
+            "--append to add them as new shards (existing shards are kept), --overwrite to rebuild the store, "
+            "or choose a new output")
+    if delta.new_classes:
+        raise ExtractError(
+            f"{cfg.source} holds {more}, in class(es) the store has no label for: "
+            f"{', '.join(delta.new_classes[:10])}. Label ids are fixed by the first run's sorted class names "
+            f"({', '.join(plan.label_names[:10]) or 'none: an unlabeled store'}), so new classes cannot be "
+            "appended: rebuild with --overwrite, or write a new store")
+    grown = plan.appended(delta.new_ids, delta.new_labels)
+    say(f"appending {len(delta.new_ids)} new input(s) in {grown.num_shards - plan.num_shards} new shard(s) "
+        f"after the store's {plan.num_shards}")
+    return grown
 
 
 def extract(config: ExtractConfig | None = None, **kwargs: Any) -> ExtractResult:
@@ -405,33 +454,35 @@ def _extract(cfg: ExtractConfig, stop: _StopOnSignal, leases: list) -> ExtractRe
     # multi-model job holds the same plan; a store that lost (or never had) its plan gets it back.
     existing = [None if cfg.overwrite else StoreWriter.existing_plan(u, storage_options=storage) for u in outputs]
     found = [(u, pl) for u, pl in zip(outputs, existing) if pl is not None]
-    existing_plan = found[0][1] if found else None
-    for u, pl in found[1:]:
-        if not _plans_agree(existing_plan, pl):
+    # The longest plan wins: an --append that was stopped between stores left the others a prefix of it.
+    existing_plan = max((pl for _, pl in found), key=lambda pl: pl.num_shards, default=None)
+    for u, pl in found:
+        if not _plan_extends(existing_plan, pl):
             raise ExtractError(
                 f"the stores {found[0][0]} and {u} hold different plans (images or shard size); they were not "
                 f"made by one multi-model run. Write to a new output, or pass --overwrite to start them again")
-    listing = None
-    if existing_plan is not None:
-        plan = existing_plan
-        if cfg.shard_size is not None and plan.shard_size != cfg.shard_size:
-            log.warning("resuming with the store's shard size %d (asked: %d)", plan.shard_size, cfg.shard_size)
-        log.info("resuming: %d inputs in %d shards from the stored plan", len(plan.ids), plan.num_shards)
-    else:
-        t0 = time.perf_counter()
-        listing = list_source(cfg.source, storage_options=storage, path_column=cfg.path_column,
-                              label_column=cfg.label_column)
-        if not listing.ids:
-            raise ExtractError(f"{cfg.source}: no images found (looked for image files in a folder per class, "
-                               "or a CSV/Parquet manifest with a 'path' column)")
-        log.info("listed %d inputs in %.1fs: %d classes", len(listing.ids), time.perf_counter() - t0,
-                 len(listing.label_names))
 
     from jobs.specs import check_output_reachable
 
     def say(message: str) -> None:  # start-up takes seconds: tell the user what is going on
         if not cfg.quiet:
             print(f"extract: {message}", file=sys.stderr, flush=True)
+
+    # Listed on every run: a resume compares the source with the stored plan (see _reconcile).
+    t0 = time.perf_counter()
+    listing = list_source(cfg.source, storage_options=storage, path_column=cfg.path_column,
+                          label_column=cfg.label_column)
+    if not listing.ids:
+        raise ExtractError(f"{cfg.source}: no images found (looked for image files in a folder per class, "
+                           "or a CSV/Parquet manifest with a 'path' column)")
+    log.info("listed %d inputs in %.1fs: %d classes", len(listing.ids), time.perf_counter() - t0,
+             len(listing.label_names))
+    if existing_plan is not None:
+        plan = _reconcile(existing_plan, listing, cfg, say)
+        listing = None  # the plan is the stored one (or grew from it): no new plan below
+        if cfg.shard_size is not None and plan.shard_size != cfg.shard_size:
+            log.warning("resuming with the store's shard size %d (asked: %d)", plan.shard_size, cfg.shard_size)
+        log.info("resuming: %d inputs in %d shards from the stored plan", len(plan.ids), plan.num_shards)
 
     if not ray.is_initialized():
         say(f"joining the Ray cluster at {cfg.address}" if cfg.address else "starting Ray")
@@ -476,7 +527,7 @@ def _extract(cfg: ExtractConfig, stop: _StopOnSignal, leases: list) -> ExtractRe
     for uri, bconf, had_plan in zip(outputs, backbone_configs, existing):
         store_config = {**bconf, "dtype": cfg.dtype, "compression": cfg.compression}
         w = StoreWriter(uri, store_config, plan.label_names, overwrite=cfg.overwrite, storage_options=storage)
-        if had_plan is None:
+        if had_plan is None or not _plans_agree(had_plan, plan):  # a new store, or one that grew (--append)
             w.write_plan(plan)
         writers.append(w)
     commits = [w.committed() for w in writers]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 import posixpath
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -271,45 +271,76 @@ class ShardSpec:
 
 @dataclass
 class Plan:
-    """The listing cut into shards of shard_size rows; stored once so resumes reuse it."""
+    """The listing cut into shards; stored once so resumes reuse it and the shards never move.
+
+    A first run cuts the listing into shards of shard_size rows. An appending run (--append)
+    adds new inputs in new shards after the last one, so a plan's shards are contiguous
+    slices that start at `starts` (None: every shard_size rows).
+    """
 
     ids: list[str]
     labels: np.ndarray
     label_names: list[str]
     shard_size: int
-    _index: dict | None = field(default=None, repr=False, compare=False)
+    starts: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         self.labels = np.asarray(self.labels, dtype=np.int64)
         if self.shard_size < 1:
             raise ValueError(f"shard_size must be >= 1, got {self.shard_size}")
+        n = len(self.ids)
+        if self.starts is None:
+            self.starts = np.arange(0, n, self.shard_size, dtype=np.int64)
+        self.starts = np.asarray(self.starts, dtype=np.int64)
+        s = self.starts
+        if n and (len(s) == 0 or s[0] != 0 or s[-1] >= n or np.any(np.diff(s) <= 0)):
+            raise ValueError(f"plan shard starts must rise from 0 and stay below {n} rows, got {s[:8].tolist()}...")
 
     def __len__(self) -> int:
         return len(self.ids)
 
     @property
     def num_shards(self) -> int:
-        return (len(self.ids) + self.shard_size - 1) // self.shard_size
+        return len(self.starts)
 
-    def shard(self, index: int) -> ShardSpec:
+    def bounds(self, index: int) -> tuple[int, int]:
+        """Rows [lo, hi) of shard `index`."""
         if not 0 <= index < self.num_shards:
             raise IndexError(f"shard {index} out of range (plan has {self.num_shards} shards)")
-        lo, hi = index * self.shard_size, min(len(self.ids), (index + 1) * self.shard_size)
+        lo = int(self.starts[index])
+        hi = int(self.starts[index + 1]) if index + 1 < self.num_shards else len(self.ids)
+        return lo, hi
+
+    def shard_of_rows(self) -> np.ndarray:
+        """The shard index of every row."""
+        shard = np.zeros(len(self.ids), dtype=np.int64)
+        if self.num_shards > 1:
+            shard[self.starts[1:]] = 1
+        return np.cumsum(shard)
+
+    def shard(self, index: int) -> ShardSpec:
+        lo, hi = self.bounds(index)
         return ShardSpec(index, self.ids[lo:hi], self.labels[lo:hi])
 
     def shards(self) -> list[ShardSpec]:
         return [self.shard(i) for i in range(self.num_shards)]
 
+    def appended(self, ids: list[str], labels: np.ndarray) -> "Plan":
+        """This plan with `ids` added as new shards of shard_size rows after the last one."""
+        n, extra = len(self.ids), len(ids)
+        starts = np.concatenate([self.starts, n + np.arange(0, extra, self.shard_size, dtype=np.int64)])
+        return Plan(self.ids + list(ids), np.concatenate([self.labels, np.asarray(labels, np.int64)]),
+                    list(self.label_names), self.shard_size, starts)
+
     def to_table(self):
         import pyarrow as pa
 
-        shard = np.arange(len(self.ids), dtype=np.int64) // self.shard_size
         meta = {
             b"featurestore.label_names": json.dumps(self.label_names).encode(),
             b"featurestore.shard_size": str(self.shard_size).encode(),
         }
         return pa.table(
-            {"id": pa.array(self.ids, pa.string()), "label": self.labels, "shard": shard}
+            {"id": pa.array(self.ids, pa.string()), "label": self.labels, "shard": self.shard_of_rows()}
         ).replace_schema_metadata(meta)
 
     @classmethod
@@ -321,17 +352,66 @@ class Plan:
             if b"featurestore.shard_size" not in meta:
                 raise ValueError("plan table has no shard_size metadata; pass shard_size")
             shard_size = int(meta[b"featurestore.shard_size"])
+        starts = None
+        if "shard" in t.column_names and t.num_rows:
+            shard = t.column("shard").to_numpy().astype(np.int64)
+            step = np.diff(shard)
+            if shard[0] != 0 or np.any((step != 0) & (step != 1)):
+                raise ValueError("plan table: its 'shard' column must count up from 0 in steps of 1")
+            starts = np.concatenate([[0], np.flatnonzero(step) + 1])
         return cls(
             t.column("id").to_pylist(),
             t.column("label").to_numpy().astype(np.int64),
             list(label_names),
             int(shard_size),
+            starts,
         )
 
 
 def make_plan(listing: Listing, shard_size: int) -> Plan:
     """Cut a listing into shards of `shard_size` rows, in listing order."""
     return Plan(list(listing.ids), listing.labels.copy(), list(listing.label_names), int(shard_size))
+
+
+@dataclass
+class PlanDelta:
+    """How a fresh listing of SOURCE differs from a stored plan (see `compare`)."""
+
+    new_ids: list[str]  # listed, not planned: in listing order
+    new_labels: np.ndarray  # their labels in the plan's numbering (-1: unlabeled)
+    new_classes: list[str]  # class names of new inputs that the plan has no id for
+    gone: int  # planned, no longer listed
+    relabeled: int  # in both, with another class name (the plan keeps its own)
+
+    @property
+    def unchanged(self) -> bool:
+        return not (self.new_ids or self.gone or self.relabeled)
+
+
+def compare(plan: Plan, listing: Listing) -> PlanDelta:
+    """Compare a stored plan with a new listing of its source, by id and class name."""
+    if list(plan.ids) == list(listing.ids) and list(plan.label_names) == list(listing.label_names) \
+            and np.array_equal(plan.labels, listing.labels):
+        return PlanDelta([], np.zeros(0, np.int64), [], 0, 0)
+    names = {n: i for i, n in enumerate(plan.label_names)}
+    listed_names = list(listing.label_names)
+    planned = dict(zip(plan.ids, plan.labels.tolist()))
+    new_ids: list[str] = []
+    new_labels: list[int] = []
+    new_classes: set[str] = set()
+    relabeled = 0
+    for i, lab in zip(listing.ids, listing.labels.tolist()):
+        name = listed_names[lab] if lab >= 0 else None
+        old = planned.get(i)
+        if old is None:
+            new_ids.append(i)
+            if name is not None and name not in names:
+                new_classes.add(name)
+            new_labels.append(names.get(name, -1) if name is not None else -1)
+        elif (plan.label_names[old] if old >= 0 else None) != name:
+            relabeled += 1
+    gone = len(planned) - (len(listing.ids) - len(new_ids))
+    return PlanDelta(new_ids, np.asarray(new_labels, np.int64), sorted(new_classes), gone, relabeled)
 
 
 def read_bytes(url: str, storage_options: dict[str, Any] | None = None) -> bytes:

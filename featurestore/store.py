@@ -3,7 +3,8 @@
 Layout of a store (a local directory or any fsspec URL prefix):
 
     store.json                 config (refuses mixing), label names, shard list, checksums, versions
-    plan.parquet               the input list cut into shards, fixed at the first run (resume reuses it)
+    plan.parquet               the input list cut into shards, fixed at the first run (resume reuses
+                               it; --append adds new shards after the last)
     shards/shard-00000.json    sidecar: rows, sha256, bytes, ids, errors (written first)
     shards/shard-00000.h5      the shard itself (written last: its existence is the commit)
     manifest.parquet           one row per input: id, label, shard, row, status
@@ -572,7 +573,7 @@ class StoreWriter:
         self.label_names = list(self.meta["label_names"])
 
     def write_plan(self, plan: Plan) -> None:
-        """Store the plan (once per store: a resume must reuse the first run's plan)."""
+        """Store the plan: on the first run, and again when --append grew it (a resume reuses it)."""
         self.loc.write_parquet("plan.parquet", plan.to_table())
         self.meta["shard_size"] = plan.shard_size
         self.meta["num_inputs"] = len(plan)
@@ -606,13 +607,12 @@ class StoreWriter:
         failed = {int(k): str(v) for k, v in (failed or {}).items()}
         infos = self.committed()
         n = len(plan)
-        shard_of = np.arange(n, dtype=np.int64) // plan.shard_size
+        shard_of = plan.shard_of_rows()
         row = np.full(n, -1, dtype=np.int64)
         status = np.full(n, "ok", dtype=object)
         reason: dict[int, str] = {}
         for spec_index in range(plan.num_shards):
-            lo = spec_index * plan.shard_size
-            hi = min(n, lo + plan.shard_size)
+            lo, hi = plan.bounds(spec_index)
             info = infos.get(spec_index)
             if info is None:
                 why = failed.get(spec_index, "shard was not committed")
@@ -792,8 +792,7 @@ def write_store(
     for spec in plan.shards():
         if spec.index in done:
             continue
-        lo = spec.index * plan.shard_size
-        hi = lo + len(spec)
+        lo, hi = plan.bounds(spec.index)
         with ShardWriter(uri, spec.index, label_names, dtype=dtype, compression=compression,
                          storage_options=storage_options, feature_shapes=shapes, expected_rows=len(spec)) as sw:
             sw.append(spec.ids, spec.labels, {k: v[lo:hi] for k, v in features.items()})

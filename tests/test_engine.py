@@ -115,6 +115,55 @@ def test_other_configuration_refused_unless_overwrite(tmp_path, ray_local):
     assert res.ok and featurestore.open(out).config["pooling"] == "max"
 
 
+def test_new_images_are_refused_then_appended_as_new_shards(tmp_path, ray_local, caplog):
+    import dataclasses
+
+    src = make_images(tmp_path / "src", per_class=3)
+    out = tmp_path / "store"
+    cfg = ExtractConfig(source=str(src), output=str(out), shard_size=4, **SMALL)
+    assert extract(cfg).shards == 3
+    shard_bytes = {p.name: p.read_bytes() for p in (out / "shards").glob("*.h5")}
+    rng = np.random.default_rng(1)
+    for c in ("cat", "dog"):
+        Image.fromarray(rng.integers(0, 256, (56, 72, 3), dtype=np.uint8)).save(src / c / f"{c}_new.jpg")
+
+    # A silent resume would leave the new images out of a "complete" store: refused, nothing touched.
+    with pytest.raises(ExtractError, match="2 image.*--append"):
+        extract(cfg)
+    from click.testing import CliRunner
+
+    from featurestore.cli import main
+    cli = CliRunner().invoke(main, ["extract", str(src), str(out), "--model", MODEL, "--weights", "none",
+                                    "--input-size", "64", "-q"])
+    assert cli.exit_code == 2 and "--append to add them" in cli.output, cli.output
+    assert len(featurestore.open(str(out))) == 9
+
+    grown = extract(dataclasses.replace(cfg, append=True))
+    assert grown.ok and grown.computed_shards == [3] and grown.skipped_shards == [0, 1, 2]
+    assert {p.name: p.read_bytes() for p in (out / "shards").glob("*.h5") if p.name in shard_bytes} == shard_bytes
+    reader, X, y, ids = read_store(str(out))
+    assert len(reader) == 11 and ids[9:] == [str(src / "cat" / "cat_new.jpg"), str(src / "dog" / "dog_new.jpg")]
+    assert [reader.label_names[k] for k in y[9:]] == ["cat", "dog"]
+    np.testing.assert_allclose(X, reference_features(ids), atol=1e-5)
+    import pyarrow.parquet as pq
+    assert pq.read_table(out / "manifest.parquet").column("shard").to_pylist()[8:] == [2, 3, 3]
+    assert featurestore.verify(str(out)).ok
+    assert extract(cfg).computed_shards == []  # the grown plan is the store's plan now
+
+    # New classes cannot be appended: label ids come from the first run's sorted class names.
+    make_images(src, per_class=1, classes=("bird",))
+    with pytest.raises(ExtractError, match="bird.*--overwrite"):
+        extract(dataclasses.replace(cfg, append=True))
+    import shutil
+    shutil.rmtree(src / "bird")
+    # A deleted image is only a warning: its row stays.
+    (src / "cat" / "cat_000.jpg").unlink()
+    with caplog.at_level("WARNING", logger="featurestore.extract"):
+        again = extract(cfg)
+    assert again.ok and again.computed_shards == [] and len(featurestore.open(str(out))) == 11
+    assert "1 of the store's 11 planned inputs are no longer in" in caplog.text
+
+
 def write_bad_inputs(src: Path) -> dict[str, str]:
     """Every kind of unusable input, each beside good images; returns name -> expected reason word."""
     bad = src / "dog"

@@ -413,6 +413,20 @@ def test_two_models_one_decode_equal_single_runs_and_resume_recomputes_only_the_
         assert featurestore.verify(str(out / m)).ok
     # a re-run computes nothing
     assert extract(ExtractConfig(output=str(out), model=models, weights="none", **common)).computed_shards == []
+
+    # --append grows every store by the same new shard
+    old_plan = (out / "mobilenet_v3_small" / "plan.parquet").read_bytes()
+    Image.fromarray(np.full((56, 72, 3), 90, np.uint8)).save(src / "cat" / "late.jpg")
+    grown = extract(ExtractConfig(output=str(out), model=models, weights="none", append=True, **common))
+    assert grown.computed_shards == [3] and [len(featurestore.open(str(out / m))) for m in models] == [13, 13]
+    # stopped between the stores' plans: one store still holds the old plan; a plain re-run finishes it
+    (out / "mobilenet_v3_small" / "plan.parquet").write_bytes(old_plan)
+    (mob / "shard-00003.h5").unlink()
+    again = extract(ExtractConfig(output=str(out), model=models, weights="none", **common))
+    assert again.computed_shards == [3]
+    for m in models:
+        reader = featurestore.open(str(out / m))
+        assert len(reader) == 13 and str(reader.ids[-1]).endswith("late.jpg") and featurestore.verify(str(out / m)).ok
     # several models cannot write into a single-model store
     with pytest.raises(ExtractError, match="single-model store"):
         extract(ExtractConfig(output=singles["resnet18"], model=models, weights="none", **common))

@@ -133,6 +133,48 @@ def test_plan_shards_and_table_round_trip():
         make_plan(listing, 0)
 
 
+def test_appended_plan_keeps_every_shard_and_round_trips():
+    listing = Listing([f"/d/c/{i:02d}.jpg" for i in range(10)], np.arange(10) % 3, ["a", "b", "c"])
+    plan = make_plan(listing, 4)
+    grown = plan.appended(["/d/c/20.jpg", "/d/c/21.jpg", "/d/c/22.jpg"], np.array([1, -1, 0]))
+    # the old shards stay as they were; the new inputs start a new shard after the short last one
+    assert [grown.shard(i).ids for i in range(3)] == [s.ids for s in plan.shards()]
+    assert grown.num_shards == 4 and grown.bounds(3) == (10, 13)
+    assert grown.shard(3).labels.tolist() == [1, -1, 0]
+    table = grown.to_table()
+    assert table.column("shard").to_pylist() == [0] * 4 + [1] * 4 + [2] * 2 + [3] * 3
+    back = Plan.from_table(table)
+    assert back.starts.tolist() == [0, 4, 8, 10] and back.ids == grown.ids
+    assert [len(s) for s in back.shards()] == [4, 4, 2, 3]
+    # many new inputs are cut at shard_size rows
+    big = plan.appended([f"/d/n/{i}.jpg" for i in range(9)], np.zeros(9, np.int64))
+    assert [len(s) for s in big.shards()] == [4, 4, 2, 4, 4, 1]
+    bad = table.set_column(2, "shard", pa.array([0] * 4 + [2] * 9))
+    with pytest.raises(ValueError, match="steps of 1"):
+        Plan.from_table(bad)
+
+
+def test_compare_a_listing_with_its_stored_plan():
+    from featurestore.sources import compare
+
+    listing = Listing(["/r/cat/1.jpg", "/r/cat/2.jpg", "/r/dog/1.jpg"], [0, 0, 1], ["cat", "dog"])
+    plan = make_plan(listing, 2)
+    assert compare(plan, listing).unchanged
+    # new images in a known class and a new class ("ant" sorts first: its listing ids all shift)
+    grown = Listing(["/r/ant/1.jpg", "/r/cat/1.jpg", "/r/cat/2.jpg", "/r/cat/3.jpg", "/r/dog/1.jpg"],
+                    [0, 1, 1, 1, 2], ["ant", "cat", "dog"])
+    d = compare(plan, grown)
+    assert d.new_ids == ["/r/ant/1.jpg", "/r/cat/3.jpg"] and d.new_labels.tolist() == [-1, 0]
+    assert d.new_classes == ["ant"] and d.gone == 0 and d.relabeled == 0  # known ids kept their classes
+    # an image removed, one moved to the other class
+    d = compare(plan, Listing(["/r/cat/1.jpg", "/r/dog/1.jpg", "/r/dog/2.jpg"], [1, 1, 1], ["cat", "dog"]))
+    assert d.gone == 1 and d.relabeled == 1 and d.new_ids == ["/r/dog/2.jpg"] and d.new_labels.tolist() == [1]
+    # an unlabeled store growing with unlabeled images
+    flat = make_plan(Listing(["/u/1.jpg"], [-1], []), 4)
+    d = compare(flat, Listing(["/u/1.jpg", "/u/2.jpg"], [-1, -1], []))
+    assert d.new_ids == ["/u/2.jpg"] and d.new_labels.tolist() == [-1] and not d.new_classes
+
+
 def test_read_bytes_local(image_folder):
     root = image_folder({"cat": 1})
     p = next((root / "cat").iterdir())
