@@ -6,7 +6,8 @@
 
 The synthetic run times split_classes (class from the path, hidden/extension filtering),
 the sort and the label ids -- everything list_source does after the one recursive
-fs.find/walk. --real writes N empty files (1000 class folders) under a temporary
+fs.find/walk -- and the check every resume makes: the new listing compared with the
+stored plan, unchanged and with 1% of the images new and 1% gone. --real writes N empty files (1000 class folders) under a temporary
 directory, then times list_source + make_plan on the folder and on a manifest; the files
 are deleted afterwards.
 """
@@ -20,7 +21,7 @@ import time
 
 import numpy as np
 
-from featurestore.sources import _labels_from_names, list_source, make_plan, split_classes
+from featurestore.sources import Listing, Plan, _labels_from_names, compare, list_source, make_plan, split_classes
 
 
 def synthetic(n: int) -> None:
@@ -40,6 +41,25 @@ def synthetic(n: int) -> None:
     assert len(ids) == n and len(label_names) == len(set(cls.tolist()))
     print(f"synthetic  {n} keys: filter+sort+classes {t1 - t0:.2f}s, ids+label ids {t2 - t1:.2f}s, "
           f"total {t2 - t0:.2f}s")
+    resume_check(Listing(ids, labels, label_names))
+
+
+def resume_check(listing: Listing, shard_size: int = 1024) -> None:
+    """A resume lists the source again and compares it with the stored plan (sources.compare)."""
+    plan = Plan.from_table(make_plan(listing, shard_size).to_table())  # as read back from plan.parquet
+    t0 = time.perf_counter()
+    same = compare(plan, listing)
+    t1 = time.perf_counter()
+    k = max(1, len(listing) // 100)  # 1% new images, spread over the classes; 1% deleted
+    grown = Listing(listing.ids[k:] + [f"{i}.new.jpg" for i in listing.ids[:k]],
+                    np.concatenate([listing.labels[k:], listing.labels[:k]]), listing.label_names)
+    t2 = time.perf_counter()
+    delta = compare(plan, grown)
+    appended = plan.appended(delta.new_ids, delta.new_labels)
+    t3 = time.perf_counter()
+    assert same.unchanged and len(delta.new_ids) == k and delta.gone == k and appended.num_shards > plan.num_shards
+    print(f"resume     {len(listing)} planned: compare unchanged {t1 - t0:.2f}s; "
+          f"{k} new + {k} gone: compare + append {t3 - t2:.2f}s")
 
 
 def real(n: int, shard_size: int = 1024) -> None:
