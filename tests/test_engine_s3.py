@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
+from PIL import Image
 
 import featurestore
 from featurestore.config import ExtractConfig
-from featurestore.engine import extract
+from featurestore.engine import ExtractError, extract
 from test_engine import SMALL, make_images, ray_local  # noqa: F401  (fixture)
 
 
@@ -59,3 +61,18 @@ def test_s3_to_s3_matches_local_and_resumes(tmp_path, ray_local, s3_server, s3_b
     # An identical re-run computes nothing.
     noop = extract(ExtractConfig(source=src, output=out, shard_size=4, storage_options=opts, **SMALL))
     assert noop.computed_shards == [] and noop.rows == 15
+
+    # New objects under the prefix: refused, then appended as a new shard with the old ones untouched.
+    extra = tmp_path / "extra" / "dog"
+    extra.mkdir(parents=True)
+    Image.fromarray(np.full((56, 72, 3), 200, np.uint8)).save(extra / "dog_late.jpg")
+    _upload(fs, tmp_path / "extra", src)
+    with pytest.raises(ExtractError, match="--append"):
+        extract(ExtractConfig(source=src, output=out, shard_size=4, storage_options=opts, **SMALL))
+    grown = extract(ExtractConfig(source=src, output=out, shard_size=4, append=True, storage_options=opts, **SMALL))
+    assert grown.computed_shards == [4] and grown.rows == 16
+    fs.invalidate_cache()
+    assert {p: fs.info(p)["ETag"] for p in fs.ls(shards) if p in after} == after
+    reader = featurestore.open(out, storage_options=opts)
+    assert str(reader.ids[-1]) == f"{src}/dog/dog_late.jpg" and reader.label_names[int(reader.labels[-1])] == "dog"
+    assert featurestore.verify(out, storage_options=opts).ok
