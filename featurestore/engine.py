@@ -232,25 +232,54 @@ def plan_placement(cfg: ExtractConfig, resources: dict[str, float], num_shards: 
     return Placement(actors, float(cpus_per_actor), float(gpus_per_actor), torch_threads, decode_threads)
 
 
-def preflight(backbone) -> None:
-    """Fail in the driver, before Ray starts, on an unknown model or unreachable weights.
+def preflight(backbone) -> Any:
+    """Fail in the driver, before Ray starts, on an unknown model; say what is left to check.
 
     An actor that cannot load its backbone dies with Ray's stack dump in the log; a bad
-    model name or an offline download is better said once, plainly, up front. Fetching
-    torchvision weights here also fills the cache that local actors then read.
+    model name or an offline download is better said once, plainly, up front. Returns None,
+    or for torchvision weights enums a callable that resolves the enum and fetches the weights
+    into the cache that local actors then read. It imports torchvision (seconds), so the
+    engine runs it in a thread while Ray starts (see _extract).
     """
-    from featurestore.weights import NAMED_SOURCES, _hub_cache_file, fetch_torchvision, is_file_spec, \
-        torchvision_enum
+    from featurestore.weights import NAMED_SOURCES, is_file_spec
     from featurestore.zoo import canonical_name
 
     name = canonical_name(backbone.model)  # UnknownModelError names the closest models
     weights = "none" if backbone.weights is None else str(backbone.weights)
     low = weights.strip().lower()
     if name.startswith("timm:") or low == "none" or low in NAMED_SOURCES or is_file_spec(weights):
-        return
-    member = torchvision_enum(name, weights)
-    if not os.path.exists(_hub_cache_file(member.url)):
-        fetch_torchvision(member)
+        return None
+
+    def torchvision_weights() -> None:
+        from featurestore.weights import _hub_cache_file, fetch_torchvision, torchvision_enum
+
+        member = torchvision_enum(name, weights)  # WeightsError names the enum's members
+        if not os.path.exists(_hub_cache_file(member.url)):
+            fetch_torchvision(member)
+
+    return torchvision_weights
+
+
+class _InBackground:
+    """Run calls in a daemon thread (a Ctrl-C never waits for a download); result() re-raises."""
+
+    def __init__(self, calls: list) -> None:
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(calls,), name="featurestore-preflight",
+                                        daemon=True)
+        self._thread.start()
+
+    def _run(self, calls: list) -> None:
+        try:
+            for call in calls:
+                call()
+        except BaseException as exc:  # handed to the main thread by result()
+            self._error = exc
+
+    def result(self) -> None:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
 
 
 # ---------------------------------------------------------------------------------
@@ -435,8 +464,7 @@ def _extract(cfg: ExtractConfig, stop: _StopOnSignal, leases: list) -> ExtractRe
     started = time.perf_counter()
     storage = cfg.storage_options or None
 
-    for b in backbones:
-        preflight(b)
+    slow_checks = [c for c in (preflight(b) for b in backbones) if c is not None]
     if multi:
         from featurestore.store import _Loc, _read_meta
 
@@ -484,9 +512,12 @@ def _extract(cfg: ExtractConfig, stop: _StopOnSignal, leases: list) -> ExtractRe
             log.warning("resuming with the store's shard size %d (asked: %d)", plan.shard_size, cfg.shard_size)
         log.info("resuming: %d inputs in %d shards from the stored plan", len(plan.ids), plan.num_shards)
 
+    checking = _InBackground(slow_checks) if slow_checks else None  # torchvision weights, while Ray starts
     if not ray.is_initialized():
         say(f"joining the Ray cluster at {cfg.address}" if cfg.address else "starting Ray")
     connect(cfg.address)  # an embedded instance stays up for the process; Ray stops it at exit
+    if checking is not None:
+        checking.result()  # the weights' own error (unknown enum member, offline download) if any
     stop.arm()
     check_output_reachable(cfg.output, cfg.address)  # a local output on a multi-node cluster is refused
     resources = ray.cluster_resources()

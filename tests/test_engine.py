@@ -164,6 +164,31 @@ def test_new_images_are_refused_then_appended_as_new_shards(tmp_path, ray_local,
     assert "1 of the store's 11 planned inputs are no longer in" in caplog.text
 
 
+def test_torchvision_weights_offline_or_unknown_fail_before_any_actor(tmp_path, ray_local, monkeypatch):
+    """Enum weights are resolved (and fetched) in the driver while Ray starts: a plain error, no actor."""
+    import urllib.error
+
+    import torchvision.models._api as api
+    from click.testing import CliRunner
+
+    from featurestore.cli import main
+
+    def offline(url, *a, **k):
+        raise urllib.error.URLError("Name or service not known")
+
+    monkeypatch.setattr(api, "load_state_dict_from_url", offline)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "th"))
+    src = make_images(tmp_path / "src", per_class=1)
+    out = tmp_path / "store"
+    base = ["extract", str(src), str(out), "--model", MODEL, "--input-size", "64", "-q"]
+    r = CliRunner().invoke(main, base + ["--weights", "IMAGENET1K_V1"])
+    assert r.exit_code == 2, r.output
+    assert "could not get torchvision weights" in r.output and "resnet18-f37072fd.pth" in r.output
+    r = CliRunner().invoke(main, base + ["--weights", "IMAGENET9"])
+    assert r.exit_code == 2 and "unknown weights 'IMAGENET9'" in r.output and "IMAGENET1K_V1" in r.output
+    assert not (out / "shards").exists()  # nothing was written
+
+
 def write_bad_inputs(src: Path) -> dict[str, str]:
     """Every kind of unusable input, each beside good images; returns name -> expected reason word."""
     bad = src / "dog"
@@ -457,7 +482,9 @@ from featurestore.store import StoreReader, StoreWriter, verify
 from featurestore.lease import WriterLease
 import featurestore.cli_extract, jobs.specs
 cfg = ExtractConfig(source={str(src)!r}, output="unused", model="resnet18", weights="none")
-preflight(cfg.backbones()[0])
+assert preflight(cfg.backbones()[0]) is None
+enum_check = preflight(ExtractConfig(source="s", output="o", model="resnet18").backbones()[0])
+assert callable(enum_check)  # torchvision weights: checked later, in a thread while Ray starts
 make_plan(list_source(cfg.source), 4)
 ray.remote(ExtractorActor)
 featurestore.UnknownLayerError, featurestore.ExtractError
