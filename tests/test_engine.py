@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import re
 import signal
@@ -101,7 +102,29 @@ def test_two_layers_one_pass_and_rerun_is_a_noop(tmp_path, ray_local):
     assert reader.features("avgpool").shape == (9, 512)
     again = extract(cfg)
     assert again.computed_shards == [] and sorted(again.skipped_shards) == [0, 1]
+    assert again.actors == 0  # complete, same request: decided from store.json, no actor started
     assert featurestore.verify(out).ok
+    # Another library version might give other numbers: the actors' resolved configuration decides.
+    meta_path = Path(out) / "store.json"
+    meta = json.loads(meta_path.read_text())
+    meta["request"]["versions"]["torchvision"] = "0.0.1"
+    meta_path.write_text(json.dumps(meta))
+    checked = extract(cfg)
+    assert checked.actors > 0 and checked.computed_shards == []
+    assert extract(cfg).actors == 0  # the request was stored again by the full run
+    # Weights from a file can change under the same name: never decided without the actors' hash.
+    from featurestore import engine
+    from featurestore.store import StoreWriter
+
+    plan = StoreWriter.existing_plan(out)
+    file_cfg = ExtractConfig(source=str(src), output=out, shard_size=5, layers=["layer3", "avgpool"],
+                             **dict(SMALL, weights=str(tmp_path / "w.pth")))
+    requests = [engine._request(file_cfg, b) for b in file_cfg.backbones()]
+    meta = json.loads(meta_path.read_text())
+    assert engine._already_complete(cfg, plan, [out], [meta["request"]], None) is not None
+    meta["request"] = requests[0]
+    meta_path.write_text(json.dumps(meta))
+    assert engine._already_complete(file_cfg, plan, [out], requests, None) is None
 
 
 def test_other_configuration_refused_unless_overwrite(tmp_path, ray_local):
