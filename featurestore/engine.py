@@ -361,20 +361,18 @@ def _actor_options(p: Placement) -> dict[str, Any]:
     return {"num_cpus": p.num_cpus, "num_gpus": p.num_gpus, "max_concurrency": 2, "max_restarts": 0}
 
 
-def _plans_agree(a, b) -> bool:
-    if a is b:
-        return True
-    return a.shard_size == b.shard_size and list(a.ids) == list(b.ids) and list(a.labels) == list(b.labels) \
-        and list(a.label_names) == list(b.label_names) and list(a.starts) == list(b.starts)
-
-
 def _plan_extends(longer, shorter) -> bool:
-    """True if `shorter`'s shards are `longer`'s first shards (an append that reached some stores only)."""
+    """True if `shorter`'s shards are `longer`'s first shards, row for row (an append that reached
+    some stores only); a plan extends itself."""
     k, n = shorter.num_shards, len(shorter)
+    end_of_k = longer.starts[k] if k < longer.num_shards else len(longer)
     return longer.shard_size == shorter.shard_size and list(longer.label_names) == list(shorter.label_names) \
-        and longer.num_shards >= k and list(longer.starts[:k]) == list(shorter.starts) \
-        and (k == longer.num_shards or longer.starts[k] == n) \
+        and longer.num_shards >= k and end_of_k == n and list(longer.starts[:k]) == list(shorter.starts) \
         and list(longer.ids[:n]) == list(shorter.ids) and list(longer.labels[:n]) == list(shorter.labels)
+
+
+def _plans_agree(a, b) -> bool:
+    return a is b or (a.num_shards == b.num_shards and _plan_extends(a, b))
 
 
 def _request(cfg: ExtractConfig, backbone) -> dict:

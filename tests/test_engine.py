@@ -442,6 +442,21 @@ def test_actor_killed_midway_store_complete_and_exact(tmp_path, ray_local):
     assert featurestore.verify(str(out)).ok
 
 
+def test_plans_of_a_multi_model_job_agree_shard_for_shard():
+    from featurestore.engine import _plan_extends, _plans_agree
+    from featurestore.sources import Plan
+
+    def plan(n, extra=0):
+        p = Plan([f"/r/c/{i}.jpg" for i in range(n)], np.zeros(n), ["c"], 5)
+        return p.appended([f"/r/c/new{i}.jpg" for i in range(extra)], np.zeros(extra)) if extra else p
+
+    assert _plans_agree(plan(9), plan(9)) and _plan_extends(plan(9), plan(9))
+    assert _plan_extends(plan(9, extra=2), plan(9)) and not _plans_agree(plan(9, extra=2), plan(9))
+    # one more row in the last shard is another plan, not an append that reached one store only
+    assert not _plan_extends(plan(10), plan(9)) and not _plans_agree(plan(10), plan(9))
+    assert not _plan_extends(plan(9), plan(9, extra=2))
+
+
 def test_cpu_placement_prefers_thin_actors_and_honours_overrides():
     from featurestore.engine import plan_placement
 
