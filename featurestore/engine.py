@@ -130,7 +130,7 @@ class ExtractResult:
         if self.actor_info:
             a = self.actor_info[0]
             lines.append(f"actors:   {a.get('device')}, decode {a.get('decode')}, {a.get('batch_note')}, "
-                         f"compile {a.get('compile')}")
+                         f"compile {a.get('compile')}, {a.get('fold')}")
         for idx, why in sorted(self.failed_shards.items()):
             lines.append(f"FAILED shard {idx:05d}: {why}")
         return "\n".join(lines)
@@ -586,7 +586,7 @@ def _extract(cfg: ExtractConfig, stop: _StopOnSignal, leases: list) -> ExtractRe
             batch_size=cfg.batch_size, dtype=cfg.dtype, compression=cfg.compression,
             storage_options=storage, decode_threads=placement.decode_threads,
             torch_threads=placement.torch_threads, max_pixels=cfg.max_image_pixels, strict=cfg.strict,
-            compile=cfg.compile, compile_backend=compile_backend,
+            compile=cfg.compile, compile_backend=compile_backend, fold_batchnorm=cfg.fold_batchnorm,
         )
 
     say(f"{len(plan.ids)} inputs in {plan.num_shards} shard(s); starting {placement.actors} "
@@ -602,8 +602,8 @@ def _extract(cfg: ExtractConfig, stop: _StopOnSignal, leases: list) -> ExtractRe
         raise
     startup = time.perf_counter() - started
     for a in actor_info[:1]:
-        log.info("actors ready after %.1fs: %s, decode %s, %s, compile %s", startup, a["device"], a["decode"],
-                 a["batch_note"], a["compile"])
+        log.info("actors ready after %.1fs: %s, decode %s, %s, compile %s, %s", startup, a["device"], a["decode"],
+                 a["batch_note"], a["compile"], a.get("fold"))
     writers = []
     for uri, bconf, had_plan, request in zip(outputs, backbone_configs, existing, requests):
         store_config = {**bconf, "dtype": cfg.dtype, "compression": cfg.compression}

@@ -436,6 +436,7 @@ class ShardExtractor:
         compile: bool = False,
         compile_backend: str | Callable | None = None,
         memory_fraction: float = AUTO_FRACTION,
+        fold_batchnorm: bool = True,
     ) -> None:
         from featurestore.backbones import load_backbone
 
@@ -463,7 +464,7 @@ class ShardExtractor:
                 precision=c.precision, device=str(self.device), input_size=c.input_size, crop=c.crop,
                 decode=c.decode, seed=seed,
                 # faster on GPUs and on CPUs alike (oneDNN); same float32 maths, another summation order
-                channels_last=True,
+                channels_last=True, fold_batchnorm=fold_batchnorm,
             )
             bb.eval()
             self.backbones.append(bb)
@@ -567,7 +568,8 @@ class ShardExtractor:
             pass
         return {"pid": os.getpid(), "host": socket.gethostname(), "node_id": node, "device": str(self.device),
                 "batch_size": self.batch_size, "batch_note": self.batch_note, "compile": self.compile_status,
-                "decode": self.decode, "models": [bb.model_name for bb in self.backbones]}
+                "decode": self.decode, "models": [bb.model_name for bb in self.backbones],
+                "fold": ", ".join(str(bb.folded or "batchnorm not folded") for bb in self.backbones)}
 
     def poll(self) -> tuple[int, int]:
         """Images done and errors so far in the current shard (the driver's progress bar adds

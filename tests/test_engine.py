@@ -71,6 +71,7 @@ def test_features_equal_single_process_reference(tmp_path, ray_local):
     out = str(tmp_path / "store")
     result = extract(ExtractConfig(source=str(src), output=out, shard_size=4, **SMALL))
     assert result.ok and result.rows == 15 and result.shards == 4
+    assert all(a["fold"] == "20/20 batchnorms folded" for a in result.actor_info)  # the default
     reader, X, y, ids = read_store(out)
     assert len(reader) == 15
     assert reader.label_names == ["cat", "dog", "panda"]

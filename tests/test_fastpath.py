@@ -192,15 +192,16 @@ def test_compile_failure_falls_back_to_eager_with_a_message():
     eager.close()
 
 
-def test_compile_flag_reaches_the_actors(tmp_path, ray_local, monkeypatch):
+def test_compile_and_fold_flags_reach_the_actors(tmp_path, ray_local, monkeypatch):
     # dynamo's "eager" backend traces in seconds; inductor on 2 CPU cores takes over a minute
     monkeypatch.setenv("FEATURESTORE_COMPILE_BACKEND", "eager")
     src = make_images(tmp_path / "src", per_class=3)
     out = str(tmp_path / "store")
     res = extract(ExtractConfig(source=str(src), output=out, model="resnet18", shard_size=5, batch_size=4,
-                                compile=True, actors=1, **SMALL))
+                                compile=True, fold_batchnorm=False, actors=1, **SMALL))
     assert res.ok and res.rows == 9
     assert all(a["compile"] == "on (backend eager)" for a in res.actor_info)
+    assert all(a["fold"] == "batchnorm not folded" for a in res.actor_info)
     _, X, _, ids = read_store(out)  # 9 rows in shards of 5: the short last batches were padded
     bb = featurestore.load_backbone("resnet18", weights="none", input_size=64)
     ref = bb.extract([decode_image(Path(i).read_bytes(), i, draft_size=bb.preprocessing.draft_size) for i in ids])
