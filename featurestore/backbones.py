@@ -467,7 +467,7 @@ def load_backbone(model: str = "efficientnet_lite0", weights: str | None = "DEFA
     if fold_batchnorm:
         h, w = pre.input_size
         probe = torch.randn(2, 3, h, w, generator=torch.Generator().manual_seed(0)).to(dev)
-        folded = fold_bn(cut, probe)
+        folded = fold_bn(cut, probe, canonical)
     if channels_last:
         cut = cut.to(memory_format=torch.channels_last)
     return Backbone(cut, model_name=canonical, layers=layers, pooling=pooling, precision=precision,
