@@ -2,8 +2,8 @@
 
 In eval mode a BatchNorm is a per-channel affine map, so conv -> bn is one convolution
 with rescaled weights and a bias. Folding removes a whole pass over every activation map,
-a memory-bound pass on CPU: without it MobileNets ran 1.5-1.7x faster on one CPU thread
-here, ResNets 1.1-1.2x (bench/fold.py). The features change only by float32 rounding.
+a memory-bound pass on CPU: folded, MobileNets ran 1.5-1.7x faster on one CPU thread here
+and ResNets 1.1-1.2x (bench/fold.py). The features change only by float32 rounding.
 
 Pairs are found by watching one forward pass instead of pattern-matching a graph: that
 works the same for torchvision's FX-cut graphs and for timm's plain modules. The folded
