@@ -466,7 +466,8 @@ def load_backbone(model: str = "efficientnet_lite0", weights: str | None = "DEFA
     folded = None
     if fold_batchnorm:
         h, w = pre.input_size
-        probe = torch.randn(1, 3, h, w, generator=torch.Generator().manual_seed(0)).to(dev)  # eval BN: one image will do
+        # one image will do: a BatchNorm in eval mode does not look at the batch
+        probe = torch.randn(1, 3, h, w, generator=torch.Generator().manual_seed(0)).to(dev)
         folded = fold_bn(cut, probe, canonical)
     if channels_last:
         cut = cut.to(memory_format=torch.channels_last)

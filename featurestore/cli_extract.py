@@ -60,7 +60,7 @@ class _BatchSize(click.ParamType):
                    "warning if compiling fails).")
 @click.option("--fold-batchnorm/--no-fold-batchnorm", default=None,
               help="Fold each BatchNorm into the convolution before it, in the actors (on by default: "
-                   "1.1-1.5x faster CNNs on CPU; features equal up to float32 rounding).")
+                   "1.1-1.7x faster CNNs on one CPU thread; features equal up to float32 rounding).")
 @click.option("--shard-size", type=int,
               help="Rows per shard: the unit of work, commit and retry. Default: 1024, or fewer for a small "
                    "input, so that every actor gets at least two shards.")

@@ -58,7 +58,7 @@ class ExtractConfig:
              trial against its free GPU memory (a fixed CPU_AUTO_BATCH on CPU).
     compile: torch.compile the backbones in the actors (falls back to eager if compiling fails).
     fold_batchnorm: the actors fold each BatchNorm into the convolution feeding it (see
-             featurestore.fold): 1.1-1.5x faster CNNs on CPU, features equal up to float32 rounding.
+             featurestore.fold): 1.1-1.7x faster CNNs on one CPU thread, features equal up to float32 rounding.
     shard_size: rows per shard; None: DEFAULT_SHARD_SIZE, or fewer when the input is small,
              so that every actor gets at least two shards (see engine.auto_shard_size).
     append:  a store's plan is fixed by its first run; inputs that SOURCE holds and the plan

@@ -569,7 +569,8 @@ class ShardExtractor:
         return {"pid": os.getpid(), "host": socket.gethostname(), "node_id": node, "device": str(self.device),
                 "batch_size": self.batch_size, "batch_note": self.batch_note, "compile": self.compile_status,
                 "decode": self.decode, "models": [bb.model_name for bb in self.backbones],
-                "fold": ", ".join(str(bb.folded or "batchnorm not folded") for bb in self.backbones)}
+                "fold": ", ".join((f"{bb.model_name} " if len(self.backbones) > 1 else "")
+                                  + str(bb.folded or "batchnorm not folded") for bb in self.backbones)}
 
     def poll(self) -> tuple[int, int]:
         """Images done and errors so far in the current shard (the driver's progress bar adds

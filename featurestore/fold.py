@@ -101,30 +101,38 @@ def _close(a: Any, b: Any) -> bool:
 def fold_batchnorm(net: nn.Module, example: torch.Tensor, name: str = "the network") -> Folded:
     """Fold, in place, each eval-mode BatchNorm fed directly by a Conv2d in `net(example)`.
 
-    Kept only if `net(example)` is unchanged up to float32 rounding; otherwise undone.
+    Kept only if `net(example)` is unchanged up to float32 rounding; otherwise undone. A
+    network that cannot run the probe is left as it is: folding is never why a job fails.
     """
     total = sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in net.modules())
     if not total:
         return Folded(0, total)
     ref: list[Any] = []
-    pairs = _pairs(net, lambda: ref.append(net(example)))
+    try:
+        pairs = _pairs(net, lambda: ref.append(net(example)))
+    except Exception as exc:
+        log.info("BatchNorm not folded in %s: its probe forward pass failed (%s)", name, exc)
+        return Folded(0, total)
     if not pairs:
         return Folded(0, total)
-    parents = {id(child): (parent, name) for parent in net.modules() for name, child in parent.named_children()}
+    parents = {id(child): (parent, attr) for parent in net.modules() for attr, child in parent.named_children()}
     undo = []
-    for conv, bn in pairs:
-        parent, name = parents[id(bn)]
-        undo.append((conv, conv.weight, conv.bias, parent, name, bn))
-        weight, bias = fuse_conv_bn_weights(conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.eps,
-                                            bn.weight, bn.bias)
-        conv.weight = nn.Parameter(weight.detach(), requires_grad=False)
-        conv.bias = nn.Parameter(bias.detach(), requires_grad=False)
-        setattr(parent, name, _replacement(bn))
-    if _close(net(example), ref[0]):
-        return Folded(len(pairs), total)
-    for conv, weight, bias, parent, name, bn in undo:
+    try:
+        for conv, bn in pairs:
+            parent, attr = parents[id(bn)]
+            undo.append((conv, conv.weight, conv.bias, parent, attr, bn))
+            weight, bias = fuse_conv_bn_weights(conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.eps,
+                                                bn.weight, bn.bias)
+            conv.weight = nn.Parameter(weight.detach(), requires_grad=False)
+            conv.bias = nn.Parameter(bias.detach(), requires_grad=False)
+            setattr(parent, attr, _replacement(bn))
+        if _close(net(example), ref[0]):
+            return Folded(len(pairs), total)
+        why = "it changed the outputs (is a convolution's own output a requested layer?)"
+    except Exception as exc:
+        why = f"the folded network failed ({exc})"
+    for conv, weight, bias, parent, attr, bn in reversed(undo):
         conv.weight, conv.bias = weight, bias
-        setattr(parent, name, bn)
-    log.info("folding BatchNorm changed the outputs of %s (is a convolution's own output a requested layer?); "
-             "running it unfolded", name)
+        setattr(parent, attr, bn)
+    log.info("BatchNorm folding undone in %s: %s", name, why)
     return Folded(0, total)

@@ -60,7 +60,7 @@ def test_folded_network_gives_the_same_features_without_batchnorm_passes(model, 
         torch.testing.assert_close(out[k], ref[k], rtol=0, atol=1e-5 * scale)
 
 
-def test_a_convolution_output_that_is_itself_a_layer_is_not_folded_away():
+def test_a_convolution_output_that_is_itself_a_layer_is_not_folded_away(caplog):
     # layer1.0.conv1 is requested and also feeds layer1.0.bn1: folding would change the layer
     bb = load_backbone("resnet18", "none", layers=["layer1.0.conv1", "layer2"], input_size=64)
     net = trained_like(bb.net).eval()
@@ -68,8 +68,10 @@ def test_a_convolution_output_that_is_itself_a_layer_is_not_folded_away():
     with torch.inference_mode():
         ref = net(x)
     before = batchnorms_called(net, x)
-    result = fold_batchnorm(net, x)
+    with caplog.at_level("INFO", logger="featurestore.fold"):
+        result = fold_batchnorm(net, x, "resnet18")
     assert result.folded == 0 and result.batchnorms > 0
+    assert "BatchNorm folding undone in resnet18: it changed the outputs" in caplog.text
     with torch.inference_mode():
         out = net(x)
     for k in ref:
@@ -101,6 +103,24 @@ def test_shared_modules_are_left_alone_and_the_rest_is_folded():
     assert isinstance(net.head[1], nn.Identity)
     with torch.inference_mode():
         torch.testing.assert_close(net(x), ref, rtol=1e-5, atol=1e-6)
+
+
+class OnlyBatchesOfThree(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        assert x.shape[0] == 3, "this network takes batches of three"
+        return self.bn(self.conv(x))
+
+
+def test_a_network_that_cannot_run_the_probe_is_left_as_it_is():
+    net = trained_like(OnlyBatchesOfThree()).eval()
+    weight = net.conv.weight.clone()
+    result = fold_batchnorm(net, torch.randn(1, 3, 8, 8))
+    assert (result.folded, result.batchnorms) == (0, 1)
+    assert isinstance(net.bn, nn.BatchNorm2d) and torch.equal(net.conv.weight, weight)  # untouched
 
 
 def test_a_network_without_batchnorm_is_not_run_at_all():
