@@ -371,8 +371,18 @@ def test_sigterm_and_ctrl_c_stop_cleanly_then_resume(tmp_path, ray_local):
                "--batch-size", "2", "--shard-size", "4", "--quiet")
     committed = 0
     for sig, code, name in ((signal.SIGTERM, 143, "SIGTERM"), (signal.SIGINT, 130, "SIGINT")):
-        proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                text=True)
+        # A shell without job control starts background commands with SIGINT ignored, and an
+        # ignored signal stays ignored through exec: a test run launched that way (`cmd &`)
+        # would hand the driver a Ctrl-C it cannot receive. Give it the terminal's disposition.
+        ignored = signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+        if ignored:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+        try:
+            proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                    text=True)
+        finally:
+            if ignored:
+                signal.signal(signal.SIGINT, signal.SIG_IGN)
         rc, err = _stop_when_committed(proc, shards, committed, sig)
         assert rc == code, (rc, err[-3000:])
         said = re.search(rf"interrupted by {name} with (\d+) of 9 shards committed \((\d+) in this run\); "
