@@ -22,18 +22,16 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 SHARED = HERE.parent.parent / "shared"
+sys.path.insert(0, str(HERE))
+
+from throughput import DEFAULT_IMAGES, list_images, preprocessed  # noqa: E402
 REAL = {"efficientnet_lite0": SHARED / "weights" / "tf_efficientnet_lite0_imagenet.pth",
         "mobilenet_v2": SHARED / "weights" / "mobilenet_v2_imagenet_dequantized.pth"}
 
 
 def batches(bb, images: Path, batch_size: int, count: int) -> list[torch.Tensor]:
-    from featurestore.decode import decode_image
-    from featurestore.sources import list_source
-
-    ids = list_source(str(images)).ids
-    ids = ids[:: max(1, len(ids) // (batch_size * count))][: batch_size * count]
-    x = torch.stack([bb.preprocess(decode_image(Path(p).read_bytes(), p, draft_size=bb.preprocessing.draft_size))
-                     for p in ids])
+    ids = list_images(images, None)
+    x = preprocessed(bb, ids[:: max(1, len(ids) // (batch_size * count))][: batch_size * count])
     return [x[i:i + batch_size] for i in range(0, len(x), batch_size)]
 
 
@@ -50,7 +48,7 @@ def main() -> int:
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="resnet18,resnet50,mobilenet_v3_small,mobilenet_v2,efficientnet_lite0")
-    ap.add_argument("--images", type=Path, default=SHARED / "data" / "animals")
+    ap.add_argument("--images", type=Path, default=DEFAULT_IMAGES)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (a CPU actor of one core has one)")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--batches", type=int, default=3, help="batches per round")

@@ -77,13 +77,18 @@ def resolve_batch(bb, batch_size, device) -> int:
     return auto_batch_size([bb], torch.device(device))[0]
 
 
-def bench_ceiling(bb, paths, batch_size, device) -> float:
-    """Forward only: distinct images decoded once, batches on the device beforehand, cycled to len(paths)."""
+def preprocessed(bb, paths: list[str]) -> torch.Tensor:
+    """The images at `paths`, decoded and preprocessed as the actors do: a normalised [N, 3, h, w] batch."""
     from featurestore.decode import decode_image
 
+    return torch.stack([bb.preprocess(decode_image(Path(p).read_bytes(), p, draft_size=bb.preprocessing.draft_size))
+                        for p in paths])
+
+
+def bench_ceiling(bb, paths, batch_size, device) -> float:
+    """Forward only: distinct images decoded once, batches on the device beforehand, cycled to len(paths)."""
     unique = list(dict.fromkeys(os.path.realpath(p) for p in paths))[: max(batch_size * 8, 64)]
-    xs = torch.stack([bb.preprocess(decode_image(Path(p).read_bytes(), p, draft_size=bb.preprocessing.draft_size))
-                      for p in unique])
+    xs = preprocessed(bb, unique)
     while len(xs) < batch_size:
         xs = torch.cat([xs, xs])
     batches = [xs[i:i + batch_size].to(device) for i in range(0, len(xs) - batch_size + 1, batch_size)]
