@@ -12,6 +12,7 @@ def _errors(fn):
 
     @functools.wraps(fn)
     def wrapper(*a, **kw):
+        from featurestore.sources import FilesystemUnavailable
         from featurestore.store import StoreError
 
         from .core import HeadConfigMismatch
@@ -19,7 +20,8 @@ def _errors(fn):
 
         try:
             return fn(*a, **kw)
-        except (HeadConfigMismatch, HeadFileError, StoreError, FileNotFoundError, KeyError, ValueError) as exc:
+        except (HeadConfigMismatch, HeadFileError, StoreError, FileNotFoundError, FilesystemUnavailable, KeyError,
+                ValueError) as exc:
             msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
             raise click.UsageError(str(msg)) from None
 

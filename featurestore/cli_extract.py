@@ -121,6 +121,7 @@ def extract(source, output, config_path, models, weights, layers, compile_, **fl
         cfg.backbones()  # per-model weights/layers name models that exist
     except ConfigError as exc:
         raise click.UsageError(str(exc))
+    from featurestore.sources import FilesystemUnavailable, SourceError
     from featurestore.store import StoreError
     from featurestore.weights import WeightsError
     from featurestore.zoo import UnknownLayerError, UnknownModelError
@@ -134,7 +135,8 @@ def extract(source, output, config_path, models, weights, layers, compile_, **fl
     except ExtractInterrupted as exc:
         click.echo(f"featurestore extract: {exc}", err=True)
         sys.exit(128 + exc.signum)  # the shell's convention: 130 for Ctrl-C, 143 for SIGTERM
-    except (ConfigError, StoreError, WeightsError, UnknownModelError, UnknownLayerError, FileNotFoundError) as exc:
+    except (ConfigError, SourceError, StoreError, WeightsError, UnknownModelError, UnknownLayerError,
+            FileNotFoundError, FilesystemUnavailable) as exc:
         # the input's fault, said once without a traceback
         click.echo(f"featurestore extract: {exc}", err=True)
         sys.exit(2)

@@ -34,11 +34,12 @@ def _human_bytes(n: int) -> str:
 @click.option("--storage-options", default=None, help=_SO_HELP)
 def inspect_cmd(store: str, as_json: bool, storage_options: str | None) -> None:
     """Summarise a feature store: what built it, rows, layers, classes, errors."""
+    from featurestore.sources import FilesystemUnavailable
     from featurestore.store import StoreError, inspect
 
     try:
         info = inspect(store, storage_options=_options(storage_options))
-    except (StoreError, FileNotFoundError) as exc:
+    except (StoreError, FileNotFoundError, FilesystemUnavailable) as exc:
         raise click.ClickException(str(exc)) from exc
     if as_json:
         click.echo(json.dumps(info, indent=2))
@@ -88,11 +89,12 @@ def verify_cmd(store: str, as_json: bool, storage_options: str | None) -> None:
 
     Exits 1 when anything is wrong, listing each problem on its own line.
     """
+    from featurestore.sources import FilesystemUnavailable
     from featurestore.store import StoreError, verify
 
     try:
         report = verify(store, storage_options=_options(storage_options))
-    except StoreError as exc:
+    except (StoreError, FileNotFoundError, FilesystemUnavailable) as exc:
         raise click.ClickException(str(exc)) from exc
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2))

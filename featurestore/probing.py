@@ -361,9 +361,9 @@ class _Out:
     @property
     def fs(self):
         if self._fs is None:
-            import fsspec
+            from featurestore.sources import url_to_fs
 
-            self._fs, _ = fsspec.core.url_to_fs(self.uri, **self.storage_options)
+            self._fs, _ = url_to_fs(self.uri, self.storage_options)
         return self._fs
 
     def join(self, *parts: str) -> str:

@@ -22,6 +22,10 @@ MANIFEST_EXTENSIONS = (".csv", ".parquet", ".pq")
 _LOCAL_PROTOCOLS = ("", "file", "local")
 
 
+class SourceError(ValueError):
+    """The input cannot be listed as asked (no images, a manifest without paths, ...)."""
+
+
 @dataclass
 class Listing:
     """The inputs of one job: ids (what fsspec opens), integer labels (-1 = unlabeled), class names."""
@@ -55,11 +59,21 @@ def _local_path(url: str) -> str:
     return os.path.abspath(os.path.expanduser(url))
 
 
-def _fs(url: str, storage_options: dict | None):
+class FilesystemUnavailable(ImportError):
+    """A URL whose fsspec filesystem is not installed (s3:// without s3fs, ...)."""
+
+
+def url_to_fs(url: str, storage_options: dict | None = None):
+    """fsspec's (filesystem, path) for url, with an error naming the package to install."""
     import fsspec
 
-    fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
-    return fs, path
+    try:
+        return fsspec.core.url_to_fs(url, **(storage_options or {}))
+    except ImportError as exc:
+        proto = _protocol(url)
+        how = ('pip install "featurestore[s3]"' if proto in ("s3", "s3a")
+               else f"install the fsspec implementation for {proto}:// (see fsspec's list of known implementations)")
+        raise FilesystemUnavailable(f"{url}: {exc}; {how}") from None
 
 
 def _has_image_ext(name: str) -> bool:
@@ -140,7 +154,7 @@ def _list_folder(src: str, storage_options: dict | None) -> Listing:
         rels = _walk_local(root)
         prefix = root.rstrip(os.sep) + "/"
     else:
-        fs, path = _fs(src, storage_options)
+        fs, path = url_to_fs(src, storage_options)
         path = path.rstrip("/")
         fs.invalidate_cache(path)
         found = fs.find(path, detail=False)
@@ -155,7 +169,7 @@ def _list_folder(src: str, storage_options: dict | None) -> Listing:
         if flat:  # images directly in the root and no class folders: an unlabeled set
             flat.sort()
             return Listing([prefix + r for r in flat], np.full(len(flat), -1, np.int64), [])
-        raise ValueError(
+        raise SourceError(
             f"{src}: no images found (expected <root>/<class>/<image> with extensions "
             f"{', '.join(sorted(IMAGE_EXTENSIONS))}, or a .csv/.parquet manifest)"
         )
@@ -173,14 +187,21 @@ def _read_table(src: str, storage_options: dict | None):
             raise FileNotFoundError(f"{src}: no such manifest file")
         opener = lambda: open(path, "rb")  # noqa: E731
     else:
-        fs, path = _fs(src, storage_options)
+        fs, path = url_to_fs(src, storage_options)
         if not fs.exists(path):
             raise FileNotFoundError(f"{src}: no such manifest file")
         opener = lambda: fs.open(path, "rb")  # noqa: E731
-    with opener() as f:
-        if src.lower().endswith(".csv"):
-            return pacsv.read_csv(f)
-        return pq.read_table(f)
+    import pyarrow as pa
+
+    try:
+        with opener() as f:
+            if src.lower().endswith(".csv"):
+                return pacsv.read_csv(f)
+            return pq.read_table(f)
+    except pa.ArrowException as exc:
+        kind = "CSV" if src.lower().endswith(".csv") else "Parquet"
+        raise SourceError(f"{src}: not a readable {kind} manifest ({exc}); "
+                          "a manifest is a table with a header row naming a path column") from exc
 
 
 def _resolve(p: str, base: str, local: bool) -> str:
@@ -197,14 +218,14 @@ def _resolve(p: str, base: str, local: bool) -> str:
 def _list_manifest(src: str, storage_options: dict | None, path_column: str, label_column: str) -> Listing:
     table = _read_table(src, storage_options)
     if path_column not in table.column_names:
-        raise ValueError(
+        raise SourceError(
             f"{src}: manifest has no '{path_column}' column (columns: {', '.join(table.column_names)}); "
             f"rename it or pass path_column"
         )
     raw_paths = table.column(path_column).to_pylist()
     if any(p is None or str(p) == "" for p in raw_paths):
         bad = next(i for i, p in enumerate(raw_paths) if p is None or str(p) == "")
-        raise ValueError(f"{src}: empty '{path_column}' in row {bad}; every row needs a path")
+        raise SourceError(f"{src}: empty '{path_column}' in row {bad}; every row needs a path")
     local = _is_local(src)
     if local:
         base = os.path.dirname(_local_path(src))
@@ -232,9 +253,9 @@ def _list_manifest(src: str, storage_options: dict | None, path_column: str, lab
     labels = labels[np.asarray(order, dtype=np.int64)] if ids else labels
     for a, b in zip(ids, ids[1:]):
         if a == b:
-            raise ValueError(f"{src}: path {a} is listed more than once; each input must appear once")
+            raise SourceError(f"{src}: path {a} is listed more than once; each input must appear once")
     if not ids:
-        raise ValueError(f"{src}: manifest has no rows")
+        raise SourceError(f"{src}: manifest has no rows")
     return Listing(ids, labels, names)
 
 

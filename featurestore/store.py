@@ -35,7 +35,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from .sources import Plan, _is_local, _local_path, _protocol
+from .sources import Plan, _is_local, _local_path, _protocol, url_to_fs
 
 log = logging.getLogger(__name__)
 
@@ -105,9 +105,7 @@ class _Loc:
             self.fs = None
             self.protocol = "file"
         else:
-            import fsspec
-
-            self.fs, root = fsspec.core.url_to_fs(self.uri, **self.storage_options)
+            self.fs, root = url_to_fs(self.uri, self.storage_options)
             self.root = root.rstrip("/")
             self.protocol = _protocol(self.uri)
 

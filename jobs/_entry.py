@@ -128,10 +128,9 @@ def main(kind: str, run: Callable[[Any, Any], int | None], argv: list[str] | Non
 # Files that heads read and write locally, moved to and from object storage
 # ---------------------------------------------------------------------------------
 def _fs(url: str, storage_options: dict | None):
-    import fsspec
+    from featurestore.sources import url_to_fs
 
-    fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
-    return fs, path
+    return url_to_fs(url, storage_options)
 
 
 def is_remote(location: str) -> bool:

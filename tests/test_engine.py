@@ -213,6 +213,24 @@ def test_torchvision_weights_offline_or_unknown_fail_before_any_actor(tmp_path, 
     assert not (out / "shards").exists()  # nothing was written
 
 
+def test_unlistable_sources_are_plain_errors(tmp_path, ray_local):
+    """A folder without images or a manifest that is not a table: exit 2, one line, no traceback."""
+    from click.testing import CliRunner
+
+    from featurestore.cli import main
+
+    (tmp_path / "empty" / "cls").mkdir(parents=True)
+    (tmp_path / "bad.parquet").write_bytes(b"not parquet at all")
+    (tmp_path / "bad.csv").write_bytes(b"path,label\na.jpg,cat\nb.jpg\n")  # a row with one column of two
+    for src, said in (("empty", "no images found"), ("bad.parquet", "not a readable Parquet manifest"),
+                      ("bad.csv", "not a readable CSV manifest")):
+        out = tmp_path / f"store-{src}"
+        r = CliRunner().invoke(main, ["extract", str(tmp_path / src), str(out), "--model", MODEL, "--weights",
+                                      "none", "-q"])
+        assert r.exit_code == 2 and said in r.output and r.exception.__class__ is SystemExit, (r.output, r.exception, src)
+        assert not (out / "shards").exists()
+
+
 def write_bad_inputs(src: Path) -> dict[str, str]:
     """Every kind of unusable input, each beside good images; returns name -> expected reason word."""
     bad = src / "dog"

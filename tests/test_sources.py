@@ -1,6 +1,7 @@
 """Listing (folder per class, manifests) and the shard plan, on real files."""
 from __future__ import annotations
 
+import importlib.util
 import os
 
 import numpy as np
@@ -8,7 +9,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from featurestore.sources import Listing, Plan, list_source, make_plan, read_bytes, split_classes
+import featurestore
+from featurestore.sources import (FilesystemUnavailable, Listing, Plan, SourceError, list_source, make_plan, read_bytes,
+                                  split_classes)
 
 
 def test_folder_per_class_sorted_with_labels(image_folder):
@@ -109,6 +112,18 @@ def test_manifest_errors_name_the_problem(tmp_path):
         list_source(str(tmp_path / "d.csv"))
     with pytest.raises(FileNotFoundError, match="no such manifest"):
         list_source(str(tmp_path / "missing.parquet"))
+    (tmp_path / "junk.parquet").write_bytes(b"PAR1 but no more")
+    with pytest.raises(SourceError, match="junk.parquet: not a readable Parquet manifest"):
+        list_source(str(tmp_path / "junk.parquet"))
+
+
+def test_a_url_without_its_filesystem_package_names_what_to_install(tmp_path):
+    if importlib.util.find_spec("gcsfs") is not None:
+        pytest.skip("gcsfs is installed here")
+    with pytest.raises(FilesystemUnavailable, match=r"gs://bucket/images: .*gcsfs.*install the fsspec implementation"):
+        list_source("gs://bucket/images")
+    with pytest.raises(FilesystemUnavailable, match="gs://bucket/store"):
+        featurestore.open("gs://bucket/store")
 
 
 def test_split_classes_filters():
