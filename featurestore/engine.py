@@ -235,6 +235,26 @@ def plan_placement(cfg: ExtractConfig, resources: dict[str, float], num_shards: 
     return Placement(actors, float(cpus_per_actor), float(gpus_per_actor), torch_threads, decode_threads)
 
 
+def _check_counts(cfg: ExtractConfig) -> None:
+    """Placement numbers out of range are refused before Ray starts, not passed on to it."""
+    def whole(v, low):
+        return isinstance(v, int) and not isinstance(v, bool) and v >= low
+
+    def number(v, above):
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and v > above
+
+    for flag, value, ok, what in (
+        ("--actors", cfg.actors, whole(cfg.actors, 1), "a whole number >= 1"),
+        ("--gpus-per-actor", cfg.gpus_per_actor, number(cfg.gpus_per_actor, -1e-9), "0 (CPU actors) or more"),
+        ("--cpus-per-actor", cfg.cpus_per_actor, number(cfg.cpus_per_actor, 0), "above 0"),
+        ("--decode-threads", cfg.decode_threads, whole(cfg.decode_threads, 1), "a whole number >= 1"),
+        ("--max-retries", cfg.max_retries, whole(cfg.max_retries, 0), "a whole number >= 0"),
+        ("max_image_pixels", cfg.max_image_pixels, whole(cfg.max_image_pixels, 1), "a whole number >= 1"),
+    ):
+        if value is not None and not ok:
+            raise ExtractError(f"{flag} must be {what}, got {value!r}; leave it out for the default")
+
+
 def preflight(backbone) -> Any:
     """Fail in the driver, before Ray starts, on an unknown model; say what is left to check.
 
@@ -332,6 +352,10 @@ class Progress:
 # ---------------------------------------------------------------------------------
 # The job
 # ---------------------------------------------------------------------------------
+class BackboneLoadError(RuntimeError):
+    """An actor could not build its backbone (unknown layer, unreadable weights, ...)."""
+
+
 class ExtractorActor:
     """The Ray actor: a ShardExtractor built in the actor's own process.
 
@@ -342,19 +366,30 @@ class ExtractorActor:
     def __init__(self, *args: Any, **kwargs: Any):
         from featurestore.extractor import ShardExtractor
 
-        self._extractor = ShardExtractor(*args, **kwargs)
+        # A constructor that raises makes Ray print the traceback and the dying worker's
+        # crash report into the user's terminal; kept here, the driver says it once, plainly.
+        self._error: str | None = None
+        try:
+            self._extractor = ShardExtractor(*args, **kwargs)
+        except Exception as exc:
+            self._error = f"{type(exc).__name__}: {exc}"
+
+    def _loaded(self):
+        if self._error is not None:
+            raise BackboneLoadError(self._error)
+        return self._extractor
 
     def configs(self) -> list[dict[str, Any]]:
-        return self._extractor.configs()
+        return self._loaded().configs()
 
     def info(self) -> dict[str, Any]:
-        return self._extractor.info()
+        return self._loaded().info()
 
     def poll(self) -> tuple[int, int]:
-        return self._extractor.poll()
+        return self._loaded().poll() if self._error is None else (0, 0)
 
     def process(self, shard, stores=None):
-        return self._extractor.process(shard, stores)
+        return self._loaded().process(shard, stores)
 
 
 def _actor_options(p: Placement) -> dict[str, Any]:
@@ -493,6 +528,7 @@ def _extract(cfg: ExtractConfig, stop: _StopOnSignal, leases: list) -> ExtractRe
                                        or cfg.shard_size < 1):
         raise ExtractError(f"--shard-size must be a positive integer (rows per shard), got {cfg.shard_size!r}; "
                            "leave it out for the default")
+    _check_counts(cfg)
     try:
         backbones = cfg.backbones()
         outputs = cfg.outputs()
@@ -595,6 +631,11 @@ def _extract(cfg: ExtractConfig, stop: _StopOnSignal, leases: list) -> ExtractRe
     try:
         backbone_configs = ray.get(actors[0].configs.remote())
         actor_info = ray.get([a.info.remote() for a in actors])
+    except ray.exceptions.RayTaskError as exc:
+        if not isinstance(exc.cause, BackboneLoadError):
+            raise
+        _kill(actors)
+        raise ExtractError(f"the backbone could not be loaded on a worker: {exc.cause}") from None
     except ray.exceptions.RayActorError as exc:
         raise ExtractError(f"the backbone could not be loaded on a worker: {_root_cause(str(exc))}") from None
     except KeyboardInterrupt:
@@ -655,18 +696,22 @@ def _extract(cfg: ExtractConfig, stop: _StopOnSignal, leases: list) -> ExtractRe
                 actor, shard = running.pop(ref)
                 try:
                     got = ray.get(ref)
-                except ray.exceptions.RayActorError as exc:
-                    # The process died (OOM, killed, node lost): retry elsewhere on a fresh actor.
-                    why = f"worker died: {str(exc).splitlines()[0][:300]}"
-                    log.warning("shard %05d: %s; retrying", shard.index, why)
-                    actors.remove(actor)
-                    replacement = new_actor()
-                    actors.append(replacement)
-                    idle.append(replacement)
-                    _retry(shard, why, attempts, last_error, queue, result, cfg.max_retries)
-                    continue
-                except ray.exceptions.RayTaskError as exc:
+                except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as exc:
                     cause = exc.cause if getattr(exc, "cause", None) is not None else exc
+                    lost = isinstance(cause, BackboneLoadError) or not isinstance(exc, ray.exceptions.RayTaskError)
+                    if lost:
+                        # The process died (OOM, killed, node lost), or a replacement could not load
+                        # the backbone: retry elsewhere on a fresh actor.
+                        why = (f"worker could not load the backbone: {cause}" if isinstance(cause, BackboneLoadError)
+                               else f"worker died: {str(exc).splitlines()[0][:300]}")
+                        log.warning("shard %05d: %s; retrying", shard.index, why)
+                        actors.remove(actor)
+                        _kill([actor])
+                        replacement = new_actor()
+                        actors.append(replacement)
+                        idle.append(replacement)
+                        _retry(shard, why, attempts, last_error, queue, result, cfg.max_retries)
+                        continue
                     why = f"{type(cause).__name__}: {str(cause).splitlines()[0][:300] if str(cause) else ''}"
                     idle.append(actor)
                     if type(cause).__name__ == "StrictModeError":

@@ -231,6 +231,47 @@ def test_unlistable_sources_are_plain_errors(tmp_path, ray_local):
         assert not (out / "shards").exists()
 
 
+@pytest.mark.parametrize("field,value,said", [
+    ("actors", 0, "--actors must be a whole number >= 1, got 0"),
+    ("actors", 1.5, "--actors must be a whole number >= 1, got 1.5"),
+    ("cpus_per_actor", 0, "--cpus-per-actor must be above 0"),
+    ("gpus_per_actor", -1, "--gpus-per-actor must be 0 (CPU actors) or more"),
+    ("decode_threads", 0, "--decode-threads must be a whole number >= 1"),
+    ("max_retries", -1, "--max-retries must be a whole number >= 0"),
+])
+def test_placement_numbers_out_of_range_are_refused_before_ray_starts(tmp_path, field, value, said):
+    src = make_images(tmp_path / "src", per_class=1)
+    with pytest.raises(ExtractError, match=re.escape(said)):
+        extract(ExtractConfig(source=str(src), output=str(tmp_path / "store"), **{field: value}, **SMALL))
+    assert not (tmp_path / "store").exists()
+
+
+def test_a_backbone_that_cannot_load_is_one_message_not_a_worker_crash_dump(tmp_path):
+    """An unknown layer is found where the model is built, in the actors: the command says so
+    once (exit 2), without the actor's traceback or Ray's report of a dying worker."""
+    src = make_images(tmp_path / "src", per_class=1)
+    out = tmp_path / "store"
+    res = subprocess.run(_cli("extract", str(src), str(out), "--model", MODEL, "--weights", "none", "--input-size",
+                              "64", "--layer", "layer9", "--quiet"), capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2, res.stderr[-3000:]
+    assert "the backbone could not be loaded on a worker: UnknownLayerError: resnet18 has no layer 'layer9'" \
+        in res.stderr, res.stderr[-3000:]
+    for noise in ("Traceback", "Stack trace", "creation task"):
+        assert noise not in res.stderr, res.stderr[-3000:]
+    assert not (out / "shards").exists() or not list((out / "shards").iterdir())
+
+
+def test_an_actor_that_cannot_load_raises_on_every_call(tmp_path):
+    from featurestore.config import BackboneConfig
+    from featurestore.engine import BackboneLoadError, ExtractorActor
+
+    actor = ExtractorActor(BackboneConfig(model=MODEL, weights="none", layers=("layer9",)), str(tmp_path / "s"), [])
+    assert actor.poll() == (0, 0)
+    for call in (actor.configs, actor.info, lambda: actor.process(None)):
+        with pytest.raises(BackboneLoadError, match="UnknownLayerError: resnet18 has no layer 'layer9'"):
+            call()
+
+
 def write_bad_inputs(src: Path) -> dict[str, str]:
     """Every kind of unusable input, each beside good images; returns name -> expected reason word."""
     bad = src / "dog"
