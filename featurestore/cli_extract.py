@@ -108,6 +108,11 @@ def extract(source, output, config_path, models, weights, layers, compile_, **fl
     if compile_ is not None:
         data["compile"] = compile_
     data.update({k: v for k, v in flags.items() if v is not None})
+    missing = [key for key in ("source", "output") if not data.get(key)]
+    if missing:
+        raise click.UsageError(f"missing {' and '.join(k.upper() for k in missing)}: pass "
+                               f"{'it as an argument' if len(missing) == 1 else 'them as arguments'}, or set "
+                               f"{' and '.join(k + ':' for k in missing)} in a --config spec")
     model_names = data.get("model", ExtractConfig.model)
     model_names = [model_names] if isinstance(model_names, str) else list(model_names or [])
     try:

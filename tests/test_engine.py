@@ -229,6 +229,10 @@ def test_unlistable_sources_are_plain_errors(tmp_path, ray_local):
                                       "none", "-q"])
         assert r.exit_code == 2 and said in r.output and r.exception.__class__ is SystemExit, (r.output, r.exception, src)
         assert not (out / "shards").exists()
+    r = CliRunner().invoke(main, ["extract"])
+    assert r.exit_code == 2 and "missing SOURCE and OUTPUT: pass them as arguments" in r.output, r.output
+    r = CliRunner().invoke(main, ["extract", str(tmp_path / "empty")])
+    assert r.exit_code == 2 and "missing OUTPUT: pass it as an argument, or set output:" in r.output, r.output
 
 
 @pytest.mark.parametrize("field,value,said", [
