@@ -176,9 +176,20 @@ def decode_image_multi(
 
 
 def load_image(path_or_url: str, *, storage_options: dict | None = None, **kw) -> Image.Image:
-    """Read a local path or fsspec URL and decode it (see decode_image for keywords)."""
-    import fsspec
+    """Read a local path or fsspec URL and decode it (see decode_image for keywords).
 
-    with fsspec.open(str(path_or_url), "rb", **(storage_options or {})) as f:
-        data = f.read()
-    return decode_image(data, str(path_or_url), **kw)
+    A missing file raises FileNotFoundError; one that cannot be read (a host that does not
+    answer, missing credentials, ...) raises BadImage saying why.
+    """
+    from .sources import read_bytes
+
+    name = str(path_or_url)
+    try:
+        data = read_bytes(name, storage_options)
+    except FileNotFoundError as exc:
+        if isinstance(exc.__cause__, OSError):  # fsspec's HTTP filesystem: the connection failed
+            raise BadImage(f"cannot reach it: {exc.__cause__}", name) from None
+        raise FileNotFoundError(f"{name}: no such file") from None
+    except Exception as exc:
+        raise BadImage(f"cannot read it: {type(exc).__name__}: {exc}", name) from None
+    return decode_image(data, name, **kw)

@@ -85,7 +85,11 @@ class WriterLease:
         return None
 
     def acquire(self) -> "WriterLease":
-        other = self.read()
+        try:
+            other = self.read()
+        except Exception as exc:  # the first touch of the output: no credentials, access denied, no endpoint
+            hint = "" if self.loc.local else "; check the URL and the credentials (AWS_* variables or storage_options)"
+            raise StoreError(f"{self.loc.uri}: cannot reach it ({type(exc).__name__}: {exc}){hint}") from exc
         if other is not None and other.get("token") != self.token:
             why = self.why_live(other)
             if why:
@@ -98,8 +102,9 @@ class WriterLease:
                         other.get("pid"), other.get("host"))
         try:
             self._write()
-        except OSError as exc:
-            raise StoreError(f"{self.loc.uri}: cannot write there ({exc}); choose an output you can write to") from None
+        except Exception as exc:  # OSError locally; an object store's own error (access denied, ...) remotely
+            raise StoreError(f"{self.loc.uri}: cannot write there ({type(exc).__name__}: {exc}); choose an output "
+                             "you can write to") from None
         back = self.read()
         if back is not None and back.get("token") != self.token:  # lost a race with a run started together
             raise StoreBusy(f"{self.loc.uri}: another extraction started at the same moment (pid {back.get('pid')} "

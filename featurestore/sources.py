@@ -273,9 +273,18 @@ def list_source(
     is an unlabeled set.
     """
     src = str(src)
-    if src.lower().endswith(MANIFEST_EXTENSIONS):
-        return _list_manifest(src, storage_options, path_column, label_column)
-    return _list_folder(src, storage_options)
+    try:
+        if src.lower().endswith(MANIFEST_EXTENSIONS):
+            return _list_manifest(src, storage_options, path_column, label_column)
+        return _list_folder(src, storage_options)
+    except (SourceError, FileNotFoundError, FilesystemUnavailable):
+        raise
+    except Exception as exc:
+        # object stores raise their own errors (no credentials, access denied, no endpoint)
+        if _is_local(src) and not isinstance(exc, OSError):
+            raise
+        where = "" if _is_local(src) else "; check the URL and the credentials (AWS_* variables or storage_options)"
+        raise SourceError(f"{src}: cannot list it: {type(exc).__name__}: {exc}{where}") from exc
 
 
 @dataclass

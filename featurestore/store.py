@@ -255,6 +255,9 @@ def _read_meta(loc: _Loc) -> dict | None:
         data = loc.read_bytes("store.json")
     except FileNotFoundError:
         return None
+    except Exception as exc:  # no credentials, access denied, no endpoint: the first thing a reader meets
+        hint = "" if loc.local else "; check the URL and the credentials (AWS_* variables or storage_options)"
+        raise StoreError(f"{loc.uri}: cannot read its store.json ({type(exc).__name__}: {exc}){hint}") from exc
     try:
         return json.loads(data)
     except json.JSONDecodeError as exc:

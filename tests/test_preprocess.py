@@ -101,6 +101,29 @@ def test_truncated_and_corrupt():
         decode_image(png[:40] + b"\x00" * 30 + png[70:], "corrupt.png")
 
 
+def test_load_image_names_a_missing_or_unreadable_path(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"nope\.jpg: no such file"):
+        load_image(str(tmp_path / "nope.jpg"))
+    with pytest.raises(BadImage, match=r"cannot read it: IsADirectoryError"):
+        load_image(str(tmp_path))
+
+
+def test_a_host_that_does_not_answer_is_unreachable_not_vanished():
+    """fsspec's HTTP filesystem turns a refused connection into FileNotFoundError; the reason
+    must still say what happened, for a single image and in an extraction's errors."""
+    import socket
+
+    from featurestore.extractor import DecodePlan, decode_one
+
+    with socket.socket() as s:  # a loopback port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{s.getsockname()[1]}/a.jpg"
+    with pytest.raises(BadImage, match=r"a\.jpg: cannot reach it: Cannot connect to host 127\.0\.0\.1"):
+        load_image(url)
+    got = decode_one(0, url, 1, DecodePlan("pil", (lambda im: im,)))
+    assert got.reason.startswith("unreachable: Cannot connect to host 127.0.0.1") and got.label == 1
+
+
 def test_decompression_bomb_guard():
     data = _bytes(Image.new("L", (1000, 1000)), "PNG")
     with pytest.raises(BadImage) as err:

@@ -149,3 +149,31 @@ def test_resume_sees_commits_from_other_processes_and_refuses_mixing(s3_server, 
     assert len(r) == 2 and r.config["pooling"] == "max"
     keys = sorted(k.rsplit("/", 1)[-1] for k in s3_server.fs().find(uri[5:]))
     assert keys == ["errors.parquet", "manifest.parquet", "plan.parquet", "shard-00000.h5", "shard-00000.json", "store.json"]
+
+
+def test_an_object_store_without_credentials_is_named_not_a_traceback(s3_server, s3_bucket, monkeypatch, tmp_path):
+    """The first touch of a source, a store or an image on S3 without credentials says which URL
+    and what to check."""
+    import featurestore
+    from featurestore.decode import BadImage, load_image
+    from featurestore.lease import WriterLease
+    from featurestore.sources import SourceError
+    from featurestore.store import StoreError
+
+    for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    so = {"client_kwargs": {"endpoint_url": s3_server.endpoint_url}, "skip_instance_cache": True}
+    hint = r"NoCredentialsError.*check the URL and the credentials"
+    with pytest.raises(SourceError, match=rf"{s3_bucket}/images: cannot list it: {hint}"):
+        list_source(f"{s3_bucket}/images", storage_options=so)
+    with pytest.raises(SourceError, match=rf"{s3_bucket}/list.csv: cannot list it: {hint}"):
+        list_source(f"{s3_bucket}/list.csv", storage_options=so)
+    with pytest.raises(StoreError, match=rf"{s3_bucket}/store: cannot read its store.json \({hint}"):
+        featurestore.open(f"{s3_bucket}/store", storage_options=so)
+    with pytest.raises(StoreError, match=rf"{s3_bucket}/out: cannot reach it \({hint}"):
+        WriterLease(f"{s3_bucket}/out", storage_options=so).acquire()
+    with pytest.raises(BadImage, match=rf"{s3_bucket}/a.jpg: cannot read it: NoCredentialsError"):
+        load_image(f"{s3_bucket}/a.jpg", storage_options=so)
