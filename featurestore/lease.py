@@ -19,6 +19,7 @@ import threading
 import time
 import uuid
 
+from featurestore.sources import REMOTE_HINT
 from featurestore.store import LEASE_FILE, StoreError, _Loc
 
 log = logging.getLogger(__name__)
@@ -88,7 +89,7 @@ class WriterLease:
         try:
             other = self.read()
         except Exception as exc:  # the first touch of the output: no credentials, access denied, no endpoint
-            hint = "" if self.loc.local else "; check the URL and the credentials (AWS_* variables or storage_options)"
+            hint = "" if self.loc.local else f"; {REMOTE_HINT}"
             raise StoreError(f"{self.loc.uri}: cannot reach it ({type(exc).__name__}: {exc}){hint}") from exc
         if other is not None and other.get("token") != self.token:
             why = self.why_live(other)

@@ -22,6 +22,10 @@ MANIFEST_EXTENSIONS = (".csv", ".parquet", ".pq")
 _LOCAL_PROTOCOLS = ("", "file", "local")
 
 
+# what to check when an object store refuses (no credentials, access denied, no endpoint)
+REMOTE_HINT = "check the URL and the credentials (AWS_* variables or storage_options)"
+
+
 class SourceError(ValueError):
     """The input cannot be listed as asked (no images, a manifest without paths, ...)."""
 
@@ -283,7 +287,7 @@ def list_source(
         # object stores raise their own errors (no credentials, access denied, no endpoint)
         if _is_local(src) and not isinstance(exc, OSError):
             raise
-        where = "" if _is_local(src) else "; check the URL and the credentials (AWS_* variables or storage_options)"
+        where = "" if _is_local(src) else f"; {REMOTE_HINT}"
         raise SourceError(f"{src}: cannot list it: {type(exc).__name__}: {exc}{where}") from exc
 
 

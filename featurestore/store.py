@@ -35,7 +35,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from .sources import Plan, _is_local, _local_path, _protocol, url_to_fs
+from .sources import REMOTE_HINT, Plan, _is_local, _local_path, _protocol, url_to_fs
 
 log = logging.getLogger(__name__)
 
@@ -256,7 +256,7 @@ def _read_meta(loc: _Loc) -> dict | None:
     except FileNotFoundError:
         return None
     except Exception as exc:  # no credentials, access denied, no endpoint: the first thing a reader meets
-        hint = "" if loc.local else "; check the URL and the credentials (AWS_* variables or storage_options)"
+        hint = "" if loc.local else f"; {REMOTE_HINT}"
         raise StoreError(f"{loc.uri}: cannot read its store.json ({type(exc).__name__}: {exc}){hint}") from exc
     try:
         return json.loads(data)
