@@ -122,8 +122,9 @@ def test_a_url_without_its_filesystem_package_names_what_to_install(tmp_path):
         pytest.skip("gcsfs is installed here")
     with pytest.raises(FilesystemUnavailable, match=r"gs://bucket/images: .*gcsfs.*install the fsspec implementation"):
         list_source("gs://bucket/images")
-    with pytest.raises(FilesystemUnavailable, match="gs://bucket/store"):
+    with pytest.raises(featurestore.FilesystemUnavailable, match="gs://bucket/store"):
         featurestore.open("gs://bucket/store")
+    assert featurestore.SourceError is SourceError
 
 
 def test_split_classes_filters():
