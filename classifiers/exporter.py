@@ -141,6 +141,15 @@ class BackboneWithHead(nn.Module):
         return self.head(fwd(self.backbone, x)[self.layer])
 
 
+def _installed(module: str) -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # a parent package missing, or a module blocked in sys.modules
+        return False
+
+
 def export(head, fmt: str = "onnx", out: str | None = None, *, backbone=None, opset: int = 17,
            verify: bool = True, batch: int = 2) -> str:
     """Write backbone + head as one ONNX or TorchScript file; returns its path.
@@ -152,6 +161,11 @@ def export(head, fmt: str = "onnx", out: str | None = None, *, backbone=None, op
 
     if fmt not in FORMATS:
         raise ValueError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    if fmt == "onnx":
+        missing = [m for m in ("onnx", "onnxscript") + (("onnxruntime",) if verify else ()) if not _installed(m)]
+        if missing:
+            raise ValueError(f"--format onnx needs {', '.join(missing)}: pip install \"featurestore[export]\", "
+                             "or export with --format torchscript")
     h = as_head(head)
     bb = backbone if backbone is not None else load_head_backbone(h)
     if backbone is not None:

@@ -72,6 +72,18 @@ def test_export_rebuilds_backbone_from_head_and_refuses_another(tmp_path, backbo
         classifiers.export(head, "onnx", out=str(tmp_path / "x.onnx"), backbone=other)
 
 
+def test_onnx_export_without_the_export_extra_says_what_to_install(tmp_path, backbone, monkeypatch):
+    import sys
+
+    s = _features_store(tmp_path, backbone)
+    classifiers.train(s, head="logreg", out=str(tmp_path / "h"))
+    monkeypatch.setitem(sys.modules, "onnxscript", None)  # as if not installed
+    with pytest.raises(ValueError, match=r'needs onnxscript: pip install "featurestore\[export\]", or export with '
+                                         r"--format torchscript"):
+        classifiers.export(str(tmp_path / "h"), "onnx", out=str(tmp_path / "m.onnx"), backbone=backbone)
+    assert not (tmp_path / "m.onnx").exists()
+
+
 def test_predict_images_runs_backbone_and_head(tmp_path, backbone, image_folder):
     paths, feats, head = _head_on_images(tmp_path, backbone, image_folder)
     got = classifiers.predict_images(str(tmp_path / "h"), paths)  # backbone rebuilt from head.json
