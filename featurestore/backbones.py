@@ -426,6 +426,12 @@ def _check_choice(value, choices, what):
         raise ValueError(f"{what} must be one of {', '.join(choices)}, got {value!r}")
 
 
+def _check_input_size(input_size) -> None:
+    if input_size is not None and (isinstance(input_size, bool) or not isinstance(input_size, int) or input_size < 1):
+        raise ValueError(f"input_size must be a whole number of pixels >= 1, got {input_size!r}; "
+                         "None keeps the weights' own size")
+
+
 def load_backbone(model: str = "efficientnet_lite0", weights: str | None = "DEFAULT",
                   layers: Sequence[str] | str | None = None, pooling: str = "avg", precision: str = "fp32",
                   device: str | torch.device = "cpu", input_size: int | None = None, crop: str = "center",
@@ -440,6 +446,7 @@ def load_backbone(model: str = "efficientnet_lite0", weights: str | None = "DEFA
     """
     _check_choice(pooling, POOLINGS, "pooling")
     _check_choice(precision, PRECISIONS, "precision")
+    _check_input_size(input_size)
     canonical = canonical_name(model)
     weights = "none" if weights is None else str(weights)
     if isinstance(layers, str):
@@ -501,6 +508,7 @@ def list_layers(model: str, weights: str | None = None, input_size: int | None =
     Recommended: the end of each stage, the global pool, the default (penultimate) cut and logits.
     weights only matter for the input size; the default is a random init so nothing is downloaded.
     """
+    _check_input_size(input_size)
     canonical = canonical_name(model)
     bb_weights = weights or "none"
     if canonical.startswith("timm:"):

@@ -250,6 +250,7 @@ def _check_counts(cfg: ExtractConfig) -> None:
         ("--decode-threads", cfg.decode_threads, whole(cfg.decode_threads, 1), "a whole number >= 1"),
         ("--max-retries", cfg.max_retries, whole(cfg.max_retries, 0), "a whole number >= 0"),
         ("max_image_pixels", cfg.max_image_pixels, whole(cfg.max_image_pixels, 1), "a whole number >= 1"),
+        ("--input-size", cfg.input_size, whole(cfg.input_size, 1), "a whole number of pixels >= 1"),
     ):
         if value is not None and not ok:
             raise ExtractError(f"{flag} must be {what}, got {value!r}; leave it out for the default")

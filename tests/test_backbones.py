@@ -111,6 +111,9 @@ def test_unknown_model_and_layer_name_alternatives():
         load_backbone("efficientnet_lite0", "none", layers=["block.3"], input_size=32)
     with pytest.raises(ValueError, match="pooling"):
         load_backbone("resnet18", "none", pooling="mean")
+    for size in (0, -5, 22.5):
+        with pytest.raises(ValueError, match=rf"input_size must be a whole number of pixels >= 1, got {size}"):
+            load_backbone("resnet18", "none", input_size=size)
 
 
 SHARED = "/work/shared/data/animals"

@@ -242,11 +242,12 @@ def test_unlistable_sources_are_plain_errors(tmp_path, ray_local):
     ("gpus_per_actor", -1, "--gpus-per-actor must be 0 (CPU actors) or more"),
     ("decode_threads", 0, "--decode-threads must be a whole number >= 1"),
     ("max_retries", -1, "--max-retries must be a whole number >= 0"),
+    ("input_size", 0, "--input-size must be a whole number of pixels >= 1, got 0"),
 ])
 def test_placement_numbers_out_of_range_are_refused_before_ray_starts(tmp_path, field, value, said):
     src = make_images(tmp_path / "src", per_class=1)
     with pytest.raises(ExtractError, match=re.escape(said)):
-        extract(ExtractConfig(source=str(src), output=str(tmp_path / "store"), **{field: value}, **SMALL))
+        extract(ExtractConfig(source=str(src), output=str(tmp_path / "store"), **{**SMALL, field: value}))
     assert not (tmp_path / "store").exists()
 
 
