@@ -112,6 +112,13 @@ def train(store, head: str = "logreg", layer: str | None = None, grid=None, cv: 
     """
     t0 = time.perf_counter()
     check_kind(head)
+    for name, value, low, why in (("cv", cv, 2, "folds of the sweep; a single --grid value needs no sweep"),
+                                  ("batch_size", batch_size, 1, "rows per streaming batch"),
+                                  ("epochs", epochs, 1, "passes over the store when streaming")):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise HeadError(f"{name} must be a whole number >= {low} ({why}), got {value!r}")
+    if n_jobs is not None and (isinstance(n_jobs, bool) or not isinstance(n_jobs, int) or n_jobs == 0):
+        raise HeadError(f"n_jobs must be a whole number of parallel fits (-1: one per core), got {n_jobs!r}")
     if class_weight not in (None, "balanced") and not isinstance(class_weight, dict):
         raise HeadError(f"class_weight must be None, 'balanced' or a dict, got {class_weight!r}")
     reader = _open(store, storage_options)

@@ -149,3 +149,16 @@ def test_grid_parsing_names_bad_input():
         parse_grid(["gamma=1"], "logreg")
     with pytest.raises(HeadError, match="not a number"):
         parse_grid(["C=big"], "logreg")
+
+
+@pytest.mark.parametrize("kwargs,said", [
+    (dict(cv=1), "cv must be a whole number >= 2"),
+    (dict(epochs=0), "epochs must be a whole number >= 1"),
+    (dict(batch_size=0), "batch_size must be a whole number >= 1"),
+    (dict(n_jobs=0), "n_jobs must be a whole number of parallel fits"),
+])
+def test_training_numbers_out_of_range_are_refused(tmp_path, kwargs, said):
+    X, y = planted(n=60)
+    store = make_store(tmp_path / "s", X, y, ["a", "b", "c"])
+    with pytest.raises(HeadError, match=said):
+        classifiers.train(store, **kwargs)
