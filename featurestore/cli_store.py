@@ -104,5 +104,8 @@ def verify_cmd(store: str, as_json: bool, storage_options: str | None) -> None:
         click.echo(f"FAILED: {store}: {len(report.problems)} problem(s)", err=True)
         for p in report.problems:
             click.echo(f"  - {p}", err=True)
+        if report.damaged_shards:
+            click.echo(f"To repair: delete {', '.join(report.damaged_shards)} from {store} and run the same "
+                       "`featurestore extract` command again; it recomputes only those shards.", err=True)
     if not report.ok:
         raise SystemExit(1)

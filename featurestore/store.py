@@ -1218,6 +1218,9 @@ class VerifyReport:
     rows: int
     shards: int
     checked_bytes: int = 0
+    # shard files that are missing, corrupt or unreadable: deleting them and running the same
+    # extraction again recomputes exactly those shards
+    damaged_shards: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -1246,10 +1249,13 @@ def verify(uri: str, storage_options: dict | None = None) -> VerifyReport:
     shard_ids: dict[int, np.ndarray] = {}
     shard_labels: dict[int, np.ndarray] = {}
     checked = 0
+    damaged: list[str] = []
     for s in listed:
         rel = f"shards/{s['name']}"
+        before = len(problems)
         if s["name"] not in on_disk:
             problems.append(f"{rel}: missing (listed in store.json with {s['rows']} rows)")
+            damaged.append(rel)
             continue
         tmp = None
         try:
@@ -1299,6 +1305,8 @@ def verify(uri: str, storage_options: dict | None = None) -> VerifyReport:
         finally:
             if tmp:
                 os.remove(tmp)
+        if len(problems) > before:
+            damaged.append(rel)
     total = sum(int(s["rows"]) for s in listed)
     if meta.get("num_rows") is not None and int(meta["num_rows"]) != total:
         problems.append(f"store.json: num_rows {meta['num_rows']} but the shards list sums to {total}")
@@ -1344,7 +1352,7 @@ def verify(uri: str, storage_options: dict | None = None) -> VerifyReport:
                     problems.append(f"errors.parquet: {errs.num_rows} rows, manifest has {len(mid) - len(ok)} non-ok inputs")
             except FileNotFoundError:
                 problems.append("errors.parquet: missing")
-    return VerifyReport(not problems, problems, total, len(listed), checked)
+    return VerifyReport(not problems, problems, total, len(listed), checked, damaged)
 
 
 def inspect(uri: str, storage_options: dict | None = None) -> dict:

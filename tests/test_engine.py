@@ -235,6 +235,30 @@ def test_unlistable_sources_are_plain_errors(tmp_path, ray_local):
     assert r.exit_code == 2 and "missing OUTPUT: pass it as an argument, or set output:" in r.output, r.output
 
 
+def test_verify_names_a_damaged_shard_and_a_rerun_repairs_it(tmp_path, ray_local):
+    """The repair verify suggests: delete the damaged shard file, run the same extraction again."""
+    from click.testing import CliRunner
+
+    from featurestore.cli import main
+
+    src = make_images(tmp_path / "src", per_class=4)
+    out = tmp_path / "store"
+    cfg = ExtractConfig(source=str(src), output=str(out), shard_size=4, **SMALL)
+    extract(cfg)
+    before = read_store(str(out))[1]
+    damaged = out / "shards" / "shard-00001.h5"
+    with h5py.File(damaged, "r+") as f:
+        f["features"][0, 0] = 123.0
+    report = featurestore.verify(str(out))
+    assert not report.ok and report.damaged_shards == ["shards/shard-00001.h5"]
+    r = CliRunner().invoke(main, ["verify", str(out)])
+    assert r.exit_code == 1 and "To repair: delete shards/shard-00001.h5" in r.output, r.output
+    damaged.unlink()
+    assert extract(cfg).computed_shards == [1]
+    assert featurestore.verify(str(out)).ok
+    np.testing.assert_allclose(read_store(str(out))[1], before, atol=1e-6, rtol=0)
+
+
 @pytest.mark.parametrize("field,value,said", [
     ("actors", 0, "--actors must be a whole number >= 1, got 0"),
     ("actors", 1.5, "--actors must be a whole number >= 1, got 1.5"),
