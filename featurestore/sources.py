@@ -153,6 +153,9 @@ def _walk_local(root: str) -> list[str]:
 def _list_folder(src: str, storage_options: dict | None) -> Listing:
     if _is_local(src):
         root = _local_path(src)
+        if os.path.isfile(root):
+            raise SourceError(f"{src}: a file, not a folder; pass a folder per class or a .csv/.parquet manifest "
+                              "(`featurestore classify` takes single images)")
         if not os.path.isdir(root):
             raise FileNotFoundError(f"{src}: no such directory; pass a folder per class or a .csv/.parquet manifest")
         rels = _walk_local(root)

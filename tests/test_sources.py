@@ -69,6 +69,8 @@ def test_missing_and_empty_folders_have_clear_errors(tmp_path):
     (tmp_path / "empty" / "cls" / "a.txt").write_text("x")
     with pytest.raises(ValueError, match="no images found"):
         list_source(str(tmp_path / "empty"))
+    with pytest.raises(SourceError, match="a.txt: a file, not a folder"):
+        list_source(str(tmp_path / "empty" / "cls" / "a.txt"))
 
 
 def test_csv_manifest_relative_paths_and_labels(image_folder, tmp_path):
