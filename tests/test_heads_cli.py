@@ -49,6 +49,11 @@ def test_streaming_flag_and_errors(tmp_path):
     assert r.exit_code == 2 and "no hyperparameter 'gamma'" in r.output
     r = CliRunner().invoke(main, ["evaluate", str(tmp_path / "nohead"), store])
     assert r.exit_code == 2 and "not a head directory" in r.output
+    (tmp_path / "a-file").write_text("x")  # a file where a folder goes: a message, not a traceback
+    r = CliRunner().invoke(main, ["train", store, "--out", str(tmp_path / "a-file")])
+    assert r.exit_code == 2 and "a-file: file exists; choose another path" in r.output, r.output
+    r = CliRunner().invoke(main, ["predict", head, store, "--out", str(tmp_path / "a-file" / "p.parquet")])
+    assert r.exit_code == 2 and "a-file: file exists; choose another path" in r.output, r.output
 
 
 def test_export_command(tmp_path):
