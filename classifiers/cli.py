@@ -7,17 +7,12 @@ import json
 import click
 
 
-def _os_message(exc: OSError) -> str:
-    if exc.filename and exc.strerror:
-        return f"{exc.filename}: {exc.strerror.lower()}; choose another path"
-    return str(exc)
-
-
 def _errors(fn):
     """Known user errors become a one-line message and exit code 2, not a traceback."""
 
     @functools.wraps(fn)
     def wrapper(*a, **kw):
+        from featurestore.cli import os_error_message
         from featurestore.sources import FilesystemUnavailable
         from featurestore.store import StoreError
 
@@ -31,7 +26,7 @@ def _errors(fn):
             msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
             raise click.UsageError(str(msg)) from None
         except OSError as exc:  # a path given that cannot be written or read (a file where a folder goes, ...)
-            raise click.UsageError(_os_message(exc)) from None
+            raise click.UsageError(os_error_message(exc)) from None
 
     return wrapper
 

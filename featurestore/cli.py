@@ -30,6 +30,13 @@ COMMANDS = {
 }
 
 
+def os_error_message(exc: OSError) -> str:
+    """A path the file system refused, in one line (a file where a folder goes, no permission, ...)."""
+    if exc.filename and exc.strerror:
+        return f"{exc.filename}: {exc.strerror.lower()}; choose another path"
+    return str(exc)
+
+
 class LazyGroup(click.Group):
     def list_commands(self, ctx):
         return sorted(COMMANDS)

@@ -92,6 +92,11 @@ def probe(source, config_path, **flags):
     except (ProbeError, ExtractError) as exc:
         click.echo(f"featurestore probe: {exc}", err=True)
         sys.exit(1 if isinstance(exc, (ProbeExtractionError, ExtractError)) else 2)
+    except OSError as exc:
+        from featurestore.cli import os_error_message
+
+        click.echo(f"featurestore probe: {os_error_message(exc)}", err=True)
+        sys.exit(2)
     click.echo(result.table(), nl=False)
     if not cfg.quiet:
         best = result.best()

@@ -222,6 +222,15 @@ def test_bad_input_is_named(images, tmp_path, kwargs, needle):
         probe(str(images), out=str(tmp_path / "out"), **kw)
 
 
+def test_an_output_that_is_a_file_is_refused_in_one_line(images, tmp_path):
+    from featurestore.cli import main
+
+    (tmp_path / "a-file").write_text("x")
+    res = CliRunner().invoke(main, ["probe", str(images), "--models", "resnet18@none", "--out",
+                                    str(tmp_path / "a-file")])
+    assert res.exit_code == 2 and "a-file: file exists; choose another path" in res.output, res.output
+
+
 def test_empty_or_unlabeled_source_is_refused(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
