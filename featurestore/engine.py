@@ -601,7 +601,8 @@ def _extract(cfg: ExtractConfig, stop: _StopOnSignal, leases: list) -> ExtractRe
 
     checking = _InBackground(slow_checks) if slow_checks else None  # torchvision weights, while Ray starts
     if not ray.is_initialized():
-        say(f"joining the Ray cluster at {cfg.address}" if cfg.address else "starting Ray")
+        joining = cfg.address or os.environ.get("RAY_ADDRESS")  # connect() joins a submitted job's cluster
+        say(f"joining the Ray cluster at {joining}" if joining else "starting Ray")
     connect(cfg.address)  # an embedded instance stays up for the process; Ray stops it at exit
     if checking is not None:
         checking.result()  # the weights' own error (unknown enum member, offline download) if any

@@ -7,6 +7,7 @@ runtime environment and never printed.
 """
 from __future__ import annotations
 
+import logging
 import os
 import shlex
 import sys
@@ -160,6 +161,10 @@ def submit(spec, address, follow, env_names, pip, working_dir):
     Submitting the same spec again after a stop or failure resumes it.
     """
     kwargs = build_submission(spec, env_names=env_names, pip=pip, working_dir=working_dir)
+    # Ray says on every submit that .git and .venv are no longer shipped (we exclude them anyway)
+    # and lists each .gitignore it honours; the upload line itself stays
+    logging.getLogger("ray._private.runtime_env.working_dir").setLevel(logging.ERROR)
+    logging.getLogger("ray._private.runtime_env.packaging").setLevel(logging.WARNING)
     client = _client(address)
     try:
         job_id = client.submit_job(**kwargs)
