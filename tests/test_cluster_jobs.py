@@ -146,6 +146,7 @@ def test_extract_then_train_on_the_cluster(local_cluster, s3_server, image_folde
     status = wait_terminal(address, job_id)
     logs = client(address).get_job_logs(job_id)
     assert status == "SUCCEEDED", logs[-4000:]
+    assert "extract: joining the Ray cluster at" in logs and "starting Ray" not in logs, logs[-4000:]
 
     report = verify(store)
     assert report.ok, report.problems
