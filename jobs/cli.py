@@ -203,16 +203,22 @@ def _time(ms) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ms / 1000)) if ms else "-"
 
 
+def _job_info(client, job_id: str, address):
+    """The job's info, or a one-line error when the cluster does not know it."""
+    try:
+        return client.get_job_info(job_id)
+    except Exception as exc:
+        raise click.ClickException(f"no job {job_id} on {_resolve_address(address)}: {str(exc).splitlines()[0]} "
+                                   "(`featurestore jobs list` shows the jobs it knows)") from None
+
+
 @jobs.command("status")
 @click.argument("job_id")
 @_address_option
 def status_cmd(job_id, address):
     """A job's status, message and timing (environment values are not shown)."""
     client = _client(address)
-    try:
-        info = client.get_job_info(job_id)
-    except Exception as exc:
-        raise click.ClickException(f"no job {job_id} on {_resolve_address(address)}: {str(exc).splitlines()[0]}")
+    info = _job_info(client, job_id, address)
     env_names = sorted(((info.runtime_env or {}).get("env_vars") or {}).keys())
     click.echo(f"job:        {job_id}")
     click.echo(f"status:     {info.status}")
@@ -234,6 +240,7 @@ def status_cmd(job_id, address):
 def logs_cmd(job_id, address, follow):
     """A job's log (stdout and stderr of its entrypoint)."""
     client = _client(address)
+    _job_info(client, job_id, address)
     if follow:
         status = follow_logs(client, job_id)
         click.echo(f"job {job_id}: {status}", err=True)
@@ -251,6 +258,7 @@ def stop_cmd(job_id, address, wait):
     import time
 
     client = _client(address)
+    _job_info(client, job_id, address)
     client.stop_job(job_id)
     status = str(client.get_job_status(job_id))
     deadline = time.monotonic() + 60

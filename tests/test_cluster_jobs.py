@@ -293,3 +293,11 @@ def test_local_output_on_cluster_without_shared_filesystem_is_refused(local_clus
     assert "do not share this filesystem" in refused and "s3://" in refused and "3 nodes and 3 of them" in refused
     assert lines[f"{shared}/store"].startswith("ACCEPTED"), res.stdout
     assert lines["s3://bucket/store"].startswith("ACCEPTED"), res.stdout
+
+
+def test_an_unknown_job_id_is_named_not_a_traceback(local_cluster):
+    address = local_cluster["jobs_api"]
+    for command in (("jobs", "status"), ("jobs", "logs"), ("jobs", "logs", "--follow"), ("jobs", "stop")):
+        res = cli(*command[:2], "no-such-job", *command[2:], "--address", address, timeout=120)
+        assert res.returncode == 1, (command, res.stderr[-2000:])
+        assert f"no job no-such-job on {address}" in res.stderr and "Traceback" not in res.stderr, res.stderr[-2000:]
