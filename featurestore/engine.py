@@ -18,7 +18,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from featurestore.config import DEFAULT_SHARD_SIZE, ExtractConfig
+from featurestore.config import AUTO_BATCH, DEFAULT_SHARD_SIZE, ExtractConfig
 
 log = logging.getLogger("featurestore.extract")
 
@@ -235,8 +235,8 @@ def plan_placement(cfg: ExtractConfig, resources: dict[str, float], num_shards: 
     return Placement(actors, float(cpus_per_actor), float(gpus_per_actor), torch_threads, decode_threads)
 
 
-def _check_counts(cfg: ExtractConfig) -> None:
-    """Placement numbers out of range are refused before Ray starts, not passed on to it."""
+def _check_numbers(cfg: ExtractConfig) -> None:
+    """Sizes and placement numbers out of range are refused before Ray starts, not passed on to it."""
     def whole(v, low):
         return isinstance(v, int) and not isinstance(v, bool) and v >= low
 
@@ -244,6 +244,9 @@ def _check_counts(cfg: ExtractConfig) -> None:
         return isinstance(v, (int, float)) and not isinstance(v, bool) and v > above
 
     for flag, value, ok, what in (
+        ("--batch-size", cfg.batch_size, cfg.batch_size == AUTO_BATCH or whole(cfg.batch_size, 1),
+         "a positive integer or 'auto'"),
+        ("--shard-size", cfg.shard_size, whole(cfg.shard_size, 1), "a positive integer (rows per shard)"),
         ("--actors", cfg.actors, whole(cfg.actors, 1), "a whole number >= 1"),
         ("--gpus-per-actor", cfg.gpus_per_actor, number(cfg.gpus_per_actor, -1e-9), "0 (CPU actors) or more"),
         ("--cpus-per-actor", cfg.cpus_per_actor, number(cfg.cpus_per_actor, 0), "above 0"),
@@ -518,18 +521,11 @@ def extract(config: ExtractConfig | None = None, **kwargs: Any) -> ExtractResult
 def _extract(cfg: ExtractConfig, stop: _StopOnSignal, leases: list) -> ExtractResult:
     import ray
 
-    from featurestore.config import AUTO_BATCH, ConfigError
+    from featurestore.config import ConfigError
     from featurestore.sources import list_source, make_plan
     from featurestore.store import StoreWriter, shard_name
 
-    if cfg.batch_size != AUTO_BATCH and (isinstance(cfg.batch_size, bool) or not isinstance(cfg.batch_size, int)
-                                         or cfg.batch_size < 1):
-        raise ExtractError(f"--batch-size must be a positive integer or 'auto', got {cfg.batch_size!r}")
-    if cfg.shard_size is not None and (isinstance(cfg.shard_size, bool) or not isinstance(cfg.shard_size, int)
-                                       or cfg.shard_size < 1):
-        raise ExtractError(f"--shard-size must be a positive integer (rows per shard), got {cfg.shard_size!r}; "
-                           "leave it out for the default")
-    _check_counts(cfg)
+    _check_numbers(cfg)
     try:
         backbones = cfg.backbones()
         outputs = cfg.outputs()

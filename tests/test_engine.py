@@ -260,6 +260,8 @@ def test_verify_names_a_damaged_shard_and_a_rerun_repairs_it(tmp_path, ray_local
 
 
 @pytest.mark.parametrize("field,value,said", [
+    ("batch_size", 0, "--batch-size must be a positive integer or 'auto', got 0"),
+    ("shard_size", 0, "--shard-size must be a positive integer (rows per shard), got 0; leave it out for the default"),
     ("actors", 0, "--actors must be a whole number >= 1, got 0"),
     ("actors", 1.5, "--actors must be a whole number >= 1, got 1.5"),
     ("cpus_per_actor", 0, "--cpus-per-actor must be above 0"),
