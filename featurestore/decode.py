@@ -186,10 +186,10 @@ def load_image(path_or_url: str, *, storage_options: dict | None = None, **kw) -
     name = str(path_or_url)
     try:
         data = read_bytes(name, storage_options)
-    except FileNotFoundError as exc:
-        if isinstance(exc.__cause__, OSError):  # fsspec's HTTP filesystem: the connection failed
-            raise BadImage(f"cannot reach it: {exc.__cause__}", name) from None
+    except FileNotFoundError:
         raise FileNotFoundError(f"{name}: no such file") from None
+    except ConnectionError as exc:
+        raise BadImage(f"cannot reach it: {exc}", name) from None
     except Exception as exc:
         raise BadImage(f"cannot read it: {type(exc).__name__}: {exc}", name) from None
     return decode_image(data, name, **kw)

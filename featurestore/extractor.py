@@ -119,10 +119,10 @@ def decode_one(index: int, id: str, label: int, plan: DecodePlan) -> Decoded:
 
     try:
         data = read_bytes(id, storage_options=plan.storage_options)
-    except FileNotFoundError as exc:
-        if isinstance(exc.__cause__, OSError):  # fsspec's HTTP filesystem: the host did not answer
-            return Decoded(index, id, label, reason=f"unreachable: {exc.__cause__}")
+    except FileNotFoundError:
         return Decoded(index, id, label, reason="file vanished after listing")
+    except ConnectionError as exc:
+        return Decoded(index, id, label, reason=f"unreachable: {exc}")
     except (PermissionError, IsADirectoryError, OSError) as exc:
         return Decoded(index, id, label, reason=f"unreadable: {type(exc).__name__}: {exc}")
     try:

@@ -452,11 +452,18 @@ def compare(plan: Plan, listing: Listing) -> PlanDelta:
 
 
 def read_bytes(url: str, storage_options: dict[str, Any] | None = None) -> bytes:
-    """The whole content of one input (local fast path; fsspec for URLs). Raises FileNotFoundError etc."""
+    """The whole content of one input (local fast path; fsspec for URLs). Raises FileNotFoundError etc.,
+    and ConnectionError for a host that does not answer."""
     if _is_local(url):
         with open(_local_path(url), "rb") as f:
             return f.read()
     import fsspec
 
-    with fsspec.open(url, "rb", **(storage_options or {})) as f:
-        return f.read()
+    try:
+        with fsspec.open(url, "rb", **(storage_options or {})) as f:
+            return f.read()
+    except FileNotFoundError as exc:
+        # fsspec's HTTP filesystem reports a failed connection as a missing file
+        if isinstance(exc.__cause__, OSError):
+            raise ConnectionError(str(exc.__cause__)) from exc.__cause__
+        raise
