@@ -26,20 +26,20 @@ from torch.nn.utils.fusion import fuse_conv_bn_weights
 log = logging.getLogger(__name__)
 
 
-def _replacement(bn: nn.Module) -> nn.Module | None:
-    """What stands in for `bn` once folded, or None if this kind of BatchNorm is not folded."""
-    if type(bn) is nn.BatchNorm2d:
-        return nn.Identity()
-    # timm's BatchNormAct2d: batch norm, then dropout and activation, which stay
-    if type(bn).__name__ == "BatchNormAct2d" and isinstance(bn, nn.BatchNorm2d) \
-            and isinstance(getattr(bn, "drop", None), nn.Module) and isinstance(getattr(bn, "act", None), nn.Module):
-        return nn.Sequential(bn.drop, bn.act)
-    return None
+def _keeps_act(bn: nn.Module) -> bool:
+    """timm's BatchNormAct2d: batch norm, then dropout and activation, which stay after folding."""
+    return type(bn).__name__ == "BatchNormAct2d" and isinstance(bn, nn.BatchNorm2d) \
+        and isinstance(getattr(bn, "drop", None), nn.Module) and isinstance(getattr(bn, "act", None), nn.Module)
+
+
+def _replacement(bn: nn.Module) -> nn.Module:
+    """What stands in for a foldable `bn` once folded."""
+    return nn.Sequential(bn.drop, bn.act) if _keeps_act(bn) else nn.Identity()
 
 
 def _foldable(bn: nn.Module) -> bool:
-    return (isinstance(bn, nn.BatchNorm2d) and not bn.training and bn.running_mean is not None
-            and bn.running_var is not None and _replacement(bn) is not None)
+    return ((type(bn) is nn.BatchNorm2d or _keeps_act(bn)) and not bn.training and bn.running_mean is not None
+            and bn.running_var is not None)
 
 
 def _pairs(net: nn.Module, run: Callable[[], Any]) -> list[tuple[nn.Conv2d, nn.BatchNorm2d]]:
