@@ -54,6 +54,8 @@ def inspect_cmd(store: str, as_json: bool, storage_options: str | None) -> None:
     ]
     for layer, meta in info["layers"].items():
         rows.append((f"layer {layer}", f"{tuple(meta['shape'])} {meta['dtype']}"))
+    if info.get("unfinished"):
+        rows[1] = ("status", f"{info['status']}: {info['unfinished']}")
     writer = info.get("writer")
     if writer:
         state = "running" if writer["live"] else "gone; the next run takes over"
@@ -65,7 +67,9 @@ def inspect_cmd(store: str, as_json: bool, storage_options: str | None) -> None:
     for k, v in rows:
         click.echo(f"{k:<{width}}  {v}")
     counts = info.get("class_counts")
-    if counts is not None:
+    if counts is not None and not info["label_names"]:
+        click.echo(f"\nunlabeled: {counts.get('(unlabeled)', 0)} rows")
+    elif counts is not None:
         click.echo(f"\n{len(info['label_names'])} classes:")
         w = max([len(n) for n in counts] + [5])
         for name, c in counts.items():
@@ -74,6 +78,8 @@ def inspect_cmd(store: str, as_json: bool, storage_options: str | None) -> None:
         click.echo("\nfailed shards:")
         for k, why in info["failed_shards"].items():
             click.echo(f"  {int(k):05d}  {why}")
+    for warning in info.get("warnings", []):
+        click.echo(f"\nwarning: {warning}", err=True)
     if info.get("error_reasons"):
         click.echo("\nerrors by reason:")
         for reason, c in list(info["error_reasons"].items())[:20]:
@@ -104,8 +110,7 @@ def verify_cmd(store: str, as_json: bool, storage_options: str | None) -> None:
         click.echo(f"FAILED: {store}: {len(report.problems)} problem(s)", err=True)
         for p in report.problems:
             click.echo(f"  - {p}", err=True)
-        if report.damaged_shards:
-            click.echo(f"To repair: delete {', '.join(report.damaged_shards)} from {store} and run the same "
-                       "`featurestore extract` command again; it recomputes only those shards.", err=True)
+        if report.repair:
+            click.echo(f"To repair: {report.repair}.", err=True)
     if not report.ok:
         raise SystemExit(1)

@@ -445,7 +445,8 @@ def _already_complete(cfg: ExtractConfig, plan, outputs: list[str], requests: li
         loc = _Loc(uri, storage)
         meta = _read_meta(loc)
         if not meta or meta.get("status") != "complete" or meta.get("request") != request \
-                or meta.get("num_shards") != plan.num_shards or not wanted <= set(loc.listdir("shards")):
+                or meta.get("num_shards") != plan.num_shards or not wanted <= set(loc.listdir("shards")) \
+                or not (loc.exists("manifest.parquet") and loc.exists("errors.parquet")):  # deleted to be rewritten
             return None
         metas.append(meta)
     return metas

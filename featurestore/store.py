@@ -61,6 +61,18 @@ class StoreConfigMismatch(StoreError):
         self.differences = differences
 
 
+def _umask() -> int:
+    """The process's umask, read without os.umask's set-and-restore (which races with other threads)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    return 0o022
+
+
 def shard_name(index: int) -> str:
     return f"shard-{index:05d}.h5"
 
@@ -97,6 +109,8 @@ class _Loc:
     """A store location: local directory (os calls, os.replace) or fsspec URL prefix."""
 
     def __init__(self, uri: str, storage_options: dict | None = None):
+        if not str(uri).strip():
+            raise StoreError("no store given: the path is empty")
         self.uri = str(uri).rstrip("/") or "/"
         self.storage_options = dict(storage_options or {})
         self.local = _is_local(self.uri)
@@ -264,6 +278,23 @@ def _read_meta(loc: _Loc) -> dict | None:
         raise StoreError(f"{loc.url('store.json')}: not valid JSON ({exc}); the store is damaged") from exc
 
 
+def _not_a_store(loc: _Loc) -> StoreError:
+    """Why `loc` has no store.json, as precisely as the location tells."""
+    if loc.local and not os.path.exists(loc.root):
+        return StoreError(f"{loc.uri}: no such folder")
+    from featurestore.lease import writer_status  # lease imports this module
+
+    writer = writer_status(loc.uri, loc.storage_options)
+    if writer is not None and writer["live"]:
+        return StoreError(f"{loc.uri}: being created by pid {writer['pid']} on {writer['host']}; its store.json is "
+                          "written once the workers are ready: try again in a moment")
+    inner = [d for d in loc.listdir("")[:200] if not d.startswith(".") and loc.exists(f"{d}/store.json")]
+    if inner:
+        return StoreError(f"{loc.uri}: a multi-model output holding one store per model ({', '.join(inner)}); "
+                          f"open one of them, e.g. {loc.url(inner[0])}")
+    return StoreError(f"{loc.uri}: no store.json; not a feature store (or not written yet)")
+
+
 def _write_meta(loc: _Loc, meta: dict) -> None:
     meta["updated"] = _now()
     loc.write_bytes("store.json", json.dumps(meta, indent=1, sort_keys=False).encode())
@@ -382,6 +413,7 @@ class ShardWriter:
                 tmp_dir = os.environ.get("FEATURESTORE_TMPDIR") or tempfile.gettempdir()
         fd, self._tmp = tempfile.mkstemp(prefix=f".{self.name}.", suffix=".tmp", dir=tmp_dir)
         os.close(fd)
+        os.chmod(self._tmp, 0o666 & ~_umask())  # mkstemp's 0600 would make shards the one unreadable part of a store
         self._h5 = h5py.File(self._tmp, "w")
         str_t = h5py.string_dtype("utf-8")
         self._h5.create_dataset("label_names", data=np.array(self.label_names, dtype=object), dtype=str_t)
@@ -720,9 +752,30 @@ def _committed(loc: _Loc) -> dict[int, ShardInfo]:
         if rel in blobs:
             out[index] = ShardInfo.from_dict(json.loads(blobs[rel]))
         else:  # sidecar lost: rebuild what we can from the shard itself
-            sha, size = loc.sha256(f"shards/{name}")
-            out[index] = ShardInfo(index, name, -1, sha, size, [], None)
+            out[index] = _info_from_shard(loc, index, name)
     return out
+
+
+def _info_from_shard(loc: _Loc, index: int, name: str) -> ShardInfo:
+    """A committed shard's info from the .h5 alone, when its sidecar is gone (its errors' reasons are lost:
+    those inputs read "missing from the committed shard" in errors.parquet)."""
+    import h5py
+
+    rel = f"shards/{name}"
+    try:
+        sha, size = loc.sha256(rel)
+        with _open_shard_for_scan(loc, name) as path, h5py.File(path, "r") as f:
+            ids = list(f["ids"].asstr()[()])
+            group = f["layers"] if "layers" in f else {}
+            layers = {k: {"shape": list(ds.shape[1:]), "dtype": str(ds.dtype)} for k, ds in group.items()}
+            first = next(iter(group.values()), None)
+            dtype = str(first.dtype) if first is not None else "float32"
+            compression = first.compression if first is not None else None
+    except (OSError, KeyError) as exc:
+        raise StoreError(f"{loc.url(rel)}: committed, but its sidecar {name[:-3]}.json is gone and the shard cannot "
+                         f"be read ({exc}); delete it and run the same `featurestore extract` command again to "
+                         "recompute it") from exc
+    return ShardInfo(index, name, len(ids), sha, size, [], ids, layers, dtype, compression)
 
 
 def _shard_ids(loc: _Loc, name: str) -> list[str]:
@@ -895,10 +948,35 @@ class LazyFeatures:
             out[sel] = vals[inv]
         return out
 
+    def _row_index(self, key):
+        """key as an int, a slice or a 1-D array of ints or bools; anything numpy would read otherwise is refused."""
+        if key is Ellipsis:
+            return slice(None)
+        if isinstance(key, (int, np.integer, slice)) and not isinstance(key, (bool, np.bool_)):
+            return key
+        arr = None
+        if not (key is None or key is Ellipsis or isinstance(key, (str, bytes, float, bool, np.generic))):
+            try:
+                arr = np.asarray(key)
+            except ValueError:  # ragged nested lists
+                arr = None
+        if arr is not None and arr.ndim == 1 and arr.size == 0:
+            return arr.astype(np.int64)
+        if arr is None or arr.ndim != 1 or arr.dtype.kind not in "iub":
+            raise IndexError(f"rows are selected by an int, a slice, a 1-D list or array of ints, or a boolean mask of "
+                             f"{len(self)}; got {key!r:.80}")
+        return arr
+
     def __getitem__(self, key):
         rest = ()
         if isinstance(key, tuple):
+            if not key:
+                return self.to_numpy()
             key, rest = key[0], key[1:]
+        key = self._row_index(key)
+        if isinstance(key, np.ndarray) and any(isinstance(r, (list, tuple, np.ndarray)) for r in rest):
+            raise IndexError("rows and columns both selected by lists: numpy would pair them, not cross them; "
+                             "index in two steps, X[rows][:, columns]")
         if isinstance(key, (int, np.integer)):
             i = int(key)
             if not -len(self) <= i < len(self):
@@ -908,7 +986,7 @@ class LazyFeatures:
             start, stop, step = key.indices(len(self))
             res = self._rows(start, stop) if step == 1 else self._take(np.arange(start, stop, step))
         else:
-            res = self._take(np.asarray(key))
+            res = self._take(key)
         return res[(slice(None), *rest)] if rest and res.ndim == self.ndim else (res[rest] if rest else res)
 
 
@@ -933,7 +1011,7 @@ class StoreReader:
         self.max_open = int(max_open)
         meta = _read_meta(self.loc)
         if meta is None:
-            raise StoreError(f"{self.uri}: no store.json; not a feature store (or not written yet)")
+            raise _not_a_store(self.loc)
         self.meta = meta
         if "shards" in meta:
             self._shards = [dict(s) for s in meta["shards"]]
@@ -1010,13 +1088,20 @@ class StoreReader:
             s = self._shards[k]
             rel = f"shards/{s['name']}"
             extra = None
-            if self.loc.local:
-                f = h5py.File(self.loc.path(rel), "r")
-            elif self.remote == "cache":
-                f = h5py.File(self._cached(s), "r")
-            else:
-                extra = self.loc.open(rel, block_size=self.block_size)
-                f = h5py.File(extra, "r")
+            try:
+                if self.loc.local:
+                    f = h5py.File(self.loc.path(rel), "r")
+                elif self.remote == "cache":
+                    f = h5py.File(self._cached(s), "r")
+                else:
+                    extra = self.loc.open(rel, block_size=self.block_size)
+                    f = h5py.File(extra, "r")
+            except OSError as exc:  # deleted, truncated or overwritten since the store was opened
+                if extra is not None:
+                    extra.close()
+                raise StoreError(f"{self.loc.url(rel)}: cannot read this shard ({exc}). `featurestore verify "
+                                 f"{self.uri}` lists every damaged shard; delete them and run the same "
+                                 "`featurestore extract` command again to recompute them") from exc
             self._handles[k] = (f, extra)
             while len(self._handles) > self.max_open:
                 _, (old, old_extra) = self._handles.popitem(last=False)
@@ -1065,9 +1150,14 @@ class StoreReader:
         if self.meta.get("status") in ("complete", "incomplete") and self.loc.exists("manifest.parquet"):
             import pyarrow.compute as pc
 
-            t = self.manifest()
-            t = t.filter(pc.equal(t["status"], "ok")).sort_by([("shard", "ascending"), ("row", "ascending")])
-            if t.num_rows == len(self):
+            try:
+                t = self.manifest()
+            except StoreError as exc:  # damaged: the shards hold the same ids and labels
+                log.warning("%s; reading ids and labels from the shards instead", exc)
+                t = None
+            if t is not None:
+                t = t.filter(pc.equal(t["status"], "ok")).sort_by([("shard", "ascending"), ("row", "ascending")])
+            if t is not None and t.num_rows == len(self):
                 ids = np.array(t["id"].to_pylist(), dtype=object)
                 labels = t["label"].to_numpy().astype(np.int64)
         if ids is None:
@@ -1143,6 +1233,8 @@ class StoreReader:
 
     def select(self, ids: Sequence[str], layer: str | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Features and labels of the given ids, in the order given. KeyError names missing ids."""
+        if isinstance(ids, (str, bytes)):
+            raise TypeError(f"select takes a list of ids, got the single id {ids!r}; pass [{ids!r}]")
         if self._index is None:
             self._index = {v: i for i, v in enumerate(self.ids.tolist())}
         ids = [str(i) for i in ids]
@@ -1157,10 +1249,27 @@ class StoreReader:
         return _feature_dataset_class()(self, self._layer(layer), transform)
 
     def manifest(self):
-        return self.loc.read_parquet("manifest.parquet")
+        """Every input of the plan with its label, shard, row and status (a pyarrow Table)."""
+        return _read_table(self.loc, "manifest.parquet", self.status)
 
     def errors(self):
-        return self.loc.read_parquet("errors.parquet")
+        """The inputs that were skipped, with the reason (a pyarrow Table)."""
+        return _read_table(self.loc, "errors.parquet", self.status)
+
+
+def _read_table(loc: _Loc, rel: str, status: str | None):
+    """One of the store's Parquet tables; StoreError says why it cannot be had."""
+    try:
+        return loc.read_parquet(rel)
+    except FileNotFoundError:
+        if status not in ("complete", "incomplete"):
+            raise StoreError(f"{loc.uri}: {rel} is written when the extraction finishes (status: {status}); "
+                             "run the same `featurestore extract` command to finish it") from None
+        raise StoreError(f"{loc.url(rel)}: missing; run the same `featurestore extract` command again to "
+                         "rewrite it") from None
+    except Exception as exc:  # pyarrow's ArrowInvalid: truncated, overwritten, not Parquet
+        raise StoreError(f"{loc.url(rel)}: unreadable ({type(exc).__name__}: {exc}); delete it and run the same "
+                         "`featurestore extract` command again to rewrite it") from exc
 
 
 def _feature_dataset_class():
@@ -1221,6 +1330,7 @@ class VerifyReport:
     # shard files that are missing, corrupt or unreadable: deleting them and running the same
     # extraction again recomputes exactly those shards
     damaged_shards: list[str] = field(default_factory=list)
+    repair: str | None = None  # what to do about the problems, when running extract again fixes them
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -1234,18 +1344,39 @@ def verify(uri: str, storage_options: dict | None = None) -> VerifyReport:
     problems: list[str] = []
     meta = _read_meta(loc)
     if meta is None:
-        return VerifyReport(False, [f"{loc.uri}: no store.json (not a feature store)"], 0, 0)
+        return VerifyReport(False, [str(_not_a_store(loc))], 0, 0)
     status = meta.get("status")
-    if status != "complete":
-        failed = meta.get("failed_shards") or {}
-        extra = f": failed shards {', '.join(f'{k} ({v})' for k, v in failed.items())}" if failed else ""
-        problems.append(f"store status is {status!r}, not 'complete'{extra}")
-    listed = meta.get("shards", [])
+    finished = status in ("complete", "incomplete")
     label_names = meta.get("label_names", [])
-    layers = meta.get("layers", {})
+    rerun = "run the same `featurestore extract` command again"
+    repair = None
+    if finished:
+        listed = meta.get("shards", [])
+        layers = meta.get("layers", {})
+        if status != "complete":
+            failed = meta.get("failed_shards") or {}
+            extra = f": failed shards {', '.join(f'{k} ({v})' for k, v in failed.items())}" if failed else ""
+            problems.append(f"store status is {status!r}, not 'complete'{extra}")
+            repair = f"{rerun}: it retries the failed shards"
+    else:  # running, or stopped: check the shards committed so far against their sidecars
+        try:
+            infos = _committed(loc)
+        except StoreError as exc:
+            problems.append(str(exc))
+            infos = {}
+        listed = [i.to_dict() for _, i in sorted(infos.items())]
+        layers = next((i.layers for i in infos.values() if i.layers), {})
+        from featurestore.lease import writer_status  # lease imports this module
+
+        writer = writer_status(loc.uri, storage_options)
+        live = bool(writer and writer["live"])
+        problems.append(f"the extraction has not finished ({'its writer is running' if live else 'it was stopped'}): "
+                        f"{len(listed)} of {meta.get('num_shards', '?')} planned shards committed")
+        repair = "wait for the running extraction to finish" if live else f"{rerun}: it resumes where it stopped"
     on_disk = {n for n in loc.listdir("shards") if _SHARD_RE.match(n)}
     for n in sorted(on_disk - {s["name"] for s in listed}):
         problems.append(f"shards/{n}: present but not listed in store.json")
+    missing: list[str] = []
     shard_ids: dict[int, np.ndarray] = {}
     shard_labels: dict[int, np.ndarray] = {}
     checked = 0
@@ -1256,6 +1387,7 @@ def verify(uri: str, storage_options: dict | None = None) -> VerifyReport:
         if s["name"] not in on_disk:
             problems.append(f"{rel}: missing (listed in store.json with {s['rows']} rows)")
             damaged.append(rel)
+            missing.append(rel)
             continue
         tmp = None
         try:
@@ -1316,12 +1448,21 @@ def verify(uri: str, storage_options: dict | None = None) -> VerifyReport:
     if len(dups):
         problems.append(f"{len(dups)} id(s) appear in more than one shard row, e.g. {', '.join(map(str, dups[:3]))}")
 
-    if status in ("complete", "incomplete"):
+    bad_tables: list[str] = []
+
+    def table(rel: str):
         try:
-            man = loc.read_parquet("manifest.parquet")
+            return loc.read_parquet(rel)
         except FileNotFoundError:
-            problems.append("manifest.parquet: missing")
-            man = None
+            problems.append(f"{rel}: missing")
+            missing.append(rel)
+        except Exception as exc:  # pyarrow: truncated or not Parquet
+            problems.append(f"{rel}: unreadable ({type(exc).__name__}: {exc})")
+            bad_tables.append(rel)
+        return None
+
+    if finished:
+        man = table("manifest.parquet")
         if man is not None:
             mid = man["id"].to_pylist()
             mshard = man["shard"].to_numpy()
@@ -1346,13 +1487,17 @@ def verify(uri: str, storage_options: dict | None = None) -> VerifyReport:
                         examples.append(f"{mid[i]} -> shard {k} row {r}")
             if bad:
                 problems.append(f"manifest.parquet: {bad} ok row(s) do not match their shard row (id or label), e.g. {'; '.join(examples)}")
-            try:
-                errs = loc.read_parquet("errors.parquet")
-                if errs.num_rows != len(mid) - len(ok):
-                    problems.append(f"errors.parquet: {errs.num_rows} rows, manifest has {len(mid) - len(ok)} non-ok inputs")
-            except FileNotFoundError:
-                problems.append("errors.parquet: missing")
-    return VerifyReport(not problems, problems, total, len(listed), checked, damaged)
+        errs = table("errors.parquet")
+        if man is not None and errs is not None and errs.num_rows != man.num_rows - len(ok):
+            problems.append(f"errors.parquet: {errs.num_rows} rows, manifest has {man.num_rows - len(ok)} non-ok inputs")
+    to_delete = [d for d in damaged if d not in missing] + bad_tables
+    if to_delete or (missing and finished):
+        redo = [what for what, lacking in (("recomputes only those shards", [d for d in damaged if d.endswith(".h5")]),
+                                           ("rewrites the tables", bad_tables + [m for m in missing if m.endswith(".parquet")]))
+                if lacking]
+        repair = (f"delete {', '.join(to_delete)} from {loc.uri} and {rerun}" if to_delete else rerun) + \
+            f"; it {' and '.join(redo)}"
+    return VerifyReport(not problems, problems, total, len(listed), checked, damaged, repair if problems else None)
 
 
 def inspect(uri: str, storage_options: dict | None = None) -> dict:
@@ -1360,7 +1505,7 @@ def inspect(uri: str, storage_options: dict | None = None) -> dict:
     loc = _Loc(uri, storage_options)
     meta = _read_meta(loc)
     if meta is None:
-        raise StoreError(f"{loc.uri}: no store.json; not a feature store (or not written yet)")
+        raise _not_a_store(loc)
     cfg = meta.get("config", {})
     out: dict[str, Any] = {
         "uri": loc.uri,
@@ -1387,8 +1532,27 @@ def inspect(uri: str, storage_options: dict | None = None) -> dict:
     from featurestore.lease import writer_status  # lease imports this module
 
     out["writer"] = writer_status(loc.uri, storage_options)
-    if meta.get("status") in ("complete", "incomplete") and loc.exists("manifest.parquet"):
-        man = loc.read_parquet("manifest.parquet")
+    if meta.get("status") not in ("complete", "incomplete"):  # running or stopped: what is committed so far
+        infos = _committed(loc)
+        first = next((i for i in infos.values() if i.layers), None)
+        out.update(rows=sum(i.rows for i in infos.values()), errors=sum(len(i.errors) for i in infos.values()),
+                   shards=len(infos), bytes=sum(i.bytes for i in infos.values()))
+        if first is not None:
+            out.update(layers=first.layers, dtype=first.dtype, compression=first.compression)
+        live = bool(out["writer"] and out["writer"]["live"])
+        out["unfinished"] = ("being written now" if live else
+                             "stopped before it finished; run the same `featurestore extract` command to resume")
+    out["warnings"] = []
+
+    def table(rel: str):
+        try:
+            return _read_table(loc, rel, meta.get("status"))
+        except StoreError as exc:
+            out["warnings"].append(str(exc))
+            return None
+
+    man = table("manifest.parquet") if meta.get("status") in ("complete", "incomplete") else None
+    if man is not None:
         labels = man["label"].to_numpy()
         ok = np.array([s == "ok" for s in man["status"].to_pylist()], dtype=bool)
         names = out["label_names"]
@@ -1398,8 +1562,8 @@ def inspect(uri: str, storage_options: dict | None = None) -> dict:
         if np.any(ok & (labels == -1)):
             counts["(unlabeled)"] = int(np.sum(ok & (labels == -1)))
         out["class_counts"] = counts
-    if meta.get("num_errors") and loc.exists("errors.parquet"):
-        errs = loc.read_parquet("errors.parquet")
+    errs = table("errors.parquet") if meta.get("num_errors") else None
+    if errs is not None:
         reasons: dict[str, int] = {}
         for r in errs["reason"].to_pylist():
             key = r.split(":")[0] if r.startswith("shard failed") else r

@@ -257,6 +257,12 @@ def test_verify_names_a_damaged_shard_and_a_rerun_repairs_it(tmp_path, ray_local
     assert extract(cfg).computed_shards == [1]
     assert featurestore.verify(str(out)).ok
     np.testing.assert_allclose(read_store(str(out))[1], before, atol=1e-6, rtol=0)
+    # a damaged table: deleted as verify says, the same command writes it again and computes nothing
+    (out / "manifest.parquet").write_bytes(b"junk")
+    assert featurestore.verify(str(out)).repair.startswith("delete manifest.parquet from")
+    (out / "manifest.parquet").unlink()
+    again = extract(cfg)
+    assert again.computed_shards == [] and len(again.skipped_shards) == 3 and featurestore.verify(str(out)).ok
 
 
 @pytest.mark.parametrize("field,value,said", [

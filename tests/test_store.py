@@ -323,7 +323,10 @@ def test_cli_inspect_and_verify(store):
     res = runner.invoke(verify_cmd, [r.uri, "--json"])
     assert json.loads(res.output)["ok"] is True
     res = runner.invoke(inspect_cmd, [r.uri + "-nope"])
-    assert res.exit_code != 0 and "no store.json" in res.output
+    assert res.exit_code != 0 and "-nope: no such folder" in res.output
+    os.makedirs(r.uri + "-empty")
+    res = runner.invoke(inspect_cmd, [r.uri + "-empty"])
+    assert res.exit_code != 0 and "no store.json; not a feature store" in res.output
 
 
 def test_reader_of_a_running_store_sees_only_committed_shards(tmp_path):
@@ -336,3 +339,115 @@ def test_reader_of_a_running_store_sees_only_committed_shards(tmp_path):
     r = open_store(w.uri)
     assert r.status == "running" and len(r) == 4 and r.ids.tolist() == plan.shard(1).ids
     sw0.abort()
+
+
+def _two_shard_run(tmp_path, commit=(0, 1)):
+    """A store whose run stopped (store.json still says running) after committing `commit`."""
+    w, plan = _writer_store(tmp_path, [f"i{i}" for i in range(8)], [0, 1] * 4)
+    feats = np.arange(16, dtype=np.float32).reshape(8, 2)
+    for k in commit:
+        with ShardWriter(w.uri, k, plan.label_names) as sw:
+            sh = plan.shard(k)
+            sw.append(sh.ids, sh.labels, {"f": feats[4 * k:4 * k + 4]})
+            if k == 1:
+                sw.add_error("i9", 1, "zero-byte file")
+            sw.commit()
+    return w, plan, feats
+
+
+def test_a_lost_sidecar_is_rebuilt_from_its_shard(tmp_path):
+    w, plan, feats = _two_shard_run(tmp_path)
+    os.remove(tmp_path / "st" / "shards" / "shard-00001.json")
+    r = open_store(w.uri)
+    assert len(r) == 8 and r.ids.tolist() == plan.ids and np.array_equal(r.features()[:], feats)
+    assert sum(len(b[0]) for b in r.iter_batches(3)) == 8
+    meta = w.finalize(plan)
+    assert meta.num_rows == 8 and [s["rows"] for s in meta["shards"]] == [4, 4] and verify(w.uri).ok
+    # a shard that cannot be read and has no sidecar: named, with the repair
+    r.close()  # HDF5 would serve the open file from its own cache
+    (tmp_path / "st" / "shards" / "shard-00001.h5").write_bytes(b"not hdf5")
+    with pytest.raises(StoreError, match="shard-00001.h5: committed, but its sidecar shard-00001.json is gone and "
+                                         "the shard cannot be read .*delete it and run the same"):
+        StoreWriter.committed(w)
+
+
+def test_inspect_and_verify_of_a_stopped_run(tmp_path):
+    w, plan, feats = _two_shard_run(tmp_path, commit=(1,))
+    info = inspect(w.uri)
+    assert info["status"] == "running" and info["rows"] == 4 and info["shards"] == 1 and info["planned_shards"] == 2
+    assert info["errors"] == 1 and info["layers"] == {"f": {"shape": [2], "dtype": "float32"}}
+    assert info["unfinished"].startswith("stopped before it finished; run the same `featurestore extract`")
+    rep = verify(w.uri)
+    assert rep.problems == ["the extraction has not finished (it was stopped): 1 of 2 planned shards committed"]
+    assert rep.repair.endswith("it resumes where it stopped") and rep.rows == 4
+    res = CliRunner().invoke(inspect_cmd, [w.uri])
+    assert "running: stopped before it finished" in res.output and "4 of 8 inputs (1 errors)" in res.output
+    with pytest.raises(StoreError, match="manifest.parquet is written when the extraction finishes"):
+        open_store(w.uri).manifest()
+
+
+def test_damaged_tables_are_reported_and_the_reader_falls_back_to_the_shards(store, tmp_path):
+    r, feats, labels, ids = store
+    (tmp_path / "st" / "manifest.parquet").write_bytes(b"junk")
+    rep = verify(r.uri)
+    assert len(rep.problems) == 1 and rep.problems[0].startswith("manifest.parquet: unreadable (ArrowInvalid")
+    assert rep.repair == (f"delete manifest.parquet from {r.uri} and run the same `featurestore extract` command "
+                          "again; it rewrites the tables")
+    fresh = open_store(r.uri)
+    assert fresh.ids.tolist() == ids and np.array_equal(fresh.labels, labels)
+    with pytest.raises(StoreError, match="manifest.parquet: unreadable .*delete it and run the same"):
+        fresh.manifest()
+    info = inspect(r.uri)
+    assert "class_counts" not in info and "manifest.parquet: unreadable" in info["warnings"][0]
+    os.remove(tmp_path / "st" / "errors.parquet")
+    assert "errors.parquet: missing" in verify(r.uri).problems
+
+
+def test_a_damaged_shard_read_names_the_file_and_the_repair(store, tmp_path):
+    r, *_ = store
+    os.remove(tmp_path / "st" / "shards" / "shard-00001.h5")
+    fresh = open_store(r.uri)
+    with pytest.raises(StoreError, match=r"shard-00001.h5: cannot read this shard .*featurestore verify"):
+        fresh.features()[15]
+    rep = verify(r.uri)
+    assert rep.damaged_shards == ["shards/shard-00001.h5"]
+    assert rep.repair == "run the same `featurestore extract` command again; it recomputes only those shards"
+
+
+def test_row_indexing_refuses_what_numpy_would_read_otherwise(store):
+    r, feats, *_ = store
+    X, ref = r.features(), feats["layer4"]
+    for bad in (1.5, [1.5, 2.7], True, None, "a", [[0, 1], [2, 3]], np.zeros((2, 2), int)):
+        with pytest.raises(IndexError, match="rows are selected by an int, a slice, a 1-D list"):
+            X[bad]
+    with pytest.raises(IndexError, match="index in two steps"):
+        X[[3, 4], [0, 1]]
+    assert np.array_equal(X[...], ref) and np.array_equal(X[[3, 4]][:, [0, 1]], ref[[3, 4]][:, [0, 1]])
+    assert np.array_equal(X[[3, 4], 1], ref[[3, 4], 1]) and np.array_equal(X[2:5, [0, 2]], ref[2:5, [0, 2]])
+    assert X[[]].shape == (0, 6) and np.array_equal(X[np.int32(3)], ref[3])
+    with pytest.raises(TypeError, match="select takes a list of ids, got the single id"):
+        r.select(r.ids[0])
+
+
+def test_not_a_store_says_what_the_path_is(tmp_path):
+    feats, labels, ids = _data()
+    for model in ("resnet18", "mobilenet_v3_small"):
+        write_store(str(tmp_path / "multi" / model), feats, labels, ["cat", "dog", "eel"], ids, CONFIG)
+    with pytest.raises(StoreError, match="a multi-model output holding one store per model "
+                                         r"\(mobilenet_v3_small, resnet18\); open one of them"):
+        open_store(str(tmp_path / "multi"))
+    with pytest.raises(StoreError, match="no such folder"):
+        inspect(str(tmp_path / "nowhere"))
+    with pytest.raises(StoreError, match="the path is empty"):
+        open_store("")
+
+
+def test_shards_are_readable_by_whoever_can_read_the_store(tmp_path):
+    old = os.umask(0o022)
+    try:
+        feats, labels, ids = _data()
+        write_store(str(tmp_path / "st"), feats, labels, ["cat", "dog", "eel"], ids, CONFIG, shard_size=10)
+    finally:
+        os.umask(old)
+    modes = {n: os.stat(tmp_path / "st" / "shards" / n).st_mode & 0o777 for n in os.listdir(tmp_path / "st" / "shards")}
+    assert set(modes.values()) == {0o644}, modes
