@@ -77,6 +77,9 @@ class _BatchSize(click.ParamType):
 @click.option("--append/--no-append", default=None,
               help="Add the images SOURCE holds that OUTPUT lacks (new since the store was planned) as new "
                    "shards; existing shards are kept. Without it such images stop the run.")
+@click.option("--path-column", help="A manifest's column of image paths. Default: path.")
+@click.option("--label-column",
+              help="A manifest's column of labels. Default: label if the manifest has one, else the set is unlabeled.")
 @click.option("--quiet", "-q", is_flag=True, default=None, help="No progress bar or summary.")
 def extract(source, output, config_path, models, weights, layers, compile_, **flags):
     """Extract features of every image in SOURCE into the sharded HDF5 store OUTPUT.

@@ -90,7 +90,7 @@ class ExtractConfig:
     strict: bool = False
     overwrite: bool = False
     append: bool = False  # add inputs that SOURCE holds and the store's plan lacks, as new shards
-    label_column: str = "label"
+    label_column: str | None = None  # a manifest's label column; None: 'label' if it has one (else unlabeled)
     path_column: str = "path"
     max_image_pixels: int = 100_000_000  # decompression-bomb guard
     storage_options: dict[str, Any] = field(default_factory=dict)

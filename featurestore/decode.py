@@ -9,6 +9,7 @@ where extraction spends its time.
 from __future__ import annotations
 
 import io
+import re
 import warnings
 
 import numpy as np
@@ -86,15 +87,15 @@ def decode_image(
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
-    except Image.DecompressionBombError as exc:
-        raise BadImage(f"decompression bomb: {exc}"[:200], name) from None
+    except Image.DecompressionBombError as exc:  # PIL's own guard, at twice MAX_IMAGE_PIXELS
+        raise BadImage(_bomb(max_pixels or 2 * (Image.MAX_IMAGE_PIXELS or 0), _pil_count(exc)), name) from None
     except UnidentifiedImageError:
         raise BadImage("not an image", name) from None
     except Exception as exc:  # corrupt headers raise all sorts of things
         raise BadImage(f"unreadable: {type(exc).__name__}: {exc}"[:200], name) from None
     w, h = img.size
     if max_pixels and w * h > max_pixels:
-        raise BadImage(f"decompression bomb: {w * h:.3g} pixels > limit {max_pixels:.3g}", name)
+        raise BadImage(_bomb(max_pixels, w * h, f"{w}x{h}"), name)
     if w <= 0 or h <= 0:
         raise BadImage(f"empty image ({w}x{h})", name)
     fmt = img.format or "image"
@@ -175,19 +176,32 @@ def decode_image_multi(
     return out
 
 
+def _bomb(max_pixels: int, pixels: int | None, size: str = "") -> str:
+    """One wording for both guards: ours, and PIL's (whose message gives only the pixel count)."""
+    count = f"{pixels:,} pixels" if pixels is not None else "too many pixels"
+    return f"decompression bomb: {size + ' = ' if size else ''}{count}, over the limit of {max_pixels:,} (max_image_pixels)"
+
+
+def _pil_count(exc: Exception) -> int | None:
+    found = re.search(r"\((\d+) pixels\)", str(exc))
+    return int(found.group(1)) if found else None
+
+
 def load_image(path_or_url: str, *, storage_options: dict | None = None, **kw) -> Image.Image:
     """Read a local path or fsspec URL and decode it (see decode_image for keywords).
 
     A missing file raises FileNotFoundError; one that cannot be read (a host that does not
     answer, missing credentials, ...) raises BadImage saying why.
     """
-    from .sources import read_bytes
+    from .sources import NotAFile, read_bytes
 
     name = str(path_or_url)
     try:
         data = read_bytes(name, storage_options)
     except FileNotFoundError:
         raise FileNotFoundError(f"{name}: no such file") from None
+    except NotAFile as exc:
+        raise BadImage(str(exc), name) from None
     except ConnectionError as exc:
         raise BadImage(f"cannot reach it: {exc}", name) from None
     except Exception as exc:

@@ -115,12 +115,14 @@ def decode_one(index: int, id: str, label: int, plan: DecodePlan) -> Decoded:
     float ones are used as they are.
     """
     from featurestore.decode import BadImage, decode_image_multi
-    from featurestore.sources import read_bytes
+    from featurestore.sources import NotAFile, read_bytes
 
     try:
         data = read_bytes(id, storage_options=plan.storage_options)
-    except FileNotFoundError:
-        return Decoded(index, id, label, reason="file vanished after listing")
+    except FileNotFoundError:  # gone since a folder was listed, a manifest row naming nothing, or a broken link
+        return Decoded(index, id, label, reason="no such file" + (" (a broken symlink)" if os.path.islink(id) else ""))
+    except NotAFile as exc:
+        return Decoded(index, id, label, reason=str(exc))
     except ConnectionError as exc:
         return Decoded(index, id, label, reason=f"unreachable: {exc}")
     except (PermissionError, IsADirectoryError, OSError) as exc:

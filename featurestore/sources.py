@@ -7,13 +7,20 @@ store every time.
 """
 from __future__ import annotations
 
+import csv
 import json
+import logging
 import os
 import posixpath
+import re
+import stat
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import unquote
 
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
@@ -57,10 +64,14 @@ def _is_local(url: str) -> bool:
 
 def _local_path(url: str) -> str:
     if url.startswith("file://"):
-        url = url[len("file://"):]
+        url = unquote(url[len("file://"):])  # Path.as_uri() writes "c%20d.png" for "c d.png"
     elif url.startswith("local://"):
         url = url[len("local://"):]
     return os.path.abspath(os.path.expanduser(url))
+
+
+class NotAFile(OSError):
+    """A local input that is a folder, a named pipe, a device or a socket, not an image file."""
 
 
 class FilesystemUnavailable(ImportError):
@@ -116,23 +127,29 @@ def _labels_from_names(classes: list[str]) -> tuple[np.ndarray, list[str]]:
 def _walk_local(root: str) -> list[str]:
     """Relative '/'-paths of every file under root, skipping hidden dirs early (os.scandir is fast).
 
-    Symlinked folders are followed once (a link back to an ancestor is not a loop); a broken or
-    looping file link is listed as a file, so decoding reports it instead of listing failing.
+    A symlinked folder is walked wherever it is linked (so what a class holds never depends on
+    the order the walk meets its links), except a link back to one of its own ancestors, which
+    would never end. A broken or looping file link is listed as a file, so decoding reports it
+    instead of listing failing. Names that are not UTF-8 cannot be ids (they cannot be written to
+    Parquet or HDF5): skipped with a warning, as are folders that cannot be read.
     """
     out: list[str] = []
-    seen: set[tuple[int, int]] = set()
-    stack = [""]
+    stack: list[tuple[str, frozenset]] = [("", frozenset())]
+    not_utf8: list[str] = []
+    unreadable: list[str] = []
     while stack:
-        rel_dir = stack.pop()
+        rel_dir, ancestors = stack.pop()
         path = os.path.join(root, rel_dir) if rel_dir else root
         try:
             st = os.stat(path)
-            if (st.st_dev, st.st_ino) in seen:
+            here = (st.st_dev, st.st_ino)
+            if here in ancestors:
                 continue
-            seen.add((st.st_dev, st.st_ino))
             it = os.scandir(path)
-        except OSError:
+        except OSError as exc:
+            unreadable.append(f"{path} ({exc.strerror or exc})")
             continue
+        inner = ancestors | {here}
         with it:
             for entry in it:
                 name = entry.name
@@ -140,13 +157,23 @@ def _walk_local(root: str) -> list[str]:
                     continue
                 rel = f"{rel_dir}/{name}" if rel_dir else name
                 try:
+                    name.encode("utf-8")
+                except UnicodeEncodeError:
+                    not_utf8.append(os.fsencode(os.path.join(path, name)).decode("utf-8", "backslashreplace"))
+                    continue
+                try:
                     is_dir = entry.is_dir(follow_symlinks=True)
                 except OSError:
                     is_dir = False
                 if is_dir:
-                    stack.append(rel)
+                    stack.append((rel, inner))
                 else:
                     out.append(rel)
+    if not_utf8:
+        log.warning("skipped %d file(s) or folder(s) whose names are not UTF-8 (rename them to include them), "
+                    "e.g. %s", len(not_utf8), not_utf8[0])
+    if unreadable:
+        log.warning("skipped %d folder(s) that cannot be read, e.g. %s", len(unreadable), unreadable[0])
     return out
 
 
@@ -171,6 +198,10 @@ def _list_folder(src: str, storage_options: dict | None) -> Listing:
         rels = [p[strip:] for p in found]
         prefix = f"{_protocol(src)}://{path}/"
     kept, classes = split_classes(rels)
+    loose = sum(1 for r in rels if "/" not in r and r[0] != "." and _has_image_ext(r)) if kept else 0
+    if loose:
+        log.warning("%s: %d image(s) directly in the folder, beside the class folders, belong to no class and "
+                    "were left out; move them into a class folder", src, loose)
     if not kept:
         flat = [r for r in rels if "/" not in r and r[0] != "." and _has_image_ext(r)]
         if flat:  # images directly in the root and no class folders: an unlabeled set
@@ -184,7 +215,8 @@ def _list_folder(src: str, storage_options: dict | None) -> Listing:
     return Listing([prefix + r for r in kept], labels, names)
 
 
-def _read_table(src: str, storage_options: dict | None):
+def _read_table(src: str, storage_options: dict | None, text_columns: tuple[str, ...] = ()):
+    """The manifest as a pyarrow Table; in a CSV, text_columns are read as written (no "01" -> 1)."""
     import pyarrow.csv as pacsv
     import pyarrow.parquet as pq
 
@@ -203,7 +235,12 @@ def _read_table(src: str, storage_options: dict | None):
     try:
         with opener() as f:
             if src.lower().endswith(".csv"):
-                return pacsv.read_csv(f)
+                header = next(csv.reader([f.readline().decode("utf-8-sig", "replace")]), [])
+                f.seek(0)
+                as_text = {c: pa.string() for c in header if c.strip() in text_columns}
+                table = pacsv.read_csv(f, convert_options=pacsv.ConvertOptions(column_types=as_text))
+                # "path, label": the space after the comma is not part of the name
+                return table.rename_columns([c.strip() for c in table.column_names])
             return pq.read_table(f)
     except pa.ArrowException as exc:
         kind = "CSV" if src.lower().endswith(".csv") else "Parquet"
@@ -222,13 +259,50 @@ def _resolve(p: str, base: str, local: bool) -> str:
     return f"{proto}://{posixpath.normpath(joined)}"
 
 
-def _list_manifest(src: str, storage_options: dict | None, path_column: str, label_column: str) -> Listing:
-    table = _read_table(src, storage_options)
-    if path_column not in table.column_names:
+_CANONICAL_INT = re.compile(r"-?(0|[1-9][0-9]*)")
+
+
+def _label_names(values: list) -> tuple[np.ndarray, list[str]]:
+    """Label ids and class names from a manifest's label cells.
+
+    Empty cells, None and NaN are unlabeled (-1). Whole-number floats are the integers they hold
+    (pandas stores an integer column with a gap as floats), so 2 and 2.0 are one class. When
+    every name is an integer as written (no "01"), names sort as numbers (1, 2, 10), else as text.
+    """
+    names_of: list[str | None] = []
+    for v in values:
+        if v is None or (isinstance(v, float) and v != v):
+            names_of.append(None)
+        elif isinstance(v, float) and v.is_integer():
+            names_of.append(str(int(v)))
+        else:  # "a.png, cat": the space after the comma is not part of the class name
+            names_of.append(str(v).strip() or None)
+    present = {n for n in names_of if n is not None}
+    if present and all(_CANONICAL_INT.fullmatch(n) for n in present):
+        names = sorted(present, key=int)
+    else:
+        names = sorted(present)
+    index = {n: i for i, n in enumerate(names)}
+    return np.array([-1 if n is None else index[n] for n in names_of], np.int64), names
+
+
+def _list_manifest(src: str, storage_options: dict | None, path_column: str, label_column: str | None) -> Listing:
+    table = _read_table(src, storage_options, (path_column, label_column or "label"))
+    columns = table.column_names
+    if path_column not in columns:
         raise SourceError(
-            f"{src}: manifest has no '{path_column}' column (columns: {', '.join(table.column_names)}); "
-            f"rename it or pass path_column"
+            f"{src}: manifest has no '{path_column}' column (columns: {', '.join(columns)}); "
+            f"rename it, or name it with --path-column (path_column: in a job spec)"
         )
+    if label_column is not None and label_column not in columns:
+        raise SourceError(f"{src}: manifest has no '{label_column}' column (columns: {', '.join(columns)}); "
+                          "leave --label-column out for an unlabeled set")
+    if label_column is None and "label" not in columns:
+        near = [c for c in columns if c.strip().lower() in ("label", "labels", "class")]
+        if near:
+            raise SourceError(f"{src}: manifest has no 'label' column, but '{near[0]}'; rename it, or name it "
+                              f"with --label-column '{near[0]}' (label_column: in a job spec)")
+    label_column = label_column or "label"
     raw_paths = table.column(path_column).to_pylist()
     if any(p is None or str(p) == "" for p in raw_paths):
         bad = next(i for i, p in enumerate(raw_paths) if p is None or str(p) == "")
@@ -241,17 +315,7 @@ def _list_manifest(src: str, storage_options: dict | None, path_column: str, lab
     ids = [_resolve(str(p), base, local) for p in raw_paths]
 
     if label_column in table.column_names:
-        import pyarrow as pa
-
-        col = table.column(label_column)
-        values = col.to_pylist()
-        present = [v for v in values if v is not None and str(v) != ""]
-        if pa.types.is_integer(col.type):  # numeric labels: sort numerically, keep the numbers as names
-            names = [str(v) for v in sorted(set(present))]
-        else:
-            names = sorted({str(v) for v in present})
-        index = {n: i for i, n in enumerate(names)}
-        labels = np.array([index[str(v)] if v is not None and str(v) != "" else -1 for v in values], np.int64)
+        labels, names = _label_names(table.column(label_column).to_pylist())
     else:
         names, labels = [], np.full(len(ids), -1, np.int64)
 
@@ -271,12 +335,13 @@ def list_source(
     *,
     storage_options: dict[str, Any] | None = None,
     path_column: str = "path",
-    label_column: str = "label",
+    label_column: str | None = None,
 ) -> Listing:
     """List a folder per class (root/<class>/.../<image>) or a .csv/.parquet manifest.
 
     Manifest paths may be absolute, URLs, or relative to the manifest's own folder; the label
-    column is optional (missing or empty labels are -1). A folder with images only at its root
+    column is optional (missing or empty labels are -1). label_column=None reads a 'label'
+    column if there is one; a named column must exist. A folder with images only at its root
     is an unlabeled set.
     """
     src = str(src)
@@ -455,7 +520,13 @@ def read_bytes(url: str, storage_options: dict[str, Any] | None = None) -> bytes
     """The whole content of one input (local fast path; fsspec for URLs). Raises FileNotFoundError etc.,
     and ConnectionError for a host that does not answer."""
     if _is_local(url):
-        with open(_local_path(url), "rb") as f:
+        path = _local_path(url)
+        mode = os.stat(path).st_mode  # a broken link: FileNotFoundError
+        if not stat.S_ISREG(mode):  # opening a FIFO would wait for a writer forever
+            kind = "a folder" if stat.S_ISDIR(mode) else "a named pipe" if stat.S_ISFIFO(mode) else \
+                "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a socket" if stat.S_ISSOCK(mode) else "special"
+            raise NotAFile(f"not a regular file but {kind}")
+        with open(path, "rb") as f:
             return f.read()
     import fsspec
 

@@ -104,7 +104,7 @@ def test_truncated_and_corrupt():
 def test_load_image_names_a_missing_or_unreadable_path(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"nope\.jpg: no such file"):
         load_image(str(tmp_path / "nope.jpg"))
-    with pytest.raises(BadImage, match=r"cannot read it: IsADirectoryError"):
+    with pytest.raises(BadImage, match=r"not a regular file but a folder"):
         load_image(str(tmp_path))
 
 
@@ -158,3 +158,16 @@ def test_preprocessing_crops_and_draft_sizes():
     assert Preprocessing.from_dict(d) == p
     with pytest.raises(ValueError, match="crop"):
         Preprocessing(crop="zoom")
+
+
+def test_both_bomb_guards_say_the_same_thing():
+    from featurestore.decode import _bomb, _pil_count
+
+    data = _bytes(Image.new("L", (1001, 1000)), "PNG")
+    with pytest.raises(BadImage) as err:
+        decode_image(data, "big.png", max_pixels=1_000_000)
+    assert err.value.reason == "decompression bomb: 1001x1000 = 1,001,000 pixels, over the limit of 1,000,000 (max_image_pixels)"
+    # PIL's own guard (at twice its limit) gives only a count; the wording stays ours
+    pil = Image.DecompressionBombError("Image size (400000000 pixels) exceeds limit of 200000000 pixels, could be ...")
+    assert _bomb(100_000_000, _pil_count(pil)) == ("decompression bomb: 400,000,000 pixels, over the limit of "
+                                                  "100,000,000 (max_image_pixels)")

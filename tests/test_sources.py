@@ -209,3 +209,82 @@ def test_symlink_loops_do_not_break_listing(image_folder):
     names = [os.path.relpath(i, root) for i in listing.ids]
     assert "dog/loop.jpg" in names  # listed: decoding reports it as unreadable
     assert "cat/cat_0.jpg" in names and not any(n.startswith("cat/back/cat/back") for n in names)
+
+
+def test_a_linked_folder_counts_wherever_it_is_linked(image_folder, tmp_path):
+    """What a class holds never depends on the order the walk meets a folder's links."""
+    root = image_folder({"cat": 2, "dog": 1})
+    os.symlink("../cat", root / "dog" / "alias_to_cats")
+    outside = image_folder({"birds": 1}, name="outside") / "birds"
+    os.symlink(outside, root / "birds")
+    os.symlink(outside, root / "owls")  # two classes linked to one folder: both keep their images
+    listing = list_source(str(root))
+    rel = {os.path.relpath(i, root): listing.label_names[l] for i, l in zip(listing.ids, listing.labels)}
+    assert listing.label_names == ["birds", "cat", "dog", "owls"]
+    assert rel["cat/cat_0.jpg"] == "cat" and rel["dog/alias_to_cats/cat_0.jpg"] == "dog"
+    assert rel["birds/birds_0.jpg"] == "birds" and rel["owls/birds_0.jpg"] == "owls" and len(rel) == 7
+
+
+def test_manifest_labels_are_kept_as_written(tmp_path):
+    (tmp_path / "codes.csv").write_text("path,label\na.png,01\nb.png,1\nc.png,2\nd.png,10\ne.png,\nf.png,007\n")
+    listing = list_source(str(tmp_path / "codes.csv"))
+    assert listing.label_names == ["007", "01", "1", "10", "2"]  # "01" and "1" are two classes
+    assert listing.labels.tolist() == [1, 2, 4, 3, -1, 0]
+    (tmp_path / "ints.csv").write_text("path,label\na.png,2\nb.png,10\nc.png,1\n")
+    assert list_source(str(tmp_path / "ints.csv")).label_names == ["1", "2", "10"]  # integers sort as numbers
+    # pandas stores an integer column with a gap as floats: 2.0 is class "2", NaN is unlabeled
+    pq.write_table(pa.table({"path": ["a", "b", "c", "d"], "label": [1.0, 2.0, 10.0, float("nan")]}),
+                   tmp_path / "f.parquet")
+    listing = list_source(str(tmp_path / "f.parquet"))
+    assert listing.label_names == ["1", "2", "10"] and listing.labels.tolist() == [0, 1, 2, -1]
+
+
+def test_manifest_label_column_missing_or_misnamed(tmp_path):
+    (tmp_path / "space.csv").write_text("path, label\na.png, x\nb.png, y\n")
+    listing = list_source(str(tmp_path / "space.csv"))
+    assert listing.label_names == ["x", "y"]
+    assert listing.labels.tolist() == [0, 1]
+    (tmp_path / "cap.csv").write_text("path,Label\na.png,x\n")
+    with pytest.raises(SourceError, match=r"no 'label' column, but 'Label'; rename it, or name it with "
+                                          r"--label-column 'Label'"):
+        list_source(str(tmp_path / "cap.csv"))
+    assert list_source(str(tmp_path / "cap.csv"), label_column="Label").label_names == ["x"]
+    with pytest.raises(SourceError, match="no 'kind' column .*leave --label-column out for an unlabeled set"):
+        list_source(str(tmp_path / "cap.csv"), label_column="kind")
+    (tmp_path / "plain.csv").write_text("path\na.png\n")
+    assert list_source(str(tmp_path / "plain.csv")).labels.tolist() == [-1]
+
+
+def test_odd_files_in_a_folder_are_skipped_or_reported(image_folder, caplog):
+    root = image_folder({"cat": 1, "dog": 1})
+    bad_name = os.path.join(os.fsencode(root / "cat"), b"bad\xffname.jpg")
+    with open(bad_name, "wb") as f:
+        f.write((root / "cat" / "cat_0.jpg").read_bytes())
+    (root / "stray.jpg").write_bytes((root / "cat" / "cat_0.jpg").read_bytes())
+    os.mkfifo(root / "dog" / "pipe.jpg")
+    with caplog.at_level("WARNING", logger="featurestore.sources"):
+        listing = list_source(str(root))
+    names = sorted(os.path.relpath(i, root) for i in listing.ids)
+    assert names == ["cat/cat_0.jpg", "dog/dog_0.jpg", "dog/pipe.jpg"]
+    said = caplog.text
+    assert "1 file(s) or folder(s) whose names are not UTF-8" in said and "bad\\xffname.jpg" in said
+    assert "1 image(s) directly in the folder, beside the class folders" in said
+    # the pipe is refused at once, not read (which would wait for a writer forever)
+    from featurestore.extractor import DecodePlan, decode_one
+
+    got = decode_one(0, str(root / "dog" / "pipe.jpg"), 1, DecodePlan("pil", (lambda im: im,)))
+    assert got.reason == "not a regular file but a named pipe" and got.label == 1
+    os.symlink(root / "nowhere.jpg", root / "dog" / "broken.jpg")
+    got = decode_one(1, str(root / "dog" / "broken.jpg"), 1, DecodePlan("pil", (lambda im: im,)))
+    assert got.reason == "no such file (a broken symlink)"
+
+
+def test_file_urls_are_percent_decoded(image_folder, tmp_path):
+    from pathlib import Path
+
+    root = image_folder({"cat": 1})
+    spaced = root / "cat" / "c d ü.jpg"
+    spaced.write_bytes((root / "cat" / "cat_0.jpg").read_bytes())
+    (tmp_path / "uri.csv").write_text(f"path\n{Path(spaced).as_uri()}\n")
+    listing = list_source(str(tmp_path / "uri.csv"))
+    assert listing.ids == [str(spaced)] and read_bytes(listing.ids[0]) == spaced.read_bytes()
