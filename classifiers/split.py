@@ -51,7 +51,7 @@ def read_split_file(path: str, ids, id_column: str | None = None, split_column: 
     p = str(path)
     if not Path(p).exists():
         raise FileNotFoundError(f"--split {p}: no such file (a CSV/Parquet file with columns id and {split_column})")
-    table = pq.read_table(p) if p.lower().endswith((".parquet", ".pq")) else pcsv.read_csv(p)
+    table = pq.read_table(p, use_threads=False) if p.lower().endswith((".parquet", ".pq")) else pcsv.read_csv(p)
     cols = table.column_names
     if id_column is None:
         id_column = next((c for c in ("id", "path") if c in cols), None)

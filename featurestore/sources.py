@@ -241,7 +241,7 @@ def _read_table(src: str, storage_options: dict | None, text_columns: tuple[str,
                 table = pacsv.read_csv(f, convert_options=pacsv.ConvertOptions(column_types=as_text))
                 # "path, label": the space after the comma is not part of the name
                 return table.rename_columns([c.strip() for c in table.column_names])
-            return pq.read_table(f)
+            return pq.read_table(f, use_threads=False)  # see store._Loc.read_parquet
     except pa.ArrowException as exc:
         kind = "CSV" if src.lower().endswith(".csv") else "Parquet"
         raise SourceError(f"{src}: not a readable {kind} manifest ({exc}); "

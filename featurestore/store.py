@@ -254,7 +254,10 @@ class _Loc:
     def read_parquet(self, rel: str):
         import pyarrow.parquet as pq
 
-        return pq.read_table(io.BytesIO(self.read_bytes(rel)))
+        # On the calling thread: a pyarrow reader thread still alive when the interpreter exits
+        # aborts the process ("terminate called without an active exception", exit 134;
+        # apache/arrow#34314), one `featurestore inspect` in three here. The tables are small.
+        return pq.read_table(io.BytesIO(self.read_bytes(rel)), use_threads=False)
 
     def write_parquet(self, rel: str, table) -> None:
         import pyarrow.parquet as pq

@@ -9,6 +9,7 @@ import textwrap
 
 import h5py
 import numpy as np
+import pyarrow as pa
 import pytest
 from click.testing import CliRunner
 
@@ -451,3 +452,22 @@ def test_shards_are_readable_by_whoever_can_read_the_store(tmp_path):
         os.umask(old)
     modes = {n: os.stat(tmp_path / "st" / "shards" / n).st_mode & 0o777 for n in os.listdir(tmp_path / "st" / "shards")}
     assert set(modes.values()) == {0o644}, modes
+
+
+def test_tables_are_read_without_arrow_threads(store, tmp_path, monkeypatch):
+    """A pyarrow reader thread alive at exit aborts the process (exit 134, apache/arrow#34314):
+    about one process in three that read a table with threads crashed that way here, so every
+    Parquet read of the package stays on the calling thread."""
+    import pyarrow.parquet as pq
+
+    from featurestore.sources import list_source
+
+    calls = []
+    real = pq.read_table
+    monkeypatch.setattr(pq, "read_table", lambda *a, **kw: calls.append(kw.get("use_threads")) or real(*a, **kw))
+    r, *_ = store
+    fresh = open_store(r.uri)
+    fresh.manifest(), fresh.errors(), fresh.ids, inspect(r.uri), verify(r.uri)
+    pq.write_table(pa.table({"path": ["a.jpg"]}), tmp_path / "m.parquet")
+    list_source(str(tmp_path / "m.parquet"))
+    assert len(calls) >= 6 and set(calls) == {False}, calls
