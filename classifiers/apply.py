@@ -21,13 +21,17 @@ def as_head(head: Head | str | os.PathLike) -> Head:
     return load_head(str(head))
 
 
-def proba_rows(head: Head, feats, rows: np.ndarray, batch_size: int = 4096) -> np.ndarray:
-    """Probabilities of the given (sorted) rows of a lazy feature array, read batch_size at a time."""
+def proba_rows(head: Head, feats, rows: np.ndarray, batch_size: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+    """Probabilities and predicted label ids (Head.predict) of the given (sorted) rows of a lazy
+    feature array, read batch_size at a time."""
     rows = np.asarray(rows, dtype=np.int64)
     out = np.empty((len(rows), len(head.label_names)), dtype=np.float64)
+    pred = np.empty(len(rows), dtype=np.int64)
     for a in range(0, len(rows), batch_size):
-        out[a:a + batch_size] = head.predict_proba(feats[rows[a:a + batch_size]])
-    return out
+        X = feats[rows[a:a + batch_size]]
+        out[a:a + batch_size] = head.predict_proba(X)
+        pred[a:a + batch_size] = head.predict(X)
+    return out, pred
 
 
 def _labels_in_head_ids(head: Head, reader) -> np.ndarray:
@@ -50,8 +54,8 @@ def evaluate(head, store, out: str | None = None, *, batch_size: int = 4096, sto
     h.check_compatible(reader)
     y = _labels_in_head_ids(h, reader)
     rows = np.flatnonzero(y >= 0)
-    proba = proba_rows(h, reader.features(h.layer), rows, batch_size)
-    rep = compute_report(y[rows], proba, h.label_names, head=h.kind, layer=h.layer, store=reader.uri,
+    proba, pred = proba_rows(h, reader.features(h.layer), rows, batch_size)
+    rep = compute_report(y[rows], proba, h.label_names, pred=pred, head=h.kind, layer=h.layer, store=reader.uri,
                          head_path=h.path, params=h.params)
     if out is not None:
         write_report(rep, out, title=f"{h.kind} head on {os.path.basename(str(reader.uri).rstrip('/'))}")
@@ -70,8 +74,7 @@ def predict(head, store, out: str | None = None, *, batch_size: int = 4096, stor
     reader = _open(store, storage_options)
     h.check_compatible(reader)
     feats = reader.features(h.layer)
-    proba = proba_rows(h, feats, np.arange(len(reader)), batch_size)
-    pred = proba.argmax(axis=1) if len(proba) else np.zeros(0, dtype=np.int64)
+    proba, pred = proba_rows(h, feats, np.arange(len(reader)), batch_size)
     names = np.array(h.label_names, dtype=object)
     y = _labels_in_head_ids(h, reader)
     cols: dict[str, Any] = {
@@ -142,9 +145,8 @@ def predict_images(head, images: Iterable[Any], *, backbone=None, batch_size: in
     for a in range(0, len(pics), batch_size):
         x = torch.stack([bb.preprocess(p) for p in pics[a:a + batch_size]])
         feats = bb(x)[h.layer].cpu().numpy()
-        proba = h.predict_proba(feats)
-        for row in proba:
-            results.append((h.label_names[int(row.argmax())], {n: float(v) for n, v in zip(h.label_names, row)}))
+        for row, best in zip(h.predict_proba(feats), h.predict(feats)):
+            results.append((h.label_names[int(best)], {n: float(v) for n, v in zip(h.label_names, row)}))
     return results
 
 

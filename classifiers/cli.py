@@ -16,13 +16,13 @@ def _errors(fn):
         from featurestore.sources import FilesystemUnavailable
         from featurestore.store import StoreError
 
-        from .core import HeadConfigMismatch
+        from .core import ExportError, HeadConfigMismatch
         from .persist import HeadFileError
 
         try:
             return fn(*a, **kw)
         except (HeadConfigMismatch, HeadFileError, StoreError, FileNotFoundError, FilesystemUnavailable, KeyError,
-                ValueError) as exc:
+                ValueError, ExportError) as exc:
             msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
             raise click.UsageError(str(msg)) from None
         except OSError as exc:  # a path given that cannot be written or read (a file where a folder goes, ...)
@@ -52,7 +52,8 @@ def _summary(rep: dict) -> str:
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--split", "split_file", default=None, metavar="FILE",
               help="CSV/Parquet mapping id -> train|test (columns id (or path) and split) instead of the hash split.")
-@click.option("--split-column", default="split", show_default=True, help="Split column in --split FILE or the store manifest.")
+@click.option("--split-column", default=None,
+              help="Split column in --split FILE or the store manifest. Default: split (when there is one).")
 @click.option("--l2/--no-l2", default=False, show_default=True, help="L2-normalise each feature vector before scaling.")
 @click.option("--loss", type=click.Choice(["log_loss", "hinge"]), default="log_loss", show_default=True, help="SGD loss (streaming).")
 @click.option("--memory-budget", default=None, metavar="BYTES",

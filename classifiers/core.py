@@ -52,6 +52,18 @@ def config_differences(head_config: dict, store_config: dict, layer: str, store_
     return diffs
 
 
+class ExportError(RuntimeError):
+    """An exported file does not compute what the head computes (its verification failed)."""
+
+
+def as_rows(X) -> np.ndarray:
+    """Features as an (N, D) matrix; float16 (a store's --dtype float16) widened to float32, since
+    scikit-learn's scalers would otherwise compute in float16 and overflow."""
+    X = np.asarray(X)
+    X = X.reshape(len(X), -1)
+    return X.astype(np.float32) if X.dtype == np.float16 else X
+
+
 @dataclass
 class Head:
     """A trained head: `pipeline` maps flattened features of `layer` to class probabilities."""
@@ -82,8 +94,7 @@ class Head:
         return not (self.kind == "sgd" and self.loss == "hinge")
 
     def _flat(self, X) -> np.ndarray:
-        X = np.asarray(X)
-        X = X.reshape(len(X), -1)
+        X = as_rows(X)
         if X.shape[1] != self.num_features:
             raise ValueError(f"features have {X.shape[1]} values per row; this head expects {self.num_features} "
                              f"(layer {self.layer!r}, shape {tuple(self.feature_shape)})")
@@ -112,8 +123,15 @@ class Head:
         return full
 
     def predict(self, X) -> np.ndarray:
-        """Predicted label ids: the argmax of predict_proba (the exported model's rule too)."""
-        return self.predict_proba(X).argmax(axis=1)
+        """Predicted label ids: the argmax of predict_proba, except for SGD heads, whose class is the
+        highest decision score (as scikit-learn's predict): two large one-vs-rest scores both give a
+        logistic score of 1.0, so their probabilities tie while the scores still tell them apart."""
+        if self.kind != "sgd":
+            return self.predict_proba(X).argmax(axis=1)
+        clf = self.pipeline
+        d = clf.decision_function(self._flat(X))
+        best = (d > 0).astype(np.int64) if d.ndim == 1 else d.argmax(axis=1)
+        return np.asarray(clf.classes_, dtype=np.int64)[best]
 
     # -- safety
     def check_compatible(self, store) -> None:

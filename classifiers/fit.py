@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from .core import Head
+from .core import Head, as_rows
 from .heads import (calibrated, check_kind, make_pipeline, needs_calibration, parse_grid, HeadError)
 from .report import compute_report, write_report
 from .apply import proba_rows
@@ -74,10 +74,13 @@ def _test_mask(reader, ids, labels, split, split_column, test_size, seed) -> tup
             from .split import split_from_mapping
 
             return split_from_mapping({str(k): str(v).lower() for k, v in split.items()}, ids, "split"), "given mapping"
-        return read_split_file(str(split), ids, split_column=split_column), f"file {split}"
-    from_manifest = manifest_split(reader, split_column)
+        return read_split_file(str(split), ids, split_column=split_column or "split"), f"file {split}"
+    from_manifest = manifest_split(reader, split_column or "split")
     if from_manifest is not None:
-        return from_manifest, f"manifest column {split_column!r}"
+        return from_manifest, f"manifest column {split_column or 'split'!r}"
+    if split_column is not None:  # named on purpose: never fall back to hashing without a word
+        raise HeadError(f"--split-column {split_column}: {reader.uri}'s manifest has no such column; give the split "
+                        f"as a file instead: --split FILE with columns id and {split_column}")
     return hash_split(ids, labels, test_size=test_size, seed=seed), f"stratified hash of ids (seed {seed}, test {test_size})"
 
 
@@ -98,15 +101,23 @@ def _joblib_backend(address: str | None):
         yield
 
 
+def _size(n: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} bytes"
+
+
 def train(store, head: str = "logreg", layer: str | None = None, grid=None, cv: int = 5,
           class_weight: str | dict | None = None, test_size: float = 0.25, seed: int = 0,
           out: str | None = None, *, l2: bool = False, loss: str = "log_loss", split=None,
-          split_column: str = "split", scoring: str | None = None, memory_budget: int | None = None,
+          split_column: str | None = None, scoring: str | None = None, memory_budget: int | None = None,
           n_jobs: int | None = None, address: str | None = None, batch_size: int = 4096, epochs: int = 8,
           storage_options: dict | None = None, overwrite: bool = True) -> Head:
     """Train a head on a store (path/URL or StoreReader) and return it (saved to `out` when given).
 
-    The test part (hash split of ids, a manifest `split` column, or `split=` file/mapping) is
+    `out` must be new, empty, or a head folder, which is replaced (everything the old head left
+    there goes, its exports too); overwrite=False refuses a head folder instead. The test part (hash split of ids, a manifest `split` column, or `split=` file/mapping) is
     used only for the final report. The sweep is `cv`-fold on the training part, scored by
     balanced accuracy when class_weight is set (imbalanced data), accuracy otherwise.
     """
@@ -121,10 +132,19 @@ def train(store, head: str = "logreg", layer: str | None = None, grid=None, cv: 
         raise HeadError(f"n_jobs must be a whole number of parallel fits (-1: one per core), got {n_jobs!r}")
     if class_weight not in (None, "balanced") and not isinstance(class_weight, dict):
         raise HeadError(f"class_weight must be None, 'balanced' or a dict, got {class_weight!r}")
+    if out is not None:
+        from .persist import check_out
+
+        check_out(str(out), overwrite)
     reader = _open(store, storage_options)
     feats = reader.features(layer)
     layer = feats.layer
     label_names = list(reader.label_names)
+    if isinstance(class_weight, dict):  # by class name or label id; scikit-learn wants ids
+        unknown = [k for k in class_weight if isinstance(k, str) and k not in label_names]
+        if unknown:
+            raise HeadError(f"class_weight names {unknown}, not classes of {reader.uri} ({', '.join(label_names)})")
+        class_weight = {label_names.index(k) if isinstance(k, str) else int(k): float(v) for k, v in class_weight.items()}
     ids, labels = np.asarray(reader.ids), np.asarray(reader.labels)
     labeled = labels >= 0
     if labeled.sum() == 0:
@@ -141,12 +161,19 @@ def train(store, head: str = "logreg", layer: str | None = None, grid=None, cv: 
     budget = default_memory_budget() if memory_budget is None else int(memory_budget)
     streaming = head == "sgd" or need > budget
     if streaming and head != "sgd":
-        log.warning("%s: training features need ~%.1f GiB > memory budget %.1f GiB: streaming with SGD (%s loss)",
-                    reader.uri, need / 2**30, budget / 2**30, loss)
-        if isinstance(grid, dict) and "C" in grid:  # same regularisation strength: alpha = 1 / (C * n)
-            grid = {"alpha": [1.0 / (float(c) * len(train_rows)) for c in grid["C"]]}
-        elif grid and not (isinstance(grid, dict) and set(grid) <= {"alpha"}):
-            grid = None
+        log.warning("%s: training features need ~%s > memory budget %s: streaming with SGD (%s loss)",
+                    reader.uri, _size(need), _size(budget), loss)
+        alpha_only = isinstance(grid, dict) and set(grid) == {"alpha"}  # SGD's own grid, meant for this case
+        asked = parse_grid(grid, "sgd" if alpha_only else head) if grid else {}  # values as numbers, checked
+        grid = asked if alpha_only else None
+        if "C" in asked:  # the same regularisation strength: alpha = 1 / (C * n)
+            grid = {"alpha": [1.0 / (float(c) * len(train_rows)) for c in asked["C"]]}
+            log.warning("the grid C=%s becomes SGD's alpha=%s (alpha = 1 / (C x %d training rows))",
+                        ",".join(f"{c:g}" for c in asked["C"]), ",".join(f"{a:.3g}" for a in grid["alpha"]),
+                        len(train_rows))
+        if set(asked) - {"C", "alpha"}:
+            log.warning("--grid %s ignored: SGD has no such hyperparameter",
+                        ", ".join(sorted(set(asked) - {"C", "alpha"})))
         head = "sgd"
     grid = parse_grid(grid, head)
     common = dict(reader=reader, layer=layer, label_names=label_names, is_test=is_test, labeled=labeled,
@@ -160,13 +187,13 @@ def train(store, head: str = "logreg", layer: str | None = None, grid=None, cv: 
         kind_loss = loss
     else:
         pipeline, params, sweep, cv_used = _fit_in_memory(feats, labels, train_rows, head, grid, cv, class_weight,
-                                                          l2, seed, scoring, n_jobs, address, loss)
+                                                          l2, seed, scoring, n_jobs, address, loss, label_names)
         kind_loss = loss if head == "sgd" else None
     result = Head(pipeline=pipeline, kind=head, layer=layer, label_names=label_names, store_config=reader.config,
                   feature_shape=tuple(int(v) for v in feats.shape[1:]), params=params, loss=kind_loss, l2=l2,
                   streaming=streaming, sweep=sweep, trained_on=reader.uri)
     y_test = labels[test_rows]
-    p_test = proba_rows(result, feats, test_rows, batch_size) if len(test_rows) else None
+    p_test, pred_test = proba_rows(result, feats, test_rows, batch_size) if len(test_rows) else (None, None)
     report_extra = dict(head=head, layer=layer, store=reader.uri, path="streaming (SGD partial_fit)" if streaming else "in memory",
                         split=split_how, n_train=int(len(train_rows)), params=params, sweep=sweep,
                         sweep_scoring=scoring, cv=cv_used, class_weight=class_weight, l2=l2,
@@ -174,22 +201,36 @@ def train(store, head: str = "logreg", layer: str | None = None, grid=None, cv: 
     if p_test is None:
         result.report = {"n": 0, "label_names": label_names, **report_extra}
     else:
-        result.report = compute_report(y_test, p_test, label_names, **report_extra)
+        result.report = compute_report(y_test, p_test, label_names, pred=pred_test, **report_extra)
     if out is not None:
+        from .persist import clear_head_files
+
+        if os.path.isdir(out):
+            clear_head_files(out)
         result.save(out)
         write_report(result.report, out, title=f"{head} head on {os.path.basename(str(reader.uri).rstrip('/'))} (test part)")
     return result
 
 
-def _fit_in_memory(feats, labels, train_rows, head, grid, cv, class_weight, l2, seed, scoring, n_jobs, address, loss):
+def _fit_in_memory(feats, labels, train_rows, head, grid, cv, class_weight, l2, seed, scoring, n_jobs, address, loss,
+                   label_names):
     from sklearn.model_selection import GridSearchCV, StratifiedKFold
 
-    X = np.asarray(feats[train_rows]).reshape(len(train_rows), -1)
+    X = as_rows(feats[train_rows])
     y = labels[train_rows]
-    min_count = int(np.bincount(y)[np.unique(y)].min())
+    counts = np.bincount(y)
+    present = np.unique(y)
+    min_count = int(counts[present].min())
     base = make_pipeline(head, l2=l2, class_weight=class_weight, seed=seed, loss=loss)
     points = int(np.prod([len(v) for v in grid.values()]))
     folds = min(int(cv), min_count)
+    if min_count < 2 and (points > 1 or needs_calibration(head)):
+        thin = ", ".join(f"{label_names[c]!r}" for c in present if counts[c] < 2)
+        why = ("the sweep's cross-validation" if points > 1 else "the SVM's probability calibration")
+        fix = "give one value per hyperparameter (e.g. --grid C=1)" if points > 1 and not needs_calibration(head) \
+            else "use --head logreg with one --grid value"
+        raise HeadError(f"class(es) {thin} have a single row in the training part, and {why} needs at least 2 per "
+                        f"class: add images, put more of them in the training part (--split, --test-size), or {fix}")
     sweep: list[dict] = []
     if points > 1 and folds >= 2:
         if folds < cv:

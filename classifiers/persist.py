@@ -40,6 +40,38 @@ def _versions() -> dict[str, Any]:
     return {"scikit-learn": sklearn.__version__, "skops": skops.__version__, "numpy": numpy.__version__}
 
 
+# What a head directory holds besides head.json and model.skops: replaced or left out by a new head,
+# never kept beside it (an old export would answer for the old head).
+HEAD_FILES = ("report.json", "report.md", "confusion_matrix.png", "model.onnx", "model.torchscript.pt")
+
+
+def check_out(path: str, overwrite: bool = True) -> None:
+    """Refuse an output folder that is not a head's: a feature store, or a folder of other files."""
+    if not os.path.exists(path):
+        return
+    if not os.path.isdir(path):
+        raise HeadFileError(f"--out {path}: a file, not a folder; choose a folder for the head")
+    names = set(os.listdir(path))
+    if "store.json" in names:
+        raise HeadFileError(f"--out {path}: a feature store; choose another folder for the head")
+    if META_FILE in names:
+        if not overwrite:
+            raise HeadFileError(f"--out {path}: holds a head already; choose a new folder, or pass overwrite=True")
+        return
+    if names:
+        raise HeadFileError(f"--out {path}: exists and holds other files ({', '.join(sorted(names)[:3])}...); "
+                            "choose a new or empty folder, or a head folder to replace")
+
+
+def clear_head_files(path: str) -> None:
+    """Remove what a previous head left in `path` (its exports, its last report)."""
+    for name in HEAD_FILES:
+        try:
+            os.remove(os.path.join(path, name))
+        except FileNotFoundError:
+            pass
+
+
 def save_head(head: Head, path: str) -> str:
     """Write head.json and model.skops into directory `path` (created); returns the path."""
     import skops.io as sio

@@ -14,12 +14,15 @@ from sklearn.metrics import (accuracy_score, balanced_accuracy_score, confusion_
                              precision_recall_fscore_support, top_k_accuracy_score)
 
 
-def compute_report(y_true, proba, label_names: list[str], **extra: Any) -> dict:
-    """Metrics of probabilities `proba` (N, K) against label ids `y_true` (N,)."""
+def compute_report(y_true, proba, label_names: list[str], pred=None, **extra: Any) -> dict:
+    """Metrics of probabilities `proba` (N, K) and predicted ids `pred` (default: their argmax)
+    against label ids `y_true` (N,)."""
     y_true = np.asarray(y_true, dtype=np.int64)
     proba = np.asarray(proba)
     k = len(label_names)
-    pred = proba.argmax(axis=1) if len(proba) else np.zeros(0, dtype=np.int64)
+    if pred is None:
+        pred = proba.argmax(axis=1) if len(proba) else np.zeros(0, dtype=np.int64)
+    pred = np.asarray(pred, dtype=np.int64)
     labels = np.arange(k)
     rep: dict[str, Any] = {"n": int(len(y_true))}
     if len(y_true):

@@ -17,6 +17,7 @@ from sklearn.metrics import accuracy_score, balanced_accuracy_score
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import Normalizer, StandardScaler
 
+from .core import as_rows
 from .split import hash_split
 
 log = logging.getLogger(__name__)
@@ -52,7 +53,7 @@ def _mixed_batches(feats, labels, mask, size: int, mix: int, rng, transform) -> 
         for ci in order[g:g + per_pool]:
             a, b = chunks[ci]
             m = mask[a:b]
-            X = np.asarray(feats[a:b]).reshape(b - a, -1)[m]
+            X = as_rows(feats[a:b])[m]
             xs.append(transform(X))
             ys.append(labels[a:b][m])
         X, y = np.concatenate(xs), np.concatenate(ys)
@@ -121,7 +122,7 @@ def fit_streaming(*, reader, layer, label_names, is_test, labeled, ids, labels, 
             m = val_mask[a:b]
             if not m.any():
                 continue
-            X = transform(np.asarray(feats[a:b]).reshape(b - a, -1)[m])
+            X = transform(as_rows(feats[a:b])[m])
             ys.append(labels[a:b][m])
             for i, mdl in enumerate(models):
                 preds[i].append(mdl.predict(X))

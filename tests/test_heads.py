@@ -162,3 +162,83 @@ def test_training_numbers_out_of_range_are_refused(tmp_path, kwargs, said):
     store = make_store(tmp_path / "s", X, y, ["a", "b", "c"])
     with pytest.raises(HeadError, match=said):
         classifiers.train(store, **kwargs)
+
+
+def test_sgd_class_follows_the_decision_scores_when_probabilities_tie(tmp_path):
+    """Two large one-vs-rest scores both give a logistic score of 1.0: the probabilities tie, and
+    the class must still be the highest score (scikit-learn's predict), in predict and evaluate."""
+    X, y = planted()
+    store = make_store(tmp_path / "s", X, y, ["cat", "dog", "panda"])
+    head = classifiers.train(store, head="sgd", cv=3, seed=0)
+    sgd = head.pipeline[-1]
+    sgd.coef_ = sgd.coef_ * 1e3  # scores in the thousands, as with unscaled features and a small alpha,
+    sgd.intercept_ = sgd.intercept_ + np.array([3e4, 3e4, 0.0])  # and two classes positive on every row
+    feats = store.features()[:]
+    proba = head.predict_proba(feats)
+    tied = np.sum(np.isclose(np.sort(proba, axis=1)[:, -1], np.sort(proba, axis=1)[:, -2]))
+    assert tied > 0  # the case this test is about
+    expected = head.pipeline.predict(feats.reshape(len(feats), -1))
+    assert np.array_equal(head.predict(feats), expected)
+    assert classifiers.evaluate(head, store)["accuracy"] == pytest.approx(np.mean(expected == y))
+    table = classifiers.predict(head, store)
+    assert np.array_equal(np.asarray(table["predicted"]), expected)
+
+
+def test_train_out_must_be_a_head_folder_and_replacing_one_drops_its_old_files(tmp_path):
+    from classifiers.persist import HeadFileError
+
+    X, y = planted()
+    store = make_store(tmp_path / "s", X, y, ["cat", "dog", "panda"])
+    with pytest.raises(HeadFileError, match="a feature store; choose another folder for the head"):
+        classifiers.train(store, cv=2, out=str(tmp_path / "s"))
+    assert not (tmp_path / "s" / "head.json").exists()
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    with pytest.raises(HeadFileError, match="exists and holds other files"):
+        classifiers.train(store, cv=2, out=str(tmp_path / "other"))
+    out = tmp_path / "h"
+    classifiers.train(store, cv=2, out=str(out))
+    (out / "model.onnx").write_bytes(b"an export of the old head")
+    classifiers.train(store, head="sgd", cv=2, out=str(out))
+    assert not (out / "model.onnx").exists() and json.loads((out / "head.json").read_text())["kind"] == "sgd"
+    with pytest.raises(HeadFileError, match="holds a head already"):
+        classifiers.train(store, cv=2, out=str(out), overwrite=False)
+
+
+def test_training_says_why_it_cannot_sweep_or_split_as_asked(tmp_path, caplog):
+    X, y = planted(n=61)
+    y[-1], X[-1] = 3, X[-1] + 20.0  # one image of a fourth class
+    store = make_store(tmp_path / "s", X, y, ["cat", "dog", "panda", "yak"])
+    split = {i: ("test" if n % 4 == 0 and n < 60 else "train") for n, i in enumerate(store.ids)}
+    with pytest.raises(HeadError, match=r"class\(es\) 'yak' have a single row in the training part"):
+        classifiers.train(store, cv=3, split=split)
+    with pytest.raises(HeadError, match="the SVM's probability calibration needs at least 2"):
+        classifiers.train(store, head="svm", grid={"C": [1.0]}, split=split)
+    with pytest.raises(HeadError, match="--split-column fold: .*manifest has no such column"):
+        classifiers.train(store, cv=3, split_column="fold")
+    # the CLI's grid (strings) still becomes SGD's alpha grid when the budget forces streaming
+    with caplog.at_level("WARNING", logger="classifiers"):
+        head = classifiers.train(make_store(tmp_path / "p", *planted(), ["a", "b", "c"]), grid=["C=0.1,1"],
+                                 memory_budget=1024, cv=3)
+    assert head.kind == "sgd" and "the grid C=0.1,1 becomes SGD's alpha=" in caplog.text
+    assert len(head.sweep) == 2 and "KiB" in caplog.text
+
+
+def test_float16_features_are_widened_before_scaling():
+    from classifiers.core import as_rows
+
+    X = np.full((3, 2, 2), 300.0, dtype=np.float16)
+    out = as_rows(X)
+    assert out.shape == (3, 4) and out.dtype == np.float32
+    assert as_rows(X.astype(np.float64)).dtype == np.float64
+
+
+@pytest.mark.parametrize("kind", ["logreg", "svm", "sgd"])
+def test_class_weight_by_name(tmp_path, kind):
+    X, y = planted(n=90)
+    store = make_store(tmp_path / "s", X, y, ["cat", "dog", "panda"])
+    head = classifiers.train(store, head=kind, grid={"C": [1.0]} if kind != "sgd" else None, cv=3,
+                             class_weight={"cat": 2.0, "dog": 1.0, "panda": 1.0})
+    assert head.report["accuracy"] > 0.9
+    with pytest.raises(HeadError, match=r"class_weight names \['yak'\]"):
+        classifiers.train(store, head=kind, class_weight={"yak": 2.0})

@@ -51,7 +51,7 @@ def test_streaming_flag_and_errors(tmp_path):
     assert r.exit_code == 2 and "not a head directory" in r.output
     (tmp_path / "a-file").write_text("x")  # a file where a folder goes: a message, not a traceback
     r = CliRunner().invoke(main, ["train", store, "--out", str(tmp_path / "a-file")])
-    assert r.exit_code == 2 and "a-file: file exists; choose another path" in r.output, r.output
+    assert r.exit_code == 2 and "a-file: a file, not a folder; choose a folder for the head" in r.output, r.output
     r = CliRunner().invoke(main, ["predict", head, store, "--out", str(tmp_path / "a-file" / "p.parquet")])
     assert r.exit_code == 2 and "a-file: file exists; choose another path" in r.output, r.output
 

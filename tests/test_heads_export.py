@@ -128,3 +128,30 @@ def test_classify_cli_with_a_head(tmp_path, backbone, image_folder):
         assert abs(dict((t["class"], t["prob"]) for t in rec["top"])["dog"] - row[1]) < 1e-4
     r = CliRunner().invoke(main, ["classify", "--head", str(tmp_path / "nohead"), paths[0]])
     assert r.exit_code != 0 and "nohead" in r.output
+
+
+def test_l2_head_module_leaves_near_zero_rows_as_scikit_learn_does(tmp_path):
+    """scikit-learn's Normalizer leaves rows shorter than 10 float eps unscaled; the torch head must too
+    (features of random-weight backbones can be that small)."""
+    rng = np.random.default_rng(0)
+    y = np.arange(90) % 3
+    X = rng.normal(size=(90, 10))
+    X[np.arange(90), y] += 2.0
+    s = write_store(str(tmp_path / "s"), {"f": (X * 1e-8).astype(np.float32)}, y, ["a", "b", "c"], config={"model": "m"})
+    head = classifiers.train(s, head="logreg", l2=True, cv=3)
+    Xt = (rng.normal(size=(20, 10)) * 1e-8).astype(np.float32)
+    got = head_module(head)(torch.from_numpy(Xt)).detach().numpy()
+    assert np.abs(got - head.predict_proba(Xt)).max() < TOL
+
+
+def test_export_refuses_a_folder_and_keeps_no_unverified_file(tmp_path, backbone, monkeypatch):
+    from classifiers import exporter
+    from classifiers.core import ExportError
+
+    head = classifiers.train(_features_store(tmp_path, backbone), head="logreg", cv=2, out=str(tmp_path / "h"))
+    with pytest.raises(ValueError, match=r"--out .*: a folder; give the file to write, e\.g\. .*model\.torchscript\.pt"):
+        classifiers.export(head, "torchscript", str(tmp_path), backbone=backbone)
+    monkeypatch.setattr(exporter, "TOLERANCE", -1.0)  # every difference fails verification
+    with pytest.raises(ExportError, match="so it was not kept"):
+        classifiers.export(head, "torchscript", backbone=backbone)
+    assert not (tmp_path / "h" / "model.torchscript.pt").exists()
