@@ -116,10 +116,11 @@ def train(store, head: str = "logreg", layer: str | None = None, grid=None, cv: 
           storage_options: dict | None = None, overwrite: bool = True) -> Head:
     """Train a head on a store (path/URL or StoreReader) and return it (saved to `out` when given).
 
-    `out` must be new, empty, or a head folder, which is replaced (everything the old head left
-    there goes, its exports too); overwrite=False refuses a head folder instead. The test part (hash split of ids, a manifest `split` column, or `split=` file/mapping) is
+    The test part (hash split of ids, a manifest `split` column, or `split=` file/mapping) is
     used only for the final report. The sweep is `cv`-fold on the training part, scored by
     balanced accuracy when class_weight is set (imbalanced data), accuracy otherwise.
+    `out` must be new, empty, or a head folder, which is replaced (everything the old head left
+    there goes, its exports too); overwrite=False refuses a head folder instead.
     """
     t0 = time.perf_counter()
     check_kind(head)
