@@ -51,7 +51,7 @@ class TrainSpec:
     l2: bool = False
     loss: str = "log_loss"
     split: str | None = None
-    split_column: str = "split"
+    split_column: str | None = None  # None: a manifest `split` column if there is one
     scoring: str | None = None
     memory_budget: int | None = None
     n_jobs: int | None = None
