@@ -101,13 +101,6 @@ def _joblib_backend(address: str | None):
         yield
 
 
-def _size(n: int) -> str:
-    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if n >= scale:
-            return f"{n / scale:.1f} {unit}"
-    return f"{n} bytes"
-
-
 def train(store, head: str = "logreg", layer: str | None = None, grid=None, cv: int = 5,
           class_weight: str | dict | None = None, test_size: float = 0.25, seed: int = 0,
           out: str | None = None, *, l2: bool = False, loss: str = "log_loss", split=None,
@@ -162,8 +155,10 @@ def train(store, head: str = "logreg", layer: str | None = None, grid=None, cv: 
     budget = default_memory_budget() if memory_budget is None else int(memory_budget)
     streaming = head == "sgd" or need > budget
     if streaming and head != "sgd":
+        from featurestore.store import human_bytes
+
         log.warning("%s: training features need ~%s > memory budget %s: streaming with SGD (%s loss)",
-                    reader.uri, _size(need), _size(budget), loss)
+                    reader.uri, human_bytes(need), human_bytes(budget), loss)
         alpha_only = isinstance(grid, dict) and set(grid) == {"alpha"}  # SGD's own grid, meant for this case
         asked = parse_grid(grid, "sgd" if alpha_only else head) if grid else {}  # values as numbers, checked
         grid = asked if alpha_only else None

@@ -20,14 +20,6 @@ def _options(raw: str | None) -> dict | None:
     return value
 
 
-def _human_bytes(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
-
-
 @click.command("inspect")
 @click.argument("store")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
@@ -35,7 +27,7 @@ def _human_bytes(n: int) -> str:
 def inspect_cmd(store: str, as_json: bool, storage_options: str | None) -> None:
     """Summarise a feature store: what built it, rows, layers, classes, errors."""
     from featurestore.sources import FilesystemUnavailable
-    from featurestore.store import StoreError, inspect
+    from featurestore.store import StoreError, human_bytes, inspect
 
     try:
         info = inspect(store, storage_options=_options(storage_options))
@@ -48,7 +40,7 @@ def inspect_cmd(store: str, as_json: bool, storage_options: str | None) -> None:
         ("store", info["uri"]),
         ("status", info["status"]),
         ("rows", f"{info['rows']} of {info['inputs']} inputs ({info['errors']} errors)"),
-        ("shards", f"{info['shards']} committed of {info['planned_shards']} planned, {_human_bytes(info['bytes'])}"),
+        ("shards", f"{info['shards']} committed of {info['planned_shards']} planned, {human_bytes(info['bytes'])}"),
         ("model", f"{info['model']}  weights={info['weights']}  pooling={info['pooling']}"),
         ("dtype", f"{info['dtype']}  compression={info['compression'] or 'none'}"),
     ]

@@ -125,7 +125,7 @@ def decode_one(index: int, id: str, label: int, plan: DecodePlan) -> Decoded:
         return Decoded(index, id, label, reason=str(exc))
     except ConnectionError as exc:
         return Decoded(index, id, label, reason=f"unreachable: {exc}")
-    except (PermissionError, IsADirectoryError, OSError) as exc:
+    except OSError as exc:  # no permission, an I/O error, an object store's refusal
         return Decoded(index, id, label, reason=f"unreadable: {type(exc).__name__}: {exc}")
     try:
         if plan.mode == "pil":

@@ -700,12 +700,10 @@ class StoreWriter:
         self._remove_stale_temps()
 
         shards = [infos[i] for i in sorted(infos) if i < plan.num_shards]
-        layers: dict[str, dict] = {}
-        dtype, compression = self.config.get("dtype"), self.config.get("compression")
-        for s in shards:
-            if s.layers:
-                layers, dtype, compression = s.layers, s.dtype, s.compression
-                break
+        first = _with_layers(shards)
+        layers: dict[str, dict] = first.layers if first else {}
+        dtype = first.dtype if first else self.config.get("dtype")
+        compression = first.compression if first else self.config.get("compression")
         self.meta.update({
             "status": "complete" if not failed else "incomplete",
             "label_names": list(plan.label_names),
@@ -757,6 +755,21 @@ def _committed(loc: _Loc) -> dict[int, ShardInfo]:
         else:  # sidecar lost: rebuild what we can from the shard itself
             out[index] = _info_from_shard(loc, index, name)
     return out
+
+
+def _with_layers(infos) -> ShardInfo | None:
+    """The first shard that holds layers: a shard whose every input failed has none, so says nothing
+    about the store's layers, dtype or compression."""
+    return next((i for i in infos if i.layers), None)
+
+
+def human_bytes(n: int) -> str:
+    """A byte count as people read it: 642.2 KiB."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
 
 
 def _info_from_shard(loc: _Loc, index: int, name: str) -> ShardInfo:
@@ -1022,7 +1035,7 @@ class StoreReader:
             infos = _committed(self.loc)
             self._shards = [{"index": i.index, "name": i.name, "rows": i.rows, "sha256": i.sha256, "bytes": i.bytes} for _, i in sorted(infos.items())]
             if infos and not meta.get("layers"):
-                first = next((i for i in infos.values() if i.layers), None)
+                first = _with_layers(infos.values())
                 if first is not None:
                     self.meta = {**meta, "layers": first.layers, "dtype": first.dtype}
         self._init_state()
@@ -1368,7 +1381,8 @@ def verify(uri: str, storage_options: dict | None = None) -> VerifyReport:
             problems.append(str(exc))
             infos = {}
         listed = [i.to_dict() for _, i in sorted(infos.items())]
-        layers = next((i.layers for i in infos.values() if i.layers), {})
+        first = _with_layers(infos.values())
+        layers = first.layers if first else {}
         from featurestore.lease import writer_status  # lease imports this module
 
         writer = writer_status(loc.uri, storage_options)
@@ -1537,7 +1551,7 @@ def inspect(uri: str, storage_options: dict | None = None) -> dict:
     out["writer"] = writer_status(loc.uri, storage_options)
     if meta.get("status") not in ("complete", "incomplete"):  # running or stopped: what is committed so far
         infos = _committed(loc)
-        first = next((i for i in infos.values() if i.layers), None)
+        first = _with_layers(infos.values())
         out.update(rows=sum(i.rows for i in infos.values()), errors=sum(len(i.errors) for i in infos.values()),
                    shards=len(infos), bytes=sum(i.bytes for i in infos.values()))
         if first is not None:
