@@ -91,11 +91,11 @@ def _joblib_backend(address: str | None):
         yield
         return
     import joblib
-    import ray
     from ray.util.joblib import register_ray
 
-    if not ray.is_initialized():
-        ray.init(address=address)
+    from featurestore.engine import connect
+
+    connect(address)  # an unreachable address is refused at once, not retried for minutes
     register_ray()
     with joblib.parallel_backend("ray"):
         yield

@@ -94,7 +94,7 @@ def extract(source, output, config_path, models, weights, layers, compile_, **fl
     OUTPUT/resnet50 and OUTPUT/efficientnet_b0, two complete stores with the same shards;
     a resume recomputes a shard only for the stores that lack it.
     """
-    from featurestore.engine import ExtractError, ExtractInterrupted
+    from featurestore.engine import ClusterUnreachable, ExtractError, ExtractInterrupted
     from featurestore.engine import extract as run_extract
 
     where = config_path or "command line"
@@ -144,7 +144,7 @@ def extract(source, output, config_path, models, weights, layers, compile_, **fl
         click.echo(f"featurestore extract: {exc}", err=True)
         sys.exit(128 + exc.signum)  # the shell's convention: 130 for Ctrl-C, 143 for SIGTERM
     except (ConfigError, SourceError, StoreError, WeightsError, UnknownModelError, UnknownLayerError,
-            FileNotFoundError, FilesystemUnavailable) as exc:
+            FileNotFoundError, FilesystemUnavailable, ClusterUnreachable) as exc:
         # the input's fault, said once without a traceback
         click.echo(f"featurestore extract: {exc}", err=True)
         sys.exit(2)

@@ -139,12 +139,62 @@ class ExtractResult:
 # ---------------------------------------------------------------------------------
 # Ray placement
 # ---------------------------------------------------------------------------------
+class ClusterUnreachable(ConnectionError):
+    """No Ray cluster answers at the address given (said at once; ray.init would wait for minutes)."""
+
+
+GCS_PROBE_SECONDS = 5.0
+
+
+def _probe(address: str, where: str) -> None:
+    """Refuse an address no Ray head answers at, before ray.init, which retries it silently for minutes.
+
+    `where` names the setting the address came from (--address, RAY_ADDRESS). "auto" and
+    "local" are Ray's own words and are left to it."""
+    import socket
+    from urllib.parse import urlsplit
+
+    text = address.strip()
+    if text in ("auto", "local"):
+        return
+    scheme, _, rest = text.rpartition("://")
+    if scheme in ("http", "https"):
+        raise ClusterUnreachable(
+            f"{where} {address} is a dashboard (Jobs API) address; joining a cluster takes the head's GCS "
+            "address, HOST:6379 by default (`ray start --head` prints it), or ray://HOST:10001 for Ray Client. "
+            "To run this as a job on the cluster instead, use `featurestore submit SPEC --address` with it")
+    if scheme not in ("", "ray"):
+        raise ClusterUnreachable(f"{where} {address}: not a Ray address; give HOST:PORT (the head's GCS "
+                                 "address, port 6379 by default), ray://HOST:10001, or auto")
+    parts = urlsplit(f"//{rest}")
+    try:
+        host, port = parts.hostname, parts.port
+    except ValueError:  # a port that is not a number
+        host, port = None, None
+    if not host or port is None:
+        raise ClusterUnreachable(f"{where} {address}: give HOST:PORT, e.g. 10.0.0.5:6379 (the head's GCS "
+                                 "address, which `ray start --head` prints)")
+    try:
+        socket.create_connection((host, port), timeout=GCS_PROBE_SECONDS).close()
+    except OSError as exc:
+        why = "nothing answered within %gs" % GCS_PROBE_SECONDS if isinstance(exc, TimeoutError) else (
+            exc.strerror or str(exc) or type(exc).__name__).lower()
+        hint = f"`ray start --head --port {port}` there" if scheme == "" else "the Ray Client server"
+        raise ClusterUnreachable(
+            f"no Ray cluster answers at {address} ({where}): {why}. Check the address and that the head is "
+            f"running ({hint}), or leave --address out to run on an embedded local Ray instance") from None
+
+
 def connect(address: str | None, num_cpus: int | None = None) -> bool:
     """Join `address` or start an embedded instance; returns True if we started Ray here."""
     import ray
 
     if ray.is_initialized():
         return False
+    if address:
+        _probe(address, "--address")
+    elif os.environ.get("RAY_ADDRESS"):
+        _probe(os.environ["RAY_ADDRESS"], "RAY_ADDRESS")
     kwargs: dict[str, Any] = {"ignore_reinit_error": True, "logging_level": logging.WARNING,
                               "log_to_driver": True}
     if address:
@@ -160,7 +210,12 @@ def connect(address: str | None, num_cpus: int | None = None) -> bool:
             kwargs["num_cpus"] = num_cpus
     # Ray >= 2.5x says on every start that token auth is on; it stays on, the line goes.
     logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
-    ray.init(**kwargs)
+    try:
+        ray.init(**kwargs)
+    except ConnectionError as exc:  # "auto" with no cluster running on this machine
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0].rstrip(".")
+        raise ClusterUnreachable(f"{first}. Check that a Ray head runs there (`ray start --head` prints its "
+                                 "address), or leave --address out to run on an embedded local Ray instance") from None
     return True
 
 

@@ -63,6 +63,7 @@ class WriterLease:
                        "pid_namespace": _pid_namespace(), "started": time.time()}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._made: str | None = None  # the top folder acquire() created (removed again if left empty)
 
     def read(self) -> dict | None:
         try:
@@ -101,6 +102,12 @@ class WriterLease:
                     f"again; if you are sure no extraction is writing there, delete {self.loc.url(LEASE_FILE)}")
             log.warning("%s: taking over the lease of an extraction that is gone (pid %s on %s)", self.loc.uri,
                         other.get("pid"), other.get("host"))
+        # A job that stops before writing anything (no such source, no cluster) leaves no empty folder.
+        if self.loc.local:
+            top = os.path.abspath(self.loc.root)
+            while not os.path.exists(os.path.dirname(top)):
+                top = os.path.dirname(top)
+            self._made = None if os.path.exists(top) else top
         try:
             self._write()
         except Exception as exc:  # OSError locally; an object store's own error (access denied, ...) remotely
@@ -134,6 +141,17 @@ class WriterLease:
                 self.loc.remove(LEASE_FILE)
         except Exception as exc:
             log.warning("%s: could not remove the writer lease (it expires by itself): %s", self.loc.uri, exc)
+            return
+        if self._made:
+            folder = os.path.abspath(self.loc.root)
+            try:
+                while True:
+                    os.rmdir(folder)  # only if still empty
+                    if folder == self._made:
+                        break
+                    folder = os.path.dirname(folder)
+            except OSError:
+                pass
 
 
 def writer_status(uri: str, storage_options: dict | None = None) -> dict | None:

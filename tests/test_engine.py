@@ -658,3 +658,44 @@ def test_progress_counts_each_shard_once(tmp_path):
         assert ex.poll() == (4, 0)  # not 9: the first shard is not counted again
     finally:
         ex.close()
+
+
+def _refused_address() -> str:
+    """host:port of a loopback port nothing listens on (bound, then closed)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"127.0.0.1:{s.getsockname()[1]}"
+
+
+def test_an_address_no_cluster_answers_at_is_refused_at_once(tmp_path):
+    """ray.init retries an unreachable GCS address for minutes, silently; extract and train say so at once."""
+    src = make_images(tmp_path / "src", per_class=1)
+    address = _refused_address()
+    t0 = time.monotonic()
+    res = subprocess.run(_cli("extract", str(src), str(tmp_path / "store"), "--model", MODEL, "--weights", "none",
+                              "--address", address, "--quiet"), capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2, res.stderr[-3000:]
+    assert f"no Ray cluster answers at {address} (--address): connection refused" in res.stderr, res.stderr
+    assert "Traceback" not in res.stderr
+    assert not (tmp_path / "store").exists()
+    env = dict(os.environ, RAY_ADDRESS=address)  # a stale RAY_ADDRESS in the shell: named as the culprit
+    res = subprocess.run(_cli("extract", str(src), str(tmp_path / "store"), "--model", MODEL, "--weights", "none",
+                              "--quiet"), capture_output=True, text=True, timeout=120, env=env)
+    assert res.returncode == 2 and f"no Ray cluster answers at {address} (RAY_ADDRESS)" in res.stderr, res.stderr
+    assert time.monotonic() - t0 < 60  # not Ray's minutes of retries
+
+
+@pytest.mark.parametrize("address, said", [
+    ("http://head:8265", "is a dashboard (Jobs API) address"),
+    ("s3://bucket", "not a Ray address"),
+    ("head", "give HOST:PORT"),
+    ("head:port", "give HOST:PORT"),
+])
+def test_malformed_addresses_say_which_form_to_give(address, said):
+    from featurestore.engine import ClusterUnreachable, _probe
+
+    with pytest.raises(ClusterUnreachable, match=re.escape(said)):
+        _probe(address, "--address")
+    _probe("auto", "--address")  # Ray's own words, left to Ray

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 from click.testing import CliRunner
@@ -69,3 +71,17 @@ def test_export_command(tmp_path):
     r = CliRunner().invoke(main, ["export", head, "--format", "onnx"])
     assert r.exit_code == 0, r.output
     assert (tmp_path / "h" / "model.onnx").stat().st_size > 1000
+
+
+def test_train_on_an_address_no_cluster_answers_at_is_refused(tmp_path):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{s.getsockname()[1]}"
+    store = _store(tmp_path / "s")
+    r = subprocess.run([sys.executable, "-m", "featurestore", "train", store, "--out", str(tmp_path / "h"),
+                        "--address", address], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stderr
+    assert f"no Ray cluster answers at {address}" in r.stderr and "connection refused" in r.stderr, r.stderr
+    assert not (tmp_path / "h").exists()

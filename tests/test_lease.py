@@ -99,3 +99,17 @@ def test_same_hostname_in_another_pid_namespace_is_judged_by_heartbeat(tmp_path)
         WriterLease(str(out)).acquire()
     (out / LEASE_FILE).write_text(json.dumps({**other, "pid_namespace": WriterLease(str(out)).holder["pid_namespace"]}))
     WriterLease(str(out)).acquire().release()  # same namespace: the dead pid frees it at once
+
+
+def test_a_job_that_wrote_nothing_leaves_no_folder_behind(tmp_path):
+    """The lease made OUT (and its missing parents): released with nothing else written, they go;
+    a folder that was there before, or one that holds anything, stays."""
+    (tmp_path / "was").mkdir()
+    WriterLease(str(tmp_path / "was" / "a" / "b")).acquire().release()
+    assert os.listdir(tmp_path / "was") == []
+    lease = WriterLease(str(tmp_path / "new" / "store")).acquire()
+    (tmp_path / "new" / "store" / "store.json").write_text("{}")
+    lease.release()
+    assert os.listdir(tmp_path / "new" / "store") == ["store.json"]
+    WriterLease(str(tmp_path / "was")).acquire().release()
+    assert (tmp_path / "was").is_dir()
