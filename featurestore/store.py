@@ -363,6 +363,24 @@ class ShardInfo:
 # Writing
 
 
+def _narrow(arr: np.ndarray, dtype, where: str) -> np.ndarray:
+    """arr as the store's dtype; float16 that loses values says so (inf breaks every head downstream)."""
+    with np.errstate(over="ignore"):  # said below, once, in our words
+        out = arr.astype(dtype, copy=False)
+    if out.dtype != np.float16 or arr.dtype == np.float16 or not np.issubdtype(arr.dtype, np.floating):
+        return out
+    over = int(np.count_nonzero(np.isinf(out) & np.isfinite(arr)))
+    if over:
+        log.warning("%s: %d value(s) beyond float16's range (|x| up to %.3g > 65504) are stored as inf; "
+                    "extract with --dtype float32", where, over, float(np.nanmax(np.abs(arr[np.isfinite(arr)]))))
+    rows = arr.reshape(len(arr), -1)
+    flat = np.count_nonzero(~out.reshape(len(out), -1).any(axis=1) & rows.any(axis=1))
+    if flat:
+        log.warning("%s: %d row(s) became all zeros in float16 (values below 6e-8; untrained weights?); "
+                    "extract with --dtype float32", where, flat)
+    return out
+
+
 class ShardWriter:
     """Writes one shard: rows go to a local temporary HDF5 file; commit() publishes it atomically.
 
@@ -478,7 +496,7 @@ class ShardWriter:
         for layer, arr in arrays.items():
             ds = self._h5[f"layers/{layer}"]
             ds.resize(hi, axis=0)
-            ds[lo:hi] = arr.astype(self.dtype, copy=False)
+            ds[lo:hi] = _narrow(arr, self.dtype, f"{self.name}: layer {layer!r}")
         for name, data in (("labels", labels), ("ids", np.array(ids, dtype=object))):
             ds = self._h5[name]
             ds.resize(hi, axis=0)

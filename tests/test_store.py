@@ -471,3 +471,22 @@ def test_tables_are_read_without_arrow_threads(store, tmp_path, monkeypatch):
     pq.write_table(pa.table({"path": ["a.jpg"]}), tmp_path / "m.parquet")
     list_source(str(tmp_path / "m.parquet"))
     assert len(calls) >= 6 and set(calls) == {False}, calls
+
+
+def test_float16_that_loses_values_says_so(tmp_path, caplog):
+    """Beyond 65504 a value becomes inf (scikit-learn refuses it later); below 6e-8 a row of
+    an untrained network becomes all zeros. Both are stored as cast, and the writer warns."""
+    x = np.ones((4, 3), np.float32)
+    x[1, 2] = 1e6
+    x[3] = 1e-9
+    with caplog.at_level("WARNING", logger="featurestore.store"):
+        write_store(str(tmp_path / "s"), x, [0, 1, 0, 1], ["a", "b"], dtype="float16")
+    said = caplog.text
+    assert "1 value(s) beyond float16's range (|x| up to 1e+06 > 65504)" in said, said
+    assert "1 row(s) became all zeros in float16" in said and "--dtype float32" in said, said
+    got = open_store(str(tmp_path / "s")).features()[:]
+    assert np.isinf(got[1, 2]) and not got[3].any() and got[0].all()
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="featurestore.store"):
+        write_store(str(tmp_path / "t"), np.full((2, 3), 3.5, np.float32), [0, 1], ["a", "b"], dtype="float16")
+    assert "float16" not in caplog.text
