@@ -2,6 +2,9 @@
 
 Keyed on a hash of (seed, id) rather than on row order, so a row keeps its side when the
 store is re-extracted, re-sharded or grows; per class, so both sides keep class ratios.
+The id is taken below the folder all ids share (cats/001.jpg, not /home/me/animals/cats/
+001.jpg), so the same images split the same way wherever they live: another checkout, a
+mount, or a copy on s3://.
 """
 from __future__ import annotations
 
@@ -13,11 +16,22 @@ import numpy as np
 SPLIT_VALUES = {"train": False, "test": True}
 
 
+def relative_ids(ids) -> list[str]:
+    """Each id without the leading folders that every id shares (the file name always stays)."""
+    text = [str(v) for v in ids]
+    if not text:
+        return text
+    lo, hi = min(text), max(text)  # the prefix all ids share is the one these two share
+    n = next((i for i, (a, b) in enumerate(zip(lo, hi)) if a != b), min(len(lo), len(hi)))
+    cut = lo.rfind("/", 0, n) + 1  # back to a whole folder; 0 when they share none
+    return [t[cut:] for t in text]
+
+
 def _keys(ids, seed: int, salt: str = "") -> np.ndarray:
     out = np.empty(len(ids), dtype=np.uint64)
     prefix = f"{salt}{int(seed)}:".encode()
-    for i, v in enumerate(ids):
-        out[i] = int.from_bytes(hashlib.blake2b(prefix + str(v).encode(), digest_size=8).digest(), "little")
+    for i, v in enumerate(relative_ids(ids)):
+        out[i] = int.from_bytes(hashlib.blake2b(prefix + v.encode(), digest_size=8).digest(), "little")
     return out
 
 

@@ -242,3 +242,14 @@ def test_class_weight_by_name(tmp_path, kind):
     assert head.report["accuracy"] > 0.9
     with pytest.raises(HeadError, match=r"class_weight names \['yak'\]"):
         classifiers.train(store, head=kind, class_weight={"yak": 2.0})
+
+
+def test_split_does_not_depend_on_where_the_images_live():
+    """The same images under another root (a checkout elsewhere, a mount, s3://) split alike."""
+    names = [f"{c}/{c}_{i:03d}.jpg" for c in ("cats", "dogs", "panda") for i in range(50)]
+    labels = np.repeat([0, 1, 2], 50)
+    roots = ("/home/ann/data/animals/", "/tmp/x/shared/data/animals/", "s3://bucket/animals/", "")
+    masks = [hash_split([root + n for n in names], labels, 0.25, seed=3) for root in roots]
+    for m in masks[1:]:
+        assert np.array_equal(m, masks[0])
+    assert masks[0].sum() == 3 * 12  # round(0.25 * 50) a class
