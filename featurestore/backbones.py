@@ -131,13 +131,29 @@ class _TorchvisionCut(nn.Module):
         super().__init__()
         from torchvision.models.feature_extraction import create_feature_extractor
 
-        nodes = {}
+        nodes: dict[str, str] = {}
+        self.outputs = {}  # requested layer -> the extractor's key (fc and logits are one node)
         for layer in layers:
-            nodes[logits_node if layer == "logits" else layer] = layer
+            self.outputs[layer] = nodes.setdefault(logits_node if layer == "logits" else layer, layer)
         self.extractor = create_feature_extractor(model, return_nodes=nodes)
 
     def forward(self, x):
-        return self.extractor(x)
+        out = self.extractor(x)
+        return {layer: out[key] for layer, key in self.outputs.items()}
+
+
+def _check_per_image(cut: nn.Module, layers: Sequence[str], model: str, input_size: tuple[int, int]) -> None:
+    """Refuse a node that is not one row per image (a shared attention table, window-partitioned
+    maps): found here, at build, rather than as a failed shard."""
+    h, w = input_size
+    with torch.inference_mode():
+        out = cut(torch.zeros(2, 3, h, w))
+    for layer in layers:
+        v = out[layer]
+        if not isinstance(v, torch.Tensor) or v.ndim == 0 or v.shape[0] != 2:
+            got = f"shape {tuple(v.shape)}" if isinstance(v, torch.Tensor) else type(v).__name__
+            raise UnknownLayerError(f"{model}: layer {layer!r} is not a per-image output ({got} for a batch of "
+                                    f"2 images); choose another (`featurestore layers {model}` lists them)")
 
 
 class _TimmCut(nn.Module):
@@ -466,6 +482,8 @@ def load_backbone(model: str = "efficientnet_lite0", weights: str | None = "DEFA
         layers = list(layers or [summary["default"]])
         _check_layers(layers, summary["nodes"], canonical, prefixes=True)
         cut = _TorchvisionCut(net, layers, summary["logits"])
+        if set(layers) - {summary["default"], "logits"}:
+            _check_per_image(cut, layers, canonical, pre.input_size)
     dev = torch.device(device)
     if precision == "fp16" and dev.type == "cpu":
         log.info("fp16 autocast on CPU is slow; bf16 is the CPU choice")
@@ -484,8 +502,11 @@ def load_backbone(model: str = "efficientnet_lite0", weights: str | None = "DEFA
                     folded=folded)
 
 
-def _stage_ends(names: list[str], shapes: dict[str, tuple], family: str, skip: set[str]) -> dict[str, str]:
-    """The last node at each spatial resolution (4-D outputs): the end of each stage."""
+def _stage_ends(names: list[str], shapes: dict[str, tuple], family: str, skip: set[str],
+                aspect: tuple[int, int] = (1, 1)) -> dict[str, str]:
+    """The last node at each spatial resolution (4-D outputs): the end of each stage.
+
+    aspect: the input's (h, w); a map keeps it (up to rounding), a permuted tensor does not."""
     last: dict[tuple, str] = {}
     order: list[tuple] = []
     for n in names:
@@ -493,6 +514,10 @@ def _stage_ends(names: list[str], shapes: dict[str, tuple], family: str, skip: s
         if s is None or len(s) != 3 or n in skip or n == names[0]:  # names[0] is the input
             continue
         res = (s[0], s[1]) if (family == "swin" and n.split(".")[0] in ("features", "norm")) else (s[1], s[2])
+        if abs(res[0] * aspect[1] - res[1] * aspect[0]) > max(aspect):  # a permuted (N, H, W, C) view, not a map
+            continue
+        if res == (1, 1) or (order and res[0] * res[1] > order[-1][0] * order[-1][1]):
+            continue  # pooled, or larger than the stage before it (window partitions): not a stage's map
         if res not in last:
             order.append(res)
         last[res] = n
@@ -533,12 +558,14 @@ def list_layers(model: str, weights: str | None = None, input_size: int | None =
     gm = create_feature_extractor(net, return_nodes={n: n for n in names})
     h, w = pre.input_size
     with torch.inference_mode():
-        out = gm(torch.zeros(1, 3, h, w))
-    shapes = {n: tuple(v.shape[1:]) for n, v in out.items() if isinstance(v, torch.Tensor)}
+        out = gm(torch.zeros(2, 3, h, w))
+    # two images: a node with another first dimension is not per image (attention tables, windows)
+    shapes = {n: tuple(v.shape[1:]) for n, v in out.items() if isinstance(v, torch.Tensor) and v.ndim and
+              v.shape[0] == 2}
     pools = {n for n in names if ("avgpool" in n or "adaptive_avg_pool" in n) and shapes.get(n)}
     notes: dict[str, str] = {}
     family = family_of(canonical)
-    notes.update(_stage_ends(names, shapes, family, pools))
+    notes.update(_stage_ends(names, shapes, family, pools, (h, w)))
     if family == "vit":  # token models: the end of each encoder block
         blocks: dict[str, str] = {}
         for n in names:

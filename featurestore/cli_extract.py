@@ -66,7 +66,8 @@ class _BatchSize(click.ParamType):
                    "input, so that every actor gets at least two shards.")
 @click.option("--dtype", type=click.Choice(DTYPES), help="Stored feature dtype. Default: float32.")
 @click.option("--compression", type=click.Choice(COMPRESSIONS), help="HDF5 compression. Default: none.")
-@click.option("--address", help="Ray cluster to join (ray://HOST:10001 or auto). Default: an embedded local instance.")
+@click.option("--address", help="Ray cluster to join: the head's HOST:6379, ray://HOST:10001 or auto. Default: an "
+                               "embedded local instance.")
 @click.option("--actors", type=int, help="Number of backbone actors. Default: one per GPU, or enough to fill the CPUs.")
 @click.option("--gpus-per-actor", type=float, help="GPUs per actor (fractions allowed; 0 for CPU).")
 @click.option("--cpus-per-actor", type=float, help="CPUs per actor (also its torch threads on CPU).")
@@ -99,7 +100,7 @@ def extract(source, output, config_path, models, weights, layers, compile_, **fl
 
     where = config_path or "command line"
     try:
-        data = load_yaml(config_path) if config_path else {}
+        data = _fields_of(load_yaml(config_path), config_path) if config_path else {}
     except ConfigError as exc:
         raise click.UsageError(str(exc))
     if source:
@@ -155,3 +156,17 @@ def extract(source, output, config_path, models, weights, layers, compile_, **fl
                    + ", ".join(result.stores.values()))
     else:
         click.echo(f"store written to {result.store}")
+
+
+def _fields_of(data: dict, path: str) -> dict:
+    """A --config file's extraction fields: a flat mapping, or a job spec (job: extract) whose
+    config: holds them, so the spec that `featurestore submit` sends runs here as it is."""
+    if "job" not in data:
+        return data
+    from jobs.specs import JOB_KINDS, parse_spec
+
+    if data["job"] != "extract" and data["job"] in JOB_KINDS:  # an unknown kind: parse_spec names the kinds
+        raise ConfigError(f"{path}: this is a '{data['job']}' job spec; run it with `featurestore submit {path}` "
+                          f"or `python -m jobs.{data['job']} --config {path}`")
+    return dict(parse_spec(data, path)[0].config)
+

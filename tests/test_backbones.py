@@ -5,6 +5,7 @@ import os
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from featurestore.backbones import UnknownLayerError, list_layers, load_backbone
 from featurestore.zoo import UnknownModelError
@@ -126,3 +127,23 @@ def test_default_model_classifies_real_photos():
     pandas = sorted(os.listdir(f"{SHARED}/panda"))[:4]
     results = classify([f"{SHARED}/panda/{p}" for p in pandas])
     assert sum(r[0][0] == "giant panda" for r in results) >= 3
+
+
+def test_a_node_asked_for_by_two_names_gives_both():
+    """fc and logits are one node: both come out (they used to collapse into one, a KeyError)."""
+    bb = load_backbone("resnet18", weights="none", layers=["fc", "logits"], input_size=64)
+    out = bb.extract([Image.new("RGB", (64, 64))])
+    assert set(out) == {"fc", "logits"} and np.array_equal(out["fc"], out["logits"])
+
+
+def test_only_per_image_nodes_are_offered_or_accepted():
+    """swin's attention bias tables and maxvit's window partitions are not one row per image:
+    never starred as stage ends, refused by name at build (not as failed shards), and the
+    stars stay on maps in image layout (convnext's permuted LayerNorm views are not stages)."""
+    stars = [r for r in list_layers("swin_t", input_size=64) if r.recommended]
+    assert not any("relative_position" in r.name for r in stars), [r.name for r in stars]
+    with pytest.raises(UnknownLayerError, match="not a per-image output"):
+        load_backbone("swin_t", weights="none", input_size=64,
+                      layers=["features.7.1.attn._get_relative_position_bias"])
+    stages = [r for r in list_layers("convnext_tiny", input_size=64) if r.note.startswith("end of stage")]
+    assert [r.shape[1:] for r in stages] == [(16, 16), (8, 8), (4, 4), (2, 2)], [(r.name, r.shape) for r in stages]

@@ -699,3 +699,28 @@ def test_malformed_addresses_say_which_form_to_give(address, said):
     with pytest.raises(ClusterUnreachable, match=re.escape(said)):
         _probe(address, "--address")
     _probe("auto", "--address")  # Ray's own words, left to Ray
+
+
+def test_extract_config_takes_a_job_spec_as_submit_sends_it(tmp_path, ray_local):
+    """`extract --config` reads a flat mapping of fields or a whole job spec (job: extract)."""
+    import yaml
+    from click.testing import CliRunner
+
+    from featurestore.cli import main
+
+    src = make_images(tmp_path / "src", per_class=2)
+    fields = {"source": str(src), "model": MODEL, "weights": "none", "input_size": 64, "quiet": True}
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(yaml.safe_dump({"name": "t", "job": "extract", "runtime": {"env": []},
+                                    "config": {**fields, "output": str(tmp_path / "a")}}))
+    flat = tmp_path / "flat.yaml"
+    flat.write_text(yaml.safe_dump({**fields, "output": str(tmp_path / "b")}))
+    for path, out in ((spec, "a"), (flat, "b")):
+        r = CliRunner().invoke(main, ["extract", "--config", str(path)])
+        assert r.exit_code == 0, r.output
+        assert len(featurestore.open(str(tmp_path / out))) == 6
+    np.testing.assert_array_equal(featurestore.open(str(tmp_path / "a")).to_numpy()[0],
+                                  featurestore.open(str(tmp_path / "b")).to_numpy()[0])
+    spec.write_text(yaml.safe_dump({"job": "train", "config": {"store": str(tmp_path / "a")}}))
+    r = CliRunner().invoke(main, ["extract", "--config", str(spec)])
+    assert r.exit_code == 2 and "this is a 'train' job spec; run it with `featurestore submit" in r.output, r.output
