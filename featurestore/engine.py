@@ -584,7 +584,8 @@ def _extract(cfg: ExtractConfig, stop: _StopOnSignal, leases: list) -> ExtractRe
     _check_numbers(cfg)
     try:
         backbones = cfg.backbones()
-        outputs = cfg.outputs()
+        # absolute before it reaches the actors: a relative path resolves against each worker's folder
+        outputs = [_absolute(u) for u in cfg.outputs()]
     except ConfigError as exc:
         raise ExtractError(str(exc)) from None
     multi = len(backbones) > 1
@@ -816,6 +817,15 @@ def _extract(cfg: ExtractConfig, stop: _StopOnSignal, leases: list) -> ExtractRe
         raise ExtractError(f"stopped by --strict: {strict_failure}; committed shards are kept, "
                            "re-run without --strict to skip bad inputs")
 
+    # A shard an actor committed where the driver cannot see it (a local output that is not one
+    # shared folder for every node) is lost to the store: a failure, never a silent empty store.
+    lost: set[int] = set()
+    for w in writers:
+        unseen = set(result.computed_shards) - set(w.committed())
+        for i in unseen:
+            result.failed_shards[i] = f"committed by its actor, but not found in {w.loc.uri} by the driver"
+        lost |= unseen
+    result.computed_shards = [i for i in result.computed_shards if i not in lost]
     finals = [w.finalize(plan, result.failed_shards) for w in writers]
     result.rows = int(getattr(finals[0], "num_rows", 0) or _count_rows(writers[0]))
     result.errors = int(getattr(finals[0], "num_errors", 0) or 0)
@@ -824,6 +834,11 @@ def _extract(cfg: ExtractConfig, stop: _StopOnSignal, leases: list) -> ExtractRe
     result.nodes = sorted(nodes)
     if not cfg.quiet:
         print(result.summary(), file=sys.stderr, flush=True)
+    if lost:
+        raise ExtractError(
+            f"{len(lost)} shard(s) were committed by actors but are not in {cfg.output} as the driver sees it: "
+            "the actors wrote to another node's disk. Give an output every node reaches (a path on a "
+            "filesystem the nodes share, or s3://...)", result)
     if result.failed_shards:
         raise ExtractError(
             f"{len(result.failed_shards)} shard(s) failed after {cfg.max_retries} retries; the other "
@@ -831,6 +846,12 @@ def _extract(cfg: ExtractConfig, stop: _StopOnSignal, leases: list) -> ExtractRe
             result,
         )
     return result
+
+
+def _absolute(uri: str) -> str:
+    from featurestore.sources import _is_local, _local_path
+
+    return os.path.abspath(_local_path(uri)) if _is_local(uri) else uri
 
 
 def _kill(actors) -> None:

@@ -66,13 +66,20 @@ def build_submission(spec_path: str, *, env_names=(), pip=(), working_dir: str |
     Raises click.UsageError for a bad spec or an unset variable: nothing is sent.
     """
     from featurestore.config import ConfigError
-    from jobs.specs import load_spec, new_submission_id
+    from jobs.specs import load_spec, new_submission_id, relative_paths
 
     environ = os.environ if environ is None else environ
     try:
-        spec, _typed = load_spec(spec_path)
+        spec, typed = load_spec(spec_path)
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from None
+    relative = relative_paths(typed)
+    if relative:
+        shown = ", ".join(f"config.{k}: {v}" for k, v in relative)
+        raise click.UsageError(
+            f"{spec_path}: {shown}: a relative path. A submitted job runs in a temporary copy of the working "
+            "folder on the cluster, so it would read or write inside that copy. Give an absolute path on a "
+            "filesystem every node shares, or an s3:// URL")
     wd = Path(working_dir or spec.runtime.working_dir or os.getcwd()).resolve()
     if not wd.is_dir():
         raise click.UsageError(f"working directory {wd} does not exist")

@@ -227,6 +227,30 @@ def output_fields(spec: JobSpec, typed: Any) -> list[tuple[str, str]]:
     return [("out", out)] if out else []
 
 
+PATH_FIELDS = ("source", "output", "store", "out", "head", "split", "weights")
+
+
+def relative_paths(typed: Any) -> list[tuple[str, str]]:
+    """(field, value) of every relative local path in a job's config.
+
+    A submitted job runs in Ray's temporary copy of the working folder on whichever node
+    it lands, so a relative path there reads from, or writes into, that copy."""
+    found = []
+    for name in PATH_FIELDS:
+        value = getattr(typed, name, None)
+        values = value.values() if isinstance(value, Mapping) else [value]  # weights per model
+        for v in values:
+            if not isinstance(v, str) or not v or not is_local_path(v) or os.path.isabs(os.path.expanduser(_local_path(v))):
+                continue
+            if name == "weights":
+                from featurestore.weights import is_file_spec
+
+                if not is_file_spec(v):  # an enum name, none, pypi:...
+                    continue
+            found.append((name, v))
+    return found
+
+
 # -------------------------------------------------------------------------------------
 # Local outputs on clusters without a shared filesystem
 # -------------------------------------------------------------------------------------

@@ -724,3 +724,15 @@ def test_extract_config_takes_a_job_spec_as_submit_sends_it(tmp_path, ray_local)
     spec.write_text(yaml.safe_dump({"job": "train", "config": {"store": str(tmp_path / "a")}}))
     r = CliRunner().invoke(main, ["extract", "--config", str(spec)])
     assert r.exit_code == 2 and "this is a 'train' job spec; run it with `featurestore submit" in r.output, r.output
+
+
+def test_a_relative_output_lands_where_the_driver_looks(tmp_path, ray_local, monkeypatch):
+    """Workers keep the folder Ray started in; the driver moved since. A relative OUTPUT is
+    resolved by the driver, so the shards are where the store is (once, they went elsewhere
+    and the run reported a complete store of 0 rows)."""
+    src = make_images(tmp_path / "src", per_class=2)
+    monkeypatch.chdir(tmp_path)
+    res = extract(ExtractConfig(source=str(src), output="rel/store", shard_size=3, **SMALL))
+    assert res.ok and res.rows == 6 and res.store == "rel/store"
+    assert len(list((tmp_path / "rel" / "store" / "shards").glob("*.h5"))) == 2
+    assert featurestore.verify(str(tmp_path / "rel" / "store")).ok
