@@ -271,6 +271,9 @@ def plan_placement(cfg: ExtractConfig, resources: dict[str, float], num_shards: 
                 "pass --gpus-per-actor 0 to run on CPUs"
             )
         actors = cfg.actors or int(gpus // gpus_per_actor)
+        if actors * gpus_per_actor > gpus:
+            raise ExtractError(f"--actors {actors} x --gpus-per-actor {gpus_per_actor:g} needs "
+                               f"{actors * gpus_per_actor:g} GPUs, but the cluster has {gpus:g}; ask for fewer actors")
         cpus_per_actor = cfg.cpus_per_actor or max(1.0, math.floor(cpus / max(actors, 1)))
         torch_threads = max(1, int(cpus_per_actor) // 2) or 1
         decode_threads = cfg.decode_threads or max(2, int(cpus_per_actor))
@@ -282,6 +285,11 @@ def plan_placement(cfg: ExtractConfig, resources: dict[str, float], num_shards: 
         else:
             cpus_per_actor = float(cpu_threads_per_actor(int(cpus)))
         actors = cfg.actors or max(1, int(cpus // cpus_per_actor))
+        if actors * cpus_per_actor > cpus:  # Ray would wait forever for the CPUs of the last ones
+            asked = f"--actors {actors}" if cfg.actors else "one actor"
+            raise ExtractError(
+                f"{asked} x {cpus_per_actor:g} CPU(s) each needs {actors * cpus_per_actor:g} CPUs, but the Ray "
+                f"cluster has {cpus:g}; ask for fewer actors or fewer --cpus-per-actor")
         torch_threads = max(1, int(cpus_per_actor))
         # A CPU actor's forward pass is far slower than decoding one image at the draft size,
         # so one reading thread per torch thread keeps it fed without stealing its cores.

@@ -583,6 +583,11 @@ def test_cpu_placement_prefers_thin_actors_and_honours_overrides():
     assert (split.actors, split.torch_threads, split.decode_threads) == (2, 4, 3)
     gpu = plan_placement(cfg, {"CPU": 16.0, "GPU": 2.0}, num_shards=10)
     assert (gpu.actors, gpu.num_gpus, gpu.num_cpus) == (2, 1.0, 8.0)
+    # more than the cluster holds: refused (Ray would wait for the missing CPUs or GPUs forever)
+    with pytest.raises(ExtractError, match="--actors 3 x 1 CPU.s. each needs 3 CPUs, but the Ray cluster has 2"):
+        plan_placement(ExtractConfig(source="u", output="u", actors=3, cpus_per_actor=1), {"CPU": 2.0}, 10)
+    with pytest.raises(ExtractError, match="needs 3 GPUs, but the cluster has 2"):
+        plan_placement(ExtractConfig(source="u", output="u", actors=3), {"CPU": 16.0, "GPU": 2.0}, 10)
 
 
 def test_default_shard_size_gives_every_actor_work():
