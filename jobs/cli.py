@@ -49,6 +49,9 @@ def _client(address: str | None):
     from ray.job_submission import JobSubmissionClient
 
     url = _resolve_address(address)
+    # Ray's client prefers $RAY_API_SERVER_ADDRESS and $RAY_ADDRESS to the address it is given:
+    # a job meant for --address went to another cluster. The url is resolved above; hide them.
+    hidden = {n: os.environ.pop(n) for n in ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS") if n in os.environ}
     try:
         return JobSubmissionClient(url)
     except Exception as exc:
@@ -57,6 +60,8 @@ def _client(address: str | None):
             "is the cluster up (cluster/local.sh status, `ray status` on the head) and the dashboard port "
             "(8265) reachable? Pass --address http://HEAD:8265"
         ) from None
+    finally:
+        os.environ.update(hidden)
 
 
 def build_submission(spec_path: str, *, env_names=(), pip=(), working_dir: str | None = None,

@@ -227,3 +227,16 @@ def test_entrypoints_move_heads_and_results_through_object_storage(tmp_path, s3_
     b = s3_bucket[len("s3://"):]
     assert fs.exists(f"{b}/heads/h/head.json") and fs.exists(f"{b}/heads/h/model.skops")
     assert fs.exists(f"{b}/reports/r/report.json") and fs.exists(f"{b}/pred/p.parquet")
+
+
+def test_the_address_given_wins_over_rays_variables(monkeypatch):
+    """Ray's client would take $RAY_ADDRESS over the address it is handed: a job meant for one
+    cluster went to another. Nothing listens on either port; the attempt shows which was used."""
+    from jobs.cli import jobs
+
+    monkeypatch.setenv("RAY_ADDRESS", "http://127.0.0.1:1")
+    monkeypatch.setenv("RAY_API_SERVER_ADDRESS", "http://127.0.0.1:1")
+    res = CliRunner().invoke(jobs, ["list", "--address", "http://127.0.0.1:2"])
+    assert res.exit_code != 0 and "at address: http://127.0.0.1:2" in res.output, res.output
+    import os
+    assert os.environ["RAY_ADDRESS"] == "http://127.0.0.1:1"  # put back for everything else
