@@ -15,6 +15,7 @@ def _errors(fn):
         from featurestore.cli import os_error_message
         from featurestore.sources import FilesystemUnavailable
         from featurestore.store import StoreError
+        from featurestore.weights import WeightsError
 
         from .core import ExportError, HeadConfigMismatch
         from .persist import HeadFileError
@@ -22,7 +23,7 @@ def _errors(fn):
         try:
             return fn(*a, **kw)
         except (HeadConfigMismatch, HeadFileError, StoreError, FileNotFoundError, FilesystemUnavailable, KeyError,
-                ValueError, ExportError) as exc:
+                ValueError, ExportError, WeightsError) as exc:
             msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
             raise click.UsageError(str(msg)) from None
         except OSError as exc:  # a path given that cannot be written or read (a file where a folder goes, ...)

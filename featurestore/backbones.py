@@ -247,6 +247,11 @@ def _build_torchvision(name, weights, seed, input_size, crop, decode, storage_op
     pre = _tv_preprocessing(default_member, crop, decode)
     native = pre.input_size[0]
     size = input_size if input_size and input_size != native else None
+    patch = int(name.rsplit("_", 1)[1]) if family == "vit" and name.rsplit("_", 1)[-1].isdigit() else None
+    if size and patch and size % patch:
+        raise ValueError(f"{name} cuts images into {patch}x{patch} patches: --input-size must be a multiple of "
+                         f"{patch} (e.g. {max(patch, size // patch * patch)} or {(size // patch + 1) * patch}), "
+                         f"got {size}")
     kwargs = {**_tv_size_kwargs(family, size), **_tv_extra_kwargs(name)}
     file_sha = None
     low = weights.strip().lower()

@@ -95,7 +95,7 @@ def layers(model, weights, input_size, only_recommended, as_json):
 @click.option("--head", "head_dir", default=None, metavar="HEAD",
               help="A trained head (`featurestore train ... --out HEAD`): classify into its classes, with the "
                    "backbone it was trained on (--model/--weights are then taken from the head).")
-@click.option("--topk", type=int, default=5, show_default=True)
+@click.option("--topk", type=click.IntRange(min=1), default=5, show_default=True, help="Classes shown per image.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @_errors
 def classify(images, model, weights, head_dir, topk, as_json):
@@ -107,7 +107,8 @@ def classify(images, model, weights, head_dir, topk, as_json):
         from classifiers import predict_images
 
         preds = predict_images(head_dir, list(images))
-        ranked = [sorted(probs.items(), key=lambda kv: -kv[1])[:topk] for _, probs in preds]
+        # the head's own label first among equal probabilities (saturated SGD heads tie at 0.5)
+        ranked = [sorted(probs.items(), key=lambda kv: (-kv[1], kv[0] != label))[:topk] for label, probs in preds]
         if as_json:
             click.echo(json.dumps({"head": head_dir, "results": [
                 {"image": p, "label": label, "top": [{"class": c, "prob": round(pr, 6)} for c, pr in r]}

@@ -85,11 +85,12 @@ def probe(source, config_path, **flags):
         cfg = from_mapping(ProbeConfig, data, source=config_path or "command line")
     except ConfigError as exc:
         raise click.UsageError(str(exc))
+    from classifiers.heads import HeadError
     from featurestore.engine import ExtractError
 
     try:
         result = run_probe(cfg)
-    except (ProbeError, ExtractError) as exc:
+    except (ProbeError, ExtractError, HeadError) as exc:  # HeadError: a class too small to train on
         click.echo(f"featurestore probe: {exc}", err=True)
         sys.exit(1 if isinstance(exc, (ProbeExtractionError, ExtractError)) else 2)
     except OSError as exc:

@@ -175,7 +175,7 @@ def _probe(address: str, where: str) -> None:
         raise ClusterUnreachable(f"{where} {address}: give HOST:PORT, e.g. 10.0.0.5:6379 (the head's GCS "
                                  "address, which `ray start --head` prints)")
     try:
-        socket.create_connection((host, port), timeout=GCS_PROBE_SECONDS).close()
+        conn = socket.create_connection((host, port), timeout=GCS_PROBE_SECONDS)
     except OSError as exc:
         why = "nothing answered within %gs" % GCS_PROBE_SECONDS if isinstance(exc, TimeoutError) else (
             exc.strerror or str(exc) or type(exc).__name__).lower()
@@ -183,6 +183,18 @@ def _probe(address: str, where: str) -> None:
         raise ClusterUnreachable(
             f"no Ray cluster answers at {address} ({where}): {why}. Check the address and that the head is "
             f"running ({hint}), or leave --address out to run on an embedded local Ray instance") from None
+    with conn:  # the GCS speaks HTTP/2 (gRPC); an answer in HTTP/1 is the dashboard, where Ray would hang
+        try:
+            conn.settimeout(2.0)
+            conn.sendall(b"GET / HTTP/1.0\r\nHost: ray\r\n\r\n")
+            web = conn.recv(16).startswith(b"HTTP/1")
+        except OSError:
+            web = False
+    if web and scheme == "":
+        raise ClusterUnreachable(
+            f"{where} {address} answers in HTTP: it is a dashboard (Jobs API) port, not the head's GCS address, "
+            "which is HOST:6379 by default (`ray start --head` prints it). To run this as a job on the cluster "
+            f"instead, use `featurestore submit SPEC --address http://{host}:{port}`")
 
 
 def connect(address: str | None, num_cpus: int | None = None) -> bool:

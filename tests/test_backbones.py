@@ -147,3 +147,8 @@ def test_only_per_image_nodes_are_offered_or_accepted():
                       layers=["features.7.1.attn._get_relative_position_bias"])
     stages = [r for r in list_layers("convnext_tiny", input_size=64) if r.note.startswith("end of stage")]
     assert [r.shape[1:] for r in stages] == [(16, 16), (8, 8), (4, 4), (2, 2)], [(r.name, r.shape) for r in stages]
+
+
+def test_vit_input_size_must_be_whole_patches():
+    with pytest.raises(ValueError, match=r"16x16 patches: --input-size must be a multiple of 16 \(e.g. 192 or 208\)"):
+        load_backbone("vit_b_16", weights="none", input_size=200)

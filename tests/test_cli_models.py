@@ -56,3 +56,5 @@ def test_classify_table_and_json(tmp_path):
     assert 0 < sum(t["prob"] for t in top) <= 1.0001
     r = CliRunner().invoke(classify, ["--model", "resnet18", "--weights", "none", str(tmp_path / "missing.jpg")])
     assert r.exit_code != 0
+    r = CliRunner().invoke(classify, ["--topk", "0", img])
+    assert r.exit_code == 2 and "0 is not in the range x>=1" in r.output, r.output

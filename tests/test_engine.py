@@ -741,3 +741,20 @@ def test_a_relative_output_lands_where_the_driver_looks(tmp_path, ray_local, mon
     assert res.ok and res.rows == 6 and res.store == "rel/store"
     assert len(list((tmp_path / "rel" / "store" / "shards").glob("*.h5"))) == 2
     assert featurestore.verify(str(tmp_path / "rel" / "store")).ok
+
+
+def test_a_dashboard_port_given_as_the_gcs_address_is_named():
+    """host:port of an HTTP server (the dashboard, 8265) instead of the GCS (6379): ray.init
+    would wait on it for minutes; the probe hears HTTP/1 and says which port was meant."""
+    import http.server
+    import threading
+
+    from featurestore.engine import ClusterUnreachable, _probe
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        with pytest.raises(ClusterUnreachable, match="answers in HTTP: it is a dashboard"):
+            _probe(f"127.0.0.1:{server.server_port}", "--address")
+    finally:
+        server.shutdown()
