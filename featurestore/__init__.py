@@ -36,6 +36,7 @@ _EXPORTS = {
     "ExtractInterrupted": "featurestore.engine:ExtractInterrupted",
     "probe": "featurestore.probing:probe",
     "ExtractConfig": "featurestore.config:ExtractConfig",
+    "BackboneConfig": "featurestore.config:BackboneConfig",
 }
 
 __all__ = ["__version__", *_EXPORTS]

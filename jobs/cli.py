@@ -168,7 +168,7 @@ def _exit_for(status: str) -> None:
 @click.option("--working-dir", type=click.Path(file_okay=False, exists=True),
               help="Directory shipped to the cluster (default: the current directory).")
 def submit(spec, address, follow, env_names, pip, working_dir):
-    """Submit the YAML job SPEC (extract, train, evaluate, predict) to a Ray cluster; prints the job id.
+    """Submit the YAML job SPEC (extract, train, evaluate, predict, probe) to a Ray cluster; prints the job id.
 
     Submitting the same spec again after a stop or failure resumes it.
     """
