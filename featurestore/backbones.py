@@ -515,14 +515,18 @@ def _stage_ends(names: list[str], shapes: dict[str, tuple], family: str, skip: s
     last: dict[tuple, str] = {}
     order: list[tuple] = []
     for n in names:
+        if n in skip:  # the global pool: what follows is the classifier's
+            break
         s = shapes.get(n)
-        if s is None or len(s) != 3 or n in skip or n == names[0]:  # names[0] is the input
+        if s is None or len(s) != 3 or n == names[0]:  # names[0] is the input
             continue
         res = (s[0], s[1]) if (family == "swin" and n.split(".")[0] in ("features", "norm")) else (s[1], s[2])
         if abs(res[0] * aspect[1] - res[1] * aspect[0]) > max(aspect):  # a permuted (N, H, W, C) view, not a map
             continue
-        if res == (1, 1) or (order and res[0] * res[1] > order[-1][0] * order[-1][1]):
-            continue  # pooled, or larger than the stage before it (window partitions): not a stage's map
+        if order and res[0] * res[1] > order[-1][0] * order[-1][1]:
+            continue  # larger than the stage before it (window partitions): not a stage's map
+        if order and res == (1, 1) != order[-1] and shapes[last[order[-1]]][0] == s[0]:
+            continue  # the last stage's channels pooled to 1x1 (a pool by another name)
         if res not in last:
             order.append(res)
         last[res] = n

@@ -78,7 +78,7 @@ def build_submission(spec_path: str, *, env_names=(), pip=(), working_dir: str |
         spec, typed = load_spec(spec_path)
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from None
-    relative = relative_paths(typed)
+    relative = relative_paths(spec.job, typed)
     if relative:
         shown = ", ".join(f"config.{k}: {v}" for k, v in relative)
         raise click.UsageError(

@@ -230,13 +230,15 @@ def output_fields(spec: JobSpec, typed: Any) -> list[tuple[str, str]]:
 PATH_FIELDS = ("source", "output", "store", "out", "head", "split", "weights")
 
 
-def relative_paths(typed: Any) -> list[tuple[str, str]]:
+def relative_paths(job: str, typed: Any) -> list[tuple[str, str]]:
     """(field, value) of every relative local path in a job's config.
 
     A submitted job runs in Ray's temporary copy of the working folder on whichever node
     it lands, so a relative path there reads from, or writes into, that copy."""
     found = []
     for name in PATH_FIELDS:
+        if name == "head" and job in ("train", "probe"):  # there it names the head's kind (logreg, ...)
+            continue
         value = getattr(typed, name, None)
         values = value.values() if isinstance(value, Mapping) else [value]  # weights per model
         for v in values:

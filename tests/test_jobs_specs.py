@@ -123,13 +123,14 @@ def test_submit_refuses_bad_spec_before_contacting_a_cluster(tmp_path):
     assert "Traceback" not in res.output
 
 
-def test_submit_refuses_relative_paths(tmp_path):
+def test_submit_refuses_relative_paths(tmp_path, monkeypatch):
     """A submitted job runs in Ray's copy of the working folder: a relative path would read or
     write inside that copy (a store or head the user never sees). Absolute paths and URLs pass."""
     from jobs.cli import submit
 
     import copy
 
+    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)  # the check after this one names it
     data = copy.deepcopy(GOOD)
     data["config"].update(source="data/animals", output="stores/x", weights="weights/r18.pth")
     res = CliRunner().invoke(submit, [str(write(tmp_path, data)), "--address", "http://127.0.0.1:9"])
@@ -139,7 +140,10 @@ def test_submit_refuses_relative_paths(tmp_path):
         assert said in res.output, res.output
     data["config"].update(source="/data/animals", output="s3://b/stores/x", weights="IMAGENET1K_V1")
     res = CliRunner().invoke(submit, [str(write(tmp_path, data)), "--address", "http://127.0.0.1:9"])
-    assert "relative" not in res.output and "AWS_ENDPOINT_URL" in res.output, res.output  # on to the next check
+    assert "relative path" not in res.output and "AWS_ENDPOINT_URL" in res.output, res.output  # the next check
+    train = {"job": "train", "config": {"store": "stores/x", "head": "logreg", "out": "/heads/x"}}
+    res = CliRunner().invoke(submit, [str(write(tmp_path, train)), "--address", "http://127.0.0.1:9"])
+    assert "config.store: stores/x" in res.output and "config.head" not in res.output, res.output
 
 
 def test_submit_refuses_unset_env_name(tmp_path, monkeypatch):
