@@ -837,16 +837,13 @@ def _extract(cfg: ExtractConfig, stop: _StopOnSignal, leases: list) -> ExtractRe
         raise ExtractError(f"stopped by --strict: {strict_failure}; committed shards are kept, "
                            "re-run without --strict to skip bad inputs")
 
-    # A shard an actor committed where the driver cannot see it (a local output that is not one
-    # shared folder for every node) is lost to the store: a failure, never a silent empty store.
-    lost: set[int] = set()
-    for w in writers:
-        unseen = set(result.computed_shards) - set(w.committed())
-        for i in unseen:
-            result.failed_shards[i] = f"committed by its actor, but not found in {w.loc.uri} by the driver"
-        lost |= unseen
-    result.computed_shards = [i for i in result.computed_shards if i not in lost]
     finals = [w.finalize(plan, result.failed_shards) for w in writers]
+    # finalize counts a planned shard it cannot find as failed: one an actor committed where the
+    # driver cannot see it (a local output that is not one shared folder for every node) is lost.
+    lost = {int(i) for f in finals for i in f.get("failed_shards", {})} - set(result.failed_shards)
+    for i in lost:
+        result.failed_shards[i] = "committed by its actor, but not found in the store by the driver"
+    result.computed_shards = [i for i in result.computed_shards if i not in lost]
     result.rows = int(getattr(finals[0], "num_rows", 0) or _count_rows(writers[0]))
     result.errors = int(getattr(finals[0], "num_errors", 0) or 0)
     result.seconds = time.perf_counter() - started
@@ -871,7 +868,7 @@ def _extract(cfg: ExtractConfig, stop: _StopOnSignal, leases: list) -> ExtractRe
 def _absolute(uri: str) -> str:
     from featurestore.sources import _is_local, _local_path
 
-    return os.path.abspath(_local_path(uri)) if _is_local(uri) else uri
+    return _local_path(uri) if _is_local(uri) else uri  # _local_path resolves ~ and makes it absolute
 
 
 def _kill(actors) -> None:

@@ -678,8 +678,8 @@ class StoreWriter:
         for spec_index in range(plan.num_shards):
             lo, hi = plan.bounds(spec_index)
             info = infos.get(spec_index)
-            if info is None:
-                why = failed.get(spec_index, "shard was not committed")
+            if info is None:  # failed, or committed where this writer cannot see it: the store is incomplete
+                why = failed.setdefault(spec_index, "shard was not committed")
                 status[lo:hi] = "failed"
                 for p in range(lo, hi):
                     reason[p] = f"shard failed: {why}"
@@ -989,7 +989,7 @@ class LazyFeatures:
         if isinstance(key, (int, np.integer, slice)) and not isinstance(key, (bool, np.bool_)):
             return key
         arr = None
-        if not (key is None or key is Ellipsis or isinstance(key, (str, bytes, float, bool, np.generic))):
+        if not (key is None or isinstance(key, (str, bytes, float, bool, np.generic))):
             try:
                 arr = np.asarray(key)
             except ValueError:  # ragged nested lists

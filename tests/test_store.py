@@ -168,6 +168,10 @@ def test_errors_failed_shards_and_manifest(tmp_path):
     rep = verify(w.uri)
     assert not rep.ok and any("incomplete" in p and "actor died" in p for p in rep.problems)
     assert len(rep.problems) == 1  # otherwise consistent
+    # a shard nobody reported failed but that is not there (written to another node's disk)
+    # makes the store incomplete too, never "complete" with rows missing
+    again = w.finalize(plan, {})
+    assert again.status == "incomplete" and again.failed_shards == {"2": "shard was not committed"}
     assert inspect(w.uri)["error_reasons"] == {"zero-byte file": 4, "shard failed": 2, "truncated JPEG": 1}
 
 
