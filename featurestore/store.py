@@ -30,6 +30,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterator, Sequence
 
@@ -439,7 +440,10 @@ class ShardWriter:
         str_t = h5py.string_dtype("utf-8")
         self._h5.create_dataset("label_names", data=np.array(self.label_names, dtype=object), dtype=str_t)
         small = max(1, min(1024, expected_rows or 1024))
-        self._h5.create_dataset("labels", shape=(0,), maxshape=(None,), dtype=np.int64, chunks=(small,), track_times=False)
+        # fletcher32: a per-chunk checksum, so a flipped byte fails the read that touches it instead
+        # of returning wrong numbers (HDF5 built-in filter; plain h5py reads it; vlen ids cannot have it)
+        self._h5.create_dataset("labels", shape=(0,), maxshape=(None,), dtype=np.int64, chunks=(small,),
+                                fletcher32=True, track_times=False)
         self._h5.create_dataset("ids", shape=(0,), maxshape=(None,), dtype=str_t, chunks=(small,), track_times=False)
         if feature_shapes:
             for layer, shape in feature_shapes.items():
@@ -455,7 +459,7 @@ class ShardWriter:
             kw = {"compression": self.compression, "shuffle": True}
         self._h5.create_dataset(
             f"layers/{layer}", shape=(0, *shape), maxshape=(None, *shape), dtype=self.dtype,
-            chunks=(chunk_rows, *shape), track_times=False, **kw,
+            chunks=(chunk_rows, *shape), fletcher32=True, track_times=False, **kw,
         )
         if not self._layers:
             self._h5["features"] = self._h5[f"layers/{layer}"]  # hard link: PyImageSearch-style name
@@ -940,7 +944,8 @@ class LazyFeatures:
         out = np.empty(self.shape, dtype=self.dtype)
         for k, (lo, hi) in enumerate(self._r._bounds()):
             if hi > lo:
-                self._ds(k).read_direct(out, np.s_[0:hi - lo], np.s_[lo:hi])
+                with self._r._reading(k):
+                    self._ds(k).read_direct(out, np.s_[0:hi - lo], np.s_[lo:hi])
         return out
 
     def _rows(self, start: int, stop: int) -> np.ndarray:
@@ -948,7 +953,8 @@ class LazyFeatures:
         for k, (lo, hi) in enumerate(self._r._bounds()):
             a, b = max(lo, start), min(hi, stop)
             if b > a:
-                self._ds(k).read_direct(out, np.s_[a - lo:b - lo], np.s_[a - start:b - start])
+                with self._r._reading(k):
+                    self._ds(k).read_direct(out, np.s_[a - lo:b - lo], np.s_[a - start:b - start])
         return out
 
     def _take(self, idx: np.ndarray) -> np.ndarray:
@@ -974,11 +980,12 @@ class LazyFeatures:
             uniq, inv = np.unique(local, return_inverse=True)
             ds = self._ds(int(k))
             span = int(uniq[-1] - uniq[0] + 1)
-            if span <= 4 * len(uniq) or len(uniq) > 256:
-                block = ds[int(uniq[0]):int(uniq[-1]) + 1]
-                vals = block[uniq - uniq[0]]
-            else:
-                vals = ds[uniq]
+            with self._r._reading(int(k)):
+                if span <= 4 * len(uniq) or len(uniq) > 256:
+                    block = ds[int(uniq[0]):int(uniq[-1]) + 1]
+                    vals = block[uniq - uniq[0]]
+                else:
+                    vals = ds[uniq]
             out[sel] = vals[inv]
         return out
 
@@ -1133,9 +1140,7 @@ class StoreReader:
             except OSError as exc:  # deleted, truncated or overwritten since the store was opened
                 if extra is not None:
                     extra.close()
-                raise StoreError(f"{self.loc.url(rel)}: cannot read this shard ({exc}). `featurestore verify "
-                                 f"{self.uri}` lists every damaged shard; delete them and run the same "
-                                 "`featurestore extract` command again to recompute them") from exc
+                raise self._damaged(k, exc) from exc
             self._handles[k] = (f, extra)
             while len(self._handles) > self.max_open:
                 _, (old, old_extra) = self._handles.popitem(last=False)
@@ -1143,6 +1148,19 @@ class StoreReader:
                 if old_extra is not None:
                     old_extra.close()
             return f
+
+    def _damaged(self, k: int, exc: BaseException) -> StoreError:
+        return StoreError(f"{self.loc.url('shards/' + self._shards[k]['name'])}: cannot read this shard ({exc}). "
+                          f"`featurestore verify {self.uri}` lists every damaged shard; delete them and run the same "
+                          "`featurestore extract` command again to recompute them")
+
+    @contextmanager
+    def _reading(self, k: int):
+        """h5py's OSError (a failed chunk checksum, a truncated file) as a StoreError naming the shard."""
+        try:
+            yield
+        except OSError as exc:
+            raise self._damaged(k, exc) from exc
 
     def _cached(self, s: dict) -> str:
         root = self.cache_dir or _default_cache_dir()
@@ -1199,8 +1217,9 @@ class StoreReader:
             for k in range(len(self._shards)):
                 if self._shards[k]["rows"]:
                     f = self._file(k)
-                    parts_i.append(np.asarray(f["ids"].asstr()[()], dtype=object))
-                    parts_l.append(f["labels"][()].astype(np.int64))
+                    with self._reading(k):
+                        parts_i.append(np.asarray(f["ids"].asstr()[()], dtype=object))
+                        parts_l.append(f["labels"][()].astype(np.int64))
             ids = np.concatenate(parts_i) if parts_i else np.zeros(0, dtype=object)
             labels = np.concatenate(parts_l) if parts_l else np.zeros(0, dtype=np.int64)
         self._ids, self._labels = ids, labels
@@ -1258,7 +1277,9 @@ class StoreReader:
             f = self._file(k)
             for a in range(0, rows, batch_size):
                 b = min(rows, a + batch_size)
-                pend.append((np.asarray(f["ids"].asstr()[a:b], dtype=object), f[f"layers/{layer}"][a:b], f["labels"][a:b].astype(np.int64)))
+                with self._reading(k):
+                    pend.append((np.asarray(f["ids"].asstr()[a:b], dtype=object), f[f"layers/{layer}"][a:b],
+                                 f["labels"][a:b].astype(np.int64)))
                 have += b - a
                 while have >= batch_size:
                     yield flush(batch_size)

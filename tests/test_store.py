@@ -418,6 +418,28 @@ def test_a_damaged_shard_read_names_the_file_and_the_repair(store, tmp_path):
     assert rep.damaged_shards == ["shards/shard-00001.h5"]
     assert rep.repair == "run the same `featurestore extract` command again; it recomputes only those shards"
 
+def test_a_flipped_byte_in_a_shard_fails_the_read_instead_of_returning_wrong_numbers(tmp_path):
+    """Every numeric dataset carries HDF5's per-chunk fletcher32 checksum: silent bit rot in a
+    feature value is an error naming the shard, on every read path, while other shards still read."""
+    x = np.zeros((20, 4), np.float32)
+    x[13, 2] = 1234.5  # a value whose bytes occur once in the file
+    r = write_store(str(tmp_path / "st"), {"f": x}, np.arange(20) % 2, ["a", "b"], None, {}, shard_size=10)
+    path = tmp_path / "st" / "shards" / "shard-00001.h5"
+    with h5py.File(path, "r") as f:
+        assert f["features"].fletcher32 and f["labels"].fletcher32  # plain h5py sees a standard filter
+    raw = bytearray(path.read_bytes())
+    at = raw.find(np.float32(1234.5).tobytes())
+    assert at > 0 and raw.find(np.float32(1234.5).tobytes(), at + 1) < 0
+    raw[at + 1] ^= 0x01  # 1234.5 becomes another plausible float: without a checksum nobody would notice
+    path.write_bytes(bytes(raw))
+    for read in (lambda s: s.features()[13], lambda s: s.features()[10:15], lambda s: s.features()[[2, 13]],
+                 lambda s: s.to_numpy(), lambda s: list(s.iter_batches(batch_size=7))):
+        with pytest.raises(StoreError, match=r"shard-00001.h5: cannot read this shard .*featurestore verify"):
+            read(open_store(r.uri))
+    np.testing.assert_array_equal(open_store(r.uri).features()[:10], x[:10])  # the healthy shard still reads
+    assert verify(r.uri).damaged_shards == ["shards/shard-00001.h5"]
+
+
 
 def test_row_indexing_refuses_what_numpy_would_read_otherwise(store):
     r, feats, *_ = store
