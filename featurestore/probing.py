@@ -369,9 +369,21 @@ class _Out:
     def join(self, *parts: str) -> str:
         return (os.path.join(self.uri, *parts) if self.local else "/".join([self.uri, *parts]))
 
-    def makedirs(self) -> None:
-        if self.local:
-            os.makedirs(self.uri, exist_ok=True)
+    def makedirs(self) -> bool:
+        """Create a local output folder; True when it did not exist before."""
+        if not self.local or os.path.isdir(self.uri):
+            return False
+        os.makedirs(self.uri, exist_ok=True)
+        return True
+
+    def prune_empty(self) -> None:
+        """Remove the empty folders left under (and including) a folder this run created, so a
+        probe that fails before writing anything leaves no trace (as a failed extract does)."""
+        for root, _, _ in sorted(os.walk(self.uri), key=lambda w: -len(w[0])):
+            try:
+                os.rmdir(root)  # only empty ones: anything written is kept
+            except OSError:
+                pass
 
     def write_bytes(self, rel: str, data: bytes) -> str:
         path = self.join(rel)
@@ -959,18 +971,28 @@ def probe(source: str | ProbeConfig | None = None, models: str | Sequence[str] |
     resolve_layers(cands, parse_layers(cfg.layers), cfg.input_size)
     source = cfg.source if "://" in cfg.source else os.path.abspath(os.path.expanduser(cfg.source))
     output = _Out(cfg.out, cfg.storage_options)
-    output.makedirs()
     listing = _list(source, cfg.storage_options)
+    if cfg.sample is not None:
+        stratified_sample(listing.ids, listing.labels, cfg.sample, cfg.seed)  # a bad --sample: before any folder
+    from featurestore.engine import connect
+
+    connect(cfg.address)  # before any timing: the first backbone must not pay for starting Ray
+    made = output.makedirs()
+    try:
+        return _probe(cfg, cands, output, source, listing, say, started)
+    except BaseException:
+        if made:
+            output.prune_empty()
+        raise
+
+
+def _probe(cfg: ProbeConfig, cands: list, output: _Out, source: str, listing, say, started: float) -> ProbeResult:
     engine_source = source
     if cfg.sample is not None:
         engine_source = _write_sample(output, listing, cfg.sample, cfg.seed)
         listing = _list(engine_source, cfg.storage_options)
         say(f"stratified sample of {len(listing.ids)} images in {engine_source}")
     digest = _ids_digest(listing.ids, listing.labels, listing.label_names)
-
-    from featurestore.engine import connect
-
-    connect(cfg.address)  # before any timing: the first backbone must not pay for starting Ray
     record = _load_record(output)
     store_records: dict[str, dict] = dict(record.get("stores", {}))
     uses: dict[str, StoreUse] = {}

@@ -220,6 +220,18 @@ def test_bad_input_is_named(images, tmp_path, kwargs, needle):
     kw = {**TINY, **kwargs}
     with pytest.raises(ProbeError, match=needle):
         probe(str(images), out=str(tmp_path / "out"), **kw)
+    assert not (tmp_path / "out").exists()  # refused before any folder is made
+
+
+def test_a_probe_that_fails_before_writing_leaves_no_empty_folders(ray_local, images, tmp_path):
+    bad = tmp_path / "garbage.pth"
+    bad.write_bytes(b"not a checkpoint")
+    (tmp_path / "kept").mkdir()
+    for out in (tmp_path / "new" / "out", tmp_path / "kept"):
+        with pytest.raises(Exception, match="garbage.pth"):
+            probe(str(images), [f"resnet18@{bad}"], out=str(out), **TINY)
+    assert not (tmp_path / "new" / "out").exists()
+    assert (tmp_path / "kept").is_dir()  # a folder the user made is never removed
 
 
 def test_an_output_that_is_a_file_is_refused_in_one_line(images, tmp_path):
