@@ -103,7 +103,7 @@ def package_versions(names: Sequence[str]) -> dict[str, str | None]:
 def library_versions() -> dict[str, str | None]:
     """Versions recorded in store.json."""
     return {"python": sys.version.split()[0],
-            **package_versions(("featurestore", "torch", "torchvision", "h5py", "numpy"))}
+            **package_versions(("featurestore", "torch", "torchvision", "timm", "pillow", "h5py", "numpy"))}
 
 
 class _Loc:

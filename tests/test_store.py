@@ -115,7 +115,7 @@ def test_store_json_manifest_and_errors(store, tmp_path):
     assert meta["status"] == "complete" and meta["num_rows"] == 23 and meta["num_shards"] == 3
     assert meta["config"] == CONFIG and meta["label_names"] == ["cat", "dog", "eel"]
     assert meta["layers"] == {"layer4": {"shape": [6], "dtype": "float32"}, "layer3": {"shape": [2, 3], "dtype": "float32"}}
-    assert set(meta["versions"]) >= {"python", "featurestore", "torch", "torchvision", "h5py", "numpy"}
+    assert set(meta["versions"]) >= {"python", "featurestore", "torch", "torchvision", "timm", "pillow", "h5py", "numpy"}
     import hashlib
 
     for s in meta["shards"]:
