@@ -152,11 +152,12 @@ def _installed(module: str) -> bool:
 
 
 def export(head, fmt: str = "onnx", out: str | None = None, *, backbone=None, opset: int = 17,
-           verify: bool = True, batch: int = 2) -> str:
+           verify: bool = True, batch: int = 2, weights: str | None = None) -> str:
     """Write backbone + head as one ONNX or TorchScript file; returns its path.
 
     With verify (the default) the written file is run on a seeded random batch and compared
     with the Python path (backbone, then the scikit-learn head); a difference above 1e-4 raises.
+    weights: the backbone's weights file when it is no longer where the head recorded it.
     """
     from .apply import as_head, check_backbone, load_head_backbone
 
@@ -168,7 +169,7 @@ def export(head, fmt: str = "onnx", out: str | None = None, *, backbone=None, op
             raise ValueError(f"--format onnx needs {', '.join(missing)}: pip install \"featurestore[export]\", "
                              "or export with --format torchscript")
     h = as_head(head)
-    bb = backbone if backbone is not None else load_head_backbone(h)
+    bb = backbone if backbone is not None else load_head_backbone(h, weights=weights)
     if backbone is not None:
         check_backbone(h, bb)
     bb = bb.to("cpu")
