@@ -5,12 +5,15 @@ store in chunks so a large store never needs to fit in memory.
 """
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any, Iterable, Sequence
 
 import numpy as np
 
 from .core import Head, HeadConfigMismatch
+
+log = logging.getLogger(__name__)
 
 
 def as_head(head: Head | str | os.PathLike) -> Head:
@@ -94,10 +97,31 @@ def predict(head, store, out: str | None = None, *, batch_size: int = 4096, stor
     return table
 
 
-def load_head_backbone(head: Head, device: str = "cpu"):
+def head_weights(head: Head, weights: str | None = None) -> str:
+    """The weights to rebuild the head's backbone with: `weights` when given, else the recorded ones.
+
+    A recorded local file that is not there (the head was copied to another machine, or saved by
+    an older version with a relative path) is refused here in one line that says how to point at it.
+    """
+    if weights is not None:
+        return str(weights)
+    from featurestore.weights import is_file_spec
+
+    from .persist import HeadFileError
+
+    w = str(head.store_config.get("weights", "DEFAULT"))
+    if "://" not in w and is_file_spec(w) and not os.path.isfile(os.path.expanduser(w)):
+        raise HeadFileError(f"{head.path or 'head'}: the backbone weights file it was trained with is missing: {w}; "
+                            "pass --weights PATH (weights= in Python) to point at a copy of it")
+    return w
+
+
+def load_head_backbone(head: Head, device: str = "cpu", weights: str | None = None):
     """The backbone that made the head's training features, rebuilt from the stored configuration.
 
-    Refuses (HeadConfigMismatch) when the rebuilt network differs, e.g. a weights file that changed.
+    weights: use these instead of the recorded weights (a file moved elsewhere); they must be the
+    same numbers, which the weights' sha256 checks. Refuses (HeadConfigMismatch) when the rebuilt
+    network differs, e.g. a weights file that changed.
     """
     from featurestore.backbones import load_backbone
 
@@ -107,7 +131,7 @@ def load_head_backbone(head: Head, device: str = "cpu"):
                                  "pass backbone= explicitly", ["model"])
     pre = cfg.get("preprocessing") or {}
     size = pre.get("input_size")
-    bb = load_backbone(cfg["model"], weights=cfg.get("weights", "DEFAULT"), layers=[head.layer],
+    bb = load_backbone(cfg["model"], weights=head_weights(head, weights), layers=[head.layer],
                        pooling=cfg.get("pooling", "avg"), precision=cfg.get("precision", "fp32"), device=device,
                        input_size=int(size[0]) if size else None, crop=pre.get("crop", "center"),
                        decode=pre.get("decode", "draft"), fold_batchnorm=True)  # as the extraction actors
@@ -126,27 +150,48 @@ def check_backbone(head: Head, backbone) -> None:
                                  "trained on: " + "; ".join(diffs), diffs)
 
 
-def predict_images(head, images: Iterable[Any], *, backbone=None, batch_size: int = 32,
-                   device: str = "cpu") -> list[tuple[str, dict[str, float]]]:
+def predict_images(head, images: Iterable[Any], *, backbone=None, batch_size: int = 32, device: str = "cpu",
+                   weights: str | None = None, on_error: str = "raise",
+                   errors: list | None = None) -> list[tuple[str, dict[str, float]] | None]:
     """Backbone + head on new images (paths, URLs or PIL images): [(label, {class: prob})] per image.
 
+    weights: the backbone's weights file when it is no longer where the head recorded it.
+    on_error="raise" (default) raises at the first image that cannot be read or decoded;
+    "skip" appends (image, reason) to `errors` (or logs a warning without it) and puts None at its
+    position, so every other result stays with its own image.
     This is what `featurestore classify --head HEAD IMAGE...` calls.
     """
     import torch
 
+    from featurestore.decode import BadImage, load_image
+
+    if on_error not in ("raise", "skip"):
+        raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
     h = as_head(head)
-    bb = backbone if backbone is not None else load_head_backbone(h, device=device)
+    bb = backbone if backbone is not None else load_head_backbone(h, device=device, weights=weights)
     if backbone is not None:
         check_backbone(h, bb)
-    from featurestore.decode import load_image
-
-    pics = [load_image(str(im)) if isinstance(im, (str, os.PathLike)) else im for im in images]
-    results: list[tuple[str, dict[str, float]]] = []
-    for a in range(0, len(pics), batch_size):
-        x = torch.stack([bb.preprocess(p) for p in pics[a:a + batch_size]])
-        feats = bb(x)[h.layer].cpu().numpy()
-        for row, best in zip(h.predict_proba(feats), h.predict(feats)):
-            results.append((h.label_names[int(best)], {n: float(v) for n, v in zip(h.label_names, row)}))
+    images = list(images)
+    results: list[tuple[str, dict[str, float]] | None] = [None] * len(images)
+    for a in range(0, len(images), batch_size):
+        part: list[tuple[int, Any]] = []  # (position, preprocessed image) of the usable ones
+        for i in range(a, min(a + batch_size, len(images))):
+            im = images[i]
+            try:
+                part.append((i, bb.preprocess(load_image(str(im)) if isinstance(im, (str, os.PathLike)) else im)))
+            except (BadImage, OSError) as exc:  # OSError: missing, unreadable, or Pillow giving up on the pixels
+                if on_error == "raise":
+                    raise
+                reason = exc.reason if isinstance(exc, BadImage) else str(exc).removeprefix(f"{im}: ")
+                if errors is None:
+                    log.warning("skipped %s: %s", im, reason)
+                else:
+                    errors.append((str(im), reason))
+        if not part:
+            continue
+        feats = bb(torch.stack([t for _, t in part]))[h.layer].cpu().numpy()
+        for (i, _), row, best in zip(part, h.predict_proba(feats), h.predict(feats)):
+            results[i] = (h.label_names[int(best)], {n: float(v) for n, v in zip(h.label_names, row)})
     return results
 
 

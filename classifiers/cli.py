@@ -137,15 +137,48 @@ def predict(head, store, out):
 @click.argument("head")
 @click.option("--format", "fmt", type=click.Choice(["onnx", "torchscript"]), default="onnx", show_default=True)
 @click.option("--out", default=None, help="Output file (default: HEAD/model.onnx or HEAD/model.torchscript.pt).")
-@click.option("--opset", type=int, default=17, show_default=True, help="ONNX opset.")
+@click.option("--opset", type=int, default=17, show_default=True,
+              help="ONNX opset (the range the installed torch exports, 7-20 for torch 2.x).")
+@click.option("--weights", default=None, metavar="PATH",
+              help="The backbone's weights file, when it is no longer where the head recorded it.")
 @_errors
-def export(head, fmt, out, opset):
+def export(head, fmt, out, opset, weights):
     """Write backbone + HEAD as one model: preprocessed images [N,3,H,W] in, class probabilities out.
 
     The backbone is rebuilt from the head's stored configuration; the written model is checked
-    against the Python path (max difference <= 1e-4) before this returns.
+    against the Python path (max difference <= 1e-4) before it replaces --out. The file carries
+    the class names and preprocessing (ONNX metadata_props; TorchScript extra file featurestore.json).
     """
     from .exporter import export as _export
 
-    path = _export(head, fmt, out, opset=opset)
+    path = _export(head, fmt, out, opset=opset, weights=weights)
     click.echo(f"{fmt} -> {path} (input 'image' [N,3,H,W] preprocessed; output 'probabilities' [N,K])")
+
+
+def classify_with_head(head_dir: str, images: list[str], *, topk: int, as_json: bool, weights: str | None = None,
+                       strict: bool = False) -> int:
+    """`featurestore classify --head`: print each image's top classes; returns the exit code.
+
+    An image that cannot be read or decoded is named on stderr and skipped (exit code 1), unless
+    strict, where it stops the command (BadImage / FileNotFoundError, exit code 2 in the CLI).
+    """
+    from featurestore.cli_models import _table as table, report_skipped
+
+    from .apply import predict_images
+
+    errors: list[tuple[str, str]] = []
+    preds = predict_images(head_dir, list(images), weights=weights, on_error="raise" if strict else "skip",
+                           errors=errors)
+    done = [(p, pred) for p, pred in zip(images, preds) if pred is not None]
+    # the head's own label first among equal probabilities (saturated SGD heads tie at 0.5)
+    ranked = [(p, label, sorted(probs.items(), key=lambda kv: (-kv[1], kv[0] != label))[:topk])
+              for p, (label, probs) in done]
+    if as_json:
+        click.echo(json.dumps({"head": head_dir, "results": [
+            {"image": p, "label": label, "top": [{"class": c, "prob": round(pr, 6)} for c, pr in r]}
+            for p, label, r in ranked], "errors": [{"image": p, "error": e} for p, e in errors]}, indent=2))
+    elif ranked:
+        body = [[p if rank == 1 else "", str(rank), c, f"{pr:.4f}"]
+                for p, _, r in ranked for rank, (c, pr) in enumerate(r, 1)]
+        click.echo(table(["image", "rank", "class", "prob"], body))
+    return report_skipped(errors, len(images))

@@ -151,60 +151,166 @@ def _installed(module: str) -> bool:
         return False
 
 
+def opset_range() -> tuple[int, int]:
+    """The ONNX opsets the installed torch's exporter supports (the TorchScript-based one export uses)."""
+    try:
+        from torch.onnx import _constants as c
+
+        return int(c.ONNX_MIN_OPSET), int(c.ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET)
+    except (ImportError, AttributeError):  # pragma: no cover - a torch that moved them; these are torch 2.x's
+        return 7, 20
+
+
+# File name endings that say which format a file holds: a mismatch is refused rather than written.
+SUFFIXES = {"onnx": (".onnx",), "torchscript": (".pt", ".pth", ".ts", ".torchscript")}
+
+
+def _check_suffix(out: str, fmt: str) -> None:
+    other = next(f for f in FORMATS if f != fmt)
+    if out.lower().endswith(SUFFIXES[other]):
+        title = {"onnx": "an ONNX", "torchscript": "a TorchScript"}[other]
+        raise ValueError(f"--out {out}: {title} file name, but --format is {fmt}; pass --format {other}, "
+                         f"or name the file {os.path.splitext(out)[0] + SUFFIXES[fmt][0]}")
+
+
+def metadata(head: Head, backbone) -> dict:
+    """What a consumer of the exported file needs besides the graph: class names in output order,
+    the preprocessing the input must have had, and where the features come from."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    pre = backbone.preprocessing.to_dict()
+    try:
+        fs_version = version("featurestore")
+    except PackageNotFoundError:  # pragma: no cover - a source checkout not installed
+        fs_version = "unknown"
+    return {
+        "format": "featurestore-export", "version": 1,
+        "class_names": list(head.label_names),
+        "input_name": "image", "output_name": "probabilities",
+        "input": "float32 [N,3,H,W] RGB: resized (shorter side to resize_size), cropped to input_size as 'crop' "
+                 "says, scaled to 0..1 and normalised with mean/std",
+        "input_size": list(pre["input_size"]), "resize_size": pre["resize_size"], "crop": pre["crop"],
+        "interpolation": pre["interpolation"], "mean": list(pre["mean"]), "std": list(pre["std"]),
+        "backbone": backbone.model_name, "weights": str(backbone.weights_id),
+        "weights_sha256": backbone.weights_sha256, "layer": head.layer, "pooling": backbone.pooling,
+        "head_kind": head.kind, "head_params": dict(head.params),
+        "calibrated_probabilities": head.calibrated_probabilities, "featurestore_version": fs_version,
+    }
+
+
+EXTRA_FILE = "featurestore.json"  # the TorchScript extra file holding metadata()
+
+
+def _onnx_props(meta: dict) -> dict[str, str]:
+    """metadata() as ONNX metadata_props: text as is, everything else as JSON."""
+    import json
+
+    return {k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()}
+
+
+def _temp_beside(out: str) -> str:
+    """A new empty file in out's folder, to write and verify before it replaces `out` (os.replace
+    is atomic within one file system). Made here so an unwritable folder fails as an OSError."""
+    import uuid
+
+    folder, name = os.path.split(os.path.abspath(out))
+    tmp = os.path.join(folder, f".{name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # the umask applies, as for `out`
+    except OSError as exc:  # name the folder, not the temporary file
+        raise type(exc)(exc.errno, exc.strerror, folder) from None
+    return tmp
+
+
 def export(head, fmt: str = "onnx", out: str | None = None, *, backbone=None, opset: int = 17,
-           verify: bool = True, batch: int = 2) -> str:
+           verify: bool = True, batch: int = 2, weights: str | None = None) -> str:
     """Write backbone + head as one ONNX or TorchScript file; returns its path.
 
-    With verify (the default) the written file is run on a seeded random batch and compared
-    with the Python path (backbone, then the scikit-learn head); a difference above 1e-4 raises.
+    The file carries metadata() (class names, preprocessing, backbone, layer): ONNX metadata_props,
+    TorchScript extra file featurestore.json. It is written beside `out` under a temporary name and
+    renamed over `out` only once complete and (with verify, the default) checked: run on a seeded
+    random batch and compared with the Python path (backbone, then the scikit-learn head); a
+    difference above 1e-4 raises. Whatever fails, an existing `out` is left as it was.
+    weights: the backbone's weights file when it is no longer where the head recorded it.
     """
+    import json
+
     from .apply import as_head, check_backbone, load_head_backbone
 
     if fmt not in FORMATS:
         raise ValueError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     if fmt == "onnx":
+        low, high = opset_range()
+        if isinstance(opset, bool) or not isinstance(opset, int) or not low <= opset <= high:
+            raise ValueError(f"--opset {opset}: the installed torch {torch.__version__.split('+')[0]} exports ONNX "
+                             f"opsets {low} to {high}; choose one in that range (default 17)")
         missing = [m for m in ("onnx", "onnxscript") + (("onnxruntime",) if verify else ()) if not _installed(m)]
         if missing:
             raise ValueError(f"--format onnx needs {', '.join(missing)}: pip install \"featurestore[export]\", "
                              "or export with --format torchscript")
+    if out is not None:
+        if os.path.isdir(out):
+            name = "model.onnx" if fmt == "onnx" else "model.torchscript.pt"
+            raise ValueError(f"--out {out}: a folder; give the file to write, e.g. {os.path.join(out, name)}")
+        _check_suffix(str(out), fmt)
     h = as_head(head)
-    bb = backbone if backbone is not None else load_head_backbone(h)
-    if backbone is not None:
-        check_backbone(h, bb)
-    bb = bb.to("cpu")
-    bb.device = torch.device("cpu")
-    model = BackboneWithHead(bb, HeadModule(h), h.layer).eval()
     name = "model.onnx" if fmt == "onnx" else "model.torchscript.pt"
     if out is None:
         if not h.path:
             raise ValueError("export: pass out= (the head has no directory)")
         out = os.path.join(h.path, name)
-    elif os.path.isdir(out):
-        raise ValueError(f"--out {out}: a folder; give the file to write, e.g. {os.path.join(out, name)}")
+    bb = backbone if backbone is not None else load_head_backbone(h, weights=weights)
+    if backbone is not None:
+        check_backbone(h, bb)
+    bb = bb.to("cpu")
+    bb.device = torch.device("cpu")
+    model = BackboneWithHead(bb, HeadModule(h), h.layer).eval()
+    meta = metadata(h, bb)
     os.makedirs(os.path.dirname(os.path.abspath(out)) or ".", exist_ok=True)
     hh, ww = bb.preprocessing.input_size
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(batch, 3, hh, ww, generator=gen)
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # torch marks jit/legacy ONNX export as deprecated
-        warnings.simplefilter("ignore", UserWarning)
-        warnings.simplefilter("ignore", DeprecationWarning)
-        if fmt == "onnx":
-            torch.onnx.export(model, (x,), out, input_names=["image"], output_names=["probabilities"],
-                              dynamic_axes={"image": {0: "batch"}, "probabilities": {0: "batch"}},
-                              opset_version=opset, dynamo=False)
-        else:
-            traced = torch.jit.trace(model, (x,), check_trace=False)
-            traced.save(out)
-    if verify:
-        diff = max_difference(h, bb, out, fmt, x)
-        if diff > TOLERANCE:  # a wrong model is worse than none: it does not stay on disk
-            os.remove(out)
-            raise ExportError(f"{out}: the exported model's probabilities differ from the Python head's by "
-                              f"{diff:.2e} > {TOLERANCE} on a test batch, so it was not kept. Please report it with "
-                              "head.json; the Python head (featurestore classify --head) is unaffected")
-        log.info("%s: max |exported - python| = %.2e", out, diff)
+    tmp = _temp_beside(out)
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # torch marks jit/legacy ONNX export as deprecated
+            warnings.simplefilter("ignore", UserWarning)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            if fmt == "onnx":
+                _write_onnx(model, x, tmp, opset, meta)
+            else:
+                traced = torch.jit.trace(model, (x,), check_trace=False)
+                traced.save(tmp, _extra_files={EXTRA_FILE: json.dumps(meta)})
+        if verify:
+            diff = max_difference(h, bb, tmp, fmt, x)
+            if diff > TOLERANCE:  # a wrong model is worse than none: it does not stay on disk
+                raise ExportError(f"{out}: the exported model's probabilities differ from the Python head's by "
+                                  f"{diff:.2e} > {TOLERANCE} on a test batch, so it was not kept. Please report it "
+                                  "with head.json; the Python head (featurestore classify --head) is unaffected")
+            log.info("%s: max |exported - python| = %.2e", out, diff)
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
     return out
+
+
+def _write_onnx(model: nn.Module, x: torch.Tensor, path: str, opset: int, meta: dict) -> None:
+    import onnx
+
+    try:
+        torch.onnx.export(model, (x,), path, input_names=["image"], output_names=["probabilities"],
+                          dynamic_axes={"image": {0: "batch"}, "probabilities": {0: "batch"}},
+                          opset_version=opset, dynamo=False)
+    except torch.onnx.errors.OnnxExporterError as exc:  # an op without a form at this opset
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ExportError(f"--opset {opset}: torch cannot export this model at that opset ({first[:200]}); "
+                          "choose a newer one (the default, 17, works for the zoo's models)") from None
+    proto = onnx.load(path)
+    for key, value in _onnx_props(meta).items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    onnx.save(proto, path)
 
 
 def run_exported(path: str, fmt: str, x: torch.Tensor) -> np.ndarray:

@@ -72,11 +72,28 @@ def clear_head_files(path: str) -> None:
             pass
 
 
+def absolute_weights(config: dict) -> dict:
+    """The store configuration with a local weights file as an absolute path.
+
+    A store records weights as given (`--weights weights.pth`); a head saved with that would
+    not find them when classify or export run from another folder. Only a file that exists
+    from here is made absolute; URLs, enum names and named sources stay as they are.
+    """
+    from featurestore.weights import is_file_spec
+
+    w = config.get("weights")
+    if not isinstance(w, str) or "://" in w or not is_file_spec(w):
+        return config
+    p = os.path.abspath(os.path.expanduser(w))
+    return {**config, "weights": p} if os.path.isfile(p) else config
+
+
 def save_head(head: Head, path: str) -> str:
     """Write head.json and model.skops into directory `path` (created); returns the path."""
     import skops.io as sio
 
     os.makedirs(path, exist_ok=True)
+    head.store_config = absolute_weights(dict(head.store_config or {}))
     data = sio.dumps(head.pipeline)
     untrusted = set(sio.get_untrusted_types(data=data)) - set(TRUSTED_TYPES)
     if untrusted:  # would not load again: refuse now rather than at load time

