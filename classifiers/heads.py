@@ -24,7 +24,9 @@ DEFAULT_GRIDS: dict[str, dict[str, list]] = {
     "logreg": {"C": [0.01, 0.1, 1.0, 10.0]},
     "linear-svm": {"C": [0.001, 0.01, 0.1, 1.0]},
     "svm": {"C": [0.1, 1.0, 10.0], "gamma": ["scale"]},
-    "sgd": {"alpha": [1e-5, 1e-4, 1e-3]},
+    # alpha ~ 1 / (C x training rows): about logreg's C range for a few thousand rows. Weaker
+    # alphas drive log-loss weights on separable features to probabilities of exactly 0 and 1.
+    "sgd": {"alpha": [1e-4, 1e-3, 1e-2, 1e-1]},
 }
 # Which hyperparameters each kind accepts in --grid.
 GRID_KEYS = {"logreg": {"C"}, "linear-svm": {"C"}, "svm": {"C", "gamma"}, "sgd": {"alpha"}}

@@ -130,7 +130,8 @@ def fit_streaming(*, reader, layer, label_names, is_test, labeled, ids, labels, 
         score = balanced_accuracy_score if scoring == "balanced_accuracy" else accuracy_score
         scores = [float(score(y_val, np.concatenate(p))) for p in preds]
         sweep = [{"params": {"alpha": a}, "mean": s, "std": 0.0} for a, s in zip(alphas, scores)]
-        best = alphas[int(np.argmax(scores))]
+        top = max(scores)  # ties (common on easy data): the strongest alpha, whose probabilities saturate least
+        best = max(a for a, s in zip(alphas, scores) if s == top)
         cv_used = 1  # one stratified hold-out
     else:
         best = alphas[0]

@@ -41,6 +41,22 @@ def test_planted_signal_reaches_accuracy_one(tmp_path, kind):
     assert head.report["path"] == ("streaming (SGD partial_fit)" if kind == "sgd" else "in memory")
 
 
+def test_sgd_sweep_ties_go_to_the_strongest_alpha_and_probabilities_keep_an_order(tmp_path):
+    """On separable data every alpha is perfect on the hold-out; the weakest one (the old pick)
+    drives log-loss weights so far that the other classes' probabilities are exactly 0."""
+    X, y = planted()
+    store = make_store(tmp_path / "s", X, y, ["cat", "dog", "panda"])
+    head = classifiers.train(store, head="sgd", seed=0)
+    assert [r["mean"] for r in head.report["sweep"]] == [1.0] * 4
+    assert head.params["alpha"] == 0.1
+    P = head.predict_proba(X)
+    second = np.sort(P, axis=1)[:, -2]
+    weak = classifiers.train(store, head="sgd", seed=0, grid={"alpha": [1e-5]})
+    weak_second = np.sort(weak.predict_proba(X), axis=1)[:, -2]
+    assert head.report["accuracy"] == 1.0 and np.median(second) > 1e-4
+    assert np.median(weak_second) < 1e-12  # what the tie-break avoids: "certain" beyond any meaning
+
+
 @pytest.mark.parametrize("kind", ["logreg", "svm"])
 def test_noise_stays_near_chance(tmp_path, kind):
     rng = np.random.default_rng(1)
