@@ -68,16 +68,21 @@ def models(family, max_params, timm_pattern, as_json):
 
 @click.command("layers")
 @click.argument("model")
-@click.option("--weights", default=None, help="Weights (only the input size matters here; default: random init).")
+@click.option("--weights", default=None,
+              help="Weights whose input size and preprocessing to show (checked, never downloaded or read: "
+                   "the layers need only the architecture; default: random init).")
 @click.option("--input-size", type=int, default=None, help="Trace at this input size instead of the model's own.")
 @click.option("--recommended", "only_recommended", is_flag=True, help="Only the recommended cut points.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON records instead of a table.")
 @_errors
 def layers(model, weights, input_size, only_recommended, as_json):
-    """List every cut point of MODEL with its output shape (from a real trace); * marks recommended ones."""
-    from .backbones import list_layers
+    """List every cut point of MODEL with its output shape (from a real trace); * marks recommended ones.
 
-    rows = list_layers(model, weights=weights, input_size=input_size)
+    The table's last line says the preprocessing that these weights get.
+    """
+    from .backbones import describe_layers
+
+    rows, pre, recipe = describe_layers(model, weights=weights, input_size=input_size)
     if only_recommended:
         rows = [r for r in rows if r.recommended]
     if as_json:
@@ -85,6 +90,7 @@ def layers(model, weights, input_size, only_recommended, as_json):
         return
     body = [["*" if r.recommended else "", r.name, "x".join(str(d) for d in r.shape), r.note] for r in rows]
     click.echo(_table(["rec", "layer", "shape", "note"], body))
+    click.echo(f"preprocessing: {pre.describe()} ({recipe})")
 
 
 def report_skipped(errors: list[tuple[str, str]], total: int) -> int:

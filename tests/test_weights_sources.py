@@ -158,6 +158,14 @@ def test_empty_and_truncated_files_say_so(tmp_path):
         load_backbone("resnet18", str(cut), input_size=32)
 
 
+def test_unknown_timm_tag_lists_the_tags():
+    with pytest.raises(WeightsError) as err:
+        load_backbone("timm:resnet18", "in1k", input_size=32)
+    msg = str(err.value)
+    assert "unknown weights 'in1k' for timm:resnet18" in msg
+    assert "a1_in1k" in msg and "tv_in1k" in msg and "gluon_in1k" in msg
+
+
 def test_file_url_with_percent_escapes(tmp_path):
     folder = tmp_path / "my weights"
     folder.mkdir()
