@@ -309,13 +309,13 @@ def _build_torchvision(name, weights, seed, input_size, crop, decode, storage_op
     if low == "none" or not load:
         with _seeded(seed):
             model = get_model(name, weights=None, **kwargs)
-        weights_id = "none" if low == "none" else (weights if is_file_spec(weights) else member.name)
+        weights_id = "none" if low == "none" else (path if is_file_spec(weights) else member.name)
     elif is_file_spec(weights):
         with _seeded(seed):
             model = get_model(name, weights=None, **kwargs)
         sd, file_sha = read_state_dict(path, storage_options)
         load_strict(model, sd, path)
-        weights_id = weights
+        weights_id = path  # the recipe shows in the preprocessing: a #DEFAULT store resumes one made before #
     else:
         if not kwargs.get("image_size") and not kwargs.get("input_size"):
             try:
@@ -376,7 +376,7 @@ def _build_timm(canonical, weights, seed, input_size, crop, decode, storage_opti
         path, hint = split_recipe(weights)
         if hint:
             arch = f"{base}.{check_timm_tag(base, hint)}"
-        weights_id = weights
+        weights_id = path
         recipe = (f"timm's {arch} pretrained config, as #{hint} asks" if hint else
                   f"timm's default pretrained config, {base}.{getattr(cfg, 'tag', None) or ''}; "
                   f"FILE#TAG picks another")

@@ -46,8 +46,9 @@ def test_a_torchvision_file_gets_the_v1_recipe_unless_named(mbv2_file):
     for hint in ("IMAGENET1K_V2", "DEFAULT", "imagenet1k_v2"):
         named = load_backbone("mobilenet_v2", f"{mbv2_file}#{hint}")
         assert named.preprocessing.resize_size == 232, hint
-        assert named.weights_id == f"{mbv2_file}#{hint}"  # the store records the recipe asked for
-        assert named.weights_sha256 == full.weights_sha256  # the same tensors
+        # the same weights (a store's identity); the recipe is in the preprocessing it records
+        assert named.weights_id == mbv2_file and named.weights_sha256 == full.weights_sha256
+        assert named.config()["preprocessing"]["resize_size"] == 232
     with pytest.raises(WeightsError, match="unknown weights 'IMAGENET1K_V3' for mobilenet_v2.*IMAGENET1K_V1"):
         load_backbone("mobilenet_v2", f"{mbv2_file}#IMAGENET1K_V3")
     # a model whose DEFAULT is V1 keeps it
