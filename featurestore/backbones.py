@@ -39,9 +39,9 @@ _PARAMETRIC = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.MultiheadAttention
 
 
 def list_models(family: str | None = None, max_params: float | None = None,
-                timm_pattern: str | None = None) -> list[ModelInfo]:
+                timm_pattern: str | None = None, progress=None) -> list[ModelInfo]:
     """The model zoo (see featurestore.zoo.list_models)."""
-    return _zoo_list_models(family=family, max_params=max_params, timm_pattern=timm_pattern)
+    return _zoo_list_models(family=family, max_params=max_params, timm_pattern=timm_pattern, progress=progress)
 
 
 @dataclass

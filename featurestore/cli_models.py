@@ -5,6 +5,7 @@ Thin layers over featurestore.backbones; every table has a --json twin for scrip
 from __future__ import annotations
 
 import json
+import sys
 
 import click
 
@@ -44,6 +45,16 @@ def _errors(fn):
     return wrapper
 
 
+def _progress(names: list[str]):
+    """A progress bar on stderr while many timm models are built (--timm '*': minutes, silent before)."""
+    if len(names) < 50:
+        yield from names
+        return
+    with click.progressbar(names, label=f"timm: sizing {len(names)} models", file=sys.stderr, show_pos=True,
+                           show_eta=True, item_show_func=lambda n: n or "") as bar:
+        yield from bar
+
+
 @click.command("models")
 @click.option("--family", default=None, help="Only this family (prefix match: 'efficientnet' covers v1, v2, lite).")
 @click.option("--max-params", type=float, default=None, help="Only models with at most this many parameters (millions).")
@@ -55,7 +66,7 @@ def models(family, max_params, timm_pattern, as_json):
     """List the backbones: depth, size on disk, parameters, input size, ImageNet top-1, GFLOPs, default cut."""
     from .zoo import list_models
 
-    rows = list_models(family=family, max_params=max_params, timm_pattern=timm_pattern)
+    rows = list_models(family=family, max_params=max_params, timm_pattern=timm_pattern, progress=_progress)
     if as_json:
         click.echo(json.dumps([r.to_dict() for r in rows], indent=2))
         return
