@@ -285,6 +285,8 @@ def _build_torchvision(name, weights, seed, input_size, crop, decode, storage_op
     elif is_file_spec(weights):
         path, hint = split_recipe(weights)
         member = file_recipe(name, hint)
+        # the id rebuilds the same backbone (a head does): the recipe, by its own name, unless it is the default
+        file_id = path if member is file_recipe(name, None) else f"{path}#{member.name}"
         recipe = (f"the {member.name} recipe, as #{hint} asks" if hint else
                   f"the {member.name} recipe, a weights file's default; FILE#NAME picks another, "
                   f"e.g. #{default_member.name}")
@@ -309,13 +311,13 @@ def _build_torchvision(name, weights, seed, input_size, crop, decode, storage_op
     if low == "none" or not load:
         with _seeded(seed):
             model = get_model(name, weights=None, **kwargs)
-        weights_id = "none" if low == "none" else (path if is_file_spec(weights) else member.name)
+        weights_id = "none" if low == "none" else (file_id if is_file_spec(weights) else member.name)
     elif is_file_spec(weights):
         with _seeded(seed):
             model = get_model(name, weights=None, **kwargs)
         sd, file_sha = read_state_dict(path, storage_options)
         load_strict(model, sd, path)
-        weights_id = path  # the recipe shows in the preprocessing: a #DEFAULT store resumes one made before #
+        weights_id = file_id
     else:
         if not kwargs.get("image_size") and not kwargs.get("input_size"):
             try:
@@ -376,7 +378,8 @@ def _build_timm(canonical, weights, seed, input_size, crop, decode, storage_opti
         path, hint = split_recipe(weights)
         if hint:
             arch = f"{base}.{check_timm_tag(base, hint)}"
-        weights_id = path
+        default_tag = getattr(cfg, "tag", None)
+        weights_id = path if arch in (base, f"{base}.{default_tag}") else f"{path}#{arch.split('.', 1)[1]}"
         recipe = (f"timm's {arch} pretrained config, as #{hint} asks" if hint else
                   f"timm's default pretrained config, {base}.{getattr(cfg, 'tag', None) or ''}; "
                   f"FILE#TAG picks another")

@@ -46,9 +46,12 @@ def test_a_torchvision_file_gets_the_v1_recipe_unless_named(mbv2_file):
     for hint in ("IMAGENET1K_V2", "DEFAULT", "imagenet1k_v2"):
         named = load_backbone("mobilenet_v2", f"{mbv2_file}#{hint}")
         assert named.preprocessing.resize_size == 232, hint
-        # the same weights (a store's identity); the recipe is in the preprocessing it records
-        assert named.weights_id == mbv2_file and named.weights_sha256 == full.weights_sha256
-        assert named.config()["preprocessing"]["resize_size"] == 232
+        # the same tensors; the id names the recipe by its member, so it rebuilds this backbone (heads do)
+        assert named.weights_id == f"{mbv2_file}#IMAGENET1K_V2" and named.weights_sha256 == full.weights_sha256
+        again = load_backbone("mobilenet_v2", named.weights_id)
+        assert again.config() == named.config()
+    # naming the default recipe is the plain file
+    assert load_backbone("mobilenet_v2", f"{mbv2_file}#IMAGENET1K_V1").weights_id == mbv2_file
     with pytest.raises(WeightsError, match="unknown weights 'IMAGENET1K_V3' for mobilenet_v2.*IMAGENET1K_V1"):
         load_backbone("mobilenet_v2", f"{mbv2_file}#IMAGENET1K_V3")
     # a model whose DEFAULT is V1 keeps it
@@ -64,6 +67,8 @@ def test_a_timm_file_can_take_a_pretrained_tags_recipe(tmp_path):
     tv = load_backbone("timm:resnet18", f"{path}#tv_in1k").preprocessing  # torchvision's own recipe
     assert default.interpolation == "bicubic" and default.resize_size == 235
     assert tv.interpolation == "bilinear" and tv.resize_size == 256
+    assert load_backbone("timm:resnet18", f"{path}#tv_in1k").weights_id == f"{path}#tv_in1k"
+    assert load_backbone("timm:resnet18", f"{path}#a1_in1k").weights_id == str(path)  # timm's default tag
     with pytest.raises(WeightsError, match="its tags are .*tv_in1k"):
         load_backbone("timm:resnet18", f"{path}#nosuch_tag")
 
