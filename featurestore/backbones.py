@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import logging
+import os
 from dataclasses import asdict, dataclass
 from typing import Any, Iterable, Sequence
 
@@ -19,13 +20,13 @@ from torch import nn
 
 from .fold import Folded, fold_batchnorm as fold_bn
 from .preprocess import Preprocessing
-from .weights import (DEFAULT_NAMED, NAMED_SOURCES, WeightsError, fetch_timm_pretrained, fetch_torchvision,
-                      is_file_spec, load_strict, torchvision_offline_error, named_state_dict, read_state_dict, state_dict_sha256,
-                      torchvision_enum)
+from .weights import (DEFAULT_NAMED, NAMED_SOURCES, WeightsError, check_timm_tag, fetch_timm_pretrained,
+                      fetch_torchvision, is_file_spec, load_strict, named_state_dict, read_state_dict, split_recipe,
+                      state_dict_sha256, torchvision_enum, torchvision_offline_error)
 from .zoo import ModelInfo, UnknownLayerError, UnknownModelError, canonical_name, family_of
 from .zoo import list_models as _zoo_list_models
 
-__all__ = ["Backbone", "LayerInfo", "load_backbone", "list_models", "list_layers", "classify",
+__all__ = ["Backbone", "LayerInfo", "load_backbone", "list_models", "list_layers", "describe_layers", "classify",
            "UnknownModelError", "UnknownLayerError", "WeightsError", "POOLINGS", "PRECISIONS"]
 
 log = logging.getLogger(__name__)
@@ -38,9 +39,9 @@ _PARAMETRIC = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.MultiheadAttention
 
 
 def list_models(family: str | None = None, max_params: float | None = None,
-                timm_pattern: str | None = None) -> list[ModelInfo]:
+                timm_pattern: str | None = None, progress=None) -> list[ModelInfo]:
     """The model zoo (see featurestore.zoo.list_models)."""
-    return _zoo_list_models(family=family, max_params=max_params, timm_pattern=timm_pattern)
+    return _zoo_list_models(family=family, max_params=max_params, timm_pattern=timm_pattern, progress=progress)
 
 
 @dataclass
@@ -239,12 +240,63 @@ def _seeded(seed: int):
     return _Ctx()
 
 
-def _build_torchvision(name, weights, seed, input_size, crop, decode, storage_options):
+def file_recipe(name: str, recipe: str | None):
+    """The torchvision enum member whose preprocessing a state-dict file for `name` gets.
+
+    `recipe` (from FILE#RECIPE) names it; without one, the classic IMAGENET1K_V1 recipe
+    (resize 256, crop 224 for most models), which is how most checkpoints outside
+    torchvision are trained and evaluated, rather than DEFAULT, which is often a newer
+    recipe (resnet50, mobilenet_v2, regnet: IMAGENET1K_V2, resize 232). Models without a
+    V1 member (vit_h_14, regnet_y_128gf) get DEFAULT.
+    """
+    from torchvision.models import get_model_weights
+
+    if recipe:
+        return torchvision_enum(name, recipe)
+    members = get_model_weights(name).__members__
+    return members.get("IMAGENET1K_V1") or get_model_weights(name).DEFAULT
+
+
+def _local_exists(path: str) -> bool:
+    """False only for a local path or file:// URL that is not there (remote URLs are not contacted)."""
+    from .weights import _local_file
+
+    local = _local_file(path)
+    return local is None or os.path.exists(local)
+
+
+def _build_torchvision(name, weights, seed, input_size, crop, decode, storage_options, load=True):
+    """(model, preprocessing, weights id, file sha256, categories, recipe note).
+
+    load=False builds the architecture with random weights but checks the weights spec and
+    takes its preprocessing, as `featurestore layers` needs: no download, no file read.
+    """
     from torchvision.models import get_model, get_model_weights
 
     family = family_of(name)
     default_member = get_model_weights(name).DEFAULT
-    pre = _tv_preprocessing(default_member, crop, decode)
+    file_sha = None
+    low = weights.strip().lower()
+    member = default_member
+    if low == "none":
+        recipe = f"the {default_member.name} recipe, random weights"
+    elif low in NAMED_SOURCES:
+        raise WeightsError(f"named weights {weights!r} fit {NAMED_SOURCES[low].model}, not {name}")
+    elif is_file_spec(weights):
+        path, hint = split_recipe(weights)
+        member = file_recipe(name, hint)
+        # the id rebuilds the same backbone (a head does): the recipe, by its own name, unless it is the default
+        file_id = path if member is file_recipe(name, None) else f"{path}#{member.name}"
+        recipe = (f"the {member.name} recipe, as #{hint} asks" if hint else
+                  f"the {member.name} recipe, a weights file's default; FILE#NAME picks another, "
+                  f"e.g. #{default_member.name}")
+        if not load and not _local_exists(path):
+            raise WeightsError(f"weights file not found: {path}; pass an existing state-dict file or URL, "
+                               f"an enum name such as DEFAULT, or 'none'")
+    else:
+        member = torchvision_enum(name, weights)
+        recipe = f"the {member.name} recipe"
+    pre = _tv_preprocessing(member, crop, decode)
     native = pre.input_size[0]
     size = input_size if input_size and input_size != native else None
     patch = int(name.rsplit("_", 1)[1]) if family == "vit" and name.rsplit("_", 1)[-1].isdigit() else None
@@ -253,24 +305,20 @@ def _build_torchvision(name, weights, seed, input_size, crop, decode, storage_op
                          f"{patch} (e.g. {max(patch, size // patch * patch)} or {(size // patch + 1) * patch}), "
                          f"got {size}")
     kwargs = {**_tv_size_kwargs(family, size), **_tv_extra_kwargs(name)}
-    file_sha = None
-    low = weights.strip().lower()
-    if low == "none":
+    if low != "none" and (not load or is_file_spec(weights)):
+        # built without torchvision's weights: at the recipe's own size (vit_h_14 SWAG is 518, not 224)
+        kwargs = {**_tv_size_kwargs(family, input_size or native), **_tv_extra_kwargs(name)}
+    if low == "none" or not load:
         with _seeded(seed):
             model = get_model(name, weights=None, **kwargs)
-        weights_id = "none"
-    elif low in NAMED_SOURCES:
-        raise WeightsError(f"named weights {weights!r} fit {NAMED_SOURCES[low].model}, not {name}")
+        weights_id = "none" if low == "none" else (file_id if is_file_spec(weights) else member.name)
     elif is_file_spec(weights):
         with _seeded(seed):
             model = get_model(name, weights=None, **kwargs)
-        sd, file_sha = read_state_dict(weights, storage_options)
-        load_strict(model, sd, weights)
-        weights_id = weights
+        sd, file_sha = read_state_dict(path, storage_options)
+        load_strict(model, sd, path)
+        weights_id = file_id
     else:
-        member = torchvision_enum(name, weights)
-        pre = _tv_preprocessing(member, crop, decode)
-        native = pre.input_size[0]
         if not kwargs.get("image_size") and not kwargs.get("input_size"):
             try:
                 model = get_model(name, weights=member)
@@ -280,7 +328,7 @@ def _build_torchvision(name, weights, seed, input_size, crop, decode, storage_op
             sd = fetch_torchvision(member)
             with _seeded(seed):
                 model = get_model(name, weights=None, **kwargs)
-            if family == "vit":
+            if family == "vit" and size:
                 from torchvision.models.vision_transformer import interpolate_embeddings
 
                 sd = interpolate_embeddings(int(size), model.patch_size, sd)
@@ -289,7 +337,7 @@ def _build_torchvision(name, weights, seed, input_size, crop, decode, storage_op
     if input_size:
         pre = pre.with_input_size(input_size)
     categories = list(default_member.meta.get("categories") or [])
-    return model, pre, weights_id, file_sha, categories
+    return model, pre, weights_id, file_sha, categories, recipe
 
 
 def _timm_categories(num_classes: int) -> list[str]:
@@ -304,7 +352,8 @@ def _timm_categories(num_classes: int) -> list[str]:
         return []
 
 
-def _build_timm(canonical, weights, seed, input_size, crop, decode, storage_options):
+def _build_timm(canonical, weights, seed, input_size, crop, decode, storage_options, load=True):
+    """(model, preprocessing, weights id, file sha256, categories, recipe note); load=False as for torchvision."""
     import timm
     from timm.data import resolve_data_config
 
@@ -317,28 +366,41 @@ def _build_timm(canonical, weights, seed, input_size, crop, decode, storage_opti
     low = weights.strip().lower()
     if low == "default" and canonical in DEFAULT_NAMED:
         low = weights = DEFAULT_NAMED[canonical]
+    arch = base  # the name timm builds: base, or base.TAG for a tag's preprocessing (and input size)
     if low == "none":
-        with _seeded(seed):
-            model = timm.create_model(base, pretrained=False, **kwargs)
-        weights_id = "none"
+        weights_id, recipe = "none", "timm's default pretrained config, random weights"
     elif low in NAMED_SOURCES:
-        with _seeded(seed):
-            model = timm.create_model(base, pretrained=False, **kwargs)
-        sd = named_state_dict(low, model, canonical)
-        load_strict(model, sd, low)
-        weights_id = low
+        if NAMED_SOURCES[low].model != canonical:
+            raise WeightsError(f"named weights {low!r} fit {NAMED_SOURCES[low].model}, not {canonical}; "
+                               f"use --model {NAMED_SOURCES[low].model.removeprefix('timm:')} or other weights")
+        weights_id, recipe = low, "timm's default pretrained config"
     elif is_file_spec(weights):
-        with _seeded(seed):
-            model = timm.create_model(base, pretrained=False, **kwargs)
-        sd, file_sha = read_state_dict(weights, storage_options)
-        load_strict(model, sd, weights)
-        weights_id = weights
+        path, hint = split_recipe(weights)
+        if hint:
+            arch = f"{base}.{check_timm_tag(base, hint)}"
+        default_tag = getattr(cfg, "tag", None)
+        weights_id = path if arch in (base, f"{base}.{default_tag}") else f"{path}#{arch.split('.', 1)[1]}"
+        recipe = (f"timm's {arch} pretrained config, as #{hint} asks" if hint else
+                  f"timm's default pretrained config, {base}.{getattr(cfg, 'tag', None) or ''}; "
+                  f"FILE#TAG picks another")
+        if not load and not _local_exists(path):
+            raise WeightsError(f"weights file not found: {path}; pass an existing state-dict file or URL, "
+                               f"an enum name such as DEFAULT, or 'none'")
     elif low in ("default", "pretrained", "timm"):
-        model = fetch_timm_pretrained(base, **kwargs)
-        weights_id = f"timm:{base}"
+        weights_id, recipe = f"timm:{base}", "timm's default pretrained config"
     else:
-        model = fetch_timm_pretrained(f"{base}.{weights}", **kwargs)
-        weights_id = f"timm:{base}.{weights}"
+        arch = f"{base}.{check_timm_tag(base, weights)}"
+        weights_id, recipe = f"timm:{arch}", f"timm's {arch} pretrained config"
+    if low == "none" or not load or is_file_spec(weights) or low in NAMED_SOURCES:
+        with _seeded(seed):
+            model = timm.create_model(arch, pretrained=False, **kwargs)
+        if load and low in NAMED_SOURCES:
+            load_strict(model, named_state_dict(low, model, canonical), low)
+        elif load and is_file_spec(weights):
+            sd, file_sha = read_state_dict(path, storage_options)
+            load_strict(model, sd, path)
+    else:
+        model = fetch_timm_pretrained(arch, **kwargs)
     data = resolve_data_config({}, model=model)
     h, w = data["input_size"][1:]
     pre = Preprocessing.from_crop_pct((h, w), data.get("crop_pct") or 0.875, crop=crop,
@@ -346,7 +408,7 @@ def _build_timm(canonical, weights, seed, input_size, crop, decode, storage_opti
                                       mean=tuple(data["mean"]), std=tuple(data["std"]), decode=decode)
     if input_size:
         pre = pre.with_input_size(input_size)
-    return model, pre, weights_id, file_sha, _timm_categories(getattr(model, "num_classes", 0))
+    return model, pre, weights_id, file_sha, _timm_categories(getattr(model, "num_classes", 0)), recipe
 
 
 def _timm_layers(model: nn.Module) -> list[str]:
@@ -430,16 +492,35 @@ class Backbone(nn.Module):
                 for layer, v in parts.items()}
 
 
-def _check_layers(requested: Sequence[str], valid: list[str], model_name: str, prefixes: bool) -> None:
+def _suggest(layer: str, valid: list[str]) -> str:
+    """The most likely intended names: a case-insensitive match, else names as short as the one
+    asked (stage names for 'layr3', not 'layer3.1.bn2'), else the closest of all names."""
+    same_case = [v for v in valid if v.lower() == layer.lower()]
+    if same_case:
+        return f"; did you mean {same_case[0]!r}"
+    depth = layer.count(".")
+    short = [v for v in valid if v.count(".") <= depth]
+    close = difflib.get_close_matches(layer, short, n=5, cutoff=0.6)
+    close += [c for c in difflib.get_close_matches(layer, valid, n=5, cutoff=0.4) if c not in close]
+    return f"; closest: {', '.join(close[:5])}" if close else ""
+
+
+def _check_layers(requested: Sequence[str], valid: list[str], model_name: str, prefixes: bool,
+                  input_node: str | None = None) -> None:
+    hint = f"list them with `featurestore layers {model_name}`"
     for layer in requested:
+        if input_node is not None and layer == input_node:
+            raise UnknownLayerError(f"{model_name}: {layer!r} is the input image itself, not a feature; "
+                                    f"cut at a layer after it ({hint})")
         if layer == "logits" or layer in valid:
             continue
         if prefixes and any(v.startswith(layer + ".") for v in valid):
             continue  # torchvision accepts a module name: the output of its last node
-        close = difflib.get_close_matches(layer, valid + ["logits"], n=5, cutoff=0.4)
-        raise UnknownLayerError(
-            f"{model_name} has no layer {layer!r}" + (f"; closest: {', '.join(close)}" if close else "")
-            + f"; list them with `featurestore layers {model_name.removeprefix('timm:')}`")
+        names = [v for v in valid if v != input_node] + (["logits"] if "logits" not in valid else [])
+        if prefixes:  # module names are valid cuts too (layer3: its last node)
+            modules = {v.rsplit(".", i)[0] for v in names for i in range(1, v.count(".") + 1)}
+            names += sorted(modules - set(names))
+        raise UnknownLayerError(f"{model_name} has no layer {layer!r}{_suggest(layer, names)}; {hint}")
 
 
 def _check_choice(value, choices, what):
@@ -473,8 +554,9 @@ def load_backbone(model: str = "efficientnet_lite0", weights: str | None = "DEFA
     if isinstance(layers, str):
         layers = [layers]
     build = _build_timm if canonical.startswith("timm:") else _build_torchvision
-    net, pre, weights_id, file_sha, categories = build(canonical if canonical.startswith("timm:") else canonical,
-                                                      weights, seed, input_size, crop, decode, storage_options)
+    net, pre, weights_id, file_sha, categories, recipe = build(canonical, weights, seed, input_size, crop, decode,
+                                                              storage_options)
+    log.info("%s, weights %s: preprocessing %s (%s)", canonical, weights_id, pre.describe(), recipe)
     net.eval()
     sha = state_dict_sha256(net.state_dict())
     if canonical.startswith("timm:"):
@@ -485,7 +567,7 @@ def load_backbone(model: str = "efficientnet_lite0", weights: str | None = "DEFA
     else:
         summary = _graph_summary(net)
         layers = list(layers or [summary["default"]])
-        _check_layers(layers, summary["nodes"], canonical, prefixes=True)
+        _check_layers(layers, summary["nodes"], canonical, prefixes=True, input_node=summary["nodes"][0])
         cut = _TorchvisionCut(net, layers, summary["logits"])
         if set(layers) - {summary["default"], "logits"}:
             _check_per_image(cut, layers, canonical, pre.input_size)
@@ -540,13 +622,20 @@ def list_layers(model: str, weights: str | None = None, input_size: int | None =
     """Every cut point with its output shape for one image, found by a real forward at the input size.
 
     Recommended: the end of each stage, the global pool, the default (penultimate) cut and logits.
-    weights only matter for the input size; the default is a random init so nothing is downloaded.
+    weights matter only for the input size and preprocessing: the name is checked, nothing is
+    downloaded or read (the architecture is traced with random weights).
     """
+    return describe_layers(model, weights, input_size)[0]
+
+
+def describe_layers(model: str, weights: str | None = None,
+                    input_size: int | None = None) -> tuple[list[LayerInfo], Preprocessing, str]:
+    """(list_layers' rows, the preprocessing these weights get, where that preprocessing comes from)."""
     _check_input_size(input_size)
     canonical = canonical_name(model)
     bb_weights = weights or "none"
     if canonical.startswith("timm:"):
-        net, pre, *_ = _build_timm(canonical, bb_weights, 0, input_size, "center", "draft", None)
+        net, pre, *_, recipe = _build_timm(canonical, bb_weights, 0, input_size, "center", "draft", None, load=False)
         net.eval()
         names = _timm_layers(net)
         cut = _TimmCut(net, names)
@@ -557,8 +646,9 @@ def list_layers(model: str, weights: str | None = None, input_size: int | None =
         notes.update({"features": "forward_features (final feature map)",
                       "pre_logits": "global pool before the classifier (default)",
                       "logits": "ImageNet classifier output"})
-        return [LayerInfo(n, tuple(out[n].shape[1:]), True, notes.get(n, "")) for n in names]
-    net, pre, *_ = _build_torchvision(canonical, bb_weights, 0, input_size, "center", "draft", None)
+        return [LayerInfo(n, tuple(out[n].shape[1:]), True, notes.get(n, "")) for n in names], pre, recipe
+    net, pre, *_, recipe = _build_torchvision(canonical, bb_weights, 0, input_size, "center", "draft", None,
+                                              load=False)
     net.eval()
     summary = _graph_summary(net)
     from torchvision.models.feature_extraction import create_feature_extractor
@@ -586,9 +676,10 @@ def list_layers(model: str, weights: str | None = None, input_size: int | None =
     for p in pools:
         notes[p] = "global pool"
     notes[summary["default"]] = "penultimate: input of the classifier (default)"
-    layers = [LayerInfo(n, shapes[n], n in notes, notes.get(n, "")) for n in names if n in shapes]
+    # names[0] is the input image (refused as a cut)
+    layers = [LayerInfo(n, shapes[n], n in notes, notes.get(n, "")) for n in names[1:] if n in shapes]
     layers.append(LayerInfo("logits", shapes[summary["logits"]], True, f"ImageNet classifier output ({summary['logits']})"))
-    return layers
+    return layers, pre, recipe
 
 
 def classify(images: Iterable, model: str = "efficientnet_lite0", weights: str | None = "DEFAULT", topk: int = 5,

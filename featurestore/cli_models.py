@@ -5,6 +5,7 @@ Thin layers over featurestore.backbones; every table has a --json twin for scrip
 from __future__ import annotations
 
 import json
+import sys
 
 import click
 
@@ -44,6 +45,16 @@ def _errors(fn):
     return wrapper
 
 
+def _progress(names: list[str]):
+    """A progress bar on stderr while many timm models are built (--timm '*': minutes, silent before)."""
+    if len(names) < 50:
+        yield from names
+        return
+    with click.progressbar(names, label=f"timm: sizing {len(names)} models", file=sys.stderr, show_pos=True,
+                           show_eta=True, item_show_func=lambda n: n or "") as bar:
+        yield from bar
+
+
 @click.command("models")
 @click.option("--family", default=None, help="Only this family (prefix match: 'efficientnet' covers v1, v2, lite).")
 @click.option("--max-params", type=float, default=None, help="Only models with at most this many parameters (millions).")
@@ -55,7 +66,7 @@ def models(family, max_params, timm_pattern, as_json):
     """List the backbones: depth, size on disk, parameters, input size, ImageNet top-1, GFLOPs, default cut."""
     from .zoo import list_models
 
-    rows = list_models(family=family, max_params=max_params, timm_pattern=timm_pattern)
+    rows = list_models(family=family, max_params=max_params, timm_pattern=timm_pattern, progress=_progress)
     if as_json:
         click.echo(json.dumps([r.to_dict() for r in rows], indent=2))
         return
@@ -68,16 +79,21 @@ def models(family, max_params, timm_pattern, as_json):
 
 @click.command("layers")
 @click.argument("model")
-@click.option("--weights", default=None, help="Weights (only the input size matters here; default: random init).")
+@click.option("--weights", default=None,
+              help="Weights whose input size and preprocessing to show (checked, never downloaded or read: "
+                   "the layers need only the architecture; default: random init).")
 @click.option("--input-size", type=int, default=None, help="Trace at this input size instead of the model's own.")
 @click.option("--recommended", "only_recommended", is_flag=True, help="Only the recommended cut points.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON records instead of a table.")
 @_errors
 def layers(model, weights, input_size, only_recommended, as_json):
-    """List every cut point of MODEL with its output shape (from a real trace); * marks recommended ones."""
-    from .backbones import list_layers
+    """List every cut point of MODEL with its output shape (from a real trace); * marks recommended ones.
 
-    rows = list_layers(model, weights=weights, input_size=input_size)
+    The table's last line says the preprocessing that these weights get.
+    """
+    from .backbones import describe_layers
+
+    rows, pre, recipe = describe_layers(model, weights=weights, input_size=input_size)
     if only_recommended:
         rows = [r for r in rows if r.recommended]
     if as_json:
@@ -85,6 +101,7 @@ def layers(model, weights, input_size, only_recommended, as_json):
         return
     body = [["*" if r.recommended else "", r.name, "x".join(str(d) for d in r.shape), r.note] for r in rows]
     click.echo(_table(["rec", "layer", "shape", "note"], body))
+    click.echo(f"preprocessing: {pre.describe()} ({recipe})")
 
 
 def report_skipped(errors: list[tuple[str, str]], total: int) -> int:

@@ -61,6 +61,14 @@ class Preprocessing:
         ratio = self.resize_size / max(self.input_size)
         return replace(self, input_size=(int(size), int(size)), resize_size=int(round(size * ratio)))
 
+    def describe(self) -> str:
+        """One line for logs and `featurestore layers`: what an image goes through."""
+        h, w = self.input_size
+        fmt = lambda v: "/".join(f"{x:g}" for x in v)  # noqa: E731
+        geometry = {"center": f"resize {self.resize_size}, center crop {h}x{w}",
+                    "squash": f"squash to {h}x{w}", "pad": f"pad to {h}x{w}"}[self.crop]
+        return f"{geometry}, {self.interpolation}, mean {fmt(self.mean)}, std {fmt(self.std)}"
+
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["input_size"] = list(self.input_size)

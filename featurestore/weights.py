@@ -1,8 +1,10 @@
 """Where a backbone's weights come from, and proof of which ones were used.
 
 Weights may be a torchvision enum name (resolved through torchvision's cache under
-TORCH_HOME), a state-dict file or fsspec URL, a named source shipped inside an
-installed package (usable offline), or "none" for a seeded random initialisation.
+TORCH_HOME), a state-dict file or fsspec URL (optionally `FILE#RECIPE`: the file's
+tensors with the preprocessing of a named torchvision enum member or timm pretrained tag),
+a named source shipped inside an installed package (usable offline), or "none" for a
+seeded random initialisation.
 Every load is strict, and every backbone gets a sha256 over its state dict so a
 store records exactly which numbers produced its features.
 """
@@ -10,7 +12,9 @@ from __future__ import annotations
 
 import hashlib
 import io
+import logging
 import os
+import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -19,12 +23,17 @@ if TYPE_CHECKING:
 
 __all__ = [
     "WeightsError", "NAMED_SOURCES", "NamedSource", "state_dict_sha256", "file_sha256",
-    "is_file_spec", "read_state_dict", "load_strict", "torchvision_enum", "fetch_torchvision",
-    "torchvision_offline_error",
+    "is_file_spec", "split_recipe", "read_state_dict", "load_strict", "torchvision_enum", "fetch_torchvision",
+    "torchvision_offline_error", "timm_tags", "check_timm_tag", "strip_wrapper_prefix", "hub_dir",
     "fetch_timm_pretrained", "named_state_dict", "convert_efficientnet_lite0",
 ]
 
 FILE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".safetensors", ".pkl", ".tar")
+# Prefixes that training wrappers put on every key: DataParallel/DDP, torch.compile, Lightning.
+WRAPPER_PREFIXES = {"module.": "a DataParallel/DistributedDataParallel checkpoint",
+                    "_orig_mod.": "a torch.compile'd model", "model.": "a wrapper holding the model as .model"}
+
+log = logging.getLogger(__name__)
 
 
 class WeightsError(RuntimeError):
@@ -59,13 +68,32 @@ def file_sha256(data: bytes) -> str:
 
 
 # -- files and URLs ----------------------------------------------------------------------------
-def is_file_spec(weights: str) -> bool:
-    """A path or URL rather than an enum name / named source."""
+def _is_path(weights: str) -> bool:
     if "://" in weights or weights.startswith(("/", "./", "../", "~")):
         return True
     if weights.lower().endswith(FILE_SUFFIXES):
         return True
     return os.sep in weights or os.path.exists(weights)
+
+
+def split_recipe(weights: str) -> tuple[str, str | None]:
+    """'r50.pth#IMAGENET1K_V2' -> ('r50.pth', 'IMAGENET1K_V2'); anything else -> (weights, None).
+
+    A state-dict file carries tensors, not the preprocessing they were trained with: the
+    suffix names the torchvision enum member (or timm pretrained tag) whose recipe to use.
+    Only a name (no '/', no file suffix) after the last '#' of a path or URL counts, so a
+    file called 'run#3.pth' or a URL fragment such as '#sha=...' stays whole.
+    """
+    head, sep, tail = weights.rpartition("#")
+    if (sep and head and re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.\-]*", tail)
+            and not tail.lower().endswith(FILE_SUFFIXES) and _is_path(head)):
+        return head, tail
+    return weights, None
+
+
+def is_file_spec(weights: str) -> bool:
+    """A path or URL (with or without a #RECIPE suffix) rather than an enum name / named source."""
+    return _is_path(split_recipe(weights)[0])
 
 
 def _unwrap(obj: Any, uri: str) -> dict[str, torch.Tensor]:
@@ -85,6 +113,80 @@ def _unwrap(obj: Any, uri: str) -> dict[str, torch.Tensor]:
                        f"save one with torch.save(model.state_dict(), path)")
 
 
+def _local_file(uri: str) -> str | None:
+    """The local path of a plain path or file:// URL (percent-escapes such as %20 decoded); None for remote URLs."""
+    from urllib.parse import unquote, urlsplit
+
+    path = os.path.expanduser(uri)
+    if path.startswith("file://"):
+        raw = urlsplit(path).path
+        decoded = unquote(raw)
+        # a file literally named 'a%20b.pth' keeps working
+        return raw if not os.path.exists(decoded) and os.path.exists(raw) else decoded
+    return None if "://" in path else path
+
+
+def _chain(exc: BaseException):
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__
+
+
+def hub_dir() -> str:
+    """torch's hub directory ($TORCH_HOME/hub), where torchvision caches downloaded weights."""
+    import torch
+
+    return torch.hub.get_dir()
+
+
+def _offline_hint(uri: str) -> str:
+    """How to pass these weights without a network."""
+    name = os.path.basename(uri.split("?")[0].split("#")[0]) or "weights.pth"
+    cached = os.path.join(hub_dir(), "checkpoints", name)
+    hint = (f"offline, copy the file to this machine and pass its path (--weights /path/to/{name}), or for "
+            f"torchvision's own weights put it in the torch hub cache {os.path.dirname(cached)} "
+            f"($TORCH_HOME/hub/checkpoints) and pass the enum name (e.g. DEFAULT)")
+    if os.path.isfile(cached):
+        hint = f"a copy is already in the torch hub cache: pass --weights {cached}; or " + hint
+    return hint
+
+
+def _first_sentence(exc: BaseException, limit: int = 200) -> str:
+    text = str(exc).split(". ")[0][:limit]
+    return f"{type(exc).__name__}: {text or 'no detail'}"
+
+
+def _read_error(uri: str, exc: BaseException) -> WeightsError:
+    """Say which of: host unreachable, not found (404), another HTTP error, or something else."""
+    import socket
+
+    local = _local_file(uri)
+    if local is not None and isinstance(exc, FileNotFoundError):
+        return WeightsError(f"weights file not found: {uri}; pass an existing state-dict file or URL, "
+                            f"an enum name such as DEFAULT, or 'none'")
+    chain = list(_chain(exc))
+    status = next((x.status for x in chain if isinstance(getattr(x, "status", None), int) and x.status >= 400), None)
+    if status in (404, 410):
+        return WeightsError(f"weights URL not found (HTTP {status}): {uri}; check the address; " + _offline_hint(uri))
+    if status is not None:
+        what = ("access denied: check the credentials (storage_options)" if status in (401, 403)
+                else "a server error: try again later" if status >= 500 else "check the address")
+        return WeightsError(f"weights URL {uri} answered HTTP {status}, {what}; " + _offline_hint(uri))
+    if any(isinstance(x, (ConnectionError, socket.gaierror, TimeoutError)) or
+           type(x).__name__.startswith(("ClientConnector", "ServerDisconnected", "ServerTimeout")) for x in chain):
+        what = ("the host name does not resolve (DNS)" if any(isinstance(x, socket.gaierror) for x in chain)
+                else "connection refused" if any(isinstance(x, ConnectionRefusedError) for x in chain)
+                else "timed out" if any(isinstance(x, TimeoutError) for x in chain)
+                else _first_sentence(chain[-1]))
+        return WeightsError(f"cannot reach the host of weights URL {uri} ({what}): no network, or the server "
+                            f"is down; " + _offline_hint(uri))
+    if isinstance(exc, FileNotFoundError):
+        return WeightsError(f"weights not found: {uri}; check the address; " + _offline_hint(uri))
+    return WeightsError(f"cannot read weights {uri}: {_first_sentence(exc, 300)}")
+
+
 def read_state_dict(uri: str, storage_options: dict | None = None) -> tuple[dict[str, torch.Tensor], str]:
     """Read a state dict from a local path or fsspec URL with torch.load(weights_only=True).
 
@@ -93,15 +195,19 @@ def read_state_dict(uri: str, storage_options: dict | None = None) -> tuple[dict
     import fsspec
     import torch
 
-    path = os.path.expanduser(uri)
+    uri = split_recipe(uri)[0]
+    local = _local_file(uri)
+    path = local if local is not None else uri
     try:
         with fsspec.open(path, "rb", **(storage_options or {})) as f:
             data = f.read()
-    except FileNotFoundError:
-        raise WeightsError(f"weights file not found: {uri}; pass an existing state-dict file or URL, "
-                           f"an enum name such as DEFAULT, or 'none'") from None
+    except IsADirectoryError:
+        raise WeightsError(f"weights {uri} is a directory; pass the state-dict file inside it") from None
     except Exception as exc:
-        raise WeightsError(f"cannot read weights {uri}: {type(exc).__name__}: {exc}") from None
+        raise _read_error(uri, exc) from None
+    if not data:
+        raise WeightsError(f"weights file {uri} is empty (0 bytes), e.g. an interrupted download or save; "
+                           f"download or save it again") from None
     digest = file_sha256(data)
     try:
         if path.lower().endswith(".safetensors"):
@@ -111,8 +217,13 @@ def read_state_dict(uri: str, storage_options: dict | None = None) -> tuple[dict
         else:
             obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise WeightsError(f"{uri}: cannot load as a state dict with torch.load(weights_only=True): "
-                           f"{type(exc).__name__}: {str(exc)[:300]}") from None
+        truncated = isinstance(exc, EOFError) or "failed finding central directory" in str(exc) \
+            or "failed reading" in str(exc)
+        if truncated:
+            raise WeightsError(f"weights file {uri} is truncated or corrupt ({len(data)} bytes; an interrupted "
+                               f"download or copy?): {_first_sentence(exc)}; download or save it again") from None
+        raise WeightsError(f"weights file {uri} cannot be loaded as a state dict with torch.load(weights_only=True): "
+                           f"{_first_sentence(exc, 300)}; save one with torch.save(model.state_dict(), path)") from None
     return _unwrap(obj, uri), digest
 
 
@@ -122,9 +233,28 @@ def _names(keys, n=8) -> str:
     return ", ".join(keys[:n]) + more
 
 
+def strip_wrapper_prefix(sd: dict[str, torch.Tensor], own_keys, source: str) -> dict[str, torch.Tensor]:
+    """Drop a prefix that a training wrapper put on every key ('module.' from DataParallel/DDP, ...).
+
+    Only when every key has it and the model's own keys do not, so the tensors are untouched
+    and the backbone's sha256 is that of the unwrapped state dict.
+    """
+    own = set(own_keys)
+    changed = True
+    while changed and sd and not set(sd) <= own:
+        changed = False
+        for prefix, what in WRAPPER_PREFIXES.items():
+            if all(k.startswith(prefix) for k in sd) and not any(k.startswith(prefix) for k in own):
+                sd = {k[len(prefix):]: v for k, v in sd.items()}
+                log.info("weights %s: every key starts with %r (%s); stripped it", source, prefix, what)
+                changed = True
+    return sd
+
+
 def load_strict(model: torch.nn.Module, sd: dict[str, torch.Tensor], source: str) -> None:
     """load_state_dict(strict=True), with an error naming missing, unexpected and mis-shaped keys."""
     own = model.state_dict()
+    sd = strip_wrapper_prefix(sd, own, source)
     missing = [k for k in own if k not in sd]
     unexpected = [k for k in sd if k not in own]
     shapes = [f"{k} {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
@@ -178,10 +308,32 @@ def fetch_torchvision(member) -> dict[str, torch.Tensor]:
         raise torchvision_offline_error(member, exc) from None
 
 
+def _hash_prefix_mismatch(path: str) -> str:
+    """' (its sha256 starts with X, its name says Y)' when torchvision's name-embedded hash disagrees."""
+    m = re.search(r"-([0-9a-f]{8,})\.\w+$", os.path.basename(path))
+    if not m:
+        return ""
+    with open(path, "rb") as f:
+        digest = hashlib.sha256(f.read()).hexdigest()
+    return "" if digest.startswith(m.group(1)) else f" (its sha256 starts {digest[:8]}, its name says {m.group(1)})"
+
+
 def torchvision_offline_error(member, exc: BaseException) -> WeightsError:
-    """What torchvision wanted, where to put it, and how to pass a file instead."""
+    """What torchvision wanted, where to put it, and how to pass a file instead.
+
+    A file already in the cache that fails to load is corrupt (torch only checks the hash
+    when it downloads): name it and say to delete it, rather than to put it there.
+    """
     url = member.url
     cached = _hub_cache_file(url)
+    if os.path.isfile(cached):
+        size = os.path.getsize(cached)
+        state = "is empty (0 bytes)" if size == 0 else f"cannot be loaded{_hash_prefix_mismatch(cached)}"
+        return WeightsError(
+            f"the cached torchvision weights file {cached} {state}: it is corrupt or truncated "
+            f"(an interrupted download or copy?) ({type(exc).__name__}: {str(exc)[:200] or 'no detail'}); "
+            f"delete it (rm {cached}) and run again to download {type(member).__name__}.{member.name} afresh, "
+            f"or put an intact copy of {url} there (offline machines)")
     return WeightsError(
             f"could not get torchvision weights {type(member).__name__}.{member.name} "
             f"({type(exc).__name__}: {str(exc)[:200]}).\n"
@@ -190,6 +342,33 @@ def torchvision_offline_error(member, exc: BaseException) -> WeightsError:
             f"  (the cache is $TORCH_HOME/hub/checkpoints; TORCH_HOME={os.environ.get('TORCH_HOME', '~/.cache/torch')})\n"
             f"  or pass a state-dict file instead: --weights /path/to/{os.path.basename(cached)} "
             f"(or weights='s3://.../file.pth'), or --weights none for random init")
+
+
+def timm_tags(timm_name: str) -> list[str]:
+    """The pretrained tags timm knows for an architecture (resnet18 -> a1_in1k, ..., tv_in1k)."""
+    import timm
+
+    return [n.split(".", 1)[1] for n in timm.list_pretrained(f"{timm_name}.*") if "." in n]
+
+
+def check_timm_tag(timm_name: str, tag: str) -> str:
+    """`tag` if timm has pretrained weights under it for the model, else a WeightsError listing the tags."""
+    tags = timm_tags(timm_name)
+    if tag in tags:
+        return tag
+    lower = {t.lower(): t for t in tags}
+    if tag.lower() in lower:
+        return lower[tag.lower()]
+    import difflib
+
+    close = difflib.get_close_matches(tag, tags, n=3, cutoff=0.4)
+    if not tags:
+        raise WeightsError(f"timm has no pretrained tags for {timm_name} (asked: {tag!r}); pass a state-dict "
+                           f"file/URL, or 'none' for random initialisation")
+    raise WeightsError(
+        f"unknown weights {tag!r} for timm:{timm_name}: not a pretrained tag; its tags are {', '.join(tags)}"
+        + (f" (closest: {', '.join(close)})" if close else "")
+        + "; or DEFAULT, a state-dict file/URL, or 'none' for random initialisation")
 
 
 def fetch_timm_pretrained(timm_name: str, **kwargs) -> torch.nn.Module:

@@ -117,6 +117,33 @@ def test_unknown_model_and_layer_name_alternatives():
             load_backbone("resnet18", "none", input_size=size)
 
 
+def test_misspelt_layer_suggestions_prefer_the_intended_name():
+    def suggestion(model, layer):
+        with pytest.raises(UnknownLayerError) as err:
+            load_backbone(model, "none", layers=[layer], input_size=32)
+        return str(err.value)
+
+    # a case slip: the exact name, not a deep node that happens to share letters
+    msg = suggestion("resnet18", "Layer3")
+    assert "did you mean 'layer3'" in msg and "layer3.1.bn2" not in msg
+    assert "did you mean 'logits'" in suggestion("resnet18", "LOGITS")
+    assert "did you mean 'layer3.1.bn2'" in suggestion("resnet18", "Layer3.1.BN2")
+    # a typo in a stage name: stage names (module names count: layer3 is a cut) before deep nodes
+    msg = suggestion("resnet18", "layr3")
+    assert msg.split("closest: ")[1].startswith("layer3, ")
+    # a typo deep down: the nearby deep nodes
+    assert "closest: layer3.1.bn2, layer3.1.bn1" in suggestion("resnet18", "layer3.1.bn")
+    # timm: the hint names the timm model, not the torchvision one of the same name
+    msg = suggestion("timm:resnet18", "Layer3")
+    assert "did you mean 'layer3'" in msg and "`featurestore layers timm:resnet18`" in msg
+
+
+def test_the_input_node_is_not_a_layer():
+    with pytest.raises(UnknownLayerError, match="'x' is the input image itself, not a feature"):
+        load_backbone("resnet18", "none", layers=["x"], input_size=32)
+    assert "x" not in [r.name for r in list_layers("resnet18", input_size=32)]
+
+
 SHARED = "/work/shared/data/animals"
 
 

@@ -64,3 +64,20 @@ def test_stored_trace_matches_a_fresh_trace():
 
     for name in ("resnet18", "mobilenet_v2", "squeezenet1_1"):
         assert trace_summary(name) == _TV_TRACED[name]
+
+
+def test_timm_star_with_a_family_builds_only_that_family():
+    """--timm '*' builds every model on the meta device (minutes); a family is filtered on the names first."""
+    import timm
+
+    seen: list[str] = []
+
+    def progress(names):
+        seen.extend(names)
+        return names
+
+    rows = list_models(family="mobilenet_v2", timm_pattern="*", progress=progress)
+    assert len(timm.list_models("*")) > 1000 and 0 < len(seen) < 40
+    assert all(n.startswith("mobilenetv2") for n in seen)
+    assert {r.name for r in rows if r.source == "timm"} == {"timm:" + n for n in seen}
+    assert "mobilenet_v2" in {r.name for r in rows}  # torchvision's own stays
