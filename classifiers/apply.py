@@ -103,14 +103,18 @@ def head_weights(head: Head, weights: str | None = None) -> str:
     A recorded local file that is not there (the head was copied to another machine, or saved by
     an older version with a relative path) is refused here in one line that says how to point at it.
     """
-    if weights is not None:
-        return str(weights)
-    from featurestore.weights import is_file_spec
+    from featurestore.weights import is_file_spec, split_recipe
 
     from .persist import HeadFileError
 
     w = str(head.store_config.get("weights", "DEFAULT"))
-    if "://" not in w and is_file_spec(w) and not os.path.isfile(os.path.expanduser(w)):
+    recipe = split_recipe(w)[1]
+    if weights is not None:  # a moved file keeps the preprocessing recipe the head was trained with
+        weights = str(weights)
+        if recipe and is_file_spec(weights) and split_recipe(weights)[1] is None:
+            weights = f"{weights}#{recipe}"
+        return weights
+    if "://" not in w and is_file_spec(w) and not os.path.isfile(os.path.expanduser(split_recipe(w)[0])):
         raise HeadFileError(f"{head.path or 'head'}: the backbone weights file it was trained with is missing: {w}; "
                             "pass --weights PATH (weights= in Python) to point at a copy of it")
     return w

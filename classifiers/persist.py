@@ -79,13 +79,14 @@ def absolute_weights(config: dict) -> dict:
     not find them when classify or export run from another folder. Only a file that exists
     from here is made absolute; URLs, enum names and named sources stay as they are.
     """
-    from featurestore.weights import is_file_spec
+    from featurestore.weights import is_file_spec, split_recipe
 
     w = config.get("weights")
     if not isinstance(w, str) or "://" in w or not is_file_spec(w):
         return config
-    p = os.path.abspath(os.path.expanduser(w))
-    return {**config, "weights": p} if os.path.isfile(p) else config
+    path, recipe = split_recipe(w)
+    p = os.path.abspath(os.path.expanduser(path))
+    return {**config, "weights": p + (f"#{recipe}" if recipe else "")} if os.path.isfile(p) else config
 
 
 def save_head(head: Head, path: str) -> str:

@@ -153,12 +153,15 @@ def weights_tag(weights: str | None) -> str:
     if w.lower() == "none":
         return "none"
     if _is_file_spec(w):
-        stem = os.path.basename(w.rstrip("/"))
+        from featurestore.weights import split_recipe
+
+        path, recipe = split_recipe(w)
+        stem = os.path.basename(path.rstrip("/"))
         for suffix in _WEIGHT_SUFFIXES:
             if stem.lower().endswith(suffix):
                 stem = stem[: -len(suffix)]
                 break
-        return _safe(stem)
+        return _safe(stem + (f"-{recipe.lower()}" if recipe else ""))
     return _safe(w.lower().replace(":", "-"))
 
 
@@ -169,7 +172,10 @@ def _weights_label(weights: str) -> str:
     if w.upper() == "DEFAULT":
         return "DEFAULT"
     if _is_file_spec(w):
-        return os.path.basename(w.rstrip("/"))
+        from featurestore.weights import split_recipe
+
+        path, recipe = split_recipe(w)
+        return os.path.basename(path.rstrip("/")) + (f"#{recipe}" if recipe else "")
     return w
 
 
@@ -256,11 +262,14 @@ def parse_candidates(models: str | Sequence[str], weights: str | Mapping[str, st
             else:
                 spec = default_w or "DEFAULT"
         if _is_file_spec(spec) and "://" not in spec:
-            path = os.path.abspath(os.path.expanduser(spec))
+            from featurestore.weights import split_recipe
+
+            file, recipe = split_recipe(spec)
+            path = os.path.abspath(os.path.expanduser(file))
             if not os.path.isfile(path):
-                raise ProbeError(f"weights for {model}: file {spec} not found; pass an existing state-dict file, "
+                raise ProbeError(f"weights for {model}: file {file} not found; pass an existing state-dict file, "
                                  "an enum name such as DEFAULT, or none")
-            spec = path
+            spec = path + (f"#{recipe}" if recipe else "")
         ident = (canonical, spec if spec.lower() != "none" else "none")
         if ident in seen:
             raise ProbeError(f"--models: {entry!r} repeats {seen[ident]!r} (same model and weights); list each once")

@@ -90,3 +90,35 @@ def test_a_missing_weights_file_is_named_with_the_way_out(head_with_relative_wei
     torch.save(resnet18().state_dict(), other)
     r = CliRunner().invoke(main, ["classify", "--head", str(work / "h"), "--weights", str(other), paths[0]])
     assert r.exit_code == 2 and "weights_sha256" in r.output, r.output
+
+
+def test_a_file_with_a_named_recipe_keeps_it_through_the_head(tmp_path, monkeypatch, image_folder):
+    """FILE#RECIPE: the head records the absolute file with its recipe, finds it from anywhere,
+    and a moved file given with --weights keeps the recipe the head was trained with."""
+    from torchvision.models import mobilenet_v2
+
+    work = tmp_path / "work"
+    work.mkdir()
+    torch.manual_seed(5)
+    torch.save(mobilenet_v2().state_dict(), work / "w.pth")
+    monkeypatch.chdir(work)
+    bb = load_backbone("mobilenet_v2", "w.pth#IMAGENET1K_V2", input_size=32)
+    assert bb.config()["weights"] == "w.pth#IMAGENET1K_V2"
+    assert bb.config()["preprocessing"] != load_backbone("mobilenet_v2", "w.pth", input_size=32).config()["preprocessing"]
+    root = image_folder(classes={"cat": 4, "dog": 4}, size=(40, 36))
+    paths = sorted(str(p) for p in root.rglob("*.*"))
+    feats = bb.extract([load_image(p) for p in paths])[bb.layers[0]]
+    y = np.array([0 if "/cat/" in p else 1 for p in paths])
+    store = write_store(str(work / "s"), {bb.layers[0]: feats}, y, ["cat", "dog"], ids=paths, config=bb.config())
+    head = classifiers.train(store, head="logreg", grid={"C": [10.0]}, out="h")
+    assert json.loads((work / "h" / "head.json").read_text())["store_config"]["weights"] == f"{work / 'w.pth'}#IMAGENET1K_V2"
+    want = [head.label_names[i] for i in head.predict_proba(feats[:2]).argmax(1)]
+    monkeypatch.chdir(tmp_path)
+    r = CliRunner().invoke(main, ["classify", "--head", str(work / "h"), "--json", *paths[:2]])
+    assert r.exit_code == 0, r.output
+    assert [g["label"] for g in json.loads(r.output)["results"]] == want
+    moved = tmp_path / "moved.pth"
+    os.replace(work / "w.pth", moved)
+    r = CliRunner().invoke(main, ["classify", "--head", str(work / "h"), "--weights", str(moved), "--json", *paths[:2]])
+    assert r.exit_code == 0, r.output
+    assert [g["label"] for g in json.loads(r.output)["results"]] == want

