@@ -9,7 +9,7 @@ forgets the earlier classes.
 from __future__ import annotations
 
 import logging
-from typing import Any, Iterator
+from typing import Iterator
 
 import numpy as np
 from sklearn.linear_model import SGDClassifier

@@ -49,9 +49,11 @@ class LazyGroup(click.Group):
         try:
             return getattr(importlib.import_module(module), attr)
         except (ImportError, AttributeError) as exc:  # a stage not installed / not built
-            @click.command(name=name, help=f"(unavailable: {exc})")
+            why = str(exc)  # `exc` itself is unbound once this block ends, before the command runs
+
+            @click.command(name=name, help=f"(unavailable: {why})")
             def unavailable():
-                raise click.ClickException(f"command '{name}' is unavailable: {exc}")
+                raise click.ClickException(f"command '{name}' is unavailable: {why}")
 
             return unavailable
 

@@ -720,6 +720,15 @@ def _extract(cfg: ExtractConfig, stop: _StopOnSignal, leases: list) -> ExtractRe
     for a in actor_info[:1]:
         log.info("actors ready after %.1fs: %s, decode %s, %s, compile %s, %s", startup, a["device"], a["decode"],
                  a["batch_note"], a["compile"], a.get("fold"))
+    for bconf in backbone_configs:  # what every image goes through: a file's recipe is a choice worth seeing
+        if bconf.get("preprocessing"):
+            from featurestore.preprocess import Preprocessing
+
+            try:
+                recipe = Preprocessing.from_dict(bconf["preprocessing"]).describe()
+            except (TypeError, ValueError, KeyError):  # a log line never stops an extraction
+                recipe = str(bconf["preprocessing"])
+            log.info("%s (%s): %s", bconf.get("model"), bconf.get("weights"), recipe)
     writers = []
     for uri, bconf, had_plan, request in zip(outputs, backbone_configs, existing, requests):
         store_config = {**bconf, "dtype": cfg.dtype, "compression": cfg.compression}

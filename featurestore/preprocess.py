@@ -9,11 +9,15 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import asdict, dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from PIL import Image
+
+# torch is imported where tensors are made: the driver reads and logs recipes without paying
+# torch's import (seconds) for it.
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["Preprocessing", "CROPS", "DECODES", "INTERPOLATIONS"]
 
@@ -138,6 +142,8 @@ class Preprocessing:
         Reading threads stop here; `normalize` then runs once per batch, where torch's
         threads (or the GPU, after a 4x smaller host-to-device copy) do it in one pass.
         """
+        import torch
+
         arr = np.asarray(self.resize_crop(img), dtype=np.uint8)
         return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
 
@@ -145,6 +151,8 @@ class Preprocessing:
         """Pixels [..., 3, h, w] in 0..255 (uint8, or float from the tensor path) -> float32
         normalised, on x's device, in a new tensor. The same operations in the same order
         for one image or a batch, on either path, so they give bit-identical values."""
+        import torch
+
         mean, std = _channel_stats(self.mean, self.std, x.device)
         return x.to(torch.float32, copy=True).div_(255.0).sub_(mean).div_(std)
 
@@ -156,5 +164,7 @@ class Preprocessing:
 def _channel_stats(mean: tuple, std: tuple, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and std as [3, 1, 1] tensors, made once per device: creating them from Python
     on a GPU is a blocking copy that would stall the stream on every batch."""
+    import torch
+
     as_tensor = lambda v: torch.tensor(v, dtype=torch.float32, device=device).view(3, 1, 1)  # noqa: E731
     return as_tensor(mean), as_tensor(std)

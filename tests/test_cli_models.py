@@ -58,3 +58,14 @@ def test_classify_table_and_json(tmp_path):
     assert r.exit_code != 0
     r = CliRunner().invoke(classify, ["--topk", "0", img])
     assert r.exit_code == 2 and "0 is not in the range x>=1" in r.output, r.output
+
+
+def test_a_command_whose_module_cannot_load_says_why(monkeypatch):
+    """The CLI loads each stage lazily; one that cannot be imported is listed and explains itself."""
+    from featurestore import cli
+
+    monkeypatch.setitem(cli.COMMANDS, "ghost", "featurestore.no_such_stage:cmd")
+    res = CliRunner().invoke(cli.main, ["ghost"])
+    assert res.exit_code == 1 and "command 'ghost' is unavailable: No module named 'featurestore.no_such_stage'" \
+        in res.output, res.output
+    assert "unavailable: No module named" in CliRunner().invoke(cli.main, ["--help"]).output

@@ -5,7 +5,6 @@ Real loopback HTTP servers and real files; nothing about the network is simulate
 import functools
 import http.server
 import logging
-import os
 import socket
 import threading
 
