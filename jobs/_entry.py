@@ -100,14 +100,16 @@ def input_errors(kind: str) -> tuple[type, ...]:
               FileNotFoundError, FilesystemUnavailable, ClusterUnreachable)
     if kind == "extract":
         return common
-    if kind == "probe":
+    try:  # the heads' own errors; without them the rest still holds
+        from classifiers.core import ExportError, HeadConfigMismatch
         from classifiers.heads import HeadError
+        from classifiers.persist import HeadFileError
+    except ImportError:
+        return (*common, OSError)
+    if kind == "probe":
         from featurestore.probing import ProbeError
 
         return (*common, ProbeError, HeadError, OSError)
-    from classifiers.core import ExportError, HeadConfigMismatch
-    from classifiers.persist import HeadFileError
-
     return (*common, HeadConfigMismatch, HeadFileError, ExportError, KeyError, ValueError, OSError)
 
 
