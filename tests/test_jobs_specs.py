@@ -351,3 +351,27 @@ def test_submission_id_of_a_very_long_name_is_short_and_safe():
     assert all(c.isalnum() or c in "-_" for c in sid) and "--" not in sid and not sid[:-9].endswith("-")
     spec, _ = parse_spec(dict(GOOD, name="/// ???"))
     assert new_submission_id(spec).startswith("featurestore-")
+
+
+@pytest.mark.parametrize("status,message,streamed,code,said", [
+    # failed before its entrypoint ran (a pip requirement that did not install): no log, so Ray's message is all
+    ("FAILED", "runtime_env setup failed: Failed to set up runtime environment.\npip: no such file", False, None,
+     "message: runtime_env setup failed: Failed to set up runtime environment.\npip: no such file"),
+    # its log was streamed above: the message's copy of the log's last lines is not repeated
+    ("FAILED", "Job entrypoint command failed with exit code 2, last available logs (truncated to 20,000 chars):\n"
+               "refused: spec.yaml: ...", True, 2, "message: Job entrypoint command failed with exit code 2; its log "
+                                                   "is above"),
+    ("STOPPED", "Job was intentionally stopped.", True, None, "message: Job was intentionally stopped."),
+])
+def test_follow_ends_with_rays_message_and_a_nonzero_exit(capsys, status, message, streamed, code, said):
+    from ray.job_submission import JobDetails, JobStatus, JobType
+
+    from jobs.cli import _end_of_follow
+
+    info = JobDetails(type=JobType.SUBMISSION, entrypoint="python -m jobs.extract", submission_id="j",
+                      status=JobStatus(status), message=message, driver_exit_code=code)
+    with pytest.raises(SystemExit) as ended:
+        _end_of_follow("j", info, streamed)
+    err = capsys.readouterr().err
+    assert ended.value.code == (2 if code == 2 else 1)
+    assert err.startswith(f"job j: {status}") and said in err and "last available logs" not in err, err
