@@ -191,7 +191,10 @@ def input_error_line(kind: str, exc: BaseException, spec: Any, typed: Any) -> st
     text = spec_terms(text, typed)
     if text.startswith(f"{spec.source}: "):
         text = text[len(spec.source) + 2:]
-    field_name = None if "config." in text else spec_field(kind, exc, text, typed)
+    import dataclasses
+
+    named = dataclasses.is_dataclass(typed) and any(f"config.{f.name}" in text for f in dataclasses.fields(typed))
+    field_name = None if named else spec_field(kind, exc, text, typed)
     return f"{spec.source}: " + (f"field 'config.{field_name}': " if field_name else "") + text
 
 
