@@ -87,7 +87,123 @@ def submission_id() -> str:
     return meta.get("job_submission_id") or os.environ.get("RAY_JOB_SUBMISSION_ID") or "-"
 
 
+def input_errors(kind: str) -> tuple[type, ...]:
+    """What the local command (`featurestore extract`, `probe`, `train`, ...) reports as the
+    input's fault, in one line with exit code 2: a job run from a spec fails the same way."""
+    from featurestore.engine import ClusterUnreachable
+    from featurestore.sources import FilesystemUnavailable, SourceError
+    from featurestore.store import StoreError
+    from featurestore.weights import WeightsError
+    from featurestore.zoo import UnknownLayerError, UnknownModelError
+
+    common = (ConfigError, SourceError, StoreError, WeightsError, UnknownModelError, UnknownLayerError,
+              FileNotFoundError, FilesystemUnavailable, ClusterUnreachable)
+    if kind == "extract":
+        return common
+    try:  # the heads' own errors; without them the rest still holds
+        from classifiers.core import ExportError, HeadConfigMismatch
+        from classifiers.heads import HeadError
+        from classifiers.persist import HeadFileError
+    except ImportError:
+        return (*common, OSError)
+    if kind == "probe":
+        from featurestore.probing import ProbeError
+
+        return (*common, ProbeError, HeadError, OSError)
+    return (*common, HeadConfigMismatch, HeadFileError, ExportError, KeyError, ValueError, OSError)
+
+
+def is_input_error(kind: str, exc: BaseException) -> bool:
+    from featurestore.engine import ExtractError
+    from featurestore.probing import ProbeExtractionError
+
+    if isinstance(exc, ProbeExtractionError):  # an extraction that failed: shards to retry, not the input
+        return False
+    if isinstance(exc, ExtractError):  # failed shards are worth a re-run; anything else could not start as asked
+        return not (exc.result is not None and exc.result.failed_shards)
+    return isinstance(exc, input_errors(kind))
+
+
+# Exceptions whose message says which field is wrong, even when the message does not name it;
+# an actor's error reaches the driver as text ("... UnknownLayerError: resnet18 has no layer ...").
+_FIELD_OF_ERROR = {"UnknownLayerError": "layers", "UnknownModelError": "model", "WeightsError": "weights"}
+_LOCATION_FIELDS = ("source", "output", "store", "out", "head", "split", "weights", "address")
+
+
+def _flag_to_field(flag: str, fields: dict) -> str | None:
+    name = flag.replace("-", "_")
+    for candidate in (name, name + "s", name.removesuffix("s")):  # --layer: layers, --models: models
+        if candidate in fields:
+            return candidate
+    return None
+
+
+def spec_terms(message: str, typed: Any) -> str:
+    """A message written for the command line, reworded for a job spec: `--batch-size` is the
+    spec's config.batch_size, `--overwrite` is config.overwrite: true. Text in backticks (a
+    command to run) is kept as it is."""
+    import dataclasses
+    import re
+
+    fields = {f.name: f for f in dataclasses.fields(typed)} if dataclasses.is_dataclass(typed) else {}
+
+    def one(m: re.Match) -> str:
+        negated, flag = m.group(1), m.group(2)
+        name = _flag_to_field(flag, fields)
+        if name is None:
+            return m.group(0)
+        if fields[name].type in (bool, "bool"):
+            return f"config.{name}: {'false' if negated else 'true'}"
+        value_follows = re.match(r" (?:[\d'\"/~.]|none\b|[a-z0-9]+://)", message[m.end():]) is not None
+        return f"config.{name}:" if value_follows else f"config.{name}"
+
+    parts = message.split("`")
+    for i in range(0, len(parts), 2):  # outside backticks
+        parts[i] = re.sub(r"(?<![\w-])--(no-)?([a-z][a-z0-9-]*)", one, parts[i])
+        parts[i] = re.sub(r" \(\w+: in a job spec\)", "", parts[i])
+    return "`".join(parts)
+
+
+def spec_field(kind: str, exc: BaseException, message: str, typed: Any) -> str | None:
+    """The config field an input error is about: by its kind, else the field whose location it names."""
+    for name, field_name in _FIELD_OF_ERROR.items():
+        if type(exc).__name__ == name or f"{name}:" in message:
+            return "models" if field_name == "model" and kind == "probe" else field_name
+    best: tuple[int, int, str] | None = None
+    for name in _LOCATION_FIELDS:
+        value = getattr(typed, name, None)
+        for v in (value.values() if isinstance(value, dict) else [value]):
+            if isinstance(v, str) and len(v) > 2 and v in message:
+                key = (message.index(v), -len(v), name)  # first named; the longest of those at one place
+                best = key if best is None or key < best else best
+    return best[2] if best else None
+
+
+def input_error_line(kind: str, exc: BaseException, spec: Any, typed: Any) -> str:
+    """One line for the job log: the spec, the field and what was wrong, in the spec's terms."""
+    if isinstance(exc, KeyError) and exc.args:
+        text = str(exc.args[0])
+    elif isinstance(exc, OSError) and not isinstance(exc, FileNotFoundError) and exc.filename and exc.strerror:
+        text = f"{exc.filename}: {exc.strerror.lower()}; choose another path"
+    else:
+        text = str(exc) or type(exc).__name__
+    text = " ".join(line.strip() for line in text.splitlines() if line.strip())
+    text = spec_terms(text, typed)
+    if text.startswith(f"{spec.source}: "):
+        text = text[len(spec.source) + 2:]
+    import dataclasses
+
+    named = dataclasses.is_dataclass(typed) and any(f"config.{f.name}" in text for f in dataclasses.fields(typed))
+    field_name = None if named else spec_field(kind, exc, text, typed)
+    return f"{spec.source}: " + (f"field 'config.{field_name}': " if field_name else "") + text
+
+
 def main(kind: str, run: Callable[[Any, Any], int | None], argv: list[str] | None = None) -> int:
+    """Run one job from its spec. Exit codes: 0 done, 1 failed (a re-run may help: failed shards,
+    a crash), 2 refused (the spec asks for something impossible: fix it first), 143 stopped.
+
+    A refusal is one line in the log naming the spec and the field, as the local commands say it;
+    Ray shows the log's last lines as the job's message in `featurestore jobs status`."""
     parser = argparse.ArgumentParser(prog=f"python -m jobs.{kind}",
                                      description=f"Run a featurestore '{kind}' job spec on this Ray node.")
     parser.add_argument("--config", required=True, metavar="SPEC.yaml", help="the YAML job spec")
@@ -108,17 +224,22 @@ def main(kind: str, run: Callable[[Any, Any], int | None], argv: list[str] | Non
     started = time.perf_counter()
     try:
         code = run(spec, typed) or EXIT_OK
-    except ConfigError as exc:
-        log.error("refused: %s", exc)
-        code = EXIT_BAD_SPEC
     except KeyboardInterrupt as exc:
         # an extraction says how far it got; anything else was stopped before it wrote a result
         log.warning("%s", str(exc) if str(exc) else "interrupted; committed work is kept, run the same spec again "
                     "to resume")
         code = EXIT_STOPPED
     except Exception as exc:  # the job log must say what failed, once, plainly
-        log.exception("%s job failed: %s: %s", kind, type(exc).__name__, exc)
-        code = EXIT_FAILED
+        if is_input_error(kind, exc):
+            log.error("refused: %s", input_error_line(kind, exc, spec, typed))
+            code = EXIT_BAD_SPEC
+        else:
+            log.exception("%s job failed: %s: %s", kind, type(exc).__name__, exc)
+            code = EXIT_FAILED
+    if code == EXIT_BAD_SPEC:
+        log.info("%s job %s refused after %.1fs (exit code %d): fix the spec and submit it again", kind, job_id,
+                 time.perf_counter() - started, code)
+        return code
     outcome = "succeeded" if code == EXIT_OK else f"ended with exit code {code}"
     log.info("%s job %s %s after %.1fs", kind, job_id, outcome, time.perf_counter() - started)
     return code

@@ -127,40 +127,93 @@ def build_submission(spec_path: str, *, env_names=(), pip=(), working_dir: str |
     return kwargs
 
 
-def follow_logs(client, job_id: str) -> str:
-    """Stream a job's log to stdout until it ends; returns the final status."""
+class Refused(click.ClickException):
+    """An input the command cannot act on, said in one line (exit code 2, no usage text)."""
+
+    exit_code = 2
+
+
+def follow_logs(client, job_id: str, poll: float = 1.0):
+    """Stream a job's log to stdout and its status changes to stderr until it ends.
+
+    Returns (JobDetails, whether any log came). A job can wait in PENDING (for resources, or for
+    its runtime environment) or fail before its entrypoint runs (a pip requirement that does not
+    install): it then has no log, so the status and Ray's message are all there is to say."""
     import asyncio
 
+    streamed = False
+
     async def tail():
+        nonlocal streamed
         async for chunk in client.tail_job_logs(job_id):
+            streamed = streamed or bool(chunk)
             sys.stdout.write(chunk)
             sys.stdout.flush()
 
+    async def watch():
+        log_task = asyncio.create_task(tail())
+        last, misses, said_broken = None, 0, False
+        while True:
+            try:
+                info = await asyncio.to_thread(client.get_job_info, job_id)
+                misses = 0
+            except Exception as exc:  # a dashboard restarting: a few misses are not the job's end
+                misses += 1
+                if misses >= 10:
+                    raise click.ClickException(f"lost contact with the Jobs API while following {job_id}: "
+                                               f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
+                await asyncio.sleep(poll)
+                continue
+            if info.status.is_terminal():
+                break
+            if info.status != last:
+                note = f" ({info.message})" if info.status == "PENDING" and info.message else ""
+                click.echo(f"job {job_id}: {info.status}{note}", err=True)
+                last = info.status
+            if log_task.done() and not said_broken and not log_task.cancelled() and log_task.exception():
+                click.echo(f"job {job_id}: the log stream broke ({log_task.exception()}); following its status",
+                           err=True)
+                said_broken = True
+            await asyncio.sleep(poll)
+        try:  # the log's last lines arrive a moment after the status turns terminal
+            await asyncio.wait_for(log_task, timeout=15)
+        except Exception:
+            log_task.cancel()
+        return info
+
+    # Ray's client says at INFO each time the log's websocket closes
+    logging.getLogger("ray.dashboard.modules.job.sdk").setLevel(logging.WARNING)
     try:
-        asyncio.run(tail())
+        info = asyncio.run(watch())
     except KeyboardInterrupt:
-        click.echo(f"\nstopped following; the job keeps running. `featurestore jobs logs {job_id} --follow` "
-                   f"to follow again, `featurestore jobs stop {job_id}` to stop it.", err=True)
-        return str(client.get_job_status(job_id))
-    import time
-
-    for _ in range(60):  # the log ends a moment before the status turns terminal
-        status = client.get_job_status(job_id)
-        if status.is_terminal():
-            return str(status)
-        time.sleep(0.5)
-    return str(client.get_job_status(job_id))
+        info = client.get_job_info(job_id)
+        click.echo(f"\nstopped following; the job goes on ({info.status}). `featurestore jobs logs {job_id} "
+                   f"--follow` to follow again, `featurestore jobs stop {job_id}` to stop it.", err=True)
+    return info, streamed
 
 
-def _exit_for(status: str) -> None:
-    if status != "SUCCEEDED":
-        raise SystemExit(1)
+def _end_of_follow(job_id: str, info, streamed: bool) -> None:
+    """Say how a followed job ended (with Ray's message unless it SUCCEEDED) and exit accordingly:
+    0 SUCCEEDED, 2 the job refused its spec (its exit code 2), 1 otherwise (or still running)."""
+    status = str(info.status)
+    code = getattr(info, "driver_exit_code", None)
+    click.echo(f"job {job_id}: {status}" + (f" (exit code {code})" if code not in (None, 0) else ""), err=True)
+    if status == "SUCCEEDED":
+        return
+    message = (info.message or "").strip()
+    if message and streamed and message.startswith("Job entrypoint command failed"):
+        message = message.split(", last available logs")[0] + "; its log is above"
+    if message and info.status.is_terminal():
+        click.echo(f"message: {message[-4000:]}", err=True)
+    raise SystemExit(2 if code == 2 else 1)
 
 
 @click.command("submit")
 @click.argument("spec", type=click.Path(dir_okay=False))
 @_address_option
-@click.option("--follow", "-f", is_flag=True, help="Stream the job's log until it ends; exit 1 unless it SUCCEEDED.")
+@click.option("--follow", "-f", is_flag=True,
+              help="Stream the job's status and log until it ends; exit 1 unless it SUCCEEDED (2: the job "
+                   "refused its spec).")
 @click.option("--env", "env_names", multiple=True, metavar="NAME",
               help="Copy this variable from your environment into the job (repeatable), e.g. "
                    "--env AWS_ACCESS_KEY_ID --env AWS_SECRET_ACCESS_KEY --env AWS_ENDPOINT_URL. Values are never printed.")
@@ -187,9 +240,7 @@ def submit(spec, address, follow, env_names, pip, working_dir):
     click.echo(f"submitted {kwargs['entrypoint']!r} to {url}; follow with `featurestore jobs logs {job_id} "
                f"--follow --address {url}`", err=True)
     if follow:
-        status = follow_logs(client, job_id)
-        click.echo(f"job {job_id}: {status}", err=True)
-        _exit_for(status)
+        _end_of_follow(job_id, *follow_logs(client, job_id))
 
 
 @click.group("jobs")
@@ -205,8 +256,9 @@ def list_cmd(address):
     rows = sorted(client.list_jobs(), key=lambda j: j.start_time or 0, reverse=True)
     click.echo(f"{'SUBMISSION ID':<36} {'STATUS':<10} {'STARTED':<20} ENTRYPOINT")
     for j in rows:
+        what = j.entrypoint if _is_submitted(j) else f"(driver, not a submitted job) {j.entrypoint}"
         click.echo(f"{(j.submission_id or j.job_id or '-'):<36} {str(j.status):<10} {_time(j.start_time):<20} "
-                   f"{j.entrypoint}")
+                   f"{what.splitlines()[0] if what else ''}")
 
 
 def _time(ms) -> str:
@@ -222,6 +274,26 @@ def _job_info(client, job_id: str, address):
     except Exception as exc:
         raise click.ClickException(f"no job {job_id} on {_resolve_address(address)}: {str(exc).splitlines()[0]} "
                                    "(`featurestore jobs list` shows the jobs it knows)") from None
+
+
+def _is_submitted(info) -> bool:
+    """Submitted through the Jobs API; list_jobs also returns drivers (scripts that called ray.init)."""
+    kind = getattr(info, "type", None)
+    return info.submission_id is not None and str(getattr(kind, "value", kind) or "SUBMISSION") == "SUBMISSION"
+
+
+def _submitted_job(client, job_id: str, address, action: str):
+    """The job's info; a driver entry is refused in one line, since Ray has no log of it and cannot stop it."""
+    info = _job_info(client, job_id, address)
+    if _is_submitted(info):
+        return info
+    driver = getattr(info, "driver_info", None)
+    where = f"pid {driver.pid} on {driver.node_ip_address}" if driver and driver.pid else "a process"
+    command = " ".join((info.entrypoint or "?").split())[:120]
+    raise Refused(f"{job_id} is a driver, not a submitted job: a script that called ray.init on the cluster "
+                  f"({where}: {command}). Ray cannot {action} it by this id; its output is in the terminal that "
+                  "started it, and it stops when that script ends (Ctrl-C, or kill it there). `featurestore jobs "
+                  "list` marks drivers")
 
 
 @jobs.command("status")
@@ -241,8 +313,14 @@ def status_cmd(job_id, address):
     click.echo(f"ended:      {_time(info.end_time)}")
     if env_names:
         click.echo(f"env:        {', '.join(env_names)} (values hidden)")
+    if not _is_submitted(info):
+        click.echo("type:       driver (a script that called ray.init; not a submitted job: no log here, no stop)")
     if getattr(info, "driver_exit_code", None) is not None:
-        click.echo(f"exit code:  {info.driver_exit_code}")
+        from jobs._entry import EXIT_BAD_SPEC
+
+        note = " (the job refused its spec: fix the field named in its log, then submit again)" \
+            if info.driver_exit_code == EXIT_BAD_SPEC else ""
+        click.echo(f"exit code:  {info.driver_exit_code}{note}")
 
 
 @jobs.command("logs")
@@ -252,11 +330,9 @@ def status_cmd(job_id, address):
 def logs_cmd(job_id, address, follow):
     """A job's log (stdout and stderr of its entrypoint)."""
     client = _client(address)
-    _job_info(client, job_id, address)
+    _submitted_job(client, job_id, address, "fetch the log of")
     if follow:
-        status = follow_logs(client, job_id)
-        click.echo(f"job {job_id}: {status}", err=True)
-        _exit_for(status)
+        _end_of_follow(job_id, *follow_logs(client, job_id))
     else:
         click.echo(client.get_job_logs(job_id), nl=False)
 
@@ -264,17 +340,48 @@ def logs_cmd(job_id, address, follow):
 @jobs.command("stop")
 @click.argument("job_id")
 @_address_option
-@click.option("--wait/--no-wait", default=True, help="Wait until the job has stopped (default).")
-def stop_cmd(job_id, address, wait):
-    """Stop a running job; committed shards are kept, and submitting the spec again resumes it."""
+@click.option("--wait/--no-wait", default=True, help="Wait until the job has ended (default).")
+@click.option("--timeout", type=click.FloatRange(min=0), default=20, show_default=True, metavar="SECONDS",
+              help="How long to wait for the job to end; still running (or PENDING) then: exit 1.")
+def stop_cmd(job_id, address, wait, timeout):
+    """Stop a running job; committed shards are kept, and submitting the spec again resumes it.
+
+    Says the state the job is in at the end: exit 0 once it has ended, 1 if it has not (with
+    --no-wait: 0 once the request is made). Ray stops a job only once it has started; one
+    still PENDING keeps the request until then."""
     import time
 
     client = _client(address)
-    _job_info(client, job_id, address)
-    client.stop_job(job_id)
-    status = str(client.get_job_status(job_id))
-    deadline = time.monotonic() + 60
-    while wait and status not in ("STOPPED", "SUCCEEDED", "FAILED") and time.monotonic() < deadline:
+    info = _submitted_job(client, job_id, address, "stop")
+    if info.status.is_terminal():
+        click.echo(f"job {job_id}: already {info.status}; nothing to stop")
+        return
+    try:
+        has_supervisor = client.stop_job(job_id)  # False: Ray has nothing running for it
+    except Exception as exc:
+        raise click.ClickException(f"the cluster did not take the stop request for {job_id}: "
+                                   f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+    status = client.get_job_status(job_id)
+    deadline = time.monotonic() + (timeout if wait else 0)
+    while not status.is_terminal() and time.monotonic() < deadline:
         time.sleep(0.5)
-        status = str(client.get_job_status(job_id))
-    click.echo(f"job {job_id}: {status}")
+        status = client.get_job_status(job_id)
+    if status.is_terminal():
+        said = "" if status == "STOPPED" else " (it ended before the stop took effect)"
+        click.echo(f"job {job_id}: {status}{said}")
+        return
+    waited = f" after {timeout:g}s" if wait else ""
+    if status == "PENDING" and not has_supervisor:
+        click.echo(f"job {job_id}: still PENDING{waited}: Ray has nothing running for it to stop (its submission "
+                   "broke off half-way), so it stays PENDING on this cluster", err=True)
+    elif status == "PENDING":
+        click.echo(f"job {job_id}: still PENDING{waited}: Ray stops a job only once it has started. It waits for "
+                   "the resources it asks for (runtime.entrypoint_num_cpus/_gpus/_resources) or for its runtime "
+                   "environment; the stop takes effect when it starts, and Ray fails a job that has not started "
+                   "within RAY_JOB_START_TIMEOUT_SECONDS (900 s by default). Check again with "
+                   f"`featurestore jobs status {job_id}`", err=True)
+    else:
+        click.echo(f"job {job_id}: still {status}{waited}; the stop was sent (SIGTERM, then SIGKILL). Check again "
+                   f"with `featurestore jobs status {job_id}`", err=True)
+    if wait:  # --no-wait asked only for the request, which was made
+        raise SystemExit(1)

@@ -21,9 +21,10 @@ def run(spec, cfg) -> int:
     try:
         result = extract(cfg)
     except ExtractError as exc:
+        if exc.result is None or not exc.result.failed_shards:
+            raise  # it could not start as asked: jobs._entry names the spec's field
         log.error("%s", exc)
-        if exc.result is not None:
-            log.error("committed shards are kept; failed: %s", sorted(exc.result.failed_shards))
+        log.error("committed shards are kept; failed: %s", sorted(exc.result.failed_shards))
         return EXIT_FAILED
     log.info("store %s: %d rows, %d shards (%d computed, %d already committed), %d errors, nodes: %s",
              result.store, result.rows, result.shards, len(result.computed_shards), len(result.skipped_shards),

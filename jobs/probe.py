@@ -9,14 +9,14 @@ from __future__ import annotations
 import logging
 import sys
 
-from jobs._entry import EXIT_BAD_SPEC, EXIT_FAILED, check_outputs, main
+from jobs._entry import EXIT_FAILED, check_outputs, main
 
 log = logging.getLogger("jobs.probe")
 
 
 def run(spec, cfg) -> int:
     from featurestore.engine import ExtractError
-    from featurestore.probing import ProbeError, ProbeExtractionError, probe
+    from featurestore.probing import ProbeExtractionError, probe
 
     check_outputs(spec, cfg)  # a local `out` on a multi-node cluster without a shared filesystem is refused
     cfg.quiet = False  # progress and the engine's summaries belong in the job log
@@ -25,9 +25,8 @@ def run(spec, cfg) -> int:
     except (ProbeExtractionError, ExtractError) as exc:
         log.error("%s", exc)
         return EXIT_FAILED
-    except ProbeError as exc:  # bad input: unknown model or layer, empty source, --sample too large ...
-        log.error("%s", exc)
-        return EXIT_BAD_SPEC
+    # Bad input (unknown model or layer, empty source, sample too large ...) goes on to jobs._entry,
+    # which says it in the spec's terms.
     for line in result.table().splitlines():
         log.info("%s", line)
     best = result.best()

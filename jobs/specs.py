@@ -32,7 +32,13 @@ JOB_KINDS = ("extract", "train", "evaluate", "predict", "probe")
 SECRET_OPTION_KEYS = frozenset({
     "key", "secret", "token", "password", "aws_access_key_id", "aws_secret_access_key",
     "aws_session_token", "client_secret", "account_key", "sas_token", "connection_string",
+    "access_key", "secret_key", "secret_access_key", "session_token", "api_key", "private_key",
 })
+
+# Ray names each job's log file job-driver-<submission id>.log: an id over 240 characters makes
+# the Jobs API answer 500 (and leave a job that never leaves PENDING). The readable part of the
+# ids made here is cut to this length; with "-" and 8 hex characters they stay far below.
+MAX_ID_NAME = 64
 
 
 @dataclass
@@ -123,14 +129,20 @@ def _typed(spec: JobSpec) -> Any:
     return from_mapping(SPEC_CLASSES[spec.job], spec.config, spec.source, prefix="config.")
 
 
-def _check_no_secrets(options: Mapping[str, Any], source: str) -> None:
-    for key in options:
-        if str(key).lower() in SECRET_OPTION_KEYS:
+def _check_no_secrets(options: Mapping[str, Any], source: str, where: str = "config.storage_options") -> None:
+    """Refuse credentials anywhere in storage_options, nested ones included (s3fs passes
+    client_kwargs / config_kwargs on to botocore, which takes aws_secret_access_key there)."""
+    items = options.items() if isinstance(options, Mapping) else enumerate(options)
+    for key, value in items:
+        path = f"{where}.{key}" if isinstance(options, Mapping) else f"{where}[{key}]"
+        if isinstance(options, Mapping) and str(key).lower() in SECRET_OPTION_KEYS:
             raise ConfigError(
-                f"{source}: field 'config.storage_options.{key}' holds a credential; job specs must not "
+                f"{source}: field '{path}' holds a credential; job specs must not "
                 "carry secrets. Set it in the environment instead (e.g. AWS_ACCESS_KEY_ID / "
                 "AWS_SECRET_ACCESS_KEY, forwarded with `featurestore submit --env NAME`) or use an instance role"
             )
+        if isinstance(value, (Mapping, list, tuple)):
+            _check_no_secrets(value, source, path)
 
 
 def _check_head_kind(kind: str, source: str) -> None:
@@ -143,7 +155,7 @@ def _check_head_kind(kind: str, source: str) -> None:
 
 
 def _check_probe(cfg: ProbeConfig, source: str) -> None:
-    """The probe's models/weights/layers syntax (model names are checked where the job runs)."""
+    """The probe's models/weights/layers syntax (model names: check_models, run by load_spec)."""
     from featurestore.probing import ProbeError, parse_layers, parse_weights
 
     if not cfg.models:
@@ -153,8 +165,81 @@ def _check_probe(cfg: ProbeConfig, source: str) -> None:
             check()
         except ProbeError as exc:
             raise ConfigError(f"{source}: field 'config.{what}': {exc}") from None
-    if cfg.sample is not None and cfg.sample < 1:
-        raise ConfigError(f"{source}: field 'config.sample' must be a positive number of images, got {cfg.sample}")
+
+
+def _whole(low: int):
+    return (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= low), f"a whole number >= {low}"
+
+
+def _above(low: float, inclusive: bool = False):
+    def ok(v):
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and (v >= low if inclusive else v > low)
+
+    return ok, f"a number {'>=' if inclusive else 'above'} {low:g}"
+
+
+_FRACTION = ((lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < 1),
+             "a fraction strictly between 0 and 1")
+_N_JOBS = ((lambda v: isinstance(v, int) and not isinstance(v, bool) and v != 0),
+           "a whole number of parallel fits other than 0 (-1: one per core)")
+_BATCH = ((lambda v: v == "auto" or _whole(1)[0](v)), "a whole number >= 1 or 'auto'")
+
+# Fields whose type alone lets through values the job would refuse (or Ray choke on) on the
+# cluster; None (the default where there is one) is always fine.
+NUMBER_RANGES: dict[str, list[tuple[str, tuple]]] = {
+    "extract": [("batch_size", _BATCH), ("shard_size", _whole(1)), ("actors", _whole(1)),
+                ("gpus_per_actor", _above(0, inclusive=True)), ("cpus_per_actor", _above(0)),
+                ("decode_threads", _whole(1)), ("max_retries", _whole(0)), ("max_image_pixels", _whole(1)),
+                ("input_size", _whole(1))],
+    "train": [("cv", _whole(2)), ("test_size", _FRACTION), ("batch_size", _whole(1)), ("epochs", _whole(1)),
+              ("memory_budget", _whole(1)), ("n_jobs", _N_JOBS)],
+    "evaluate": [("batch_size", _whole(1))],
+    "predict": [("batch_size", _whole(1))],
+    "probe": [("sample", _whole(1)), ("cv", _whole(2)), ("test_size", _FRACTION), ("batch_size", _whole(1)),
+              ("shard_size", _whole(1)), ("actors", _whole(1)), ("gpus_per_actor", _above(0, inclusive=True)),
+              ("cpus_per_actor", _above(0)), ("input_size", _whole(1)), ("n_jobs", _N_JOBS)],
+}
+
+
+def _check_numbers(job: str, cfg: Any, source: str) -> None:
+    """Numbers out of range are refused here, not by a job that has waited for its GPU."""
+    for name, (ok, what) in NUMBER_RANGES.get(job, []):
+        value = getattr(cfg, name, None)
+        if value is not None and not ok(value):
+            raise ConfigError(f"{source}: field 'config.{name}' must be {what}, got {value!r}; "
+                              "leave it out for the default")
+
+
+def check_models(spec: JobSpec, typed: Any) -> None:
+    """Model names (and per-model weights/layers keys) exist, without building any model.
+
+    A torchvision name is found in featurestore.zoo's traced table at once; a timm name, or a
+    name found nowhere (to suggest the closest), costs importing timm/torchvision (~3-5 s)."""
+    if spec.job not in ("extract", "probe"):
+        return
+    from featurestore.zoo import UnknownModelError, canonical_name
+
+    source = spec.source
+    if spec.job == "extract":
+        try:
+            typed.backbones()  # the models, and weights/layers mappings keyed by them
+        except ConfigError as exc:
+            raise ConfigError(f"{source}: {_config_fields(str(exc))}") from None
+        names = [("model", m) for m in typed.models()]
+    else:
+        names = [("models", entry.partition("@")[0].strip()) for entry in typed.models]
+    for where, name in names:
+        try:
+            canonical_name(name)
+        except UnknownModelError as exc:
+            raise ConfigError(f"{source}: field 'config.{where}': {exc}") from None
+
+
+def _config_fields(message: str) -> str:
+    """ExtractConfig's own messages say field 'layers'; in a job spec that is field 'config.layers'."""
+    import re
+
+    return re.sub(r"field '(?!config\.)", "field 'config.", message)
 
 
 def parse_spec(data: Mapping[str, Any], source: str = "<dict>") -> tuple[JobSpec, Any]:
@@ -196,12 +281,13 @@ def parse_spec(data: Mapping[str, Any], source: str = "<dict>") -> tuple[JobSpec
         _check_head_kind(typed.head, source)
     if spec.job == "probe":
         _check_probe(typed, source)
+    _check_numbers(spec.job, typed, source)
     _check_no_secrets(getattr(typed, "storage_options", None) or {}, source)
     return spec, typed
 
 
 def load_spec(path: str | os.PathLike, expect: str | None = None) -> tuple[JobSpec, Any]:
-    """Load and validate a YAML job spec; `expect` refuses a spec for another job kind."""
+    """Load and validate a YAML job spec, model names included; `expect` refuses a spec for another job kind."""
     text_source = str(path)
     if text_source.startswith("env:"):  # a spec shipped in an environment variable by `submit`
         import yaml
@@ -216,6 +302,7 @@ def load_spec(path: str | os.PathLike, expect: str | None = None) -> tuple[JobSp
     spec, typed = parse_spec(data, text_source)
     if expect is not None and spec.job != expect:
         raise ConfigError(f"{text_source}: this is a '{spec.job}' job spec; run it with python -m jobs.{spec.job}")
+    check_models(spec, typed)
     return spec, typed
 
 
@@ -352,8 +439,11 @@ featurestore_output_check = check_output_reachable
 
 
 def new_submission_id(spec: JobSpec) -> str:
-    """A readable, unique Ray submission id: <name or job>-<8 hex>."""
+    """A readable, unique Ray submission id: <name or job, at most MAX_ID_NAME characters>-<8 hex>.
+
+    Only letters, digits, _ and -: the id goes into URL paths and Ray's log file names."""
     import re
 
-    base = re.sub(r"[^A-Za-z0-9_-]+", "-", spec.name or f"featurestore-{spec.job}").strip("-") or "featurestore"
+    base = re.sub(r"[^A-Za-z0-9_-]+", "-", spec.name or f"featurestore-{spec.job}").strip("-")
+    base = base[:MAX_ID_NAME].rstrip("-_") or "featurestore"
     return f"{base}-{uuid.uuid4().hex[:8]}"

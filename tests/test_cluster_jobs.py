@@ -301,3 +301,98 @@ def test_an_unknown_job_id_is_named_not_a_traceback(local_cluster):
         res = cli(*command[:2], "no-such-job", *command[2:], "--address", address, timeout=120)
         assert res.returncode == 1, (command, res.stderr[-2000:])
         assert f"no job no-such-job on {address}" in res.stderr and "Traceback" not in res.stderr, res.stderr[-2000:]
+
+
+def test_a_refused_spec_fails_in_one_line_and_follow_says_so(local_cluster, image_folder, tmp_path):
+    """Input errors inside the job: one line naming the spec and its field, exit code 2 (a
+    FAILED job whose message and `jobs status` show it), never a traceback. `submit --follow`
+    says the status changes and how it ended. The very long name gives a short submission id
+    (Ray answered 500 for ids over 240 characters)."""
+    address = local_cluster["jobs_api"]
+    images = image_folder(classes={"cat": 2, "dog": 2}, size=(24, 24), fmt="jpg")
+    layer = write_spec(tmp_path / "layer.yaml", "extract", {
+        "source": str(images), "output": str(tmp_path / "store"), "model": "resnet18", "weights": "none",
+        "layers": ["layer9"], "input_size": 32, "actors": 1, "cpus_per_actor": 1,
+    })
+    sent = cli("submit", str(layer), "--address", address)  # runs while the next one is followed
+    assert sent.returncode == 0, sent.stdout + sent.stderr
+    layer_id = sent.stdout.strip().splitlines()[0]
+
+    missing = tmp_path / "missing.yaml"
+    missing.write_text(yaml.safe_dump({"name": "a very long name " * 30, "job": "extract", "config": {
+        "source": str(tmp_path / "no-such-folder"), "output": str(tmp_path / "store2"), "model": "resnet18",
+        "weights": "none"}}))
+    res = cli("submit", str(missing), "--address", address, "--follow")
+    job_id = res.stdout.strip().splitlines()[0]
+    assert res.returncode == 2, res.stdout[-3000:] + res.stderr[-3000:]
+    assert job_id.startswith("a-very-long-name-a-very-long-name") and len(job_id) <= 80, job_id
+    line = f"refused: {missing}: field 'config.source': {tmp_path / 'no-such-folder'}: no such directory"
+    assert line in res.stdout and "Traceback" not in res.stdout, res.stdout[-3000:]
+    # a status change between two polls may go unseen; that it started and how it ended are said
+    assert re.search(rf"job {job_id}: (PENDING|RUNNING)", res.stderr), res.stderr
+    assert f"job {job_id}: FAILED (exit code 2)" in res.stderr, res.stderr
+    assert "message: Job entrypoint command failed with exit code 2" in res.stderr, res.stderr
+    status = cli("jobs", "status", job_id, "--address", address)
+    assert "FAILED" in status.stdout and line in status.stdout and "exit code:  2 (the job refused its spec" in \
+        status.stdout, status.stdout
+
+    assert wait_terminal(address, layer_id) == "FAILED"
+    logs = client(address).get_job_logs(layer_id)
+    assert f"refused: {layer}: field 'config.layers': " in logs and "resnet18 has no layer 'layer9'" in logs, logs[-3000:]
+    assert "Traceback" not in logs and client(address).get_job_info(layer_id).driver_exit_code == 2
+
+
+def test_a_pending_job_is_followed_and_not_claimed_stopped(local_cluster, tmp_path):
+    """A job that waits for a resource no node has sits PENDING: --follow says so (with Ray's
+    reason) instead of staying silent, and `jobs stop` does not claim a stop Ray has not done."""
+    import signal
+
+    address = local_cluster["jobs_api"]
+    spec = tmp_path / "pending.yaml"
+    spec.write_text(yaml.safe_dump({"name": "test-pending", "job": "evaluate",
+                                    "config": {"head": str(tmp_path / "h"), "store": str(tmp_path / "s")},
+                                    "runtime": {"entrypoint_resources": {"no_such_resource": 1}}}))
+    err = tmp_path / "follow.err"
+    with open(err, "w") as stderr:
+        proc = subprocess.Popen([sys.executable, "-m", "featurestore", "submit", str(spec), "--address", address,
+                                 "--follow"], cwd=ROOT, stdout=subprocess.PIPE, stderr=stderr, text=True)
+        deadline = time.monotonic() + 120
+        while "PENDING (" not in err.read_text() and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.5)
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=60)
+    said = err.read_text()
+    job_id = out.strip().splitlines()[0]
+    assert f"job {job_id}: PENDING (Job has not started yet. It may be waiting for resources" in said, said
+    assert proc.returncode == 1 and "stopped following; the job goes on (PENDING)" in said, said
+
+    stop = cli("jobs", "stop", job_id, "--timeout", "3", "--address", address)
+    assert stop.returncode == 1, stop.stdout + stop.stderr
+    assert f"job {job_id}: still PENDING after 3s" in stop.stderr and "STOPPED" not in stop.stdout, stop.stderr
+    assert client(address).get_job_status(job_id) == "PENDING"
+
+
+def test_driver_entries_are_named_not_a_traceback(local_cluster, tmp_path):
+    """list_jobs also returns drivers (scripts that called ray.init on the cluster); Ray has no
+    log of them and cannot stop them by their id. Said in one line, exit code 2."""
+    address = local_cluster["jobs_api"]
+    host, port = address.replace("http://", "").rsplit(":", 1)
+    script = ("import ray; ray.init(address=%r, logging_level='ERROR'); "
+              "print('DRIVER_ID=' + ray.get_runtime_context().get_job_id(), flush=True)")
+    run = subprocess.run([sys.executable, "-c", script % f"{host}:{int(port) - 1}"], capture_output=True, text=True,
+                         timeout=120, cwd=ROOT)
+    assert run.returncode == 0, run.stderr[-2000:]
+    driver_id = re.search(r"DRIVER_ID=(\w+)", run.stdout).group(1)
+    for _ in range(10):  # a loaded head may list the driver a moment later
+        listed = cli("jobs", "list", "--address", address)
+        if any(ln.startswith(driver_id) for ln in listed.stdout.splitlines()):
+            break
+        time.sleep(2)
+    assert any(ln.startswith(driver_id) and "(driver, not a submitted job)" in ln for ln in listed.stdout.splitlines()), \
+        (driver_id, run.stdout[-1000:], listed.stdout[-3000:], listed.stderr[-2000:])
+    for command, action in ((("logs",), "fetch the log of"), (("logs", "--follow"), "fetch the log of"),
+                            (("stop",), "stop")):
+        res = cli("jobs", command[0], driver_id, *command[1:], "--address", address, timeout=120)
+        assert res.returncode == 2, (command, res.stderr[-2000:])
+        assert f"{driver_id} is a driver, not a submitted job" in res.stderr and f"Ray cannot {action} it" in \
+            res.stderr and "Traceback" not in res.stderr, res.stderr[-2000:]

@@ -244,3 +244,134 @@ def test_the_address_given_wins_over_rays_variables(monkeypatch):
     assert res.exit_code != 0 and "at address: http://127.0.0.1:2" in res.output, res.output
     import os
     assert os.environ["RAY_ADDRESS"] == "http://127.0.0.1:1"  # put back for everything else
+
+
+@pytest.mark.parametrize("mutate,needle", [
+    (lambda d: d["config"].update(model="resnt18"), "field 'config.model': unknown model 'resnt18'; did you mean resnet18"),
+    (lambda d: d["config"].update(model=["resnet18", "mobilenet_v3_smal"]), "unknown model 'mobilenet_v3_smal'"),
+    (lambda d: d["config"].update(model=["resnet18", "mobilenet_v2"], layers={"resnet19": ["layer3"]}),
+     "field 'config.layers' names model(s) 'resnet19'"),
+    (lambda d: d["config"].update(batch_size=0), "field 'config.batch_size' must be a whole number >= 1 or 'auto', got 0"),
+    (lambda d: d["config"].update(shard_size=-5), "field 'config.shard_size' must be a whole number >= 1, got -5"),
+    (lambda d: d["config"].update(gpus_per_actor=-1), "field 'config.gpus_per_actor' must be a number >= 0"),
+    (lambda d: d["config"].update(cpus_per_actor=0), "field 'config.cpus_per_actor' must be a number above 0"),
+    (lambda d: d["config"].update(max_retries=-1), "field 'config.max_retries' must be a whole number >= 0"),
+])
+def test_submit_refuses_unknown_models_and_numbers_out_of_range(tmp_path, mutate, needle):
+    """Checked before the cluster is contacted (nothing listens at the address): a typo or a
+    zero must not cost a queued job that fails on the cluster."""
+    import copy
+
+    from jobs.cli import submit
+
+    data = copy.deepcopy(GOOD)
+    mutate(data)
+    path = write(tmp_path, data)
+    res = CliRunner().invoke(submit, [str(path), "--address", "http://127.0.0.1:9"])
+    assert res.exit_code == 2, res.output
+    assert needle in res.output and str(path) in res.output, res.output
+    assert "Traceback" not in res.output and "127.0.0.1:9" not in res.output
+
+
+@pytest.mark.parametrize("job,config,needle", [
+    ("train", {"store": "s3://b/s", "out": "s3://b/h", "cv": 1}, "field 'config.cv' must be a whole number >= 2"),
+    ("train", {"store": "s3://b/s", "out": "s3://b/h", "test_size": 1.5}, "field 'config.test_size' must be a fraction"),
+    ("train", {"store": "s3://b/s", "out": "s3://b/h", "n_jobs": 0}, "field 'config.n_jobs' must be a whole number"),
+    ("evaluate", {"head": "s3://b/h", "store": "s3://b/s", "batch_size": 0}, "field 'config.batch_size'"),
+    ("predict", {"head": "s3://b/h", "store": "s3://b/s", "out": "s3://b/p", "batch_size": -1},
+     "field 'config.batch_size'"),
+    ("probe", {"source": "s3://b/i", "out": "s3://b/p", "models": ["resnet18@none", "efficientnet_lit0"]},
+     "field 'config.models': unknown model 'efficientnet_lit0'; did you mean efficientnet_lite0"),
+    ("probe", {"source": "s3://b/i", "out": "s3://b/p", "sample": 0}, "field 'config.sample' must be a whole number >= 1"),
+    ("probe", {"source": "s3://b/i", "out": "s3://b/p", "shard_size": 0}, "field 'config.shard_size'"),
+])
+def test_numbers_and_models_of_every_job_kind(tmp_path, job, config, needle):
+    path = write(tmp_path, {"job": job, "config": config})
+    with pytest.raises(ConfigError) as err:
+        load_spec(path)
+    assert needle in str(err.value) and str(path) in str(err.value)
+
+
+def test_good_models_and_numbers_pass(tmp_path):
+    """Aliases, timm names, several models, 'auto' and the smallest valid numbers are accepted."""
+    import copy
+
+    data = copy.deepcopy(GOOD)
+    data["config"].update(model=["efficientnet_lite0", "timm:resnet18", "mobilenet_v2"], batch_size="auto",
+                          shard_size=1, gpus_per_actor=0, max_retries=0, layers={"mobilenet_v2": ["features.3"]})
+    spec, cfg = load_spec(write(tmp_path, data))
+    assert cfg.batch_size == "auto" and len(cfg.models()) == 3
+    probe = {"job": "probe", "config": {"source": "s3://b/i", "out": "s3://b/p", "models": ["resnet18@none"],
+                                        "cv": 2, "test_size": 0.5, "n_jobs": -1}}
+    assert load_spec(write(tmp_path, probe))[1].cv == 2
+
+
+def test_model_check_is_cheap_for_torchvision_names(tmp_path):
+    """A torchvision name is found without importing torchvision or timm (seconds each)."""
+    import subprocess
+    import sys
+
+    path = write(tmp_path, GOOD)
+    code = ("import sys; from jobs.specs import load_spec; load_spec(sys.argv[1]); "
+            "print('torchvision' in sys.modules, 'timm' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=120,
+                         cwd=Path(__file__).resolve().parent.parent)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["False", "False"], out.stdout
+
+
+@pytest.mark.parametrize("options,where", [
+    ({"client_kwargs": {"aws_secret_access_key": "abc"}}, "config.storage_options.client_kwargs.aws_secret_access_key"),
+    ({"config_kwargs": {"s3": {"Token": "abc"}}}, "config.storage_options.config_kwargs.s3.Token"),
+    ({"client_kwargs": {"endpoint_url": "http://x"}, "config_kwargs": [{"aws_session_token": "abc"}]},
+     "config.storage_options.config_kwargs[0].aws_session_token"),
+])
+def test_nested_secrets_in_storage_options_are_refused(tmp_path, options, where):
+    """s3fs hands client_kwargs/config_kwargs to botocore, which takes credentials there too."""
+    data = {"job": "train", "config": {"store": "s3://b/s", "out": "s3://b/h", "storage_options": options}}
+    with pytest.raises(ConfigError) as err:
+        load_spec(write(tmp_path, data))
+    assert f"field '{where}' holds a credential" in str(err.value) and "abc" not in str(err.value)
+
+
+def test_nested_storage_options_without_secrets_pass(tmp_path):
+    options = {"anon": False, "client_kwargs": {"endpoint_url": "http://127.0.0.1:9000", "region_name": "x"},
+               "config_kwargs": {"s3": {"addressing_style": "path"}}}
+    data = {"job": "extract", "config": {"source": "s3://b/i", "output": "s3://b/s", "storage_options": options}}
+    assert load_spec(write(tmp_path, data))[1].storage_options == options
+
+
+def test_submission_id_of_a_very_long_name_is_short_and_safe():
+    """Ray writes job-driver-<id>.log: an id over 240 characters made the Jobs API answer 500."""
+    from jobs.specs import MAX_ID_NAME
+
+    spec, _ = parse_spec(dict(GOOD, name="animals / extract: " + "very long name " * 40))
+    sid = new_submission_id(spec)
+    assert len(sid) <= MAX_ID_NAME + 9 and sid.startswith("animals-extract-very-long-name-"), sid
+    assert all(c.isalnum() or c in "-_" for c in sid) and "--" not in sid and not sid[:-9].endswith("-")
+    spec, _ = parse_spec(dict(GOOD, name="/// ???"))
+    assert new_submission_id(spec).startswith("featurestore-")
+
+
+@pytest.mark.parametrize("status,message,streamed,code,said", [
+    # failed before its entrypoint ran (a pip requirement that did not install): no log, so Ray's message is all
+    ("FAILED", "runtime_env setup failed: Failed to set up runtime environment.\npip: no such file", False, None,
+     "message: runtime_env setup failed: Failed to set up runtime environment.\npip: no such file"),
+    # its log was streamed above: the message's copy of the log's last lines is not repeated
+    ("FAILED", "Job entrypoint command failed with exit code 2, last available logs (truncated to 20,000 chars):\n"
+               "refused: spec.yaml: ...", True, 2, "message: Job entrypoint command failed with exit code 2; its log "
+                                                   "is above"),
+    ("STOPPED", "Job was intentionally stopped.", True, None, "message: Job was intentionally stopped."),
+])
+def test_follow_ends_with_rays_message_and_a_nonzero_exit(capsys, status, message, streamed, code, said):
+    from ray.job_submission import JobDetails, JobStatus, JobType
+
+    from jobs.cli import _end_of_follow
+
+    info = JobDetails(type=JobType.SUBMISSION, entrypoint="python -m jobs.extract", submission_id="j",
+                      status=JobStatus(status), message=message, driver_exit_code=code)
+    with pytest.raises(SystemExit) as ended:
+        _end_of_follow("j", info, streamed)
+    err = capsys.readouterr().err
+    assert ended.value.code == (2 if code == 2 else 1)
+    assert err.startswith(f"job j: {status}") and said in err and "last available logs" not in err, err

@@ -1,0 +1,120 @@
+"""Input errors inside a job (`python -m jobs.<name>`, as the cluster runs it) end the way the
+local commands end them: one line naming the spec and its field, exit code 2, no traceback."""
+from __future__ import annotations
+
+import logging
+
+import pytest
+import yaml
+
+from jobs._entry import EXIT_BAD_SPEC, input_error_line, main
+
+
+def spec_file(tmp_path, job, config):
+    path = tmp_path / f"{job}.yaml"
+    path.write_text(yaml.safe_dump({"job": job, "config": config}))
+    return path
+
+
+def errors(capsys) -> list[str]:
+    return [ln for ln in capsys.readouterr().err.splitlines() if " ERROR " in ln]
+
+
+def test_missing_source_is_one_line_naming_the_field_and_spec(tmp_path, capsys):
+    from jobs import extract
+
+    path = spec_file(tmp_path, "extract", {"source": str(tmp_path / "nope"), "output": str(tmp_path / "store"),
+                                           "model": "resnet18", "weights": "none"})
+    assert main("extract", extract.run, ["--config", str(path)]) == EXIT_BAD_SPEC
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if " ERROR " in ln]
+    assert len(lines) == 1, err
+    assert f"refused: {path}: field 'config.source': {tmp_path / 'nope'}: no such directory" in lines[0]
+    assert "Traceback" not in err and "refused after" in err and "fix the spec" in err
+
+
+def test_missing_store_of_a_train_job(tmp_path, capsys):
+    from jobs import train
+
+    path = spec_file(tmp_path, "train", {"store": str(tmp_path / "no-store"), "out": str(tmp_path / "head")})
+    assert main("train", train.run, ["--config", str(path)]) == EXIT_BAD_SPEC
+    (line,) = errors(capsys)
+    assert f"{path}: field 'config.store': " in line and str(tmp_path / "no-store") in line
+
+
+def test_an_unexpected_error_still_shows_its_traceback(tmp_path, capsys):
+    """A bug is not the spec's fault: exit 1 with the traceback to report."""
+    path = spec_file(tmp_path, "train", {"store": "/s", "out": "/h"})
+
+    def run(spec, cfg):
+        raise ZeroDivisionError("a bug")
+
+    assert main("train", run, ["--config", str(path)]) == 1
+    assert "Traceback" in capsys.readouterr().err
+
+
+@pytest.fixture
+def extract_spec(tmp_path):
+    from jobs.specs import load_spec
+
+    path = spec_file(tmp_path, "extract", {"source": "s3://b/images", "output": "s3://b/stores/x",
+                                           "model": "resnet18", "weights": "none", "layers": ["layer9"]})
+    return load_spec(path)
+
+
+@pytest.mark.parametrize("make,expected", [
+    # an actor's error reaches the driver as text: the kind in it names the field
+    (lambda: ("ExtractError", "the backbone could not be loaded on a worker: UnknownLayerError: resnet18 has no "
+                              "layer 'layer9'; closest: layer4; list them with `featurestore layers resnet18`"),
+     "field 'config.layers': the backbone could not be loaded on a worker: UnknownLayerError: resnet18 has no "
+     "layer 'layer9'; closest: layer4; list them with `featurestore layers resnet18`"),
+    # flags become the spec's fields; a value after one reads as YAML
+    (lambda: ("ExtractError", "--gpus-per-actor 2.0 asked for, but the cluster has 0 GPU(s); pass "
+                              "--gpus-per-actor 0 to run on CPUs"),
+     "config.gpus_per_actor: 2.0 asked for, but the cluster has 0 GPU(s); pass config.gpus_per_actor: 0 to run on CPUs"),
+    (lambda: ("StoreError", "s3://b/stores/x was made with another configuration; write to a new output, or pass "
+                            "--overwrite to start it again"),
+     "s3://b/stores/x was made with another configuration; write to a new output, or pass config.overwrite: true "
+     "to start it again"),
+    (lambda: ("SourceError", "s3://b/images/m.csv has no column 'path'; name it with --path-column "
+                             "(path_column: in a job spec)"),
+     "s3://b/images/m.csv has no column 'path'; name it with config.path_column"),
+    # commands in backticks stay as they are; the field is the one whose location the message names
+    (lambda: ("ClusterUnreachable", "no Ray head at 10.0.0.1:6379 (`ray start --head --port 6379` there), or "
+                                    "leave --address out"),
+     "no Ray head at 10.0.0.1:6379 (`ray start --head --port 6379` there), or leave config.address out"),
+    (lambda: ("FileNotFoundError", "s3://b/images: no such directory"),
+     "field 'config.source': s3://b/images: no such directory"),
+])
+def test_input_error_line_speaks_in_spec_fields(extract_spec, make, expected):
+    from featurestore.engine import ClusterUnreachable, ExtractError
+    from featurestore.sources import SourceError
+    from featurestore.store import StoreError
+
+    spec, typed = extract_spec
+    kinds = {"ExtractError": ExtractError, "StoreError": StoreError, "SourceError": SourceError,
+             "ClusterUnreachable": ClusterUnreachable, "FileNotFoundError": FileNotFoundError}
+    kind, text = make()
+    line = input_error_line("extract", kinds[kind](text), spec, typed)
+    assert line == f"{spec.source}: {expected}"
+
+
+def test_a_probe_names_its_models_field(tmp_path):
+    from featurestore.probing import ProbeError
+    from jobs.specs import load_spec
+
+    spec, typed = load_spec(spec_file(tmp_path, "probe", {"source": "s3://b/i", "out": "s3://b/p",
+                                                          "models": ["resnet18@none"], "layers": "auto"}))
+    line = input_error_line("probe", ProbeError("--models 'resnet18@none': UnknownLayerError: no layer 'x'"),
+                            spec, typed)
+    assert line == f"{spec.source}: config.models: 'resnet18@none': UnknownLayerError: no layer 'x'"
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging():
+    """main() sets up the job log on stderr; leave the test session's logging as it was."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
