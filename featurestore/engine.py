@@ -15,7 +15,7 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from featurestore.config import AUTO_BATCH, DEFAULT_SHARD_SIZE, ExtractConfig
@@ -603,8 +603,9 @@ def _extract(cfg: ExtractConfig, stop: _StopOnSignal, leases: list) -> ExtractRe
 
     _check_numbers(cfg)
     try:
-        backbones = cfg.backbones()
-        # absolute before it reaches the actors: a relative path resolves against each worker's folder
+        # absolute before they reach the actors: a relative path resolves against each worker's folder
+        # (and store.json, and every head trained on it, records where the weights really are)
+        backbones = [replace(b, weights=_absolute_weights(b.weights)) for b in cfg.backbones()]
         outputs = [_absolute(u) for u in cfg.outputs()]
     except ConfigError as exc:
         raise ExtractError(str(exc)) from None
@@ -878,6 +879,16 @@ def _absolute(uri: str) -> str:
     from featurestore.sources import _is_local, _local_path
 
     return _local_path(uri) if _is_local(uri) else uri  # _local_path resolves ~ and makes it absolute
+
+
+def _absolute_weights(weights):
+    """A local weights file (FILE or FILE#RECIPE) as an absolute path; names and URLs as they are."""
+    from featurestore.weights import is_file_spec, split_recipe
+
+    if not isinstance(weights, str) or "://" in weights or not is_file_spec(weights):
+        return weights
+    path, recipe = split_recipe(weights)
+    return _absolute(path) + (f"#{recipe}" if recipe else "")
 
 
 def _kill(actors) -> None:

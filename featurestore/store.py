@@ -319,6 +319,20 @@ def _diff(old: Any, new: Any, prefix: str = "") -> list[str]:
     return [] if old == new else [f"{prefix.rstrip('.') or 'config'}: {old!r} -> {new!r}"]
 
 
+def _same_file_spelled_alike(old: dict, new: dict) -> dict:
+    """`new` with the stored weights path when both name a file and the weights' sha256 agree:
+    `./w.pth`, `w.pth` and `/data/w.pth` (or the file moved) are the same numbers, not another
+    configuration to refuse."""
+    from featurestore.weights import is_file_spec, split_recipe
+
+    ow, nw = old.get("weights"), new.get("weights")
+    if (isinstance(ow, str) and isinstance(nw, str) and ow != nw and is_file_spec(ow) and is_file_spec(nw)
+            and old.get("weights_sha256") and old.get("weights_sha256") == new.get("weights_sha256")
+            and split_recipe(ow)[1] == split_recipe(nw)[1]):
+        return {**new, "weights": ow}
+    return new
+
+
 class StoreMeta(dict):
     """store.json's content; keys also read as attributes (meta.num_rows)."""
 
@@ -613,7 +627,7 @@ class StoreWriter:
             self.loc.remove_tree()
             existing = None
         if existing is not None:
-            diffs = _diff(existing.get("config", {}), self.config)
+            diffs = _diff(existing.get("config", {}), _same_file_spelled_alike(existing.get("config", {}), self.config))
             if diffs:
                 raise StoreConfigMismatch(
                     f"{self.uri} already holds a store built with a different configuration "

@@ -758,3 +758,28 @@ def test_a_dashboard_port_given_as_the_gcs_address_is_named():
             _probe(f"127.0.0.1:{server.server_port}", "--address")
     finally:
         server.shutdown()
+
+
+def test_a_relative_weights_file_is_recorded_absolute_and_any_spelling_of_it_resumes(tmp_path, ray_local,
+                                                                                    monkeypatch):
+    """Weights given as `w.pth` resolved by the driver (a worker elsewhere would not find it, and a
+    head trained from another folder would not either); `./w.pth` or the absolute path is the same
+    file (same sha256), so a re-run resumes instead of being refused as another configuration."""
+    from torchvision.models import resnet18
+
+    src = make_images(tmp_path / "src", per_class=2)
+    torch.manual_seed(1)
+    torch.save(resnet18().state_dict(), tmp_path / "w.pth")
+    monkeypatch.chdir(tmp_path)
+    kw = {**SMALL, "weights": "w.pth"}
+    first = extract(ExtractConfig(source=str(src), output="st", shard_size=3, **kw))
+    meta = json.loads((tmp_path / "st" / "store.json").read_text())
+    assert first.ok and meta["config"]["weights"] == str(tmp_path / "w.pth")
+    for spelling in ("./w.pth", str(tmp_path / "w.pth")):
+        again = extract(ExtractConfig(source=str(src), output="st", shard_size=3, **{**kw, "weights": spelling}))
+        assert again.ok and again.rows == 6 and len(again.skipped_shards) == 2  # nothing computed twice
+    torch.save(resnet18().state_dict(), tmp_path / "other.pth")  # another file: other numbers, refused
+    from featurestore.store import StoreConfigMismatch
+
+    with pytest.raises(StoreConfigMismatch, match="weights_sha256"):
+        extract(ExtractConfig(source=str(src), output="st", shard_size=3, **{**kw, "weights": "other.pth"}))

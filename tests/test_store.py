@@ -516,3 +516,16 @@ def test_float16_that_loses_values_says_so(tmp_path, caplog):
     with caplog.at_level("WARNING", logger="featurestore.store"):
         write_store(str(tmp_path / "t"), np.full((2, 3), 3.5, np.float32), [0, 1], ["a", "b"], dtype="float16")
     assert "float16" not in caplog.text
+
+
+def test_a_weights_file_spelled_another_way_with_the_same_sha256_is_the_same_configuration(tmp_path):
+    """Stores made before the engine recorded absolute paths hold `./w.pth`: the same numbers under
+    another spelling resume; other numbers, or another preprocessing recipe, are still refused."""
+    uri = str(tmp_path / "st")
+    base = {**CONFIG, "weights": "./w.pth", "weights_sha256": "ab" * 32}
+    StoreWriter(uri, base, ["cat", "dog"])
+    assert StoreWriter(uri, {**base, "weights": "/models/w.pth"}, ["cat", "dog"]).resumed
+    with pytest.raises(StoreConfigMismatch, match="weights_sha256"):
+        StoreWriter(uri, {**base, "weights": "/models/w.pth", "weights_sha256": "cd" * 32}, ["cat", "dog"])
+    with pytest.raises(StoreConfigMismatch, match=r"weights: '\./w\.pth' -> '/models/w\.pth#IMAGENET1K_V2'"):
+        StoreWriter(uri, {**base, "weights": "/models/w.pth#IMAGENET1K_V2"}, ["cat", "dog"])
