@@ -87,10 +87,11 @@ def probe(source, config_path, **flags):
         raise click.UsageError(str(exc))
     from classifiers.heads import HeadError
     from featurestore.engine import ExtractError
+    from featurestore.weights import WeightsError
 
     try:
         result = run_probe(cfg)
-    except (ProbeError, ExtractError, HeadError) as exc:  # HeadError: a class too small to train on
+    except (ProbeError, ExtractError, HeadError, WeightsError) as exc:  # HeadError: a class too small to train on
         click.echo(f"featurestore probe: {exc}", err=True)
         sys.exit(1 if isinstance(exc, (ProbeExtractionError, ExtractError)) else 2)
     except OSError as exc:

@@ -379,20 +379,31 @@ class _Out:
         return (os.path.join(self.uri, *parts) if self.local else "/".join([self.uri, *parts]))
 
     def makedirs(self) -> bool:
-        """Create a local output folder; True when it did not exist before."""
+        """Create a local output folder (and its missing parents); True when it did not exist before."""
         if not self.local or os.path.isdir(self.uri):
             return False
+        top = self.uri
+        while not os.path.exists(os.path.dirname(top)) and os.path.dirname(top) != top:
+            top = os.path.dirname(top)
         os.makedirs(self.uri, exist_ok=True)
+        self._made_top = top
         return True
 
     def prune_empty(self) -> None:
-        """Remove the empty folders left under (and including) a folder this run created, so a
-        probe that fails before writing anything leaves no trace (as a failed extract does)."""
+        """Remove the empty folders this run created (the output, anything under it, and parents it
+        had to make), so a probe that fails before writing anything leaves no trace."""
         for root, _, _ in sorted(os.walk(self.uri), key=lambda w: -len(w[0])):
             try:
                 os.rmdir(root)  # only empty ones: anything written is kept
             except OSError:
                 pass
+        top, folder = getattr(self, "_made_top", self.uri), self.uri
+        while folder != top and folder.startswith(top + os.sep):
+            folder = os.path.dirname(folder)
+            try:
+                os.rmdir(folder)
+            except OSError:
+                break
 
     def write_bytes(self, rel: str, data: bytes) -> str:
         path = self.join(rel)
@@ -549,6 +560,23 @@ def _prefilter(meta: dict, cand: Candidate, cfg: ProbeConfig) -> bool:
     if cfg.input_size and list(pre.get("input_size", [])) not in ([cfg.input_size, cfg.input_size],):
         return False
     return pre.get("crop", cfg.crop) == cfg.crop and pre.get("decode", cfg.decode) == cfg.decode
+
+
+def _check_weights(cfg: ProbeConfig, cand: Candidate, source: str) -> None:
+    """The weights of a candidate, checked here as the engine would on its actors (an unknown enum
+    member, an offline download, a local file that is not a checkpoint): one ProbeError before
+    any folder or worker, not a failed extraction that says to run the probe again."""
+    from featurestore.engine import preflight
+    from featurestore.weights import WeightsError, is_file_spec, read_state_dict, split_recipe
+
+    try:
+        check = preflight(_extract_config(cfg, cand, source, "unused", cand.layers).backbones()[0])
+        if check is not None:
+            check()
+        elif is_file_spec(cand.weights) and "://" not in cand.weights:
+            read_state_dict(split_recipe(cand.weights)[0])
+    except WeightsError as exc:
+        raise ProbeError(f"weights for {cand.model}: {exc}") from None
 
 
 def _extract_config(cfg: ProbeConfig, cand: Candidate, source: str, output: str, layers: list[str]):
@@ -983,6 +1011,8 @@ def probe(source: str | ProbeConfig | None = None, models: str | Sequence[str] |
     listing = _list(source, cfg.storage_options)
     if cfg.sample is not None:
         stratified_sample(listing.ids, listing.labels, cfg.sample, cfg.seed)  # a bad --sample: before any folder
+    for cand in cands:
+        _check_weights(cfg, cand, source)
     from featurestore.engine import connect
 
     connect(cfg.address)  # before any timing: the first backbone must not pay for starting Ray

@@ -224,13 +224,21 @@ def test_bad_input_is_named(images, tmp_path, kwargs, needle):
 
 
 def test_a_probe_that_fails_before_writing_leaves_no_empty_folders(ray_local, images, tmp_path):
-    bad = tmp_path / "garbage.pth"
-    bad.write_bytes(b"not a checkpoint")
+    import torch
+    from torchvision.models import mobilenet_v2
+
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_bytes(b"not a checkpoint")
+    with pytest.raises(ProbeError, match="weights for resnet18: weights file .*garbage.pth cannot be loaded"):
+        probe(str(images), [f"resnet18@{garbage}"], out=str(tmp_path / "a" / "out"), **TINY)
+    assert not (tmp_path / "a").exists()  # refused before any folder
+    other = tmp_path / "other-model.pth"  # a real checkpoint, of another architecture: fails on the actors
+    torch.save(mobilenet_v2().state_dict(), other)
     (tmp_path / "kept").mkdir()
-    for out in (tmp_path / "new" / "out", tmp_path / "kept"):
-        with pytest.raises(Exception, match="garbage.pth"):
-            probe(str(images), [f"resnet18@{bad}"], out=str(out), **TINY)
-    assert not (tmp_path / "new" / "out").exists()
+    for out in (tmp_path / "new" / "deeper" / "out", tmp_path / "kept"):
+        with pytest.raises(Exception, match="other-model.pth"):
+            probe(str(images), [f"resnet18@{other}"], out=str(out), **TINY)
+    assert not (tmp_path / "new").exists()  # the output and the parents it made: gone
     assert (tmp_path / "kept").is_dir()  # a folder the user made is never removed
 
 
