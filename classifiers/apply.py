@@ -111,6 +111,9 @@ def head_weights(head: Head, weights: str | None = None) -> str:
     recipe = split_recipe(w)[1]
     if weights is not None:  # a moved file keeps the preprocessing recipe the head was trained with
         weights = str(weights)
+        if is_file_spec(weights) and "://" not in weights:  # recorded (export metadata) as where it really is
+            path, own = split_recipe(weights)
+            weights = os.path.abspath(os.path.expanduser(path)) + (f"#{own}" if own else "")
         if recipe and is_file_spec(weights) and split_recipe(weights)[1] is None:
             weights = f"{weights}#{recipe}"
         return weights

@@ -12,7 +12,7 @@ def _errors(fn):
 
     @functools.wraps(fn)
     def wrapper(*a, **kw):
-        from featurestore.cli import os_error_message
+        from featurestore.cli import Refused, os_error_message
         from featurestore.sources import FilesystemUnavailable
         from featurestore.store import StoreError
         from featurestore.weights import WeightsError
@@ -25,9 +25,9 @@ def _errors(fn):
         except (HeadConfigMismatch, HeadFileError, StoreError, FileNotFoundError, FilesystemUnavailable, KeyError,
                 ValueError, ExportError, WeightsError) as exc:
             msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
-            raise click.UsageError(str(msg)) from None
+            raise Refused(str(msg)) from None
         except OSError as exc:  # a path given that cannot be written or read (a file where a folder goes, ...)
-            raise click.UsageError(os_error_message(exc)) from None
+            raise Refused(os_error_message(exc)) from None
 
     return wrapper
 

@@ -249,7 +249,7 @@ def export(head, fmt: str = "onnx", out: str | None = None, *, backbone=None, op
             raise ValueError(f"--format onnx needs {', '.join(missing)}: pip install \"featurestore[export]\", "
                              "or export with --format torchscript")
     if out is not None:
-        if os.path.isdir(out):
+        if os.path.isdir(out) or str(out).endswith(("/", os.sep)):
             name = "model.onnx" if fmt == "onnx" else "model.torchscript.pt"
             raise ValueError(f"--out {out}: a folder; give the file to write, e.g. {os.path.join(out, name)}")
         _check_suffix(str(out), fmt)

@@ -104,6 +104,16 @@ def parse_grid(specs: list[str] | tuple[str, ...] | dict | None, kind: str) -> d
             raise HeadError(f"--grid: head {kind!r} has no hyperparameter {key!r}; it accepts: {', '.join(sorted(allowed))}")
         if not grid[key]:
             raise HeadError(f"--grid: no values given for {key!r}")
+        for v in grid[key]:
+            if isinstance(v, str) and key == "gamma" and v in ("scale", "auto"):
+                continue
+            if isinstance(v, str):
+                raise HeadError(f"--grid {key}: {v!r} is not a number"
+                                + (" (gamma also accepts 'scale' or 'auto')" if key == "gamma" else ""))
+            if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)) or not v > 0:
+                raise HeadError(f"--grid {key}: {v!r}; {key} must be a number > 0, e.g. {key}="
+                                + ",".join(f"{x:g}" for x in DEFAULT_GRIDS[kind].get(key, [0.1, 1.0])
+                                           if not isinstance(x, str)))
     return grid
 
 
@@ -113,4 +123,4 @@ def _value(text: str):
     try:
         return float(text)
     except ValueError:
-        raise HeadError(f"--grid: {text!r} is not a number (gamma also accepts 'scale' or 'auto')") from None
+        return text  # named in parse_grid, which knows the hyperparameter

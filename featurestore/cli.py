@@ -30,6 +30,13 @@ COMMANDS = {
 }
 
 
+class Refused(click.ClickException):
+    """An input the command cannot act on: one `Error:` line and exit code 2, without click's usage
+    banner (kept for mistakes in the command line itself)."""
+
+    exit_code = 2
+
+
 def os_error_message(exc: OSError) -> str:
     """A path the file system refused, in one line (a file where a folder goes, no permission, ...)."""
     if exc.filename and exc.strerror:

@@ -29,6 +29,7 @@ def _errors(fn):
     @functools.wraps(fn)
     def wrapper(*a, **kw):
         from .backbones import UnknownLayerError
+        from .cli import Refused
         from .decode import BadImage
         from .weights import WeightsError
         from .zoo import UnknownModelError
@@ -36,10 +37,10 @@ def _errors(fn):
         try:
             return fn(*a, **kw)
         except (UnknownModelError, UnknownLayerError, WeightsError, BadImage, FileNotFoundError, ValueError) as exc:
-            raise click.UsageError(str(exc)) from None
+            raise Refused(str(exc)) from None
         except Exception as exc:
             if type(exc).__name__ == "HeadFileError":  # classifiers is imported only for --head
-                raise click.UsageError(str(exc)) from None
+                raise Refused(str(exc)) from None
             raise
 
     return wrapper
@@ -108,7 +109,9 @@ def report_skipped(errors: list[tuple[str, str]], total: int) -> int:
     """One stderr line per image that could not be classified; the exit code: 1 when any was skipped."""
     for image, reason in errors:
         click.echo(f"skipped {image}: {reason}", err=True)
-    if errors:
+    if errors and len(errors) == total:
+        click.echo(f"none of the {total} images could be classified (exit code 1)", err=True)
+    elif errors:
         click.echo(f"{len(errors)} of {total} images could not be classified (exit code 1); the others' "
                    "results are above", err=True)
     return 1 if errors else 0

@@ -165,6 +165,11 @@ def test_grid_parsing_names_bad_input():
         parse_grid(["gamma=1"], "logreg")
     with pytest.raises(HeadError, match="not a number"):
         parse_grid(["C=big"], "logreg")
+    for bad, kind in ((["alpha=0"], "sgd"), (["alpha=-1"], "sgd"), (["C=0"], "logreg"), (["gamma=-0.1"], "svm")):
+        with pytest.raises(HeadError, match=r"must be a number > 0, e\.g\. "):
+            parse_grid(bad, kind)
+    with pytest.raises(HeadError, match=r"--grid alpha: 'abc' is not a number$"):  # no gamma hint for alpha
+        parse_grid(["alpha=abc"], "sgd")
 
 
 @pytest.mark.parametrize("kwargs,said", [

@@ -66,6 +66,14 @@ def test_strict_stops_at_the_first_bad_image(head_and_images):
     r = CliRunner().invoke(main, ["classify", "--head", str(h), "--strict", *inputs])
     assert r.exit_code == 2, r.output
     assert f"Error: {bad[0]}: " in r.output and "Traceback" not in r.output
+    assert "Usage:" not in r.output  # an unreadable image is not a command-line mistake
+
+
+def test_when_no_image_can_be_classified_it_says_so(head_and_images):
+    h, head, inputs, good, expect, bad = head_and_images
+    r = CliRunner().invoke(main, ["classify", "--head", str(h), *bad])
+    assert r.exit_code == 1 and r.stdout == ""
+    assert "none of the 3 images could be classified" in r.stderr and "results are above" not in r.stderr
 
 
 def test_all_good_images_exit_zero(head_and_images):

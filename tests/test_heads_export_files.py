@@ -88,6 +88,13 @@ def test_opset_outside_what_torch_exports_is_refused(tmp_path, backbone):
     assert r.exit_code == 0, r.output
 
 
+def test_an_out_ending_in_a_slash_is_a_folder_not_a_file_name(tmp_path, backbone):
+    _head(tmp_path, backbone)
+    r = CliRunner().invoke(main, ["export", str(tmp_path / "h"), "--out", f"{tmp_path}/new/"])
+    assert r.exit_code == 2 and f"--out {tmp_path}/new/: a folder; give the file to write" in r.output, r.output
+    assert "Usage:" not in r.output and not (tmp_path / "new").exists()
+
+
 @pytest.mark.parametrize("fmt,name,said,rename", [("torchscript", "m.onnx", "an ONNX file name, but --format is "
                                                   "torchscript; pass --format onnx", "m.pt"),
                                                   (None, "m.pt", "pass --format torchscript", "m.onnx"),
