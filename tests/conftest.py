@@ -7,6 +7,11 @@ image_folder (function scope, factory)
     byte-identical files. `classes` may also be a list of names (3 images each).
     fmt: "jpg", "png" or "mixed" (alternating). Returns the root folder.
 
+head_on_images (function scope, factory)
+    head_on_images(backbone, folder) -> (paths, feats, head): a logreg head saved at folder/h,
+    trained (store at folder/s) on the backbone's features of 8 images from image_folder
+    (4 cats, 4 dogs, 40x36), ids the images' paths in sorted order.
+
 s3_server (session scope)
     Starts moto's real HTTP server (ThreadedMotoServer) on 127.0.0.1 at a free port and yields
     an S3Server with .endpoint_url, .storage_options (pass to fsspec/s3fs: key/secret dummies
@@ -54,6 +59,25 @@ def image_folder(tmp_path):
                 else:
                     img.save(d / f"{cls}_{i}.png", format="PNG")
         return root
+
+    return make
+
+
+@pytest.fixture
+def head_on_images(image_folder):
+    def make(backbone, folder):
+        import classifiers
+        from featurestore.decode import load_image
+        from featurestore.store import write_store
+
+        root = image_folder(classes={"cat": 4, "dog": 4}, size=(40, 36))
+        paths = sorted(str(p) for p in root.rglob("*.*"))
+        feats = backbone.extract([load_image(p) for p in paths])[backbone.layers[0]]
+        y = np.array([0 if "/cat/" in p else 1 for p in paths])
+        store = write_store(str(folder / "s"), {backbone.layers[0]: feats}, y, ["cat", "dog"], ids=paths,
+                            config=backbone.config())
+        head = classifiers.train(store, head="logreg", grid={"C": [10.0]}, out=str(folder / "h"))
+        return paths, feats, head
 
     return make
 

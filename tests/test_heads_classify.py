@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 from click.testing import CliRunner
 
@@ -12,7 +11,6 @@ import classifiers
 from featurestore.backbones import load_backbone
 from featurestore.cli import main
 from featurestore.decode import load_image
-from featurestore.store import write_store
 
 
 @pytest.fixture(scope="module")
@@ -21,15 +19,9 @@ def backbone():
 
 
 @pytest.fixture
-def head_and_images(tmp_path, backbone, image_folder):
+def head_and_images(tmp_path, backbone, head_on_images):
     """A head trained on 8 small images; inputs with three bad files between good ones."""
-    root = image_folder(classes={"cat": 4, "dog": 4}, size=(40, 36))
-    paths = sorted(str(p) for p in root.rglob("*.*"))
-    feats = backbone.extract([load_image(p) for p in paths])[backbone.layers[0]]
-    y = np.array([0 if "/cat/" in p else 1 for p in paths])
-    s = write_store(str(tmp_path / "s"), {backbone.layers[0]: feats}, y, ["cat", "dog"], ids=paths,
-                    config=backbone.config())
-    head = classifiers.train(s, head="logreg", grid={"C": [10.0]}, out=str(tmp_path / "h"))
+    paths, feats, head = head_on_images(backbone, tmp_path)
     corrupt = tmp_path / "corrupt.jpg"
     corrupt.write_bytes(open(paths[0], "rb").read()[:40])  # a JPEG cut short
     text = tmp_path / "notes.png"

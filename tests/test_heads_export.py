@@ -84,40 +84,22 @@ def test_onnx_export_without_the_export_extra_says_what_to_install(tmp_path, bac
     assert not (tmp_path / "m.onnx").exists()
 
 
-def test_predict_images_runs_backbone_and_head(tmp_path, backbone, image_folder):
-    paths, feats, head = _head_on_images(tmp_path, backbone, image_folder)
+def test_predict_images_runs_backbone_and_head(tmp_path, backbone, head_on_images):
+    paths, feats, head = head_on_images(backbone, tmp_path)
     got = classifiers.predict_images(str(tmp_path / "h"), paths)  # backbone rebuilt from head.json
     expect = head.predict_proba(feats)
     assert [g[0] for g in got] == [head.label_names[i] for i in expect.argmax(1)]
     assert np.allclose([[g[1]["cat"], g[1]["dog"]] for g in got], expect, atol=1e-5)
 
 
-def _head_on_images(tmp_path, backbone, image_folder):
-    """A logreg head saved at tmp_path/h, trained on the backbone's features of 8 small images."""
-    root = image_folder(classes={"cat": 4, "dog": 4}, size=(40, 36))
-    paths = sorted(str(p) for p in root.rglob("*.*"))
-    feats = backbone.extract([classifiers_load(p) for p in paths])[backbone.layers[0]]
-    y = np.array([0 if "/cat/" in p else 1 for p in paths])
-    s = write_store(str(tmp_path / "s"), {backbone.layers[0]: feats}, y, ["cat", "dog"], ids=paths,
-                    config=backbone.config())
-    head = classifiers.train(s, head="logreg", grid={"C": [10.0]}, test_size=0.25, out=str(tmp_path / "h"))
-    return paths, feats, head
-
-
-def classifiers_load(path):
-    from featurestore.decode import load_image
-
-    return load_image(path)
-
-
-def test_classify_cli_with_a_head(tmp_path, backbone, image_folder):
+def test_classify_cli_with_a_head(tmp_path, backbone, head_on_images):
     import json
 
     from click.testing import CliRunner
 
     from featurestore.cli import main
 
-    paths, feats, head = _head_on_images(tmp_path, backbone, image_folder)
+    paths, feats, head = head_on_images(backbone, tmp_path)
     r = CliRunner().invoke(main, ["classify", "--head", str(tmp_path / "h"), "--json", *paths[:3]])
     assert r.exit_code == 0, r.output
     out = json.loads(r.output)

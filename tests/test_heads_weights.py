@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import os
 
-import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
@@ -12,12 +11,10 @@ from click.testing import CliRunner
 import classifiers
 from featurestore.backbones import load_backbone
 from featurestore.cli import main
-from featurestore.decode import load_image
-from featurestore.store import write_store
 
 
 @pytest.fixture
-def head_with_relative_weights(tmp_path, monkeypatch, image_folder):
+def head_with_relative_weights(tmp_path, monkeypatch, head_on_images):
     """A logreg head trained on features of a resnet18 loaded from `w.pth`, a path relative to tmp_path/work."""
     work = tmp_path / "work"
     work.mkdir()
@@ -25,12 +22,7 @@ def head_with_relative_weights(tmp_path, monkeypatch, image_folder):
     monkeypatch.chdir(work)
     bb = load_backbone("resnet18", "w.pth", input_size=32)
     assert bb.config()["weights"] == "w.pth"  # the store records weights as given
-    root = image_folder(classes={"cat": 4, "dog": 4}, size=(40, 36))
-    paths = sorted(str(p) for p in root.rglob("*.*"))
-    feats = bb.extract([load_image(p) for p in paths])[bb.layers[0]]
-    y = np.array([0 if "/cat/" in p else 1 for p in paths])
-    store = write_store(str(work / "s"), {bb.layers[0]: feats}, y, ["cat", "dog"], ids=paths, config=bb.config())
-    head = classifiers.train(store, head="logreg", grid={"C": [10.0]}, out="h")
+    paths, feats, head = head_on_images(bb, work)
     return work, paths, feats, head
 
 
@@ -92,7 +84,7 @@ def test_a_missing_weights_file_is_named_with_the_way_out(head_with_relative_wei
     assert r.exit_code == 2 and "weights_sha256" in r.output, r.output
 
 
-def test_a_file_with_a_named_recipe_keeps_it_through_the_head(tmp_path, monkeypatch, image_folder):
+def test_a_file_with_a_named_recipe_keeps_it_through_the_head(tmp_path, monkeypatch, head_on_images):
     """FILE#RECIPE: the head records the absolute file with its recipe, finds it from anywhere,
     and a moved file given with --weights keeps the recipe the head was trained with."""
     from torchvision.models import mobilenet_v2
@@ -105,12 +97,7 @@ def test_a_file_with_a_named_recipe_keeps_it_through_the_head(tmp_path, monkeypa
     bb = load_backbone("mobilenet_v2", "w.pth#IMAGENET1K_V2", input_size=32)
     assert bb.config()["weights"] == "w.pth#IMAGENET1K_V2"
     assert bb.config()["preprocessing"] != load_backbone("mobilenet_v2", "w.pth", input_size=32).config()["preprocessing"]
-    root = image_folder(classes={"cat": 4, "dog": 4}, size=(40, 36))
-    paths = sorted(str(p) for p in root.rglob("*.*"))
-    feats = bb.extract([load_image(p) for p in paths])[bb.layers[0]]
-    y = np.array([0 if "/cat/" in p else 1 for p in paths])
-    store = write_store(str(work / "s"), {bb.layers[0]: feats}, y, ["cat", "dog"], ids=paths, config=bb.config())
-    head = classifiers.train(store, head="logreg", grid={"C": [10.0]}, out="h")
+    paths, feats, head = head_on_images(bb, work)
     assert json.loads((work / "h" / "head.json").read_text())["store_config"]["weights"] == f"{work / 'w.pth'}#IMAGENET1K_V2"
     want = [head.label_names[i] for i in head.predict_proba(feats[:2]).argmax(1)]
     monkeypatch.chdir(tmp_path)
