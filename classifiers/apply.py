@@ -103,17 +103,14 @@ def head_weights(head: Head, weights: str | None = None) -> str:
     A recorded local file that is not there (the head was copied to another machine, or saved by
     an older version with a relative path) is refused here in one line that says how to point at it.
     """
-    from featurestore.weights import is_file_spec, split_recipe
+    from featurestore.weights import absolute_file_spec, is_file_spec, split_recipe
 
     from .persist import HeadFileError
 
     w = str(head.store_config.get("weights", "DEFAULT"))
     recipe = split_recipe(w)[1]
     if weights is not None:  # a moved file keeps the preprocessing recipe the head was trained with
-        weights = str(weights)
-        if is_file_spec(weights) and "://" not in weights:  # recorded (export metadata) as where it really is
-            path, own = split_recipe(weights)
-            weights = os.path.abspath(os.path.expanduser(path)) + (f"#{own}" if own else "")
+        weights = absolute_file_spec(str(weights))  # recorded (export metadata) as where it really is
         if recipe and is_file_spec(weights) and split_recipe(weights)[1] is None:
             weights = f"{weights}#{recipe}"
         return weights

@@ -79,14 +79,13 @@ def absolute_weights(config: dict) -> dict:
     not find them when classify or export run from another folder. Only a file that exists
     from here is made absolute; URLs, enum names and named sources stay as they are.
     """
-    from featurestore.weights import is_file_spec, split_recipe
+    from featurestore.weights import absolute_file_spec, split_recipe
 
     w = config.get("weights")
-    if not isinstance(w, str) or "://" in w or not is_file_spec(w):
+    if not isinstance(w, str):
         return config
-    path, recipe = split_recipe(w)
-    p = os.path.abspath(os.path.expanduser(path))
-    return {**config, "weights": p + (f"#{recipe}" if recipe else "")} if os.path.isfile(p) else config
+    p = absolute_file_spec(w)
+    return {**config, "weights": p} if p != w and os.path.isfile(split_recipe(p)[0]) else config
 
 
 def save_head(head: Head, path: str) -> str:

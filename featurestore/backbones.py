@@ -257,12 +257,13 @@ def file_recipe(name: str, recipe: str | None):
     return members.get("IMAGENET1K_V1") or get_model_weights(name).DEFAULT
 
 
-def _local_exists(path: str) -> bool:
-    """False only for a local path or file:// URL that is not there (remote URLs are not contacted)."""
-    from .weights import _local_file
+def _require_local_file(path: str) -> None:
+    """A local path or file:// URL that is not there is refused (remote URLs are not contacted)."""
+    from .weights import _local_file, file_not_found
 
     local = _local_file(path)
-    return local is None or os.path.exists(local)
+    if local is not None and not os.path.exists(local):
+        raise file_not_found(path)
 
 
 def _build_torchvision(name, weights, seed, input_size, crop, decode, storage_options, load=True):
@@ -290,9 +291,8 @@ def _build_torchvision(name, weights, seed, input_size, crop, decode, storage_op
         recipe = (f"the {member.name} recipe, as #{hint} asks" if hint else
                   f"the {member.name} recipe, a weights file's default; FILE#NAME picks another, "
                   f"e.g. #{default_member.name}")
-        if not load and not _local_exists(path):
-            raise WeightsError(f"weights file not found: {path}; pass an existing state-dict file or URL, "
-                               f"an enum name such as DEFAULT, or 'none'")
+        if not load:
+            _require_local_file(path)
     else:
         member = torchvision_enum(name, weights)
         recipe = f"the {member.name} recipe"
@@ -383,9 +383,8 @@ def _build_timm(canonical, weights, seed, input_size, crop, decode, storage_opti
         recipe = (f"timm's {arch} pretrained config, as #{hint} asks" if hint else
                   f"timm's default pretrained config, {base}.{getattr(cfg, 'tag', None) or ''}; "
                   f"FILE#TAG picks another")
-        if not load and not _local_exists(path):
-            raise WeightsError(f"weights file not found: {path}; pass an existing state-dict file or URL, "
-                               f"an enum name such as DEFAULT, or 'none'")
+        if not load:
+            _require_local_file(path)
     elif low in ("default", "pretrained", "timm"):
         weights_id, recipe = f"timm:{base}", "timm's default pretrained config"
     else:

@@ -600,12 +600,14 @@ def _extract(cfg: ExtractConfig, stop: _StopOnSignal, leases: list) -> ExtractRe
     from featurestore.config import ConfigError
     from featurestore.sources import list_source, make_plan
     from featurestore.store import StoreWriter, shard_name
+    from featurestore.weights import absolute_file_spec
 
     _check_numbers(cfg)
     try:
         # absolute before they reach the actors: a relative path resolves against each worker's folder
         # (and store.json, and every head trained on it, records where the weights really are)
-        backbones = [replace(b, weights=_absolute_weights(b.weights)) for b in cfg.backbones()]
+        backbones = [replace(b, weights=absolute_file_spec(b.weights)) if isinstance(b.weights, str) else b
+                     for b in cfg.backbones()]
         outputs = [_absolute(u) for u in cfg.outputs()]
     except ConfigError as exc:
         raise ExtractError(str(exc)) from None
@@ -879,16 +881,6 @@ def _absolute(uri: str) -> str:
     from featurestore.sources import _is_local, _local_path
 
     return _local_path(uri) if _is_local(uri) else uri  # _local_path resolves ~ and makes it absolute
-
-
-def _absolute_weights(weights):
-    """A local weights file (FILE or FILE#RECIPE) as an absolute path; names and URLs as they are."""
-    from featurestore.weights import is_file_spec, split_recipe
-
-    if not isinstance(weights, str) or "://" in weights or not is_file_spec(weights):
-        return weights
-    path, recipe = split_recipe(weights)
-    return _absolute(path) + (f"#{recipe}" if recipe else "")
 
 
 def _kill(actors) -> None:

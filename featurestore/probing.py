@@ -262,14 +262,13 @@ def parse_candidates(models: str | Sequence[str], weights: str | Mapping[str, st
             else:
                 spec = default_w or "DEFAULT"
         if _is_file_spec(spec) and "://" not in spec:
-            from featurestore.weights import split_recipe
+            from featurestore.weights import absolute_file_spec, split_recipe
 
-            file, recipe = split_recipe(spec)
-            path = os.path.abspath(os.path.expanduser(file))
-            if not os.path.isfile(path):
+            file = split_recipe(spec)[0]
+            spec = absolute_file_spec(spec)
+            if not os.path.isfile(split_recipe(spec)[0]):
                 raise ProbeError(f"weights for {model}: file {file} not found; pass an existing state-dict file, "
                                  "an enum name such as DEFAULT, or none")
-            spec = path + (f"#{recipe}" if recipe else "")
         ident = (canonical, spec if spec.lower() != "none" else "none")
         if ident in seen:
             raise ProbeError(f"--models: {entry!r} repeats {seen[ident]!r} (same model and weights); list each once")

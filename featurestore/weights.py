@@ -23,7 +23,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "WeightsError", "NAMED_SOURCES", "NamedSource", "state_dict_sha256", "file_sha256",
-    "is_file_spec", "split_recipe", "read_state_dict", "load_strict", "torchvision_enum", "fetch_torchvision",
+    "is_file_spec", "split_recipe", "absolute_file_spec", "file_not_found", "read_state_dict", "load_strict",
+    "torchvision_enum", "fetch_torchvision",
     "torchvision_offline_error", "timm_tags", "check_timm_tag", "strip_wrapper_prefix", "hub_dir",
     "fetch_timm_pretrained", "named_state_dict", "convert_efficientnet_lite0",
 ]
@@ -96,6 +97,21 @@ def is_file_spec(weights: str) -> bool:
     return _is_path(split_recipe(weights)[0])
 
 
+def absolute_file_spec(weights: str) -> str:
+    """A local weights file (FILE or FILE#RECIPE) as an absolute path, ~ expanded; enum names,
+    named sources and URLs as they are. What a store, a head or an export records: the path
+    means the same from any folder, and on any node that shares the file system."""
+    if "://" in weights or not is_file_spec(weights):
+        return weights
+    path, recipe = split_recipe(weights)
+    return os.path.abspath(os.path.expanduser(path)) + (f"#{recipe}" if recipe else "")
+
+
+def file_not_found(path: str) -> WeightsError:
+    return WeightsError(f"weights file not found: {path}; pass an existing state-dict file or URL, "
+                        f"an enum name such as DEFAULT, or 'none'")
+
+
 def _unwrap(obj: Any, uri: str) -> dict[str, torch.Tensor]:
     import torch
 
@@ -164,8 +180,7 @@ def _read_error(uri: str, exc: BaseException) -> WeightsError:
 
     local = _local_file(uri)
     if local is not None and isinstance(exc, FileNotFoundError):
-        return WeightsError(f"weights file not found: {uri}; pass an existing state-dict file or URL, "
-                            f"an enum name such as DEFAULT, or 'none'")
+        return file_not_found(uri)
     chain = list(_chain(exc))
     status = next((x.status for x in chain if isinstance(getattr(x, "status", None), int) and x.status >= 400), None)
     if status in (404, 410):
