@@ -109,8 +109,21 @@ def head_weights(head: Head, weights: str | None = None) -> str:
 
     w = str(head.store_config.get("weights", "DEFAULT"))
     recipe = split_recipe(w)[1]
+    if weights is not None and not is_file_spec(str(weights)):  # an enum name, tag, named source or none
+        if str(weights).strip().lower() == w.strip().lower():
+            return w  # the head's own weights: harmless
+        where = head.path or "the head"
+        model = head.store_config.get("model") or "its backbone"
+        if is_file_spec(w):
+            raise HeadConfigMismatch(
+                f"--weights {weights} cannot apply to {where}: it was trained on {model} with the weights file "
+                f"{w}; with a head, --weights (weights= in Python) only points at a moved copy of that file: "
+                "pass its path, or drop --weights", ["weights"])
+        raise HeadConfigMismatch(
+            f"--weights {weights} cannot apply to {where}: it was trained on {model} with weights {w}; drop "
+            "--weights (with a head it only points at a moved copy of the head's weights file)", ["weights"])
     if weights is not None:  # a moved file keeps the preprocessing recipe the head was trained with
-        weights = absolute_file_spec(str(weights))  # recorded (export metadata) as where it really is
+        weights = absolute_file_spec(str(weights))  # the backbone finds it from any folder
         if recipe and is_file_spec(weights) and split_recipe(weights)[1] is None:
             weights = f"{weights}#{recipe}"
         return weights

@@ -84,6 +84,16 @@ def test_a_missing_weights_file_is_named_with_the_way_out(head_with_relative_wei
     assert r.exit_code == 2 and "weights_sha256" in r.output, r.output
 
 
+def test_a_weights_name_cannot_stand_for_the_heads_weights_file(head_with_relative_weights):
+    work, paths, feats, head = head_with_relative_weights
+    r = CliRunner().invoke(main, ["classify", "--head", str(work / "h"), "--weights", "DEFAULT", paths[0]])
+    assert r.exit_code == 2, r.output
+    assert r.output.strip().splitlines() == [
+        f"Error: --weights DEFAULT cannot apply to {work / 'h'}: it was trained on resnet18 with the weights file "
+        f"{work / 'w.pth'}; with a head, --weights (weights= in Python) only points at a moved copy of that file: "
+        "pass its path, or drop --weights"]
+
+
 def test_a_file_with_a_named_recipe_keeps_it_through_the_head(tmp_path, monkeypatch, head_on_images):
     """FILE#RECIPE: the head records the absolute file with its recipe, finds it from anywhere,
     and a moved file given with --weights keeps the recipe the head was trained with."""
