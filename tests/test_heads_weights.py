@@ -119,3 +119,40 @@ def test_a_file_with_a_named_recipe_keeps_it_through_the_head(tmp_path, monkeypa
     r = CliRunner().invoke(main, ["classify", "--head", str(work / "h"), "--weights", str(moved), "--json", *paths[:2]])
     assert r.exit_code == 0, r.output
     assert [g["label"] for g in json.loads(r.output)["results"]] == want
+    # another recipe than the head's is refused, saying which one the head has and to drop the suffix
+    for args in (["classify", "--head", str(work / "h"), "--weights", f"{moved}#IMAGENET1K_V1", paths[0]],
+                 ["export", str(work / "h"), "--format", "torchscript", "--weights", f"{moved}#IMAGENET1K_V1"]):
+        r = CliRunner().invoke(main, args)
+        assert r.exit_code == 2, r.output
+        assert r.output.strip().splitlines() == [
+            f"Error: --weights {moved}#IMAGENET1K_V1: {work / 'h'} was trained with the IMAGENET1K_V2 recipe, not "
+            f"#IMAGENET1K_V1; drop the '#IMAGENET1K_V1' suffix (--weights {moved}): the head's recipe is applied to "
+            "a moved weights file automatically"]
+    # a suffix naming the head's recipe is harmless (#DEFAULT is mobilenet_v2's IMAGENET1K_V2)
+    r = CliRunner().invoke(main, ["classify", "--head", str(work / "h"), "--weights", f"{moved}#DEFAULT", "--json",
+                                  *paths[:2]])
+    assert r.exit_code == 0, r.output
+    assert [g["label"] for g in json.loads(r.output)["results"]] == want
+
+
+def test_a_recipe_on_a_head_trained_with_a_plain_file_is_refused(tmp_path, head_on_images):
+    """A head trained with a plain file has the file default recipe (IMAGENET1K_V1): --weights FILE#V2 says so."""
+    from torchvision.models import mobilenet_v2
+
+    torch.manual_seed(5)
+    torch.save(mobilenet_v2().state_dict(), tmp_path / "w.pth")
+    bb = load_backbone("mobilenet_v2", str(tmp_path / "w.pth"), input_size=32)
+    paths, feats, head = head_on_images(bb, tmp_path)
+    r = CliRunner().invoke(main, ["classify", "--head", str(tmp_path / "h"), "--weights",
+                                  f"{tmp_path / 'w.pth'}#IMAGENET1K_V2", paths[0]])
+    assert r.exit_code == 2, r.output
+    assert (f"was trained with the IMAGENET1K_V1 recipe (a weights file's default), not #IMAGENET1K_V2; drop the "
+            f"'#IMAGENET1K_V2' suffix (--weights {tmp_path / 'w.pth'})") in r.output
+    with pytest.raises(classifiers.HeadConfigMismatch, match="drop the '#IMAGENET1K_V2' suffix"):
+        classifiers.predict_images(str(tmp_path / "h"), paths[:1], weights=f"{tmp_path / 'w.pth'}#IMAGENET1K_V2")
+    other = tmp_path / "other.pth"
+    torch.save(mobilenet_v2().state_dict(), other)  # other numbers as well: said too, not hidden by the recipe
+    r = CliRunner().invoke(main, ["classify", "--head", str(tmp_path / "h"), "--weights", f"{other}#IMAGENET1K_V2",
+                                  paths[0]])
+    assert r.exit_code == 2 and "drop the '#IMAGENET1K_V2' suffix" in r.output, r.output
+    assert "Also differing: weights_sha256: " in r.output
