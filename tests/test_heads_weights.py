@@ -1,6 +1,7 @@
 """A head finds its backbone's weights file from any folder, or says how to point at it (--weights)."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 
@@ -57,6 +58,19 @@ def test_classify_and_export_from_another_folder(head_with_relative_weights, tmp
     r = CliRunner().invoke(main, ["export", str(work / "h"), "--format", "torchscript", "--out", "m.pt"])
     assert r.exit_code == 0, r.output
     assert (elsewhere / "m.pt").stat().st_size > 1000
+    # the metadata names the weights file by its base name and sha256s, not by this machine's path
+    meta = _export_metadata(elsewhere / "m.pt")
+    assert meta["weights"] == "w.pth" and str(tmp_path) not in json.dumps(meta)
+    assert meta["weights_file_sha256"] == hashlib.sha256((work / "w.pth").read_bytes()).hexdigest()
+    assert meta["weights_sha256"] == head.store_config["weights_sha256"]
+
+
+def _export_metadata(path) -> dict:
+    from classifiers.exporter import EXTRA_FILE
+
+    extra = {EXTRA_FILE: ""}
+    torch.jit.load(str(path), _extra_files=extra)
+    return json.loads(extra[EXTRA_FILE])
 
 
 def test_a_missing_weights_file_is_named_with_the_way_out(head_with_relative_weights, tmp_path):
@@ -119,6 +133,12 @@ def test_a_file_with_a_named_recipe_keeps_it_through_the_head(tmp_path, monkeypa
     r = CliRunner().invoke(main, ["classify", "--head", str(work / "h"), "--weights", str(moved), "--json", *paths[:2]])
     assert r.exit_code == 0, r.output
     assert [g["label"] for g in json.loads(r.output)["results"]] == want
+    r = CliRunner().invoke(main, ["export", str(work / "h"), "--format", "torchscript", "--weights", str(moved),
+                                  "--out", str(tmp_path / "m.pt")])
+    assert r.exit_code == 0, r.output
+    meta = _export_metadata(tmp_path / "m.pt")  # the moved file's name, with the head's recipe
+    assert meta["weights"] == "moved.pth#IMAGENET1K_V2" and str(tmp_path) not in json.dumps(meta)
+    assert meta["weights_file_sha256"] == hashlib.sha256(moved.read_bytes()).hexdigest()
     # another recipe than the head's is refused, saying which one the head has and to drop the suffix
     for args in (["classify", "--head", str(work / "h"), "--weights", f"{moved}#IMAGENET1K_V1", paths[0]],
                  ["export", str(work / "h"), "--format", "torchscript", "--weights", f"{moved}#IMAGENET1K_V1"]):
