@@ -109,8 +109,21 @@ def head_weights(head: Head, weights: str | None = None) -> str:
 
     w = str(head.store_config.get("weights", "DEFAULT"))
     recipe = split_recipe(w)[1]
+    if weights is not None and not is_file_spec(str(weights)):  # an enum name, tag, named source or none
+        if str(weights).strip().lower() == w.strip().lower():
+            return w  # the head's own weights: harmless
+        where = head.path or "the head"
+        model = head.store_config.get("model") or "its backbone"
+        if is_file_spec(w):
+            raise HeadConfigMismatch(
+                f"--weights {weights} cannot apply to {where}: it was trained on {model} with the weights file "
+                f"{w}; with a head, --weights (weights= in Python) only points at a moved copy of that file: "
+                "pass its path, or drop --weights", ["weights"])
+        raise HeadConfigMismatch(
+            f"--weights {weights} cannot apply to {where}: it was trained on {model} with weights {w}; drop "
+            "--weights (with a head it only points at a moved copy of the head's weights file)", ["weights"])
     if weights is not None:  # a moved file keeps the preprocessing recipe the head was trained with
-        weights = absolute_file_spec(str(weights))  # recorded (export metadata) as where it really is
+        weights = absolute_file_spec(str(weights))  # the backbone finds it from any folder
         if recipe and is_file_spec(weights) and split_recipe(weights)[1] is None:
             weights = f"{weights}#{recipe}"
         return weights
@@ -139,8 +152,52 @@ def load_head_backbone(head: Head, device: str = "cpu", weights: str | None = No
                        pooling=cfg.get("pooling", "avg"), precision=cfg.get("precision", "fp32"), device=device,
                        input_size=int(size[0]) if size else None, crop=pre.get("crop", "center"),
                        decode=pre.get("decode", "draft"), fold_batchnorm=True)  # as the extraction actors
-    check_backbone(head, bb)
+    try:
+        check_backbone(head, bb)
+    except HeadConfigMismatch as exc:
+        raise _other_recipe(head, weights, bb, exc) or exc from None
     return bb
+
+
+def _file_default_recipe(model: str) -> str | None:
+    """The recipe a weights file without #RECIPE gets for `model` (torchvision: IMAGENET1K_V1 where there
+    is one; timm: the default pretrained tag); None when it cannot be told."""
+    try:
+        if model.startswith("timm:"):
+            import timm
+
+            return getattr(timm.models.get_pretrained_cfg(model[5:]), "tag", None) or None
+        from featurestore.backbones import file_recipe
+
+        return file_recipe(model, None).name
+    except Exception:  # only for naming it in a message
+        return None
+
+
+def _other_recipe(head: Head, weights: str | None, bb, exc: HeadConfigMismatch) -> HeadConfigMismatch | None:
+    """--weights FILE#RECIPE whose recipe is not the one the head was trained with: a refusal that says
+    which recipe that was and to drop the suffix. None when the mismatch has another cause."""
+    from featurestore.weights import is_file_spec, split_recipe
+
+    w = str(head.store_config.get("weights", ""))
+    if weights is None or not is_file_spec(w) or not is_file_spec(str(weights)):
+        return None
+    path, asked = split_recipe(str(weights))
+    # the ids name the recipe as the backbone resolved it (#DEFAULT -> #IMAGENET1K_V2; the file default: none)
+    trained, got = split_recipe(w)[1], split_recipe(str(bb.weights_id))[1]
+    if asked is None or trained == got or not any(d.startswith("preprocessing") for d in exc.differences):
+        return None
+    model = str(head.store_config.get("model", ""))
+    default = _file_default_recipe(model)
+    name = trained or (f"{default} recipe (a weights file's default)" if default else
+                       "default recipe of a weights file")
+    if trained:
+        name += " recipe"
+    others = [d for d in exc.differences if not d.startswith("preprocessing")]
+    return HeadConfigMismatch(
+        f"--weights {weights}: {head.path or 'the head'} was trained with the {name}, not #{asked}; drop the "
+        f"'#{asked}' suffix (--weights {path}): the head's recipe is applied to a moved weights file "
+        "automatically" + (f". Also differing: {'; '.join(others)}" if others else ""), exc.differences)
 
 
 def check_backbone(head: Head, backbone) -> None:

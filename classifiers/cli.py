@@ -155,17 +155,40 @@ def export(head, fmt, out, opset, weights):
     click.echo(f"{fmt} -> {path} (input 'image' [N,3,H,W] preprocessed; output 'probabilities' [N,K])")
 
 
+def _check_model(head_dir: str, model: str) -> None:
+    """--model given with --head: harmless when it names the head's own model, else refused (it would
+    be ignored: the head classifies with the backbone it was trained on)."""
+    from featurestore.cli import Refused
+    from featurestore.zoo import UnknownModelError, canonical_name
+
+    from .persist import read_meta
+
+    own = (read_meta(head_dir).get("store_config") or {}).get("model")
+    if not own:
+        return  # no backbone recorded: loading the head's backbone refuses it, saying so
+    try:
+        same = canonical_name(model) == canonical_name(own)
+    except UnknownModelError:
+        same = False
+    if not same:
+        raise Refused(f"--model {model}: the head {head_dir} classifies with the backbone it was trained on, "
+                      f"{own}; drop --model")
+
+
 def classify_with_head(head_dir: str, images: list[str], *, topk: int, as_json: bool, weights: str | None = None,
-                       strict: bool = False) -> int:
+                       strict: bool = False, model: str | None = None) -> int:
     """`featurestore classify --head`: print each image's top classes; returns the exit code.
 
     An image that cannot be read or decoded is named on stderr and skipped (exit code 1), unless
     strict, where it stops the command (BadImage / FileNotFoundError, exit code 2 in the CLI).
+    model: the --model the user gave (None when not given); refused unless it is the head's model.
     """
     from featurestore.cli_models import _table as table, report_skipped
 
     from .apply import predict_images
 
+    if model is not None:
+        _check_model(head_dir, model)
     errors: list[tuple[str, str]] = []
     preds = predict_images(head_dir, list(images), weights=weights, on_error="raise" if strict else "skip",
                            errors=errors)

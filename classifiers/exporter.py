@@ -173,6 +173,24 @@ def _check_suffix(out: str, fmt: str) -> None:
                          f"or name the file {os.path.splitext(out)[0] + SUFFIXES[fmt][0]}")
 
 
+def portable_weights(weights_id: str) -> str:
+    """The weights as an exported file names them: a local file (path or file:// URL) by its base name,
+    with its #RECIPE, so no path of the exporting machine travels in the file (weights_file_sha256
+    identifies it); enum names, timm tags, named sources, none and remote URLs as they are."""
+    from urllib.parse import unquote, urlsplit
+
+    from featurestore.weights import is_file_spec, split_recipe
+
+    if not is_file_spec(weights_id):
+        return weights_id
+    path, recipe = split_recipe(weights_id)
+    if path.startswith("file://"):
+        path = unquote(urlsplit(path).path)
+    elif "://" in path:
+        return weights_id
+    return os.path.basename(os.path.expanduser(path).rstrip("/")) + (f"#{recipe}" if recipe else "")
+
+
 def metadata(head: Head, backbone) -> dict:
     """What a consumer of the exported file needs besides the graph: class names in output order,
     the preprocessing the input must have had, and where the features come from."""
@@ -191,8 +209,10 @@ def metadata(head: Head, backbone) -> dict:
                  "says, scaled to 0..1 and normalised with mean/std",
         "input_size": list(pre["input_size"]), "resize_size": pre["resize_size"], "crop": pre["crop"],
         "interpolation": pre["interpolation"], "mean": list(pre["mean"]), "std": list(pre["std"]),
-        "backbone": backbone.model_name, "weights": str(backbone.weights_id),
-        "weights_sha256": backbone.weights_sha256, "layer": head.layer, "pooling": backbone.pooling,
+        "backbone": backbone.model_name, "weights": portable_weights(str(backbone.weights_id)),
+        "weights_sha256": backbone.weights_sha256,
+        "weights_file_sha256": getattr(backbone, "weights_file_sha256", None),  # the file's bytes; None: no file
+        "layer": head.layer, "pooling": backbone.pooling,
         "head_kind": head.kind, "head_params": dict(head.params),
         "calibrated_probabilities": head.calibrated_probabilities, "featurestore_version": fs_version,
     }

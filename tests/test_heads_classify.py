@@ -99,3 +99,34 @@ def test_imagenet_classify_skips_bad_images_too(head_and_images):
 
     ref = classify([load_image(p) for p in good], backbone=direct, topk=2)
     assert [[t["class"] for t in rec["top"]] for rec in out["results"]] == [[c for c, _ in r] for r in ref]
+
+
+def test_model_with_a_head_is_refused_unless_it_is_the_heads(head_and_images):
+    """--model would be ignored (the head brings its backbone): refused in one line, unless it names the same model."""
+    h, head, inputs, good, expect, bad = head_and_images
+    for model in ("resnet50", "timm:resnet18", "efficientnet_lite0", "no_such_model"):
+        r = CliRunner().invoke(main, ["classify", "--head", str(h), "--model", model, good[0]])
+        assert r.exit_code == 2, r.output
+        assert r.output.strip().splitlines() == [f"Error: --model {model}: the head {h} classifies with the backbone "
+                                                 "it was trained on, resnet18; drop --model"]
+    r = CliRunner().invoke(main, ["classify", "--head", str(h), "--model", "resnet18", "--json", *good])
+    assert r.exit_code == 0, r.output  # the head's own model: harmless
+    assert {rec["image"]: rec["label"] for rec in json.loads(r.stdout)["results"]} == expect
+
+
+def test_weights_that_cannot_apply_to_a_head_are_refused(head_and_images, backbone):
+    """With a head, --weights only points at a moved weights file: another name is refused; the head's own is not."""
+    h, head, inputs, good, expect, bad = head_and_images
+    for weights in ("IMAGENET1K_V1", "DEFAULT", "pypi:efficientnet-lite0"):
+        r = CliRunner().invoke(main, ["classify", "--head", str(h), "--weights", weights, good[0]])
+        assert r.exit_code == 2, r.output
+        assert r.output.strip().splitlines() == [f"Error: --weights {weights} cannot apply to {h}: it was trained on "
+                                                 "resnet18 with weights none; drop --weights (with a head it only "
+                                                 "points at a moved copy of the head's weights file)"]
+        r = CliRunner().invoke(main, ["export", str(h), "--format", "torchscript", "--weights", weights])
+        assert r.exit_code == 2 and "cannot apply" in r.output and "Usage:" not in r.output, r.output
+    with pytest.raises(classifiers.HeadConfigMismatch, match="cannot apply"):
+        classifiers.predict_images(str(h), good[:1], weights="IMAGENET1K_V1")
+    r = CliRunner().invoke(main, ["classify", "--head", str(h), "--weights", "none", "--json", *good])
+    assert r.exit_code == 0, r.output
+    assert {rec["image"]: rec["label"] for rec in json.loads(r.stdout)["results"]} == expect

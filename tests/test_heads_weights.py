@@ -1,6 +1,7 @@
 """A head finds its backbone's weights file from any folder, or says how to point at it (--weights)."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 
@@ -57,6 +58,19 @@ def test_classify_and_export_from_another_folder(head_with_relative_weights, tmp
     r = CliRunner().invoke(main, ["export", str(work / "h"), "--format", "torchscript", "--out", "m.pt"])
     assert r.exit_code == 0, r.output
     assert (elsewhere / "m.pt").stat().st_size > 1000
+    # the metadata names the weights file by its base name and sha256s, not by this machine's path
+    meta = _export_metadata(elsewhere / "m.pt")
+    assert meta["weights"] == "w.pth" and str(tmp_path) not in json.dumps(meta)
+    assert meta["weights_file_sha256"] == hashlib.sha256((work / "w.pth").read_bytes()).hexdigest()
+    assert meta["weights_sha256"] == head.store_config["weights_sha256"]
+
+
+def _export_metadata(path) -> dict:
+    from classifiers.exporter import EXTRA_FILE
+
+    extra = {EXTRA_FILE: ""}
+    torch.jit.load(str(path), _extra_files=extra)
+    return json.loads(extra[EXTRA_FILE])
 
 
 def test_a_missing_weights_file_is_named_with_the_way_out(head_with_relative_weights, tmp_path):
@@ -84,6 +98,16 @@ def test_a_missing_weights_file_is_named_with_the_way_out(head_with_relative_wei
     assert r.exit_code == 2 and "weights_sha256" in r.output, r.output
 
 
+def test_a_weights_name_cannot_stand_for_the_heads_weights_file(head_with_relative_weights):
+    work, paths, feats, head = head_with_relative_weights
+    r = CliRunner().invoke(main, ["classify", "--head", str(work / "h"), "--weights", "DEFAULT", paths[0]])
+    assert r.exit_code == 2, r.output
+    assert r.output.strip().splitlines() == [
+        f"Error: --weights DEFAULT cannot apply to {work / 'h'}: it was trained on resnet18 with the weights file "
+        f"{work / 'w.pth'}; with a head, --weights (weights= in Python) only points at a moved copy of that file: "
+        "pass its path, or drop --weights"]
+
+
 def test_a_file_with_a_named_recipe_keeps_it_through_the_head(tmp_path, monkeypatch, head_on_images):
     """FILE#RECIPE: the head records the absolute file with its recipe, finds it from anywhere,
     and a moved file given with --weights keeps the recipe the head was trained with."""
@@ -109,3 +133,46 @@ def test_a_file_with_a_named_recipe_keeps_it_through_the_head(tmp_path, monkeypa
     r = CliRunner().invoke(main, ["classify", "--head", str(work / "h"), "--weights", str(moved), "--json", *paths[:2]])
     assert r.exit_code == 0, r.output
     assert [g["label"] for g in json.loads(r.output)["results"]] == want
+    r = CliRunner().invoke(main, ["export", str(work / "h"), "--format", "torchscript", "--weights", str(moved),
+                                  "--out", str(tmp_path / "m.pt")])
+    assert r.exit_code == 0, r.output
+    meta = _export_metadata(tmp_path / "m.pt")  # the moved file's name, with the head's recipe
+    assert meta["weights"] == "moved.pth#IMAGENET1K_V2" and str(tmp_path) not in json.dumps(meta)
+    assert meta["weights_file_sha256"] == hashlib.sha256(moved.read_bytes()).hexdigest()
+    # another recipe than the head's is refused, saying which one the head has and to drop the suffix
+    for args in (["classify", "--head", str(work / "h"), "--weights", f"{moved}#IMAGENET1K_V1", paths[0]],
+                 ["export", str(work / "h"), "--format", "torchscript", "--weights", f"{moved}#IMAGENET1K_V1"]):
+        r = CliRunner().invoke(main, args)
+        assert r.exit_code == 2, r.output
+        assert r.output.strip().splitlines() == [
+            f"Error: --weights {moved}#IMAGENET1K_V1: {work / 'h'} was trained with the IMAGENET1K_V2 recipe, not "
+            f"#IMAGENET1K_V1; drop the '#IMAGENET1K_V1' suffix (--weights {moved}): the head's recipe is applied to "
+            "a moved weights file automatically"]
+    # a suffix naming the head's recipe is harmless (#DEFAULT is mobilenet_v2's IMAGENET1K_V2)
+    r = CliRunner().invoke(main, ["classify", "--head", str(work / "h"), "--weights", f"{moved}#DEFAULT", "--json",
+                                  *paths[:2]])
+    assert r.exit_code == 0, r.output
+    assert [g["label"] for g in json.loads(r.output)["results"]] == want
+
+
+def test_a_recipe_on_a_head_trained_with_a_plain_file_is_refused(tmp_path, head_on_images):
+    """A head trained with a plain file has the file default recipe (IMAGENET1K_V1): --weights FILE#V2 says so."""
+    from torchvision.models import mobilenet_v2
+
+    torch.manual_seed(5)
+    torch.save(mobilenet_v2().state_dict(), tmp_path / "w.pth")
+    bb = load_backbone("mobilenet_v2", str(tmp_path / "w.pth"), input_size=32)
+    paths, feats, head = head_on_images(bb, tmp_path)
+    r = CliRunner().invoke(main, ["classify", "--head", str(tmp_path / "h"), "--weights",
+                                  f"{tmp_path / 'w.pth'}#IMAGENET1K_V2", paths[0]])
+    assert r.exit_code == 2, r.output
+    assert (f"was trained with the IMAGENET1K_V1 recipe (a weights file's default), not #IMAGENET1K_V2; drop the "
+            f"'#IMAGENET1K_V2' suffix (--weights {tmp_path / 'w.pth'})") in r.output
+    with pytest.raises(classifiers.HeadConfigMismatch, match="drop the '#IMAGENET1K_V2' suffix"):
+        classifiers.predict_images(str(tmp_path / "h"), paths[:1], weights=f"{tmp_path / 'w.pth'}#IMAGENET1K_V2")
+    other = tmp_path / "other.pth"
+    torch.save(mobilenet_v2().state_dict(), other)  # other numbers as well: said too, not hidden by the recipe
+    r = CliRunner().invoke(main, ["classify", "--head", str(tmp_path / "h"), "--weights", f"{other}#IMAGENET1K_V2",
+                                  paths[0]])
+    assert r.exit_code == 2 and "drop the '#IMAGENET1K_V2' suffix" in r.output, r.output
+    assert "Also differing: weights_sha256: " in r.output
