@@ -26,11 +26,9 @@ s3_bucket (function scope)
 from __future__ import annotations
 
 import itertools
-import os
 import socket
 import uuid
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import pytest
