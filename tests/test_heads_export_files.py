@@ -65,6 +65,11 @@ def test_exported_files_carry_class_names_and_preprocessing(tmp_path, backbone):
     ("~/r18.pth#tv_in1k", "r18.pth#tv_in1k"),
     ("file:///my%20models/r50.pth", "r50.pth"),
     ("s3://bucket/r50.pth", "s3://bucket/r50.pth"),  # a remote URL means the same anywhere
+    # ... but not its token: a presigned URL's query and a URL's credentials stay out
+    ("https://b.s3.amazonaws.com/r50.pth?X-Amz-Signature=abc&X-Amz-Credential=me",
+     "https://b.s3.amazonaws.com/r50.pth"),
+    ("https://me:secret@models.example.com:8443/r50.pth#IMAGENET1K_V2",
+     "https://models.example.com:8443/r50.pth#IMAGENET1K_V2"),
     ("DEFAULT", "DEFAULT"), ("IMAGENET1K_V2", "IMAGENET1K_V2"), ("none", "none"),
     ("pypi:efficientnet-lite0", "pypi:efficientnet-lite0"), ("timm:resnet18.a1_in1k", "timm:resnet18.a1_in1k"),
 ])

@@ -176,3 +176,46 @@ def test_a_recipe_on_a_head_trained_with_a_plain_file_is_refused(tmp_path, head_
                                   paths[0]])
     assert r.exit_code == 2 and "drop the '#IMAGENET1K_V2' suffix" in r.output, r.output
     assert "Also differing: weights_sha256: " in r.output
+
+
+def test_a_local_copy_of_named_weights_keeps_their_recipe(tmp_path, monkeypatch, head_on_images):
+    """A head trained on IMAGENET1K_V2 (resize 232), given the same tensors as a plain file, reads
+    the images with V2's preprocessing, not a weights file's default (V1, resize 256)."""
+    from torchvision.models import MobileNet_V2_Weights, mobilenet_v2
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "th"))
+    url = MobileNet_V2_Weights.IMAGENET1K_V2.url
+    cached = tmp_path / "th" / "hub" / "checkpoints" / url.rsplit("/", 1)[1]
+    cached.parent.mkdir(parents=True)
+    torch.manual_seed(5)
+    torch.save(mobilenet_v2().state_dict(), cached)  # the cache torchvision reads offline
+    bb = load_backbone("mobilenet_v2", "IMAGENET1K_V2")
+    paths, feats, head = head_on_images(bb, tmp_path)
+    assert head.store_config["weights"] == "IMAGENET1K_V2"
+    want = [head.label_names[i] for i in head.predict_proba(feats[:2]).argmax(1)]
+    copy = tmp_path / "copy.pth"
+    copy.write_bytes(cached.read_bytes())
+    cached.unlink()  # offline, and the cache gone: only the copy is left
+    r = CliRunner().invoke(main, ["classify", "--head", str(tmp_path / "h"), "--weights", str(copy), "--json",
+                                  *paths[:2]])
+    assert r.exit_code == 0, r.output
+    assert [g["label"] for g in json.loads(r.output)["results"]] == want
+    r = CliRunner().invoke(main, ["export", str(tmp_path / "h"), "--format", "torchscript", "--weights", str(copy),
+                                  "--out", str(tmp_path / "m.pt")])
+    assert r.exit_code == 0, r.output
+    meta = _export_metadata(tmp_path / "m.pt")
+    assert meta["weights"] == "copy.pth#IMAGENET1K_V2" and meta["resize_size"] == 232
+    r = CliRunner().invoke(main, ["classify", "--head", str(tmp_path / "h"), "--weights", f"{copy}#IMAGENET1K_V1",
+                                  paths[0]])
+    assert r.exit_code == 2, r.output
+    assert (f"was trained with the IMAGENET1K_V2 recipe, not #IMAGENET1K_V1; drop the '#IMAGENET1K_V1' suffix "
+            f"(--weights {copy})") in r.output
+
+
+@pytest.mark.parametrize("recorded,recipe", [
+    ("IMAGENET1K_V2", "IMAGENET1K_V2"), ("timm:resnet18.tv_in1k", "tv_in1k"), ("timm:resnet18", None),
+    ("pypi:efficientnet-lite0", None), ("none", None)])
+def test_the_recipe_a_local_copy_of_named_weights_gets(recorded, recipe):
+    from classifiers.apply import _recipe_of_named
+
+    assert _recipe_of_named(recorded) == recipe
