@@ -20,9 +20,10 @@ from torch import nn
 
 from .fold import Folded, fold_batchnorm as fold_bn
 from .preprocess import Preprocessing
-from .weights import (DEFAULT_NAMED, NAMED_SOURCES, WeightsError, check_timm_tag, fetch_timm_pretrained,
-                      fetch_torchvision, is_file_spec, load_strict, named_state_dict, read_state_dict, split_recipe,
-                      state_dict_sha256, torchvision_enum, torchvision_offline_error)
+from .weights import (DEFAULT_NAMED, NAMED_SOURCES, WeightsError, check_timm_tag, checkpoint_classes,
+                      fetch_timm_pretrained, fetch_torchvision, is_file_spec, load_strict, named_state_dict,
+                      read_state_dict, split_recipe, state_dict_sha256, strip_wrapper_prefix, torchvision_enum,
+                      torchvision_offline_error)
 from .zoo import ModelInfo, UnknownLayerError, UnknownModelError, canonical_name, family_of
 from .zoo import list_models as _zoo_list_models
 
@@ -257,6 +258,35 @@ def file_recipe(name: str, recipe: str | None):
     return members.get("IMAGENET1K_V1") or get_model_weights(name).DEFAULT
 
 
+def _tv_classifier(model: nn.Module) -> str:
+    """The module name of a torchvision classifier's last layer: its last Linear (fc, heads.head,
+    classifier.6 ...), or its last conv where it has no Linear (squeezenet's classifier.1)."""
+    mods = list(model.named_modules())
+    linear = [n for n, m in mods if isinstance(m, nn.Linear)]
+    return (linear or [n for n, m in mods if isinstance(m, nn.Conv2d)])[-1]
+
+
+def _timm_classifier(model: nn.Module) -> list[str]:
+    """The module name(s) of a timm model's classifier: its pretrained config's ('fc', 'head.fc'; two
+    for distilled models), else what get_classifier() returns, found by identity."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    names = cfg.get("classifier") if isinstance(cfg, dict) else getattr(cfg, "classifier", None)
+    names = [names] if isinstance(names, str) else list(names or [])
+    own = model.state_dict()
+    names = [n for n in names if f"{n}.weight" in own]
+    if names or not hasattr(model, "get_classifier"):
+        return names
+    heads = model.get_classifier()
+    heads = heads if isinstance(heads, tuple) else (heads,)
+    return [n for n, m in model.named_modules() if n and any(m is h for h in heads) and f"{n}.weight" in own]
+
+
+def _num_classes_note(source: str, model: str, n: int, default: int) -> None:
+    log.info("weights %s: a classifier for %d classes where %s has %d (a fine-tuned checkpoint); built with %d, "
+             "so every layer is the checkpoint's and `logits` gives its %d classes (names unknown: shown by index)",
+             source, n, model, default, n, n)
+
+
 def _require_local_file(path: str) -> None:
     """A local path or file:// URL that is not there is refused (remote URLs are not contacted)."""
     from .weights import _local_file, file_not_found
@@ -316,7 +346,14 @@ def _build_torchvision(name, weights, seed, input_size, crop, decode, storage_op
         with _seeded(seed):
             model = get_model(name, weights=None, **kwargs)
         sd, file_sha = read_state_dict(path, storage_options)
-        load_strict(model, sd, path)
+        sd = strip_wrapper_prefix(sd, model.state_dict(), path)
+        head = _tv_classifier(model)
+        classes = checkpoint_classes(model, sd, head)
+        if classes is not None:  # fine-tuned to other classes: the architecture with its classifier's size
+            _num_classes_note(path, name, classes, model.get_submodule(head).weight.shape[0])
+            with _seeded(seed):
+                model = get_model(name, weights=None, **{**kwargs, "num_classes": classes})
+        load_strict(model, sd, path, name)
         weights_id = file_id
     else:
         if not kwargs.get("image_size") and not kwargs.get("input_size"):
@@ -332,11 +369,13 @@ def _build_torchvision(name, weights, seed, input_size, crop, decode, storage_op
                 from torchvision.models.vision_transformer import interpolate_embeddings
 
                 sd = interpolate_embeddings(int(size), model.patch_size, sd)
-            load_strict(model, sd, f"{type(member).__name__}.{member.name}")
+            load_strict(model, sd, f"{type(member).__name__}.{member.name}", name)
         weights_id = member.name
     if input_size:
         pre = pre.with_input_size(input_size)
     categories = list(default_member.meta.get("categories") or [])
+    if len(categories) != model.get_submodule(_tv_classifier(model)).weight.shape[0]:
+        categories = []  # a checkpoint fine-tuned to other classes: their names are not in the file
     return model, pre, weights_id, file_sha, categories, recipe
 
 
@@ -394,10 +433,16 @@ def _build_timm(canonical, weights, seed, input_size, crop, decode, storage_opti
         with _seeded(seed):
             model = timm.create_model(arch, pretrained=False, **kwargs)
         if load and low in NAMED_SOURCES:
-            load_strict(model, named_state_dict(low, model, canonical), low)
+            load_strict(model, named_state_dict(low, model, canonical), low, canonical)
         elif load and is_file_spec(weights):
             sd, file_sha = read_state_dict(path, storage_options)
-            load_strict(model, sd, path)
+            sd = strip_wrapper_prefix(sd, model.state_dict(), path)
+            classes = checkpoint_classes(model, sd, _timm_classifier(model))
+            if classes is not None:  # fine-tuned to other classes (or a tag whose config has other classes)
+                _num_classes_note(path, canonical, classes, model.num_classes)
+                with _seeded(seed):
+                    model = timm.create_model(arch, pretrained=False, **{**kwargs, "num_classes": classes})
+            load_strict(model, sd, path, canonical)
     else:
         model = fetch_timm_pretrained(arch, **kwargs)
     data = resolve_data_config({}, model=model)

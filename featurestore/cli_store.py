@@ -83,7 +83,8 @@ def inspect_cmd(store: str, as_json: bool, storage_options: str | None) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("--storage-options", default=None, help=_SO_HELP)
 def verify_cmd(store: str, as_json: bool, storage_options: str | None) -> None:
-    """Check a store: shard checksums, row counts, manifest consistency, duplicate ids.
+    """Check a store: shard checksums (sha256, and every chunk's own, naming the shard, dataset and
+    rows of a damaged one), row counts, ids against the manifest, manifest consistency, duplicate ids.
 
     Exits 1 when anything is wrong, listing each problem on its own line.
     """

@@ -1210,6 +1210,16 @@ class StoreReader:
 
     # -- rows
     def _load_ids_labels(self) -> None:
+        """ids and labels of every row: from manifest.parquet when the store is finished (one small
+        table, no shard opened: on object storage no shard is downloaded just for its labels), else
+        from the shards' `ids` and `labels` datasets.
+
+        Deliberately, the shards' `labels` are then not read, so a damaged labels chunk (fletcher32)
+        goes unnoticed here: what is returned is still right, since the manifest is its own copy of
+        the plan's labels, and checking the shards would cost a read of every shard on every open.
+        Finding that damage is verify's job (it reads every chunk and names shard, dataset and
+        rows); iter_batches, which reads ids and labels from the shards, fails on it with a
+        StoreError naming the shard, as for features."""
         if self._ids is not None:
             return
         ids, labels = None, None
@@ -1405,8 +1415,109 @@ class VerifyReport:
         return asdict(self)
 
 
+_SCAN_BYTES = 16 << 20  # verify reads a dataset this much at a time
+
+
+def _span(rows: list[tuple[int, int]]) -> str:
+    """[(0, 10), (20, 30)] -> 'rows 0-9, 20-29'."""
+    shown = ", ".join(f"{a}-{b - 1}" if b - a > 1 else f"{a}" for a, b in rows[:3])
+    return f"row{'s' if len(rows) > 1 or rows[0][1] - rows[0][0] > 1 else ''} {shown}" + \
+        (f" and {len(rows) - 3} more chunk(s)" if len(rows) > 3 else "")
+
+
+def _scan_dataset(ds, rel: str, label: str, problems: list[str], keep: bool = False) -> np.ndarray | None:
+    """Read every chunk of one shard dataset (its values when `keep`, else read and dropped, a block at
+    a time), naming the dataset and the rows of each chunk that fails: a fletcher32 checksum that no
+    longer matches, a chunk that does not decompress, a vlen string whose heap entry is damaged.
+    Returns the values (keep) when everything read, else None."""
+    import h5py
+
+    view = ds.asstr() if h5py.check_string_dtype(ds.dtype) is not None else ds
+    n = int(ds.shape[0]) if ds.shape else 0
+    chunk = int(ds.chunks[0]) if ds.chunks else max(1, n)
+    row_bytes = max(1, int(np.prod(ds.shape[1:], dtype=np.int64)) * ds.dtype.itemsize)
+    block = max(chunk, _SCAN_BYTES // row_bytes // chunk * chunk)
+    parts: list[np.ndarray] = []
+    failed: list[tuple[int, int]] = []
+    reason = ""
+    for lo in range(0, n, block):
+        hi = min(n, lo + block)
+        try:
+            values = view[lo:hi]
+        except OSError:
+            for a in range(lo, hi, chunk):  # which chunks of the block
+                b = min(hi, a + chunk)
+                try:
+                    view[a:b]
+                except OSError as exc:
+                    reason = reason or str(exc)
+                    if failed and failed[-1][1] == a:
+                        failed[-1] = (failed[-1][0], b)
+                    else:
+                        failed.append((a, b))
+            continue
+        if keep:
+            parts.append(np.asarray(values, dtype=object) if view is not ds else values)
+    if failed:
+        why = (f"its chunk checksum (fletcher32) no longer matches: the bytes changed after they were written "
+               f"({reason})" if ds.fletcher32 and "filter returned failure" in reason else f"cannot be read ({reason})")
+        problems.append(f"{rel}: {label} {_span(failed)}: {why}")
+        return None
+    if not keep:
+        return None
+    return np.concatenate(parts) if parts else view[0:0]
+
+
+def _verify_shard_datasets(f, rel: str, rows: int, layers: dict, label_names: list, problems: list[str]):
+    """Check one open shard against what store.json says, reading every chunk of every dataset
+    (the fletcher32 checksums of labels and features are checked as they are read; ids, vlen
+    strings, cannot carry one: the caller compares them with the sidecar or manifest). Problems
+    name the shard and the dataset. Returns (ids, labels), each None where it could not be read."""
+    out: dict[str, np.ndarray | None] = {}
+    for name in ("ids", "labels"):
+        if name not in f:
+            problems.append(f"{rel}: dataset {name!r} missing")
+            out[name] = None
+            continue
+        ds = f[name]
+        if ds.shape[:1] != (rows,):
+            problems.append(f"{rel}: {name} has {ds.shape[0] if ds.shape else 0} rows, store.json says {rows}")
+        out[name] = _scan_dataset(ds, rel, name, problems, keep=True)
+    lab = out["labels"]
+    if lab is not None and len(lab):
+        bad = (lab < -1) | (lab >= len(label_names)) if label_names else lab != -1
+        if np.any(bad):
+            r = int(np.flatnonzero(bad)[0])
+            problems.append(f"{rel}: labels row {r} is {int(lab[r])}, outside -1..{len(label_names) - 1} "
+                            f"({int(np.count_nonzero(bad))} such row(s))")
+    first = next(iter(layers), None)
+    for layer, info in layers.items():
+        if rows == 0 and f"layers/{layer}" not in f:
+            continue
+        if f"layers/{layer}" not in f:
+            problems.append(f"{rel}: layer {layer!r} missing")
+            continue
+        ds = f[f"layers/{layer}"]
+        if ds.shape != (rows, *info["shape"]):
+            problems.append(f"{rel}: layer {layer!r} has shape {ds.shape}, expected {(rows, *info['shape'])}")
+        _scan_dataset(ds, rel, f"layers/{layer}" + (" (= features)" if layer == first else ""), problems)
+    if first is not None and f"layers/{first}" in f and "features" not in f:
+        problems.append(f"{rel}: dataset 'features' (the first layer's PyImageSearch-style name) missing")
+    if "label_names" not in f:
+        problems.append(f"{rel}: dataset 'label_names' missing")
+    else:
+        names = _scan_dataset(f["label_names"], rel, "label_names", problems, keep=True)
+        if names is not None and names.tolist() != list(label_names):
+            problems.append(f"{rel}: label_names differ from store.json")
+    return out["ids"], lab
+
+
 def verify(uri: str, storage_options: dict | None = None) -> VerifyReport:
-    """Recompute checksums and check counts and manifest consistency; problems as readable lines."""
+    """Recompute checksums and check counts and manifest consistency; problems as readable lines.
+
+    Every chunk of every shard dataset is read, so a damaged labels or features chunk is named
+    (shard, dataset, rows) even where nothing else reads it: a complete store's reader takes
+    ids and labels from manifest.parquet, not from the shards' `labels`."""
     import h5py
 
     loc = _Loc(uri, storage_options)
@@ -1447,8 +1558,9 @@ def verify(uri: str, storage_options: dict | None = None) -> VerifyReport:
     for n in sorted(on_disk - {s["name"] for s in listed}):
         problems.append(f"shards/{n}: present but not listed in store.json")
     missing: list[str] = []
-    shard_ids: dict[int, np.ndarray] = {}
-    shard_labels: dict[int, np.ndarray] = {}
+    shard_ids: dict[int, np.ndarray | None] = {}  # None: missing or unreadable (said already)
+    shard_labels: dict[int, np.ndarray | None] = {}
+    altered: set[int] = set()  # shards whose bytes are not those committed (sha256 differs)
     checked = 0
     damaged: list[str] = []
     for s in listed:
@@ -1456,6 +1568,7 @@ def verify(uri: str, storage_options: dict | None = None) -> VerifyReport:
         before = len(problems)
         if s["name"] not in on_disk:
             problems.append(f"{rel}: missing (listed in store.json with {s['rows']} rows)")
+            shard_ids[int(s["index"])] = shard_labels[int(s["index"])] = None
             damaged.append(rel)
             missing.append(rel)
             continue
@@ -1478,32 +1591,25 @@ def verify(uri: str, storage_options: dict | None = None) -> VerifyReport:
             checked += size
             if sha != s.get("sha256"):
                 problems.append(f"{rel}: checksum mismatch (sha256 {sha[:12]}..., store.json says {str(s.get('sha256'))[:12]}...); the file is corrupt or was replaced")
+                altered.add(int(s["index"]))
             if s.get("bytes") is not None and size != int(s["bytes"]):
                 problems.append(f"{rel}: {size} bytes, store.json says {s['bytes']}")
             try:
                 with h5py.File(path, "r") as f:
-                    rows = int(s["rows"])
-                    ids = np.asarray(f["ids"].asstr()[()], dtype=object)
-                    lab = f["labels"][()]
-                    for name, n in (("ids", len(ids)), ("labels", len(lab))):
-                        if n != rows:
-                            problems.append(f"{rel}: {name} has {n} rows, store.json says {rows}")
-                    for layer, info in layers.items():
-                        if rows == 0 and f"layers/{layer}" not in f:
-                            continue
-                        if f"layers/{layer}" not in f:
-                            problems.append(f"{rel}: layer {layer!r} missing")
-                            continue
-                        shape = f[f"layers/{layer}"].shape
-                        if shape != (rows, *info["shape"]):
-                            problems.append(f"{rel}: layer {layer!r} has shape {shape}, expected {(rows, *info['shape'])}")
-                    names = list(f["label_names"].asstr()[()]) if "label_names" in f else None
-                    if names != label_names:
-                        problems.append(f"{rel}: label_names differ from store.json")
-                    shard_ids[int(s["index"])] = ids
-                    shard_labels[int(s["index"])] = lab
-            except (OSError, KeyError) as exc:
+                    ids, lab = _verify_shard_datasets(f, rel, int(s["rows"]), layers, label_names, problems)
+            except (OSError, KeyError) as exc:  # not HDF5, a truncated file, a damaged header: no dataset to name
                 problems.append(f"{rel}: not a readable shard ({exc})")
+                ids = lab = None
+            if ids is not None and s.get("ids") is not None:
+                # a running store's shards listed from their sidecars, which hold the ids too (a finished
+                # store's are checked against manifest.parquet below)
+                differ = [r for r, (a, b) in enumerate(zip(ids.tolist(), s["ids"])) if a != b]
+                if differ:
+                    r = differ[0]
+                    problems.append(f"{rel}: ids differ from its sidecar {s['name'][:-3]}.json in {len(differ)} "
+                                    f"row(s), e.g. row {r} reads {ids[r]!r} where the sidecar says {s['ids'][r]!r}")
+            shard_ids[int(s["index"])] = ids
+            shard_labels[int(s["index"])] = lab
         finally:
             if tmp:
                 os.remove(tmp)
@@ -1512,7 +1618,8 @@ def verify(uri: str, storage_options: dict | None = None) -> VerifyReport:
     total = sum(int(s["rows"]) for s in listed)
     if meta.get("num_rows") is not None and int(meta["num_rows"]) != total:
         problems.append(f"store.json: num_rows {meta['num_rows']} but the shards list sums to {total}")
-    all_ids = np.concatenate(list(shard_ids.values())) if shard_ids else np.zeros(0, dtype=object)
+    read = [v for v in shard_ids.values() if v is not None]
+    all_ids = np.concatenate(read) if read else np.zeros(0, dtype=object)
     uniq, counts = np.unique(all_ids.astype(str), return_counts=True) if len(all_ids) else (np.zeros(0), np.zeros(0))
     dups = uniq[counts > 1]
     if len(dups):
@@ -1548,13 +1655,32 @@ def verify(uri: str, storage_options: dict | None = None) -> VerifyReport:
                 problems.append(f"manifest.parquet: {len(ok)} ok rows, shards hold {total}")
             bad = 0
             examples: list[str] = []
+            # a shard whose bytes changed since its commit is the one to blame for a row that disagrees;
+            # otherwise the manifest is (rows of a missing or unreadable shard were named above)
+            differ: dict[int, list[str]] = {}
             for i in ok:
                 k, r = int(mshard[i]), int(mrow[i])
-                sid = shard_ids.get(k)
-                if sid is None or not 0 <= r < len(sid) or sid[r] != mid[i] or int(shard_labels[k][r]) != int(mlabel[i]):
-                    bad += 1
-                    if len(examples) < 3:
-                        examples.append(f"{mid[i]} -> shard {k} row {r}")
+                if k in shard_ids and shard_ids[k] is None:
+                    continue
+                sid, slab = shard_ids.get(k), shard_labels.get(k)
+                what = None
+                if sid is not None and 0 <= r < len(sid):
+                    if sid[r] != mid[i]:
+                        what = f"row {r}: ids reads {sid[r]!r}, manifest.parquet says {mid[i]!r}"
+                    elif slab is not None and int(slab[r]) != int(mlabel[i]):
+                        what = f"row {r}: labels reads {int(slab[r])}, manifest.parquet says {int(mlabel[i])}"
+                    else:
+                        continue
+                if what is not None and k in altered:
+                    differ.setdefault(k, []).append(what)
+                    continue
+                bad += 1
+                if len(examples) < 3:
+                    examples.append(f"{mid[i]} -> shard {k} row {r}")
+            names = {int(s["index"]): s["name"] for s in listed}
+            for k, whats in sorted(differ.items()):
+                problems.append(f"shards/{names[k]}: {len(whats)} row(s) differ from manifest.parquet, e.g. "
+                                f"{'; '.join(whats[:3])}")
             if bad:
                 problems.append(f"manifest.parquet: {bad} ok row(s) do not match their shard row (id or label), e.g. {'; '.join(examples)}")
         errs = table("errors.parquet")

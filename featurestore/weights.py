@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 __all__ = [
     "WeightsError", "NAMED_SOURCES", "NamedSource", "state_dict_sha256", "file_sha256",
     "is_file_spec", "split_recipe", "absolute_file_spec", "file_not_found", "read_state_dict", "load_strict",
+    "checkpoint_classes",
     "torchvision_enum", "fetch_torchvision",
     "torchvision_offline_error", "timm_tags", "check_timm_tag", "strip_wrapper_prefix", "hub_dir",
     "fetch_timm_pretrained", "named_state_dict", "convert_efficientnet_lite0",
@@ -266,8 +267,37 @@ def strip_wrapper_prefix(sd: dict[str, torch.Tensor], own_keys, source: str) -> 
     return sd
 
 
-def load_strict(model: torch.nn.Module, sd: dict[str, torch.Tensor], source: str) -> None:
-    """load_state_dict(strict=True), with an error naming missing, unexpected and mis-shaped keys."""
+def checkpoint_classes(model: torch.nn.Module, sd: dict[str, torch.Tensor], classifiers) -> int | None:
+    """The class count of a checkpoint that differs from `model` in its classifier's output size only:
+    a fine-tuned checkpoint (10 classes where the architecture's default has 1000). None when the
+    classifier agrees, or when anything else differs too (another architecture: load_strict then
+    names every key that does not fit).
+
+    classifiers: the module name(s) of the model's classifier ('fc', 'head.fc'; timm's distilled
+    models have two, 'head' and 'head_dist', which must agree). `sd` as load_strict would load
+    it: a wrapper prefix ('module.') already stripped (strip_wrapper_prefix).
+    """
+    own = model.state_dict()
+    names = [classifiers] if isinstance(classifiers, str) else list(classifiers or [])
+    keys = {f"{n}.{p}" for n in names for p in ("weight", "bias") if f"{n}.{p}" in own}
+    if not names or f"{names[0]}.weight" not in own or set(sd) != set(own):
+        return None
+    counts = set()
+    for key in keys:
+        mine, theirs = tuple(own[key].shape), tuple(sd[key].shape)
+        if not mine or len(mine) != len(theirs) or mine[1:] != theirs[1:]:
+            return None  # not the output size alone (another input width: another architecture)
+        counts.add(theirs[0])
+    if any(tuple(sd[k].shape) != tuple(own[k].shape) for k in own if k not in keys):
+        return None
+    if len(counts) != 1 or next(iter(counts)) == own[f"{names[0]}.weight"].shape[0]:
+        return None
+    return int(next(iter(counts)))
+
+
+def load_strict(model: torch.nn.Module, sd: dict[str, torch.Tensor], source: str, model_name: str | None = None) -> None:
+    """load_state_dict(strict=True), with an error naming missing, unexpected and mis-shaped keys
+    (and the file and the model: `model_name` where given, e.g. timm:resnet18, else the class name)."""
     own = model.state_dict()
     sd = strip_wrapper_prefix(sd, own, source)
     missing = [k for k in own if k not in sd]
@@ -282,7 +312,8 @@ def load_strict(model: torch.nn.Module, sd: dict[str, torch.Tensor], source: str
             parts.append(f"unexpected keys ({len(unexpected)}): {_names(unexpected)}")
         if shapes:
             parts.append(f"shape mismatches ({len(shapes)}): {_names(shapes, 4)}")
-        raise WeightsError(f"weights {source} do not fit {type(model).__name__}: " + "; ".join(parts)
+        what = f"{model_name} ({type(model).__name__})" if model_name else type(model).__name__
+        raise WeightsError(f"weights {source} do not fit {what}: " + "; ".join(parts)
                            + ". Pass weights saved from the same architecture (torch.save(model.state_dict(), f)).")
     model.load_state_dict(sd, strict=True)
 

@@ -1,0 +1,155 @@
+"""Damage inside a shard's labels, ids and features, made by flipping one byte of a real file on
+disk: verify names the shard, the dataset and the rows; the reader stays right or says which shard."""
+from __future__ import annotations
+
+import os
+
+import h5py
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from featurestore.cli_store import verify_cmd
+from featurestore.sources import Plan
+from featurestore.store import ShardWriter, StoreError, StoreWriter, open_store, verify, write_store
+
+N = 20
+
+
+def _store(tmp_path, compression=None, layers=("f",)):
+    rng = np.random.default_rng(0)
+    feats = {name: rng.normal(size=(N, 4)).astype(np.float32) for name in layers}
+    labels = np.arange(N) % 3
+    ids = [f"/data/img_{i:03d}.jpg" for i in range(N)]
+    write_store(str(tmp_path / "st"), feats, labels, ["a", "b", "c"], ids, {}, shard_size=10,
+                compression=compression).close()
+    return str(tmp_path / "st"), feats, labels, ids
+
+
+def _flip_in_chunk(path, dataset: str, at: int = 0) -> None:
+    """Flip one bit of the byte `at` bytes into the first stored chunk of `dataset`."""
+    with h5py.File(path, "r") as f:
+        info = f[dataset].id.get_chunk_info(0)
+    assert 0 <= at < info.size
+    raw = bytearray(open(path, "rb").read())
+    raw[info.byte_offset + at] ^= 0x01
+    with open(path, "wb") as fh:
+        fh.write(bytes(raw))
+
+
+def _flip_text(path, text: str, at: int) -> None:
+    """Flip a bit of one character of `text`, which occurs once in the file (an id in HDF5's global heap)."""
+    raw = bytearray(open(path, "rb").read())
+    where = raw.find(text.encode())
+    assert where >= 0 and raw.find(text.encode(), where + 1) < 0
+    raw[where + at] ^= 0x02
+    with open(path, "wb") as fh:
+        fh.write(bytes(raw))
+
+
+def test_a_flipped_byte_in_a_labels_chunk_is_named_by_verify_while_reads_stay_right(tmp_path):
+    uri, feats, labels, ids = _store(tmp_path)
+    shard = tmp_path / "st" / "shards" / "shard-00001.h5"
+    _flip_in_chunk(shard, "labels", at=8)  # row 11's label: 2 becomes another valid class
+    with h5py.File(shard, "r") as f, pytest.raises(OSError, match="filter returned failure"):
+        f["labels"][()]  # a plain-h5py user is stopped too, not handed a wrong label
+    rep = verify(uri)
+    assert not rep.ok and rep.damaged_shards == ["shards/shard-00001.h5"]
+    assert rep.problems[0].startswith("shards/shard-00001.h5: checksum mismatch")
+    assert rep.problems[1] == ("shards/shard-00001.h5: labels rows 0-9: its chunk checksum (fletcher32) no longer "
+                               "matches: the bytes changed after they were written (Can't synchronously read data "
+                               "(filter returned failure during read))")
+    assert len(rep.problems) == 2  # the manifest, a healthy copy, is not blamed
+    assert rep.repair == (f"delete shards/shard-00001.h5 from {uri} and run the same `featurestore extract` "
+                          "command again; it recomputes only those shards")
+    res = CliRunner().invoke(verify_cmd, [uri])
+    assert res.exit_code == 1 and "shard-00001.h5: labels rows 0-9: its chunk checksum" in res.output
+    # the reader takes a finished store's labels from the manifest (its own copy): still right
+    r = open_store(uri)
+    assert r.ids.tolist() == ids and r.labels.tolist() == labels.tolist()
+    np.testing.assert_array_equal(r.features()[:], feats["f"])
+    # what reads the shard's labels says which shard
+    with pytest.raises(StoreError, match=r"shard-00001.h5: cannot read this shard .*featurestore verify"):
+        list(open_store(uri).iter_batches(7))
+
+
+def test_a_damaged_ids_chunk_or_id_string_is_named_by_verify(tmp_path):
+    uri, _, labels, ids = _store(tmp_path)
+    shard = tmp_path / "st" / "shards" / "shard-00001.h5"
+    # ids are vlen strings: no checksum filter. A flipped byte in the chunk (its heap references)
+    # fails the read ...
+    _flip_in_chunk(shard, "ids", at=3)
+    rep = verify(uri)
+    assert rep.damaged_shards == ["shards/shard-00001.h5"] and len(rep.problems) == 2
+    assert rep.problems[1].startswith("shards/shard-00001.h5: ids rows 0-9: cannot be read (")
+
+    # ... one in a string itself reads as another id: the manifest, the reference copy, tells
+    uri, _, labels, ids = _store(tmp_path / "b")
+    shard = tmp_path / "b" / "st" / "shards" / "shard-00001.h5"
+    _flip_text(shard, "/data/img_013.jpg", at=10)
+    with h5py.File(shard, "r") as f:
+        assert f["ids"].asstr()[3] == "/data/img_213.jpg"  # plain h5py reads a wrong id without complaint
+    rep = verify(uri)
+    assert rep.damaged_shards == ["shards/shard-00001.h5"]
+    assert rep.problems[1:] == ["shards/shard-00001.h5: 1 row(s) differ from manifest.parquet, e.g. row 3: ids reads "
+                                "'/data/img_213.jpg', manifest.parquet says '/data/img_013.jpg'"]
+    assert open_store(uri).ids.tolist() == ids  # from the manifest: right
+
+
+def test_a_running_stores_shard_ids_are_checked_against_their_sidecar(tmp_path):
+    plan = Plan([f"/data/i{i:03d}.jpg" for i in range(8)], np.array([0, 1] * 4), ["a", "b"], 4)
+    w = StoreWriter(str(tmp_path / "st"), {"model": "m"}, plan.label_names)
+    w.write_plan(plan)
+    for k in (0, 1):
+        with ShardWriter(w.uri, k, plan.label_names) as sw:
+            sw.append(plan.shard(k).ids, plan.shard(k).labels, {"f": np.ones((4, 2), np.float32)})
+            sw.commit()
+    _flip_text(tmp_path / "st" / "shards" / "shard-00001.h5", "/data/i005.jpg", at=8)
+    rep = verify(w.uri)
+    assert rep.damaged_shards == ["shards/shard-00001.h5"]
+    assert ("shards/shard-00001.h5: ids differ from its sidecar shard-00001.json in 1 row(s), e.g. row 1 reads "
+            "'/data/i025.jpg' where the sidecar says '/data/i005.jpg'") in rep.problems
+
+
+@pytest.mark.parametrize("compression", [None, "gzip"])
+def test_a_damaged_features_chunk_is_named_with_its_layer_and_rows(tmp_path, compression):
+    uri, feats, *_ = _store(tmp_path, compression=compression, layers=("layer4", "layer3"))
+    shard = tmp_path / "st" / "shards" / "shard-00000.h5"
+    _flip_in_chunk(shard, "layers/layer3", at=5)
+    _flip_in_chunk(shard, "layers/layer4", at=2)
+    rep = verify(uri)
+    assert rep.damaged_shards == ["shards/shard-00000.h5"]
+    said = [p for p in rep.problems if "chunk checksum" in p]
+    assert [p.split(": its")[0] for p in said] == ["shards/shard-00000.h5: layers/layer4 (= features) rows 0-9",
+                                                   "shards/shard-00000.h5: layers/layer3 rows 0-9"]
+    np.testing.assert_array_equal(open_store(uri).features("layer3")[10:], feats["layer3"][10:])
+
+
+def test_damage_recorded_into_store_json_is_still_found(tmp_path):
+    """A shard whose sidecar was lost is described from the file as it is now (its sha256
+    included): verify still finds a damaged chunk in it, by reading the chunks."""
+    plan = Plan([f"i{i}" for i in range(8)], np.array([0, 1] * 4), ["a", "b"], 4)
+    w = StoreWriter(str(tmp_path / "st"), {"model": "m"}, plan.label_names)
+    w.write_plan(plan)
+    for k in (0, 1):
+        with ShardWriter(w.uri, k, plan.label_names) as sw:
+            sw.append(plan.shard(k).ids, plan.shard(k).labels, {"f": np.ones((4, 2), np.float32)})
+            sw.commit()
+    _flip_in_chunk(tmp_path / "st" / "shards" / "shard-00001.h5", "labels", at=0)
+    _flip_in_chunk(tmp_path / "st" / "shards" / "shard-00001.h5", "layers/f", at=0)
+    os.remove(tmp_path / "st" / "shards" / "shard-00001.json")
+    meta = w.finalize(plan)
+    assert meta.status == "complete"  # the sidecar's stand-in took the damaged file's sha256
+    rep = verify(w.uri)
+    says = ": its chunk checksum (fletcher32) no longer matches: the bytes changed after they were written (Can't " \
+           "synchronously read data (filter returned failure during read))"
+    assert rep.problems == [f"shards/shard-00001.h5: labels rows 0-3{says}",
+                            f"shards/shard-00001.h5: layers/f (= features) rows 0-3{says}"]
+    assert rep.damaged_shards == ["shards/shard-00001.h5"]
+    assert open_store(w.uri).labels.tolist() == [0, 1] * 4
+
+
+def test_a_healthy_store_verifies_with_every_chunk_read(tmp_path):
+    uri, *_ = _store(tmp_path, compression="lzf", layers=("a", "b"))
+    rep = verify(uri)
+    assert rep.ok and rep.problems == [] and rep.rows == N and rep.shards == 2
