@@ -22,7 +22,8 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Literal, Mapping
 
-from featurestore.config import ConfigError, ExtractConfig, from_mapping, load_yaml
+from featurestore.config import (EXTRACT_NUMBERS, ConfigError, ExtractConfig, NumberRange, from_mapping, load_yaml,
+                                 out_of_range, whole_number)
 from featurestore.probing import ProbeConfig
 
 JOB_KINDS = ("extract", "train", "evaluate", "predict", "probe")
@@ -167,47 +168,42 @@ def _check_probe(cfg: ProbeConfig, source: str) -> None:
             raise ConfigError(f"{source}: field 'config.{what}': {exc}") from None
 
 
-def _whole(low: int):
-    return (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= low), f"a whole number >= {low}"
-
-
-def _above(low: float, inclusive: bool = False):
-    def ok(v):
-        return isinstance(v, (int, float)) and not isinstance(v, bool) and (v >= low if inclusive else v > low)
-
-    return ok, f"a number {'>=' if inclusive else 'above'} {low:g}"
-
-
 _FRACTION = ((lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < 1),
              "a fraction strictly between 0 and 1")
 _N_JOBS = ((lambda v: isinstance(v, int) and not isinstance(v, bool) and v != 0),
            "a whole number of parallel fits other than 0 (-1: one per core)")
-_BATCH = ((lambda v: v == "auto" or _whole(1)[0](v)), "a whole number >= 1 or 'auto'")
+_EXTRACT = {name: (ok, what) for name, ok, what in EXTRACT_NUMBERS}
 
-# Fields whose type alone lets through values the job would refuse (or Ray choke on) on the
-# cluster; None (the default where there is one) is always fine.
-NUMBER_RANGES: dict[str, list[tuple[str, tuple]]] = {
-    "extract": [("batch_size", _BATCH), ("shard_size", _whole(1)), ("actors", _whole(1)),
-                ("gpus_per_actor", _above(0, inclusive=True)), ("cpus_per_actor", _above(0)),
-                ("decode_threads", _whole(1)), ("max_retries", _whole(0)), ("max_image_pixels", _whole(1)),
-                ("input_size", _whole(1))],
-    "train": [("cv", _whole(2)), ("test_size", _FRACTION), ("batch_size", _whole(1)), ("epochs", _whole(1)),
-              ("memory_budget", _whole(1)), ("n_jobs", _N_JOBS)],
-    "evaluate": [("batch_size", _whole(1))],
-    "predict": [("batch_size", _whole(1))],
-    "probe": [("sample", _whole(1)), ("cv", _whole(2)), ("test_size", _FRACTION), ("batch_size", _whole(1)),
-              ("shard_size", _whole(1)), ("actors", _whole(1)), ("gpus_per_actor", _above(0, inclusive=True)),
-              ("cpus_per_actor", _above(0)), ("input_size", _whole(1)), ("n_jobs", _N_JOBS)],
+
+def _ranges(*rows: tuple[str, tuple]) -> list[NumberRange]:
+    return [(name, ok, what) for name, (ok, what) in rows]
+
+
+# Number ranges per job kind (featurestore.config.out_of_range). An extract job's are the engine's
+# own table, config.EXTRACT_NUMBERS; a probe hands its extraction fields to the engine, so they
+# are that table's rows too (batch_size without 'auto', which ProbeConfig's type refuses). The
+# train/evaluate/predict and probe-only rows (sample, cv, test_size, n_jobs) restate checks that
+# classifiers (fit, split) and featurestore.probing make again on the cluster in their own words.
+NUMBER_RANGES: dict[str, list[NumberRange]] = {
+    "extract": list(EXTRACT_NUMBERS),
+    "train": _ranges(("cv", whole_number(2)), ("test_size", _FRACTION), ("batch_size", whole_number(1)),
+                     ("epochs", whole_number(1)), ("memory_budget", whole_number(1)), ("n_jobs", _N_JOBS)),
+    "evaluate": _ranges(("batch_size", whole_number(1))),
+    "predict": _ranges(("batch_size", whole_number(1))),
+    "probe": _ranges(("sample", whole_number(1)), ("cv", whole_number(2)), ("test_size", _FRACTION),
+                     ("batch_size", whole_number(1)), ("n_jobs", _N_JOBS),
+                     *((name, _EXTRACT[name]) for name in ("shard_size", "actors", "gpus_per_actor",
+                                                           "cpus_per_actor", "input_size"))),
 }
 
 
 def _check_numbers(job: str, cfg: Any, source: str) -> None:
     """Numbers out of range are refused here, not by a job that has waited for its GPU."""
-    for name, (ok, what) in NUMBER_RANGES.get(job, []):
-        value = getattr(cfg, name, None)
-        if value is not None and not ok(value):
-            raise ConfigError(f"{source}: field 'config.{name}' must be {what}, got {value!r}; "
-                              "leave it out for the default")
+    bad = out_of_range(cfg, NUMBER_RANGES.get(job, []))
+    if bad is not None:
+        name, value, what = bad
+        raise ConfigError(f"{source}: field 'config.{name}' must be {what}, got {value!r}; "
+                          "leave it out for the default")
 
 
 def check_models(spec: JobSpec, typed: Any) -> None:

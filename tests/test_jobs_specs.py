@@ -252,8 +252,8 @@ def test_the_address_given_wins_over_rays_variables(monkeypatch):
     (lambda d: d["config"].update(model=["resnet18", "mobilenet_v2"], layers={"resnet19": ["layer3"]}),
      "field 'config.layers' names model(s) 'resnet19'"),
     (lambda d: d["config"].update(batch_size=0), "field 'config.batch_size' must be a whole number >= 1 or 'auto', got 0"),
-    (lambda d: d["config"].update(shard_size=-5), "field 'config.shard_size' must be a whole number >= 1, got -5"),
-    (lambda d: d["config"].update(gpus_per_actor=-1), "field 'config.gpus_per_actor' must be a number >= 0"),
+    (lambda d: d["config"].update(shard_size=-5), "field 'config.shard_size' must be a whole number of rows >= 1, got -5"),
+    (lambda d: d["config"].update(gpus_per_actor=-1), "field 'config.gpus_per_actor' must be a number >= 0 (0: CPU actors)"),
     (lambda d: d["config"].update(cpus_per_actor=0), "field 'config.cpus_per_actor' must be a number above 0"),
     (lambda d: d["config"].update(max_retries=-1), "field 'config.max_retries' must be a whole number >= 0"),
 ])
@@ -283,7 +283,10 @@ def test_submit_refuses_unknown_models_and_numbers_out_of_range(tmp_path, mutate
     ("probe", {"source": "s3://b/i", "out": "s3://b/p", "models": ["resnet18@none", "efficientnet_lit0"]},
      "field 'config.models': unknown model 'efficientnet_lit0'; did you mean efficientnet_lite0"),
     ("probe", {"source": "s3://b/i", "out": "s3://b/p", "sample": 0}, "field 'config.sample' must be a whole number >= 1"),
-    ("probe", {"source": "s3://b/i", "out": "s3://b/p", "shard_size": 0}, "field 'config.shard_size'"),
+    ("probe", {"source": "s3://b/i", "out": "s3://b/p", "shard_size": 0},
+     "field 'config.shard_size' must be a whole number of rows >= 1, got 0"),  # the engine's words: it checks too
+    ("probe", {"source": "s3://b/i", "out": "s3://b/p", "gpus_per_actor": -0.5},
+     "field 'config.gpus_per_actor' must be a number >= 0 (0: CPU actors)"),
 ])
 def test_numbers_and_models_of_every_job_kind(tmp_path, job, config, needle):
     path = write(tmp_path, {"job": job, "config": config})
