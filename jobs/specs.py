@@ -207,10 +207,12 @@ def _check_numbers(job: str, cfg: Any, source: str) -> None:
 
 
 def check_models(spec: JobSpec, typed: Any) -> None:
-    """Model names (and per-model weights/layers keys) exist, without building any model.
+    """Model names (and per-model weights/layers keys) exist, and so do the layers named.
 
     A torchvision name is found in featurestore.zoo's traced table at once; a timm name, or a
-    name found nowhere (to suggest the closest), costs importing timm/torchvision (~3-5 s)."""
+    name found nowhere (to suggest the closest), costs importing timm/torchvision (~3-5 s).
+    Layer names are checked as `featurestore layers MODEL` lists them (see check_layers): only
+    when some are named, and only where torch can be imported."""
     if spec.job not in ("extract", "probe"):
         return
     from featurestore.zoo import UnknownModelError, canonical_name
@@ -218,7 +220,7 @@ def check_models(spec: JobSpec, typed: Any) -> None:
     source = spec.source
     if spec.job == "extract":
         try:
-            typed.backbones()  # the models, and weights/layers mappings keyed by them
+            backbones = typed.backbones()  # the models, and weights/layers mappings keyed by them
         except ConfigError as exc:
             raise ConfigError(f"{source}: {_config_fields(str(exc))}") from None
         names = [("model", m) for m in typed.models()]
@@ -229,6 +231,116 @@ def check_models(spec: JobSpec, typed: Any) -> None:
             canonical_name(name)
         except UnknownModelError as exc:
             raise ConfigError(f"{source}: field 'config.{where}': {exc}") from None
+    if spec.job == "extract":
+        asked = [(b.model, list(b.layers)) for b in backbones]
+    else:
+        asked = _probe_layers(typed)
+    check_layers(asked, typed.input_size, source)
+
+
+def _probe_layers(cfg: ProbeConfig) -> list[tuple[str, list[str]]]:
+    """(model, layer names) of a probe spec, looked up per model as featurestore.probing.resolve_layers
+    does; its tokens auto and default are not names and always fit."""
+    from featurestore.config import ANY_MODEL
+    from featurestore.probing import AUTO, DEFAULT, parse_layers
+    from featurestore.zoo import canonical_name
+
+    layers = parse_layers(cfg.layers)
+    by_canonical = {}
+    for key in layers:
+        if key != ANY_MODEL:
+            try:
+                by_canonical.setdefault(canonical_name(key), key)
+            except Exception:  # not a model: probing names it on the cluster ("not among --models")
+                pass
+    out = []
+    for entry in cfg.models:
+        model = entry.partition("@")[0].strip()
+        canonical = canonical_name(model)
+        tokens = (layers.get(entry) or layers.get(model)
+                  or (layers[by_canonical[canonical]] if canonical in by_canonical else None) or layers[ANY_MODEL])
+        named = [t for t in tokens if t.lower() not in (AUTO, DEFAULT)]
+        if named:
+            out.append((model, named))
+    return out
+
+
+def check_layers(asked: list[tuple[str, list[str]]], input_size: int | None, source: str) -> None:
+    """Refuse a layer a model does not have, naming config.layers and the closest names, here
+    rather than on the cluster after the job has waited for its GPU.
+
+    The names are the ones `featurestore layers MODEL` lists (backbones.list_layers, weights none:
+    the architecture alone, nothing downloaded or read), traced on the meta device so that no
+    weights are allocated either; the refusal is backbones' own (UnknownLayerError, with its
+    suggestions). Cost on this 2-core machine: importing torch and torchvision ~3 s (timm ~1 s
+    more), then per model 0.1-0.6 s (resnet18, mobilenet_v3_small, efficientnet_lite0, vit_b_16),
+    ~1.3 s (vit_l_16, efficientnet_b7), maxvit_t ~11 s (its trace). Models that cannot be built
+    on the meta device (regnet) are traced for real, up to _REAL_TRACE_MAX_PARAMS_M (regnet_y_16gf:
+    ~5 s), and larger ones left to the cluster. Where torch, torchvision (or timm, for a timm
+    model) cannot be imported, or a model cannot be listed here at all, nothing is checked: the
+    cluster still checks when it builds the model."""
+    asked = [(m, lay) for m, lay in asked if lay]
+    if not asked:
+        return
+    import importlib
+
+    try:
+        for module in ("torch", "torchvision"):
+            importlib.import_module(module)
+    except (ImportError, OSError):  # OSError: a broken CUDA library, say
+        return
+    from featurestore.backbones import _check_layers
+    from featurestore.zoo import UnknownLayerError, canonical_name
+
+    listed: dict[str, list[str] | None] = {}
+    for model, layers in asked:
+        canonical = canonical_name(model)
+        if canonical not in listed:
+            listed[canonical] = _layer_names(canonical, input_size)
+        valid = listed[canonical]
+        if valid is None:
+            continue
+        try:
+            _check_layers(layers, valid, canonical, prefixes=not canonical.startswith("timm:"))
+        except UnknownLayerError as exc:
+            raise ConfigError(f"{source}: field 'config.layers': {exc}") from None
+
+
+# A model that cannot be built on the meta device is traced with real (random) weights only up
+# to this many million parameters: regnet_y_16gf (84M) took ~5 s here, regnet_y_128gf would take minutes.
+_REAL_TRACE_MAX_PARAMS_M = 100
+
+
+def _layer_names(canonical: str, input_size: int | None) -> list[str] | None:
+    """The cut points `featurestore layers` lists for a model, or None when they cannot be had here."""
+    import importlib
+    import logging
+
+    import torch
+
+    from featurestore.backbones import list_layers
+
+    log = logging.getLogger("jobs.specs")
+    if canonical.startswith("timm:"):
+        try:
+            importlib.import_module("timm")
+        except (ImportError, OSError):
+            return None
+    try:
+        with torch.device("meta"):  # shapes without allocating weights or running the network
+            return [info.name for info in list_layers(canonical, input_size=input_size)]
+    except Exception as exc:  # some constructors copy data (regnet); some ops have no meta kernel
+        log.debug("%s: no layer listing on the meta device (%s: %s)", canonical, type(exc).__name__, exc)
+    try:
+        from featurestore.zoo import model_info
+
+        params = model_info(canonical).params_m
+        if params is None or params > _REAL_TRACE_MAX_PARAMS_M:
+            return None
+        return [info.name for info in list_layers(canonical, input_size=input_size)]
+    except Exception as exc:  # the cluster will say what is wrong when it builds the model
+        log.debug("%s: layers not checked before submission (%s: %s)", canonical, type(exc).__name__, exc)
+        return None
 
 
 def _config_fields(message: str) -> str:

@@ -33,6 +33,24 @@ def test_missing_source_is_one_line_naming_the_field_and_spec(tmp_path, capsys):
     assert "Traceback" not in err and "refused after" in err and "fix the spec" in err
 
 
+def test_a_layer_the_model_lacks_is_refused_before_the_extraction_starts(tmp_path, capsys, monkeypatch):
+    """The job checks its spec's layers as `submit` does (a spec sent from a machine without torch),
+    before Ray or any actor is asked for: one line naming config.layers and the closest names."""
+    import featurestore.engine
+    from jobs import extract
+
+    def no_extraction(cfg):
+        raise AssertionError("the extraction started")
+
+    monkeypatch.setattr(featurestore.engine, "extract", no_extraction)
+    path = spec_file(tmp_path, "extract", {"source": str(tmp_path), "output": str(tmp_path / "store"),
+                                           "model": "resnet18", "weights": "none", "layers": ["layer9"]})
+    assert main("extract", extract.run, ["--config", str(path)]) == EXIT_BAD_SPEC
+    (line,) = errors(capsys)
+    assert line.endswith(f"{path}: field 'config.layers': resnet18 has no layer 'layer9'; closest: layer4, layer3, "
+                         "layer2, layer1, layer4.1; list them with `featurestore layers resnet18`"), line
+
+
 def test_missing_store_of_a_train_job(tmp_path, capsys):
     from jobs import train
 
@@ -58,7 +76,7 @@ def extract_spec(tmp_path):
     from jobs.specs import load_spec
 
     path = spec_file(tmp_path, "extract", {"source": "s3://b/images", "output": "s3://b/stores/x",
-                                           "model": "resnet18", "weights": "none", "layers": ["layer9"]})
+                                           "model": "resnet18", "weights": "none", "layers": ["layer3"]})
     return load_spec(path)
 
 
