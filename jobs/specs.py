@@ -197,6 +197,23 @@ NUMBER_RANGES: dict[str, list[NumberRange]] = {
 }
 
 
+def _check_class_weight(value: Any, source: str) -> None:
+    """'balanced', or {class name or label id: weight}: classifiers.train would take float() of a weight
+    that is not a number and fail with a bare ValueError on the cluster."""
+    if value is None or value == "balanced":
+        return
+    if isinstance(value, Mapping):
+        bad = {k: v for k, v in value.items()
+               if isinstance(v, bool) or not isinstance(v, (int, float)) or isinstance(k, bool)
+               or not isinstance(k, (str, int))}
+        if not bad:
+            return
+        raise ConfigError(f"{source}: field 'config.class_weight' must map class names (or label ids) to numbers, "
+                          f"got {bad!r}")
+    raise ConfigError(f"{source}: field 'config.class_weight' must be 'balanced' or a mapping of class name to "
+                      f"weight, got {value!r}")
+
+
 def _check_numbers(job: str, cfg: Any, source: str) -> None:
     """Numbers out of range are refused here, not by a job that has waited for its GPU."""
     bad = out_of_range(cfg, NUMBER_RANGES.get(job, []))
@@ -389,6 +406,8 @@ def parse_spec(data: Mapping[str, Any], source: str = "<dict>") -> tuple[JobSpec
         _check_head_kind(typed.head, source)
     if spec.job == "probe":
         _check_probe(typed, source)
+    if spec.job == "train":
+        _check_class_weight(typed.class_weight, source)
     _check_numbers(spec.job, typed, source)
     _check_no_secrets(getattr(typed, "storage_options", None) or {}, source)
     return spec, typed

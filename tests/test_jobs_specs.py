@@ -283,6 +283,11 @@ def test_submit_refuses_unknown_models_and_numbers_out_of_range(tmp_path, mutate
     ("train", {"store": "s3://b/s", "out": "s3://b/h", "cv": 1}, "field 'config.cv' must be a whole number >= 2"),
     ("train", {"store": "s3://b/s", "out": "s3://b/h", "test_size": 1.5}, "field 'config.test_size' must be a fraction"),
     ("train", {"store": "s3://b/s", "out": "s3://b/h", "n_jobs": 0}, "field 'config.n_jobs' must be a whole number"),
+    # classifiers.train takes float() of each weight: a bare ValueError on the cluster
+    ("train", {"store": "s3://b/s", "out": "s3://b/h", "class_weight": {"cat": 2, "dog": "high"}},
+     "field 'config.class_weight' must map class names (or label ids) to numbers, got {'dog': 'high'}"),
+    ("train", {"store": "s3://b/s", "out": "s3://b/h", "class_weight": "balancd"},
+     "field 'config.class_weight' must be 'balanced' or a mapping of class name to weight, got 'balancd'"),
     ("evaluate", {"head": "s3://b/h", "store": "s3://b/s", "batch_size": 0}, "field 'config.batch_size'"),
     ("predict", {"head": "s3://b/h", "store": "s3://b/s", "out": "s3://b/p", "batch_size": -1},
      "field 'config.batch_size'"),
@@ -319,6 +324,8 @@ def test_good_models_and_numbers_pass(tmp_path):
     probe = {"job": "probe", "config": {"source": "s3://b/i", "out": "s3://b/p", "models": ["resnet18@none"],
                                         "cv": 2, "test_size": 0.5, "n_jobs": -1}}
     assert load_spec(write(tmp_path, probe))[1].cv == 2
+    train = {"job": "train", "config": {"store": "s3://b/s", "out": "s3://b/h", "class_weight": {"cat": 2, 1: 0.5}}}
+    assert load_spec(write(tmp_path, train))[1].class_weight == {"cat": 2, 1: 0.5}
 
 
 def test_layers_that_exist_pass(tmp_path):
