@@ -5,12 +5,12 @@ import sys
 
 import click
 
-from featurestore.config import AUTO_BATCH, COMPRESSIONS, CROPS, DECODES, DTYPES, POOLINGS, PRECISIONS, ConfigError, \
-    ExtractConfig, from_mapping, load_yaml, parse_model_values
+from featurestore.config import AUTO_BATCH, COMPRESSIONS, CROPS, DECODES, DTYPES, EXTRACT_NUMBERS, POOLINGS, PRECISIONS, \
+    ConfigError, ExtractConfig, from_mapping, load_yaml, parse_model_values
 
 
 class _BatchSize(click.ParamType):
-    """A positive integer, or 'auto'."""
+    """A whole number >= 1, or 'auto' (config.EXTRACT_NUMBERS' words)."""
 
     name = "N|auto"
 
@@ -25,7 +25,8 @@ class _BatchSize(click.ParamType):
             except ValueError:
                 self.fail(f"{value!r} is neither a number of images nor 'auto'", param, ctx)
         if n < 1:
-            self.fail(f"{value!r}: give a positive number of images, or 'auto'", param, ctx)
+            what = next(what for name, _, what in EXTRACT_NUMBERS if name == "batch_size")
+            self.fail(f"{value!r}: must be {what}", param, ctx)
         return n
 
 

@@ -12,7 +12,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Any, Callable, Literal, Mapping, Sequence
 
 POOLINGS = ("avg", "max", "flatten", "none")
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -145,6 +145,49 @@ class ExtractConfig:
         if len(models) == 1:
             return [self.output]
         return [join_uri(self.output, store_dir_name(m)) for m in models]
+
+
+# -- number ranges -------------------------------------------------------------------------------
+# The type of a field lets through values a job refuses (a batch of 0 images, a negative shard
+# size); these are the ranges. One table for ExtractConfig, read by the engine (whose message
+# names the command-line flag, `--batch-size`) and by job specs (`config.batch_size`), so the
+# two checks cannot drift apart. None (the default where there is one) is always fine.
+NumberRange = tuple[str, Callable[[Any], bool], str]  # (field, check, what the value must be)
+
+
+def whole_number(low: int) -> tuple[Callable[[Any], bool], str]:
+    """(check, what) for an int >= low (bool is not a number here)."""
+    return (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= low), f"a whole number >= {low}"
+
+
+def number_above(low: float, inclusive: bool = False) -> tuple[Callable[[Any], bool], str]:
+    """(check, what) for an int or float above low (or at least low)."""
+    def ok(v):
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and (v >= low if inclusive else v > low)
+
+    return ok, f"a number {'>=' if inclusive else 'above'} {low:g}"
+
+
+EXTRACT_NUMBERS: tuple[NumberRange, ...] = (
+    ("batch_size", lambda v: v == AUTO_BATCH or whole_number(1)[0](v), f"a whole number >= 1 or '{AUTO_BATCH}'"),
+    ("shard_size", whole_number(1)[0], "a whole number of rows >= 1"),
+    ("actors", *whole_number(1)),
+    ("gpus_per_actor", number_above(0, inclusive=True)[0], "a number >= 0 (0: CPU actors)"),
+    ("cpus_per_actor", *number_above(0)),
+    ("decode_threads", *whole_number(1)),
+    ("max_retries", *whole_number(0)),
+    ("max_image_pixels", *whole_number(1)),
+    ("input_size", whole_number(1)[0], "a whole number of pixels >= 1"),
+)
+
+
+def out_of_range(cfg: Any, ranges: Sequence[NumberRange]) -> tuple[str, Any, str] | None:
+    """(field, value, what it must be) of the first field of `cfg` outside its range, or None."""
+    for name, ok, what in ranges:
+        value = getattr(cfg, name, None)
+        if value is not None and not ok(value):
+            return name, value, what
+    return None
 
 
 def store_dir_name(model: str) -> str:

@@ -18,7 +18,7 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from featurestore.config import AUTO_BATCH, DEFAULT_SHARD_SIZE, ExtractConfig
+from featurestore.config import DEFAULT_SHARD_SIZE, EXTRACT_NUMBERS, ExtractConfig, out_of_range
 
 log = logging.getLogger("featurestore.extract")
 
@@ -310,28 +310,19 @@ def plan_placement(cfg: ExtractConfig, resources: dict[str, float], num_shards: 
     return Placement(actors, float(cpus_per_actor), float(gpus_per_actor), torch_threads, decode_threads)
 
 
+# ExtractConfig fields that `featurestore extract` has no flag for (set in a --config spec)
+_NO_FLAG = frozenset({"max_image_pixels"})
+
+
 def _check_numbers(cfg: ExtractConfig) -> None:
-    """Sizes and placement numbers out of range are refused before Ray starts, not passed on to it."""
-    def whole(v, low):
-        return isinstance(v, int) and not isinstance(v, bool) and v >= low
+    """Sizes and placement numbers out of range are refused before Ray starts, not passed on to it.
 
-    def number(v, above):
-        return isinstance(v, (int, float)) and not isinstance(v, bool) and v > above
-
-    for flag, value, ok, what in (
-        ("--batch-size", cfg.batch_size, cfg.batch_size == AUTO_BATCH or whole(cfg.batch_size, 1),
-         "a positive integer or 'auto'"),
-        ("--shard-size", cfg.shard_size, whole(cfg.shard_size, 1), "a positive integer (rows per shard)"),
-        ("--actors", cfg.actors, whole(cfg.actors, 1), "a whole number >= 1"),
-        ("--gpus-per-actor", cfg.gpus_per_actor, number(cfg.gpus_per_actor, -1e-9), "0 (CPU actors) or more"),
-        ("--cpus-per-actor", cfg.cpus_per_actor, number(cfg.cpus_per_actor, 0), "above 0"),
-        ("--decode-threads", cfg.decode_threads, whole(cfg.decode_threads, 1), "a whole number >= 1"),
-        ("--max-retries", cfg.max_retries, whole(cfg.max_retries, 0), "a whole number >= 0"),
-        ("max_image_pixels", cfg.max_image_pixels, whole(cfg.max_image_pixels, 1), "a whole number >= 1"),
-        ("--input-size", cfg.input_size, whole(cfg.input_size, 1), "a whole number of pixels >= 1"),
-    ):
-        if value is not None and not ok:
-            raise ExtractError(f"{flag} must be {what}, got {value!r}; leave it out for the default")
+    The ranges are config.EXTRACT_NUMBERS, which job specs check too; here the message names the flag."""
+    bad = out_of_range(cfg, EXTRACT_NUMBERS)
+    if bad is not None:
+        name, value, what = bad
+        where = name if name in _NO_FLAG else "--" + name.replace("_", "-")
+        raise ExtractError(f"{where} must be {what}, got {value!r}; leave it out for the default")
 
 
 def preflight(backbone) -> Any:

@@ -89,7 +89,12 @@ def submission_id() -> str:
 
 def input_errors(kind: str) -> tuple[type, ...]:
     """What the local command (`featurestore extract`, `probe`, `train`, ...) reports as the
-    input's fault, in one line with exit code 2: a job run from a spec fails the same way."""
+    input's fault, in one line with exit code 2: a job run from a spec fails the same way.
+
+    Only the project's named errors: a bare KeyError or ValueError is a bug until shown otherwise
+    (the train job turns the ones bad input causes, a layer the store lacks or a split file with
+    the wrong columns, into ConfigError where it reads them), and keeps its traceback. An OSError
+    counts only when it is about a path the spec gave (see is_input_error)."""
     from featurestore.engine import ClusterUnreachable
     from featurestore.sources import FilesystemUnavailable, SourceError
     from featurestore.store import StoreError
@@ -105,15 +110,59 @@ def input_errors(kind: str) -> tuple[type, ...]:
         from classifiers.heads import HeadError
         from classifiers.persist import HeadFileError
     except ImportError:
-        return (*common, OSError)
+        return common
     if kind == "probe":
         from featurestore.probing import ProbeError
 
-        return (*common, ProbeError, HeadError, OSError)
-    return (*common, HeadConfigMismatch, HeadFileError, ExportError, KeyError, ValueError, OSError)
+        return (*common, ProbeError, HeadError)
+    return (*common, HeadConfigMismatch, HeadFileError, ExportError, HeadError)
 
 
-def is_input_error(kind: str, exc: BaseException) -> bool:
+def spec_locations(kind: str, typed: Any) -> list[tuple[str, str]]:
+    """(field, path or URL) of every location a spec gives: source, output, store, out, head, split,
+    weights files."""
+    from featurestore.weights import is_file_spec, split_recipe
+
+    found = []
+    for name in _LOCATION_FIELDS:
+        if name == "address" or (name == "head" and kind in ("train", "probe")):  # not paths; a head's kind there
+            continue
+        value = getattr(typed, name, None)
+        for v in (value.values() if isinstance(value, dict) else [value]):
+            if not isinstance(v, str) or len(v.strip()) <= 2:
+                continue
+            if name == "weights":
+                if not is_file_spec(v):  # an enum name, none, pypi:...
+                    continue
+                v = split_recipe(v)[0]
+            found.append((name, v))
+    return found
+
+
+def location_field(kind: str, exc: OSError, typed: Any) -> str | None:
+    """The field whose location an OSError is about: the path it names is that location, inside
+    it, or a folder above it (fsspec and pyarrow often name the path in the message only)."""
+    def norm(p: str) -> str:
+        for prefix in ("file://", "local://"):
+            if p.startswith(prefix):
+                p = p[len(prefix):]
+        return os.path.normpath(os.path.abspath(os.path.expanduser(p))) if "://" not in p else p.rstrip("/")
+
+    paths = [norm(os.fsdecode(p)) for p in (exc.filename, exc.filename2)
+             if isinstance(p, (str, bytes, os.PathLike))]
+    for name, loc in spec_locations(kind, typed):
+        if not paths:
+            if loc in str(exc) or norm(loc) in str(exc):
+                return name
+            continue
+        loc = norm(loc)
+        for path in paths:
+            if path == loc or path.startswith(loc.rstrip("/") + "/") or loc.startswith(path.rstrip("/") + "/"):
+                return name
+    return None
+
+
+def is_input_error(kind: str, exc: BaseException, typed: Any = None) -> bool:
     from featurestore.engine import ExtractError
     from featurestore.probing import ProbeExtractionError
 
@@ -121,7 +170,12 @@ def is_input_error(kind: str, exc: BaseException) -> bool:
         return False
     if isinstance(exc, ExtractError):  # failed shards are worth a re-run; anything else could not start as asked
         return not (exc.result is not None and exc.result.failed_shards)
-    return isinstance(exc, input_errors(kind))
+    if isinstance(exc, input_errors(kind)):
+        return True
+    # a path the spec gave that the filesystem refuses (no permission, a file where a folder goes, ...);
+    # an OSError about anything else (a temporary folder, a library's own file) is a failure to report
+    return (kind != "extract" and isinstance(exc, OSError) and typed is not None
+            and location_field(kind, exc, typed) is not None)
 
 
 # Exceptions whose message says which field is wrong, even when the message does not name it;
@@ -169,6 +223,10 @@ def spec_field(kind: str, exc: BaseException, message: str, typed: Any) -> str |
     for name, field_name in _FIELD_OF_ERROR.items():
         if type(exc).__name__ == name or f"{name}:" in message:
             return "models" if field_name == "model" and kind == "probe" else field_name
+    if isinstance(exc, OSError) and (exc.filename or exc.filename2):  # a folder above the location, say
+        found = location_field(kind, exc, typed)
+        if found is not None:
+            return found
     best: tuple[int, int, str] | None = None
     for name in _LOCATION_FIELDS:
         value = getattr(typed, name, None)
@@ -181,9 +239,7 @@ def spec_field(kind: str, exc: BaseException, message: str, typed: Any) -> str |
 
 def input_error_line(kind: str, exc: BaseException, spec: Any, typed: Any) -> str:
     """One line for the job log: the spec, the field and what was wrong, in the spec's terms."""
-    if isinstance(exc, KeyError) and exc.args:
-        text = str(exc.args[0])
-    elif isinstance(exc, OSError) and not isinstance(exc, FileNotFoundError) and exc.filename and exc.strerror:
+    if isinstance(exc, OSError) and not isinstance(exc, FileNotFoundError) and exc.filename and exc.strerror:
         text = f"{exc.filename}: {exc.strerror.lower()}; choose another path"
     else:
         text = str(exc) or type(exc).__name__
@@ -230,7 +286,7 @@ def main(kind: str, run: Callable[[Any, Any], int | None], argv: list[str] | Non
                     "to resume")
         code = EXIT_STOPPED
     except Exception as exc:  # the job log must say what failed, once, plainly
-        if is_input_error(kind, exc):
+        if is_input_error(kind, exc, typed):
             log.error("refused: %s", input_error_line(kind, exc, spec, typed))
             code = EXIT_BAD_SPEC
         else:

@@ -22,7 +22,8 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Literal, Mapping
 
-from featurestore.config import ConfigError, ExtractConfig, from_mapping, load_yaml
+from featurestore.config import (EXTRACT_NUMBERS, ConfigError, ExtractConfig, NumberRange, from_mapping, load_yaml,
+                                 out_of_range, whole_number)
 from featurestore.probing import ProbeConfig
 
 JOB_KINDS = ("extract", "train", "evaluate", "predict", "probe")
@@ -167,54 +168,68 @@ def _check_probe(cfg: ProbeConfig, source: str) -> None:
             raise ConfigError(f"{source}: field 'config.{what}': {exc}") from None
 
 
-def _whole(low: int):
-    return (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= low), f"a whole number >= {low}"
-
-
-def _above(low: float, inclusive: bool = False):
-    def ok(v):
-        return isinstance(v, (int, float)) and not isinstance(v, bool) and (v >= low if inclusive else v > low)
-
-    return ok, f"a number {'>=' if inclusive else 'above'} {low:g}"
-
-
 _FRACTION = ((lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < 1),
              "a fraction strictly between 0 and 1")
 _N_JOBS = ((lambda v: isinstance(v, int) and not isinstance(v, bool) and v != 0),
            "a whole number of parallel fits other than 0 (-1: one per core)")
-_BATCH = ((lambda v: v == "auto" or _whole(1)[0](v)), "a whole number >= 1 or 'auto'")
+_EXTRACT = {name: (ok, what) for name, ok, what in EXTRACT_NUMBERS}
 
-# Fields whose type alone lets through values the job would refuse (or Ray choke on) on the
-# cluster; None (the default where there is one) is always fine.
-NUMBER_RANGES: dict[str, list[tuple[str, tuple]]] = {
-    "extract": [("batch_size", _BATCH), ("shard_size", _whole(1)), ("actors", _whole(1)),
-                ("gpus_per_actor", _above(0, inclusive=True)), ("cpus_per_actor", _above(0)),
-                ("decode_threads", _whole(1)), ("max_retries", _whole(0)), ("max_image_pixels", _whole(1)),
-                ("input_size", _whole(1))],
-    "train": [("cv", _whole(2)), ("test_size", _FRACTION), ("batch_size", _whole(1)), ("epochs", _whole(1)),
-              ("memory_budget", _whole(1)), ("n_jobs", _N_JOBS)],
-    "evaluate": [("batch_size", _whole(1))],
-    "predict": [("batch_size", _whole(1))],
-    "probe": [("sample", _whole(1)), ("cv", _whole(2)), ("test_size", _FRACTION), ("batch_size", _whole(1)),
-              ("shard_size", _whole(1)), ("actors", _whole(1)), ("gpus_per_actor", _above(0, inclusive=True)),
-              ("cpus_per_actor", _above(0)), ("input_size", _whole(1)), ("n_jobs", _N_JOBS)],
+
+def _ranges(*rows: tuple[str, tuple]) -> list[NumberRange]:
+    return [(name, ok, what) for name, (ok, what) in rows]
+
+
+# Number ranges per job kind (featurestore.config.out_of_range). An extract job's are the engine's
+# own table, config.EXTRACT_NUMBERS; a probe hands its extraction fields to the engine, so they
+# are that table's rows too (batch_size without 'auto', which ProbeConfig's type refuses). The
+# train/evaluate/predict and probe-only rows (sample, cv, test_size, n_jobs) restate checks that
+# classifiers (fit, split) and featurestore.probing make again on the cluster in their own words.
+NUMBER_RANGES: dict[str, list[NumberRange]] = {
+    "extract": list(EXTRACT_NUMBERS),
+    "train": _ranges(("cv", whole_number(2)), ("test_size", _FRACTION), ("batch_size", whole_number(1)),
+                     ("epochs", whole_number(1)), ("memory_budget", whole_number(1)), ("n_jobs", _N_JOBS)),
+    "evaluate": _ranges(("batch_size", whole_number(1))),
+    "predict": _ranges(("batch_size", whole_number(1))),
+    "probe": _ranges(("sample", whole_number(1)), ("cv", whole_number(2)), ("test_size", _FRACTION),
+                     ("batch_size", whole_number(1)), ("n_jobs", _N_JOBS),
+                     *((name, _EXTRACT[name]) for name in ("shard_size", "actors", "gpus_per_actor",
+                                                           "cpus_per_actor", "input_size"))),
 }
+
+
+def _check_class_weight(value: Any, source: str) -> None:
+    """'balanced', or {class name or label id: weight}: classifiers.train would take float() of a weight
+    that is not a number and fail with a bare ValueError on the cluster."""
+    if value is None or value == "balanced":
+        return
+    if isinstance(value, Mapping):
+        bad = {k: v for k, v in value.items()
+               if isinstance(v, bool) or not isinstance(v, (int, float)) or isinstance(k, bool)
+               or not isinstance(k, (str, int))}
+        if not bad:
+            return
+        raise ConfigError(f"{source}: field 'config.class_weight' must map class names (or label ids) to numbers, "
+                          f"got {bad!r}")
+    raise ConfigError(f"{source}: field 'config.class_weight' must be 'balanced' or a mapping of class name to "
+                      f"weight, got {value!r}")
 
 
 def _check_numbers(job: str, cfg: Any, source: str) -> None:
     """Numbers out of range are refused here, not by a job that has waited for its GPU."""
-    for name, (ok, what) in NUMBER_RANGES.get(job, []):
-        value = getattr(cfg, name, None)
-        if value is not None and not ok(value):
-            raise ConfigError(f"{source}: field 'config.{name}' must be {what}, got {value!r}; "
-                              "leave it out for the default")
+    bad = out_of_range(cfg, NUMBER_RANGES.get(job, []))
+    if bad is not None:
+        name, value, what = bad
+        raise ConfigError(f"{source}: field 'config.{name}' must be {what}, got {value!r}; "
+                          "leave it out for the default")
 
 
 def check_models(spec: JobSpec, typed: Any) -> None:
-    """Model names (and per-model weights/layers keys) exist, without building any model.
+    """Model names (and per-model weights/layers keys) exist, and so do the layers named.
 
     A torchvision name is found in featurestore.zoo's traced table at once; a timm name, or a
-    name found nowhere (to suggest the closest), costs importing timm/torchvision (~3-5 s)."""
+    name found nowhere (to suggest the closest), costs importing timm/torchvision (~3-5 s).
+    Layer names are checked as `featurestore layers MODEL` lists them (see check_layers): only
+    when some are named, and only where torch can be imported."""
     if spec.job not in ("extract", "probe"):
         return
     from featurestore.zoo import UnknownModelError, canonical_name
@@ -222,7 +237,7 @@ def check_models(spec: JobSpec, typed: Any) -> None:
     source = spec.source
     if spec.job == "extract":
         try:
-            typed.backbones()  # the models, and weights/layers mappings keyed by them
+            backbones = typed.backbones()  # the models, and weights/layers mappings keyed by them
         except ConfigError as exc:
             raise ConfigError(f"{source}: {_config_fields(str(exc))}") from None
         names = [("model", m) for m in typed.models()]
@@ -233,6 +248,116 @@ def check_models(spec: JobSpec, typed: Any) -> None:
             canonical_name(name)
         except UnknownModelError as exc:
             raise ConfigError(f"{source}: field 'config.{where}': {exc}") from None
+    if spec.job == "extract":
+        asked = [(b.model, list(b.layers)) for b in backbones]
+    else:
+        asked = _probe_layers(typed)
+    check_layers(asked, typed.input_size, source)
+
+
+def _probe_layers(cfg: ProbeConfig) -> list[tuple[str, list[str]]]:
+    """(model, layer names) of a probe spec, looked up per model as featurestore.probing.resolve_layers
+    does; its tokens auto and default are not names and always fit."""
+    from featurestore.config import ANY_MODEL
+    from featurestore.probing import AUTO, DEFAULT, parse_layers
+    from featurestore.zoo import canonical_name
+
+    layers = parse_layers(cfg.layers)
+    by_canonical = {}
+    for key in layers:
+        if key != ANY_MODEL:
+            try:
+                by_canonical.setdefault(canonical_name(key), key)
+            except Exception:  # not a model: probing names it on the cluster ("not among --models")
+                pass
+    out = []
+    for entry in cfg.models:
+        model = entry.partition("@")[0].strip()
+        canonical = canonical_name(model)
+        tokens = (layers.get(entry) or layers.get(model)
+                  or (layers[by_canonical[canonical]] if canonical in by_canonical else None) or layers[ANY_MODEL])
+        named = [t for t in tokens if t.lower() not in (AUTO, DEFAULT)]
+        if named:
+            out.append((model, named))
+    return out
+
+
+def check_layers(asked: list[tuple[str, list[str]]], input_size: int | None, source: str) -> None:
+    """Refuse a layer a model does not have, naming config.layers and the closest names, here
+    rather than on the cluster after the job has waited for its GPU.
+
+    The names are the ones `featurestore layers MODEL` lists (backbones.list_layers, weights none:
+    the architecture alone, nothing downloaded or read), traced on the meta device so that no
+    weights are allocated either; the refusal is backbones' own (UnknownLayerError, with its
+    suggestions). Cost on this 2-core machine: importing torch and torchvision ~3 s (timm ~1 s
+    more), then per model 0.1-0.6 s (resnet18, mobilenet_v3_small, efficientnet_lite0, vit_b_16),
+    ~1.3 s (vit_l_16, efficientnet_b7), maxvit_t ~11 s (its trace). Models that cannot be built
+    on the meta device (regnet) are traced for real, up to _REAL_TRACE_MAX_PARAMS_M (regnet_y_16gf:
+    ~5 s), and larger ones left to the cluster. Where torch, torchvision (or timm, for a timm
+    model) cannot be imported, or a model cannot be listed here at all, nothing is checked: the
+    cluster still checks when it builds the model."""
+    asked = [(m, lay) for m, lay in asked if lay]
+    if not asked:
+        return
+    import importlib
+
+    try:
+        for module in ("torch", "torchvision"):
+            importlib.import_module(module)
+    except (ImportError, OSError):  # OSError: a broken CUDA library, say
+        return
+    from featurestore.backbones import _check_layers
+    from featurestore.zoo import UnknownLayerError, canonical_name
+
+    listed: dict[str, list[str] | None] = {}
+    for model, layers in asked:
+        canonical = canonical_name(model)
+        if canonical not in listed:
+            listed[canonical] = _layer_names(canonical, input_size)
+        valid = listed[canonical]
+        if valid is None:
+            continue
+        try:
+            _check_layers(layers, valid, canonical, prefixes=not canonical.startswith("timm:"))
+        except UnknownLayerError as exc:
+            raise ConfigError(f"{source}: field 'config.layers': {exc}") from None
+
+
+# A model that cannot be built on the meta device is traced with real (random) weights only up
+# to this many million parameters: regnet_y_16gf (84M) took ~5 s here, regnet_y_128gf would take minutes.
+_REAL_TRACE_MAX_PARAMS_M = 100
+
+
+def _layer_names(canonical: str, input_size: int | None) -> list[str] | None:
+    """The cut points `featurestore layers` lists for a model, or None when they cannot be had here."""
+    import importlib
+    import logging
+
+    import torch
+
+    from featurestore.backbones import list_layers
+
+    log = logging.getLogger("jobs.specs")
+    if canonical.startswith("timm:"):
+        try:
+            importlib.import_module("timm")
+        except (ImportError, OSError):
+            return None
+    try:
+        with torch.device("meta"):  # shapes without allocating weights or running the network
+            return [info.name for info in list_layers(canonical, input_size=input_size)]
+    except Exception as exc:  # some constructors copy data (regnet); some ops have no meta kernel
+        log.debug("%s: no layer listing on the meta device (%s: %s)", canonical, type(exc).__name__, exc)
+    try:
+        from featurestore.zoo import model_info
+
+        params = model_info(canonical).params_m
+        if params is None or params > _REAL_TRACE_MAX_PARAMS_M:
+            return None
+        return [info.name for info in list_layers(canonical, input_size=input_size)]
+    except Exception as exc:  # the cluster will say what is wrong when it builds the model
+        log.debug("%s: layers not checked before submission (%s: %s)", canonical, type(exc).__name__, exc)
+        return None
 
 
 def _config_fields(message: str) -> str:
@@ -281,6 +406,8 @@ def parse_spec(data: Mapping[str, Any], source: str = "<dict>") -> tuple[JobSpec
         _check_head_kind(typed.head, source)
     if spec.job == "probe":
         _check_probe(typed, source)
+    if spec.job == "train":
+        _check_class_weight(typed.class_weight, source)
     _check_numbers(spec.job, typed, source)
     _check_no_secrets(getattr(typed, "storage_options", None) or {}, source)
     return spec, typed

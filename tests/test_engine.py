@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 import featurestore
-from featurestore.config import ExtractConfig
+from featurestore.config import EXTRACT_NUMBERS, ConfigError, ExtractConfig
 from featurestore.engine import ExtractError, extract
 
 MODEL = "resnet18"
@@ -266,14 +266,15 @@ def test_verify_names_a_damaged_shard_and_a_rerun_repairs_it(tmp_path, ray_local
 
 
 @pytest.mark.parametrize("field,value,said", [
-    ("batch_size", 0, "--batch-size must be a positive integer or 'auto', got 0"),
-    ("shard_size", 0, "--shard-size must be a positive integer (rows per shard), got 0; leave it out for the default"),
+    ("batch_size", 0, "--batch-size must be a whole number >= 1 or 'auto', got 0; leave it out for the default"),
+    ("shard_size", 0, "--shard-size must be a whole number of rows >= 1, got 0; leave it out for the default"),
     ("actors", 0, "--actors must be a whole number >= 1, got 0"),
     ("actors", 1.5, "--actors must be a whole number >= 1, got 1.5"),
-    ("cpus_per_actor", 0, "--cpus-per-actor must be above 0"),
-    ("gpus_per_actor", -1, "--gpus-per-actor must be 0 (CPU actors) or more"),
+    ("cpus_per_actor", 0, "--cpus-per-actor must be a number above 0, got 0"),
+    ("gpus_per_actor", -1, "--gpus-per-actor must be a number >= 0 (0: CPU actors), got -1"),
     ("decode_threads", 0, "--decode-threads must be a whole number >= 1"),
     ("max_retries", -1, "--max-retries must be a whole number >= 0"),
+    ("max_image_pixels", 0, "max_image_pixels must be a whole number >= 1, got 0"),
     ("input_size", 0, "--input-size must be a whole number of pixels >= 1, got 0"),
 ])
 def test_placement_numbers_out_of_range_are_refused_before_ray_starts(tmp_path, field, value, said):
@@ -281,6 +282,29 @@ def test_placement_numbers_out_of_range_are_refused_before_ray_starts(tmp_path, 
     with pytest.raises(ExtractError, match=re.escape(said)):
         extract(ExtractConfig(source=str(src), output=str(tmp_path / "store"), **{**SMALL, field: value}))
     assert not (tmp_path / "store").exists()
+
+
+@pytest.mark.parametrize("row", EXTRACT_NUMBERS, ids=lambda r: r[0])
+def test_the_engine_and_job_specs_check_numbers_from_one_table(row):
+    """config.EXTRACT_NUMBERS is the one list of ranges: the engine says it with the command's flag
+    (a flag `featurestore extract` has), a job spec with its field, in the same words."""
+    from featurestore.cli_extract import extract as extract_command
+    from featurestore.engine import _check_numbers
+    from jobs.specs import _check_numbers as spec_check
+
+    name, ok, what = row
+    assert not ok(-1) and not ok(True)
+    cfg = ExtractConfig(source="s", output="o", **{name: -1})
+    with pytest.raises(ExtractError) as engine_err:
+        _check_numbers(cfg)
+    with pytest.raises(ConfigError) as spec_err:
+        spec_check("extract", cfg, "spec.yaml")
+    flags = {opt for p in extract_command.params for opt in p.opts}
+    flag = "--" + name.replace("_", "-")
+    said = str(engine_err.value)
+    assert said == f"{flag if flag in flags else name} must be {what}, got -1; leave it out for the default"
+    assert flag in flags or name == "max_image_pixels"  # a field without a flag is said by its name
+    assert str(spec_err.value) == f"spec.yaml: field 'config.{name}' must be {what}, got -1; leave it out for the default"
 
 
 def test_a_backbone_that_cannot_load_is_one_message_not_a_worker_crash_dump(tmp_path):

@@ -33,6 +33,24 @@ def test_missing_source_is_one_line_naming_the_field_and_spec(tmp_path, capsys):
     assert "Traceback" not in err and "refused after" in err and "fix the spec" in err
 
 
+def test_a_layer_the_model_lacks_is_refused_before_the_extraction_starts(tmp_path, capsys, monkeypatch):
+    """The job checks its spec's layers as `submit` does (a spec sent from a machine without torch),
+    before Ray or any actor is asked for: one line naming config.layers and the closest names."""
+    import featurestore.engine
+    from jobs import extract
+
+    def no_extraction(cfg):
+        raise AssertionError("the extraction started")
+
+    monkeypatch.setattr(featurestore.engine, "extract", no_extraction)
+    path = spec_file(tmp_path, "extract", {"source": str(tmp_path), "output": str(tmp_path / "store"),
+                                           "model": "resnet18", "weights": "none", "layers": ["layer9"]})
+    assert main("extract", extract.run, ["--config", str(path)]) == EXIT_BAD_SPEC
+    (line,) = errors(capsys)
+    assert line.endswith(f"{path}: field 'config.layers': resnet18 has no layer 'layer9'; closest: layer4, layer3, "
+                         "layer2, layer1, layer4.1; list them with `featurestore layers resnet18`"), line
+
+
 def test_missing_store_of_a_train_job(tmp_path, capsys):
     from jobs import train
 
@@ -54,11 +72,98 @@ def test_an_unexpected_error_still_shows_its_traceback(tmp_path, capsys):
 
 
 @pytest.fixture
+def small_store(tmp_path):
+    import numpy as np
+
+    from featurestore.store import write_store
+
+    labels = np.repeat([0, 1], 12)
+    feats = np.random.default_rng(0).normal(size=(24, 4)).astype("float32") + labels[:, None] * 3.0
+    store = str(tmp_path / "store")
+    write_store(store, {"features": feats}, labels, ["cat", "dog"], [f"img{i}" for i in range(24)],
+                config={"model": "planted"}, shard_size=12)
+    return store
+
+
+@pytest.mark.parametrize("bad,said", [
+    # the store's KeyError for a layer it lacks
+    (lambda tmp, store: {"layer": "layer9"},
+     lambda tmp, store: f"field 'config.layer': {store}: no layer 'layer9'; layers: features"),
+    # classifiers.split's ValueErrors: a split file without the columns, or one that leaves rows out
+    (lambda tmp, store: {"split": _csv(tmp / "s.csv", "name,side\nimg0,train\n")},
+     lambda tmp, store: f"field 'config.split': {tmp / 's.csv'}: needs columns 'id' (or 'path') and 'split'; "
+                        "it has name, side"),
+    (lambda tmp, store: {"split": _csv(tmp / "s.csv", "id,split\nimg0,train\nimg1,test\n")},
+     lambda tmp, store: f"field 'config.split': {tmp / 's.csv'}: 22 store id(s) have no split"),
+    # scikit-learn's ValueError for a scoring name it does not know
+    (lambda tmp, store: {"scoring": "acuracy"},
+     lambda tmp, store: "field 'config.scoring': 'acuracy' is not a valid scoring value"),
+    # an OSError about the spec's own path: a file where the head's folder should be made
+    (lambda tmp, store: {"out": str(_csv(tmp / "file", "x")) + "/head"},
+     lambda tmp, store: f"field 'config.out': {tmp / 'file'}"),
+])
+def test_bad_train_input_is_one_line_and_exit_2(tmp_path, capsys, small_store, bad, said):
+    """The KeyError / ValueError / OSError that bad input causes in a train job is said as the spec's
+    field, in one line, without a traceback."""
+    from jobs import train
+
+    config = {"store": small_store, "out": str(tmp_path / "head"), "cv": 2, **bad(tmp_path, small_store)}
+    path = spec_file(tmp_path, "train", config)
+    assert main("train", train.run, ["--config", str(path)]) == EXIT_BAD_SPEC
+    err = capsys.readouterr().err
+    (line,) = [ln for ln in err.splitlines() if " ERROR " in ln]
+    assert f"refused: {path}: {said(tmp_path, small_store)}" in line, line
+    assert "Traceback" not in err
+
+
+def _csv(path, text):
+    path.write_text(text)
+    return str(path)
+
+
+@pytest.mark.parametrize("kind,error", [
+    ("train", KeyError("features")),
+    ("train", ValueError("could not broadcast input array from shape (4,) into shape (3,)")),
+    ("train", PermissionError(13, "Permission denied", "/var/lib/somewhere/cache.db")),
+    ("evaluate", KeyError("accuracy")),
+    ("predict", ValueError("a bug")),
+    ("probe", OSError(28, "No space left on device", "/tmp/featurestore-scratch/x.npy")),
+])
+def test_an_internal_key_value_or_os_error_keeps_its_traceback(tmp_path, capsys, kind, error):
+    """A KeyError, ValueError or OSError that no check of the input raised (a bug, a full scratch disk)
+    is a failure (exit 1) with its traceback, not a refusal of the spec."""
+    config = {"train": {"store": str(tmp_path / "s"), "out": str(tmp_path / "h")},
+              "evaluate": {"head": str(tmp_path / "h"), "store": str(tmp_path / "s")},
+              "predict": {"head": str(tmp_path / "h"), "store": str(tmp_path / "s"), "out": str(tmp_path / "p")},
+              "probe": {"source": str(tmp_path / "i"), "out": str(tmp_path / "p"), "models": ["resnet18@none"]}}[kind]
+    path = spec_file(tmp_path, kind, config)
+
+    def run(spec, cfg):
+        raise error
+
+    assert main(kind, run, ["--config", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" in err and f"{type(error).__name__}" in err and "refused" not in err, err
+
+
+def test_an_os_error_about_the_specs_own_path_is_a_refusal(tmp_path, capsys):
+    path = spec_file(tmp_path, "predict", {"head": str(tmp_path / "h"), "store": str(tmp_path / "s"),
+                                           "out": str(tmp_path / "out" / "p.parquet")})
+
+    def run(spec, cfg):
+        raise PermissionError(13, "Permission denied", str(tmp_path / "out"))
+
+    assert main("predict", run, ["--config", str(path)]) == EXIT_BAD_SPEC
+    (line,) = errors(capsys)
+    assert f"refused: {path}: field 'config.out': {tmp_path / 'out'}: permission denied; choose another path" in line
+
+
+@pytest.fixture
 def extract_spec(tmp_path):
     from jobs.specs import load_spec
 
     path = spec_file(tmp_path, "extract", {"source": "s3://b/images", "output": "s3://b/stores/x",
-                                           "model": "resnet18", "weights": "none", "layers": ["layer9"]})
+                                           "model": "resnet18", "weights": "none", "layers": ["layer3"]})
     return load_spec(path)
 
 

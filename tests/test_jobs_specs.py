@@ -252,10 +252,16 @@ def test_the_address_given_wins_over_rays_variables(monkeypatch):
     (lambda d: d["config"].update(model=["resnet18", "mobilenet_v2"], layers={"resnet19": ["layer3"]}),
      "field 'config.layers' names model(s) 'resnet19'"),
     (lambda d: d["config"].update(batch_size=0), "field 'config.batch_size' must be a whole number >= 1 or 'auto', got 0"),
-    (lambda d: d["config"].update(shard_size=-5), "field 'config.shard_size' must be a whole number >= 1, got -5"),
-    (lambda d: d["config"].update(gpus_per_actor=-1), "field 'config.gpus_per_actor' must be a number >= 0"),
+    (lambda d: d["config"].update(shard_size=-5), "field 'config.shard_size' must be a whole number of rows >= 1, got -5"),
+    (lambda d: d["config"].update(gpus_per_actor=-1), "field 'config.gpus_per_actor' must be a number >= 0 (0: CPU actors)"),
     (lambda d: d["config"].update(cpus_per_actor=0), "field 'config.cpus_per_actor' must be a number above 0"),
     (lambda d: d["config"].update(max_retries=-1), "field 'config.max_retries' must be a whole number >= 0"),
+    # layers are checked here too (where torch is installed), not after the job has waited for its GPU
+    (lambda d: d["config"].update(layers=["layer3", "layer9"]),
+     "field 'config.layers': resnet18 has no layer 'layer9'; closest: layer4, layer3, layer2, layer1"),
+    (lambda d: d["config"].update(model=["resnet18", "efficientnet_lite0"],
+                                  layers={"resnet18": ["layer3"], "efficientnet_lite0": ["blokcs.4"]}),
+     "field 'config.layers': timm:tf_efficientnet_lite0 has no layer 'blokcs.4'; closest: blocks.4"),
 ])
 def test_submit_refuses_unknown_models_and_numbers_out_of_range(tmp_path, mutate, needle):
     """Checked before the cluster is contacted (nothing listens at the address): a typo or a
@@ -277,13 +283,27 @@ def test_submit_refuses_unknown_models_and_numbers_out_of_range(tmp_path, mutate
     ("train", {"store": "s3://b/s", "out": "s3://b/h", "cv": 1}, "field 'config.cv' must be a whole number >= 2"),
     ("train", {"store": "s3://b/s", "out": "s3://b/h", "test_size": 1.5}, "field 'config.test_size' must be a fraction"),
     ("train", {"store": "s3://b/s", "out": "s3://b/h", "n_jobs": 0}, "field 'config.n_jobs' must be a whole number"),
+    # classifiers.train takes float() of each weight: a bare ValueError on the cluster
+    ("train", {"store": "s3://b/s", "out": "s3://b/h", "class_weight": {"cat": 2, "dog": "high"}},
+     "field 'config.class_weight' must map class names (or label ids) to numbers, got {'dog': 'high'}"),
+    ("train", {"store": "s3://b/s", "out": "s3://b/h", "class_weight": "balancd"},
+     "field 'config.class_weight' must be 'balanced' or a mapping of class name to weight, got 'balancd'"),
     ("evaluate", {"head": "s3://b/h", "store": "s3://b/s", "batch_size": 0}, "field 'config.batch_size'"),
     ("predict", {"head": "s3://b/h", "store": "s3://b/s", "out": "s3://b/p", "batch_size": -1},
      "field 'config.batch_size'"),
     ("probe", {"source": "s3://b/i", "out": "s3://b/p", "models": ["resnet18@none", "efficientnet_lit0"]},
      "field 'config.models': unknown model 'efficientnet_lit0'; did you mean efficientnet_lite0"),
+    ("probe", {"source": "s3://b/i", "out": "s3://b/p", "models": ["resnet18@none", "mobilenet_v3_small"],
+               "layers": {"resnet18": ["auto", "layr4"]}},
+     "field 'config.layers': resnet18 has no layer 'layr4'; closest: layer4"),
+    ("probe", {"source": "s3://b/i", "out": "s3://b/p", "models": ["resnet18@none", "mobilenet_v3_small"],
+               "layers": "default,mobilenet_v3_small=features.99"},
+     "field 'config.layers': mobilenet_v3_small has no layer 'features.99'; closest: features.9"),
     ("probe", {"source": "s3://b/i", "out": "s3://b/p", "sample": 0}, "field 'config.sample' must be a whole number >= 1"),
-    ("probe", {"source": "s3://b/i", "out": "s3://b/p", "shard_size": 0}, "field 'config.shard_size'"),
+    ("probe", {"source": "s3://b/i", "out": "s3://b/p", "shard_size": 0},
+     "field 'config.shard_size' must be a whole number of rows >= 1, got 0"),  # the engine's words: it checks too
+    ("probe", {"source": "s3://b/i", "out": "s3://b/p", "gpus_per_actor": -0.5},
+     "field 'config.gpus_per_actor' must be a number >= 0 (0: CPU actors)"),
 ])
 def test_numbers_and_models_of_every_job_kind(tmp_path, job, config, needle):
     path = write(tmp_path, {"job": job, "config": config})
@@ -304,6 +324,43 @@ def test_good_models_and_numbers_pass(tmp_path):
     probe = {"job": "probe", "config": {"source": "s3://b/i", "out": "s3://b/p", "models": ["resnet18@none"],
                                         "cv": 2, "test_size": 0.5, "n_jobs": -1}}
     assert load_spec(write(tmp_path, probe))[1].cv == 2
+    train = {"job": "train", "config": {"store": "s3://b/s", "out": "s3://b/h", "class_weight": {"cat": 2, 1: 0.5}}}
+    assert load_spec(write(tmp_path, train))[1].class_weight == {"cat": 2, 1: 0.5}
+
+
+def test_layers_that_exist_pass(tmp_path):
+    """Node names, module names (a stage: its last node), logits, timm's feature names, and a probe's
+    auto/default tokens, per model or for all."""
+    import copy
+
+    data = copy.deepcopy(GOOD)
+    data["config"].update(model=["resnet18", "efficientnet_lite0", "mobilenet_v3_small"], input_size=96,
+                          layers={"resnet18": ["layer3", "layer3.1.relu_1", "avgpool", "logits"],
+                                  "efficientnet_lite0": ["blocks.4", "pre_logits"], "*": ["features.12"]})
+    assert load_spec(write(tmp_path, data))[1].input_size == 96
+    probe = {"job": "probe", "config": {"source": "s3://b/i", "out": "s3://b/p",
+                                        "models": ["resnet18@none", "resnet18", "mobilenet_v3_small"],
+                                        "layers": {"resnet18@none": ["layer2"], "*": ["auto", "default"]}}}
+    load_spec(write(tmp_path, probe))
+
+
+def test_layers_are_not_checked_where_torch_cannot_be_imported(tmp_path):
+    """A submitting machine without torch sends the spec as it is; the cluster checks the layers."""
+    import copy
+    import subprocess
+    import sys
+
+    data = copy.deepcopy(GOOD)
+    data["config"].update(layers=["layer9"])
+    path = write(tmp_path, data)
+    code = ("import sys; sys.modules['torch'] = None; from jobs.specs import load_spec; "
+            "print(load_spec(sys.argv[1])[1].layers)")
+    out = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=120,
+                         cwd=Path(__file__).resolve().parent.parent)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["['layer9']"], out.stdout
+    with pytest.raises(ConfigError, match=r"resnet18 has no layer 'layer9'"):  # where torch is, it is checked
+        load_spec(path)
 
 
 def test_model_check_is_cheap_for_torchvision_names(tmp_path):
