@@ -29,7 +29,7 @@ from .zoo import ModelInfo, UnknownLayerError, UnknownModelError, canonical_name
 from .zoo import list_models as _zoo_list_models
 
 __all__ = ["Backbone", "LayerInfo", "load_backbone", "list_models", "list_layers", "describe_layers", "classify",
-           "UnknownModelError", "UnknownLayerError", "NoClassifierError", "WeightsError", "POOLINGS", "PRECISIONS"]
+           "UnknownModelError", "UnknownLayerError", "WeightsError", "POOLINGS", "PRECISIONS"]
 
 log = logging.getLogger(__name__)
 
@@ -40,32 +40,30 @@ _DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Identity)
 _PARAMETRIC = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.MultiheadAttention)
 
 
-class NoClassifierError(UnknownLayerError):
-    """A layer that needs the classifier of weights saved without one (a feature-extractor checkpoint)."""
+def no_classifier_error(model: str, layer: str, weights: str, missing: Sequence[str],
+                        deepest: str) -> UnknownLayerError:
+    """`layer` needs the classifier of weights saved without one (a feature-extractor checkpoint).
 
-    def __init__(self, message: str, model: str, weights: str, missing: Sequence[str]):
-        super().__init__(message)
-        self.model, self.weights, self.missing = model, weights, list(missing)
-        self.source = split_recipe(weights)[0]  # the file
+    A plain UnknownLayerError (an actor's error reaches the driver as 'UnknownLayerError: ...'), with
+    .missing_classifier (the keys), .model and .weights, so classify can say it in its own terms."""
+    what = "logits" if layer == "logits" else f"layer {layer!r}"
+    exc = UnknownLayerError(
+        f"{model}: {what} needs the classifier, and weights {split_recipe(weights)[0]} have none (a checkpoint "
+        f"saved without its classifier: {_keys(missing)} missing); the deepest layer they give is {deepest!r} "
+        f"(the default cut with these weights); `featurestore layers {model}` lists the layers")
+    exc.model, exc.weights, exc.missing_classifier = model, weights, tuple(missing)
+    return exc
 
-    @classmethod
-    def for_layer(cls, model: str, layer: str, weights: str, missing: Sequence[str],
-                  deepest: str) -> "NoClassifierError":
-        source = split_recipe(weights)[0]
-        what = "logits" if layer == "logits" else f"layer {layer!r}"
-        return cls(f"{model}: {what} needs the classifier, and weights {source} have none (a checkpoint saved "
-                   f"without its classifier: {_keys(missing)} missing); the deepest layer they give is {deepest!r}"
-                   f" (the default cut with these weights); `featurestore layers {model}` lists the layers",
-                   model, weights, missing)
 
-    def for_classify(self) -> "NoClassifierError":
-        """The refusal for classify: no classifier, so no classes to rank."""
-        return NoClassifierError(
-            f"{self.model}: weights {self.source} have no classifier ({_keys(self.missing)} missing: a "
-            f"feature-extractor checkpoint), so there are no classes to rank; extract features with them "
-            f"(featurestore extract IMAGES STORE --model {self.model} --weights {self.weights}) and train a head "
-            f"on the store (featurestore train STORE --out HEAD), then classify --head HEAD",
-            self.model, self.weights, self.missing)
+def no_classes_error(model: str, weights: str, missing: Sequence[str]) -> UnknownLayerError:
+    """classify's refusal for weights saved without a classifier: there are no classes to rank."""
+    exc = UnknownLayerError(
+        f"{model}: weights {split_recipe(weights)[0]} have no classifier ({_keys(missing)} missing: a "
+        f"feature-extractor checkpoint), so there are no classes to rank; extract features with them "
+        f"(featurestore extract IMAGES STORE --model {model} --weights {weights}) and train a head on the store "
+        f"(featurestore train STORE --out HEAD), then classify --head HEAD")
+    exc.model, exc.weights, exc.missing_classifier = model, weights, tuple(missing)
+    return exc
 
 
 def _keys(keys: Sequence[str], n: int = 4) -> str:
@@ -716,7 +714,7 @@ def load_backbone(model: str = "efficientnet_lite0", weights: str | None = "DEFA
         layers = list(layers or ["pre_logits"])
         _check_layers(layers, valid, canonical, prefixes=False)
         if headless and "logits" in layers:
-            raise NoClassifierError.for_layer(canonical, "logits", weights_id, headless, "pre_logits")
+            raise no_classifier_error(canonical, "logits", weights_id, headless, "pre_logits")
         cut: nn.Module = _TimmCut(net, layers)
     else:
         summary = _graph_summary(net, headless)
@@ -729,7 +727,7 @@ def load_backbone(model: str = "efficientnet_lite0", weights: str | None = "DEFA
             node = layer if layer in summary["nodes"] else \
                 "logits" if layer == "logits" else [n for n in summary["nodes"] if n.startswith(layer + ".")][-1]
             if node == "logits" or node in summary["needs"]:
-                raise NoClassifierError.for_layer(canonical, layer, weights_id, headless, summary["usable"])
+                raise no_classifier_error(canonical, layer, weights_id, headless, summary["usable"])
         cut = _TorchvisionCut(net, layers, summary["logits"])
         if set(layers) - {summary["default"], summary["usable"], "logits"}:
             _check_per_image(cut, layers, canonical, pre.input_size)
@@ -851,10 +849,12 @@ def classify(images: Iterable, model: str = "efficientnet_lite0", weights: str |
 
     try:
         bb = backbone or load_backbone(model, weights, layers=["logits"], pooling="none")
-    except NoClassifierError as exc:
-        raise exc.for_classify() from None
+    except UnknownLayerError as exc:
+        if getattr(exc, "missing_classifier", None):
+            raise no_classes_error(exc.model, exc.weights, exc.missing_classifier) from None
+        raise
     if "logits" not in bb.layers and bb.missing_classifier:
-        raise NoClassifierError("", bb.model_name, bb.weights_id, bb.missing_classifier).for_classify()
+        raise no_classes_error(bb.model_name, bb.weights_id, bb.missing_classifier)
     if "logits" not in bb.layers:
         raise ValueError("classify needs a backbone cut at 'logits'")
     imgs = [load_image(im) if isinstance(im, str) else im for im in images]
