@@ -719,7 +719,7 @@ def load_backbone(model: str = "efficientnet_lite0", weights: str | None = "DEFA
     else:
         summary = _graph_summary(net, headless)
         if not layers and summary["default"] in summary["needs"]:
-            log.info("weights %s have no classifier: the default cut %r needs it; cutting at %r, the deepest layer "
+            log.info("weights %s: the default cut %r needs the classifier they lack; cutting at %r, the deepest layer "
                      "that does not", weights_id, summary["default"], summary["usable"])
         layers = list(layers or [summary["usable"]])
         _check_layers(layers, summary["nodes"], canonical, prefixes=True, input_node=summary["nodes"][0])
