@@ -21,7 +21,8 @@ from torch import nn
 from .fold import Folded, fold_batchnorm as fold_bn
 from .preprocess import Preprocessing
 from .weights import (DEFAULT_NAMED, NAMED_SOURCES, WeightsError, check_timm_tag, checkpoint_classes,
-                      fetch_timm_pretrained, fetch_torchvision, is_file_spec, load_strict, named_state_dict,
+                      fetch_timm_pretrained, fetch_torchvision, headless_keys, is_file_spec, load_strict,
+                      named_state_dict,
                       read_state_dict, split_recipe, state_dict_sha256, strip_wrapper_prefix, torchvision_enum,
                       torchvision_offline_error)
 from .zoo import ModelInfo, UnknownLayerError, UnknownModelError, canonical_name, family_of
@@ -37,6 +38,37 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 _DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Identity)
 _PARAMETRIC = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.MultiheadAttention)
+
+
+def no_classifier_error(model: str, layer: str, weights: str, missing: Sequence[str],
+                        deepest: str) -> UnknownLayerError:
+    """`layer` needs the classifier of weights saved without one (a feature-extractor checkpoint).
+
+    A plain UnknownLayerError (an actor's error reaches the driver as 'UnknownLayerError: ...'), with
+    .missing_classifier (the keys), .model and .weights, so classify can say it in its own terms."""
+    what = "logits" if layer == "logits" else f"layer {layer!r}"
+    exc = UnknownLayerError(
+        f"{model}: {what} needs the classifier, and weights {split_recipe(weights)[0]} have none (a checkpoint "
+        f"saved without its classifier: {_keys(missing)} missing); the deepest layer they give is {deepest!r} "
+        f"(the default cut with these weights); `featurestore layers {model}` lists the layers")
+    exc.model, exc.weights, exc.missing_classifier = model, weights, tuple(missing)
+    return exc
+
+
+def no_classes_error(model: str, weights: str, missing: Sequence[str]) -> UnknownLayerError:
+    """classify's refusal for weights saved without a classifier: there are no classes to rank."""
+    exc = UnknownLayerError(
+        f"{model}: weights {split_recipe(weights)[0]} have no classifier ({_keys(missing)} missing: a "
+        f"feature-extractor checkpoint), so there are no classes to rank; extract features with them "
+        f"(featurestore extract IMAGES STORE --model {model} --weights {weights}) and train a head on the store "
+        f"(featurestore train STORE --out HEAD), then classify --head HEAD")
+    exc.model, exc.weights, exc.missing_classifier = model, weights, tuple(missing)
+    return exc
+
+
+def _keys(keys: Sequence[str], n: int = 4) -> str:
+    keys = list(keys)
+    return ", ".join(keys[:n]) + (f" ... ({len(keys)} keys)" if len(keys) > n else "")
 
 
 def list_models(family: str | None = None, max_params: float | None = None,
@@ -67,8 +99,12 @@ def _tv_nodes(model: nn.Module) -> list[str]:
     return list(get_graph_node_names(model)[1])
 
 
-def _graph_summary(model: nn.Module) -> dict[str, Any]:
-    """Nodes in order, the classifier, the default (penultimate) cut, and depth, from one FX trace."""
+def _graph_summary(model: nn.Module, missing: Sequence[str] = ()) -> dict[str, Any]:
+    """Nodes in order, the classifier, the default (penultimate) cut, and depth, from one FX trace.
+
+    missing: parameter/buffer keys the weights lack (a headless checkpoint's classifier): "needs"
+    is then every node whose value depends on them, and "usable" the deepest cut that does not (the
+    default where it can, else the input of the first module that holds one of them)."""
     from torchvision.models.feature_extraction import create_feature_extractor
 
     nodes = _tv_nodes(model)
@@ -101,11 +137,44 @@ def _graph_summary(model: nn.Module) -> dict[str, Any]:
     classifier = (linears or convs)[-1]
     cm = module(classifier)
     dim = cm.in_features if isinstance(cm, nn.Linear) else cm.in_channels
-    src = classifier.all_input_nodes[0]
-    while isinstance(module(src), _DROPOUTS) and src.all_input_nodes:
-        src = src.all_input_nodes[0]
-    return {"nodes": nodes, "depth": max(depth.values()), "default": qual.get(src, nodes[-2]),
-            "default_dim": int(dim), "classifier": qual[classifier], "logits": nodes[-1]}
+    def feeding(fx_node):  # the tensor a layer takes, through dropouts (inactive in eval)
+        src = fx_node.all_input_nodes[0]
+        while isinstance(module(src), _DROPOUTS) and src.all_input_nodes:
+            src = src.all_input_nodes[0]
+        return src
+
+    default = qual.get(feeding(classifier), nodes[-2])
+    needs: set[str] = set()
+    usable = default
+    if missing:
+        tainted: dict = {}  # in graph order
+        for fx_node in gm.graph.nodes:
+            owner = fx_node.target if fx_node.op in ("call_module", "get_attr") else None
+            if (owner is not None and any(k == owner or k.startswith(owner + ".") for k in missing)) or \
+                    any(a in tainted for a in fx_node.all_input_nodes):
+                tainted[fx_node] = None
+        needs = {qual[n] for n in tainted if n in qual}
+        first = next((n for n in tainted if n.op != "get_attr"), None)
+        if default in needs and first is not None:
+            # the last node that `first` (the first computation that needs the missing tensors) is computed
+            # from, outside the modules that hold them (convnext's classifier.0, a LayerNorm2d, permutes
+            # its input first: the cut is avgpool), through dropouts
+            scopes = {k.rsplit(".", 1)[0] for k in missing}
+            seen, stack = set(), list(first.all_input_nodes)
+            while stack:
+                n = stack.pop()
+                if n in seen or n in tainted:
+                    continue
+                seen.add(n)
+                stack.extend(n.all_input_nodes)
+            inside = lambda q: any(q == sc or q.startswith(sc + ".") for sc in scopes)  # noqa: E731
+            cands = [n for n in gm.graph.nodes if n in seen and n in qual and n.op != "get_attr"
+                     and not isinstance(module(n), _DROPOUTS) and not inside(qual[n]) and qual[n] != nodes[0]]
+            if cands:
+                usable = qual[cands[-1]]
+    return {"nodes": nodes, "depth": max(depth.values()), "default": default,
+            "default_dim": int(dim), "classifier": qual[classifier], "logits": nodes[-1],
+            "needs": needs, "usable": usable}
 
 
 def _is_nhwc(family: str, layer: str, t: torch.Tensor) -> bool:
@@ -281,6 +350,22 @@ def _timm_classifier(model: nn.Module) -> list[str]:
     return [n for n, m in model.named_modules() if n and any(m is h for h in heads) and f"{n}.weight" in own]
 
 
+def _tv_headless_candidates(model: nn.Module) -> list[str]:
+    """What a torchvision export without its classifier lacks: the classifier's last layer (`model.fc =
+    nn.Identity()`, `model.classifier[6] = nn.Identity()`, `model.classifier = model.classifier[:-1]`)
+    or a module holding it (`model.classifier = nn.Identity()`: vgg's, alexnet's and mobilenet_v3's
+    hidden Linear layers too, convnext's and maxvit's norm; `model.heads = nn.Identity()`)."""
+    head = _tv_classifier(model)
+    parts = head.split(".")
+    return [".".join(parts[:i]) for i in range(len(parts), 0, -1)]
+
+
+def _headless_note(source: str, model: str, missing: Sequence[str]) -> None:
+    log.info("weights %s: the checkpoint has no classifier (%s missing: saved without it, a feature-extractor "
+             "export); loaded every other tensor of %s strictly; `logits` and cuts that need the classifier are "
+             "refused", source, _keys(missing), model)
+
+
 def _num_classes_note(source: str, model: str, n: int, default: int) -> None:
     log.info("weights %s: a classifier for %d classes where %s has %d (a fine-tuned checkpoint); built with %d, "
              "so every layer is the checkpoint's and `logits` gives its %d classes (names unknown: shown by index)",
@@ -297,7 +382,10 @@ def _require_local_file(path: str) -> None:
 
 
 def _build_torchvision(name, weights, seed, input_size, crop, decode, storage_options, load=True):
-    """(model, preprocessing, weights id, file sha256, categories, recipe note).
+    """(model, preprocessing, weights id, file sha256, categories, headless keys, recipe note).
+
+    headless keys: the classifier's keys, where the weights file was saved without its classifier
+    (the model keeps its seeded random values for them; nothing that depends on them may be cut).
 
     load=False builds the architecture with random weights but checks the weights spec and
     takes its preprocessing, as `featurestore layers` needs: no download, no file read.
@@ -307,6 +395,7 @@ def _build_torchvision(name, weights, seed, input_size, crop, decode, storage_op
     family = family_of(name)
     default_member = get_model_weights(name).DEFAULT
     file_sha = None
+    headless: list[str] = []
     low = weights.strip().lower()
     member = default_member
     if low == "none":
@@ -353,7 +442,11 @@ def _build_torchvision(name, weights, seed, input_size, crop, decode, storage_op
             _num_classes_note(path, name, classes, model.get_submodule(head).weight.shape[0])
             with _seeded(seed):
                 model = get_model(name, weights=None, **{**kwargs, "num_classes": classes})
-        load_strict(model, sd, path, name)
+        else:
+            headless = headless_keys(model, sd, _tv_headless_candidates(model)) or []
+            if headless:
+                _headless_note(path, name, headless)
+        load_strict(model, sd, path, name, missing_ok=headless)
         weights_id = file_id
     else:
         if not kwargs.get("image_size") and not kwargs.get("input_size"):
@@ -374,9 +467,9 @@ def _build_torchvision(name, weights, seed, input_size, crop, decode, storage_op
     if input_size:
         pre = pre.with_input_size(input_size)
     categories = list(default_member.meta.get("categories") or [])
-    if len(categories) != model.get_submodule(_tv_classifier(model)).weight.shape[0]:
-        categories = []  # a checkpoint fine-tuned to other classes: their names are not in the file
-    return model, pre, weights_id, file_sha, categories, recipe
+    if headless or len(categories) != model.get_submodule(_tv_classifier(model)).weight.shape[0]:
+        categories = []  # a checkpoint fine-tuned to other classes (or with none): their names are not in the file
+    return model, pre, weights_id, file_sha, categories, headless, recipe
 
 
 def _timm_categories(num_classes: int) -> list[str]:
@@ -392,7 +485,9 @@ def _timm_categories(num_classes: int) -> list[str]:
 
 
 def _build_timm(canonical, weights, seed, input_size, crop, decode, storage_options, load=True):
-    """(model, preprocessing, weights id, file sha256, categories, recipe note); load=False as for torchvision."""
+    """(model, preprocessing, weights id, file sha256, categories, headless keys, recipe note); as for torchvision.
+
+    A checkpoint saved without its classifier (timm's num_classes=0) gives every layer but `logits`."""
     import timm
     from timm.data import resolve_data_config
 
@@ -402,6 +497,7 @@ def _build_timm(canonical, weights, seed, input_size, crop, decode, storage_opti
     if input_size and cfg is not None and getattr(cfg, "fixed_input_size", False):
         kwargs["img_size"] = int(input_size)
     file_sha = None
+    headless: list[str] = []
     low = weights.strip().lower()
     if low == "default" and canonical in DEFAULT_NAMED:
         low = weights = DEFAULT_NAMED[canonical]
@@ -442,7 +538,11 @@ def _build_timm(canonical, weights, seed, input_size, crop, decode, storage_opti
                 _num_classes_note(path, canonical, classes, model.num_classes)
                 with _seeded(seed):
                     model = timm.create_model(arch, pretrained=False, **{**kwargs, "num_classes": classes})
-            load_strict(model, sd, path, canonical)
+            else:  # saved with num_classes=0: all of the classifier (both heads of a distilled model) missing
+                headless = headless_keys(model, sd, [_timm_classifier(model)]) or []
+                if headless:
+                    _headless_note(path, canonical, headless)
+            load_strict(model, sd, path, canonical, missing_ok=headless)
     else:
         model = fetch_timm_pretrained(arch, **kwargs)
     data = resolve_data_config({}, model=model)
@@ -452,7 +552,8 @@ def _build_timm(canonical, weights, seed, input_size, crop, decode, storage_opti
                                       mean=tuple(data["mean"]), std=tuple(data["std"]), decode=decode)
     if input_size:
         pre = pre.with_input_size(input_size)
-    return model, pre, weights_id, file_sha, _timm_categories(getattr(model, "num_classes", 0)), recipe
+    categories = [] if headless else _timm_categories(getattr(model, "num_classes", 0))
+    return model, pre, weights_id, file_sha, categories, headless, recipe
 
 
 def _timm_layers(model: nn.Module) -> list[str]:
@@ -466,7 +567,7 @@ class Backbone(nn.Module):
     def __init__(self, net: nn.Module, *, model_name: str, layers: Sequence[str], pooling: str, precision: str,
                  preprocessing: Preprocessing, weights_id: str, weights_sha256: str, device: torch.device,
                  channels_last: bool, categories: list[str], weights_file_sha256: str | None = None,
-                 folded: Folded | None = None):
+                 folded: Folded | None = None, missing_classifier: Sequence[str] = ()):
         super().__init__()
         self.model_name = model_name
         self.family = family_of(model_name)
@@ -482,6 +583,8 @@ class Backbone(nn.Module):
         self.categories = categories
         self.net = net
         self.folded = folded  # what load_backbone(fold_batchnorm=True) folded; None: not asked
+        # the classifier keys a checkpoint saved without its classifier lacks; () when it has one
+        self.missing_classifier = tuple(missing_classifier)
         self._feature_shapes: dict[str, tuple] | None = None
         self.requires_grad_(False)
         self.eval()
@@ -598,22 +701,35 @@ def load_backbone(model: str = "efficientnet_lite0", weights: str | None = "DEFA
     if isinstance(layers, str):
         layers = [layers]
     build = _build_timm if canonical.startswith("timm:") else _build_torchvision
-    net, pre, weights_id, file_sha, categories, recipe = build(canonical, weights, seed, input_size, crop, decode,
-                                                              storage_options)
+    net, pre, weights_id, file_sha, categories, headless, recipe = build(
+        canonical, weights, seed, input_size, crop, decode, storage_options)
     log.info("%s, weights %s: preprocessing %s (%s)", canonical, weights_id, pre.describe(), recipe)
     net.eval()
-    sha = state_dict_sha256(net.state_dict())
+    # the weights' own tensors: a headless checkpoint's classifier (seeded random, never used) is not hashed,
+    # so the sha256 is that of the file's tensors, whatever the seed
+    not_given = set(headless)
+    sha = state_dict_sha256({k: v for k, v in net.state_dict().items() if k not in not_given})
     if canonical.startswith("timm:"):
         valid = _timm_layers(net)
         layers = list(layers or ["pre_logits"])
         _check_layers(layers, valid, canonical, prefixes=False)
+        if headless and "logits" in layers:
+            raise no_classifier_error(canonical, "logits", weights_id, headless, "pre_logits")
         cut: nn.Module = _TimmCut(net, layers)
     else:
-        summary = _graph_summary(net)
-        layers = list(layers or [summary["default"]])
+        summary = _graph_summary(net, headless)
+        if not layers and summary["default"] in summary["needs"]:
+            log.info("weights %s: the default cut %r needs the classifier they lack; cutting at %r, the deepest layer "
+                     "that does not", weights_id, summary["default"], summary["usable"])
+        layers = list(layers or [summary["usable"]])
         _check_layers(layers, summary["nodes"], canonical, prefixes=True, input_node=summary["nodes"][0])
+        for layer in layers if headless else ():
+            node = layer if layer in summary["nodes"] else \
+                "logits" if layer == "logits" else [n for n in summary["nodes"] if n.startswith(layer + ".")][-1]
+            if node == "logits" or node in summary["needs"]:
+                raise no_classifier_error(canonical, layer, weights_id, headless, summary["usable"])
         cut = _TorchvisionCut(net, layers, summary["logits"])
-        if set(layers) - {summary["default"], "logits"}:
+        if set(layers) - {summary["default"], summary["usable"], "logits"}:
             _check_per_image(cut, layers, canonical, pre.input_size)
     dev = torch.device(device)
     if precision == "fp16" and dev.type == "cpu":
@@ -630,7 +746,7 @@ def load_backbone(model: str = "efficientnet_lite0", weights: str | None = "DEFA
     return Backbone(cut, model_name=canonical, layers=layers, pooling=pooling, precision=precision,
                     preprocessing=pre, weights_id=weights_id, weights_sha256=sha, device=dev,
                     channels_last=channels_last, categories=categories, weights_file_sha256=file_sha,
-                    folded=folded)
+                    folded=folded, missing_classifier=headless)
 
 
 def _stage_ends(names: list[str], shapes: dict[str, tuple], family: str, skip: set[str],
@@ -731,7 +847,14 @@ def classify(images: Iterable, model: str = "efficientnet_lite0", weights: str |
     """Top-k ImageNet classes with probabilities for each image (PIL images, paths or URLs)."""
     from .decode import load_image
 
-    bb = backbone or load_backbone(model, weights, layers=["logits"], pooling="none")
+    try:
+        bb = backbone or load_backbone(model, weights, layers=["logits"], pooling="none")
+    except UnknownLayerError as exc:
+        if getattr(exc, "missing_classifier", None):
+            raise no_classes_error(exc.model, exc.weights, exc.missing_classifier) from None
+        raise
+    if "logits" not in bb.layers and bb.missing_classifier:
+        raise no_classes_error(bb.model_name, bb.weights_id, bb.missing_classifier)
     if "logits" not in bb.layers:
         raise ValueError("classify needs a backbone cut at 'logits'")
     imgs = [load_image(im) if isinstance(im, str) else im for im in images]

@@ -139,7 +139,7 @@ def classify(ctx, images, model, weights, head_dir, topk, strict, as_json):
     An image that cannot be read or decoded is named on stderr and skipped; the others are still
     classified, and the exit code is then 1 (--strict: stop at it, exit 2).
     """
-    from .backbones import classify as _classify, load_backbone
+    from .backbones import UnknownLayerError, classify as _classify, load_backbone, no_classes_error
     from .decode import BadImage, load_image
 
     if head_dir:
@@ -151,7 +151,12 @@ def classify(ctx, images, model, weights, head_dir, topk, strict, as_json):
         ctx.exit(classify_with_head(head_dir, list(images), topk=topk, as_json=as_json, weights=weights,
                                     strict=strict, model=model if given else None))
 
-    bb = load_backbone(model, weights or "DEFAULT", layers=["logits"], pooling="none")
+    try:
+        bb = load_backbone(model, weights or "DEFAULT", layers=["logits"], pooling="none")
+    except UnknownLayerError as exc:
+        if getattr(exc, "missing_classifier", None):  # a feature-extractor checkpoint: no classes to rank
+            raise no_classes_error(exc.model, exc.weights, exc.missing_classifier) from None
+        raise
     done, pics, errors = [], [], []
     for p in images:
         try:

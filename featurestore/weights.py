@@ -5,7 +5,8 @@ TORCH_HOME), a state-dict file or fsspec URL (optionally `FILE#RECIPE`: the file
 tensors with the preprocessing of a named torchvision enum member or timm pretrained tag),
 a named source shipped inside an installed package (usable offline), or "none" for a
 seeded random initialisation.
-Every load is strict, and every backbone gets a sha256 over its state dict so a
+Every load is strict (only a checkpoint saved without its classifier may lack the classifier's
+keys), and every backbone gets a sha256 over its state dict (what the weights provide) so a
 store records exactly which numbers produced its features.
 """
 from __future__ import annotations
@@ -24,7 +25,7 @@ if TYPE_CHECKING:
 __all__ = [
     "WeightsError", "NAMED_SOURCES", "NamedSource", "state_dict_sha256", "file_sha256",
     "is_file_spec", "split_recipe", "absolute_file_spec", "file_not_found", "read_state_dict", "load_strict",
-    "checkpoint_classes",
+    "checkpoint_classes", "headless_keys",
     "torchvision_enum", "fetch_torchvision",
     "torchvision_offline_error", "timm_tags", "check_timm_tag", "strip_wrapper_prefix", "hub_dir",
     "fetch_timm_pretrained", "named_state_dict", "convert_efficientnet_lite0",
@@ -295,12 +296,39 @@ def checkpoint_classes(model: torch.nn.Module, sd: dict[str, torch.Tensor], clas
     return int(next(iter(counts)))
 
 
-def load_strict(model: torch.nn.Module, sd: dict[str, torch.Tensor], source: str, model_name: str | None = None) -> None:
+def headless_keys(model: torch.nn.Module, sd: dict[str, torch.Tensor], classifiers) -> list[str] | None:
+    """The keys a checkpoint saved without its classifier lacks: a self-supervised or feature-extractor
+    export (DINO, SimCLR/MoCo, `model.fc = nn.Identity()`, timm's num_classes=0). None unless those
+    are its only difference from `model`: every other key present with the model's shape, no other.
+
+    classifiers: the candidates, each a module name or a list of names whose keys together are the
+    classifier: ['classifier.6', 'classifier'] (vgg's last Linear alone, `model.classifier[6] =
+    nn.Identity()`, or its whole classifier, `model.classifier = nn.Identity()`), [['head', 'head_dist']]
+    (a distilled timm model: both). `sd` as load_strict would load it (a wrapper prefix stripped).
+    """
+    own = model.state_dict()
+    missing = [k for k in own if k not in sd]
+    if not missing or any(k not in own or tuple(v.shape) != tuple(own[k].shape) for k, v in sd.items()):
+        return None
+    for group in ([classifiers] if isinstance(classifiers, str) else classifiers or []):
+        names = [group] if isinstance(group, str) else list(group)
+        keys = {k for k in own for n in names if n and k.startswith(n + ".")}
+        if keys and set(missing) == keys:
+            return missing
+    return None
+
+
+def load_strict(model: torch.nn.Module, sd: dict[str, torch.Tensor], source: str, model_name: str | None = None,
+                missing_ok=()) -> None:
     """load_state_dict(strict=True), with an error naming missing, unexpected and mis-shaped keys
-    (and the file and the model: `model_name` where given, e.g. timm:resnet18, else the class name)."""
+    (and the file and the model: `model_name` where given, e.g. timm:resnet18, else the class name).
+
+    missing_ok: keys the checkpoint may lack (a headless checkpoint's classifier, from headless_keys);
+    they keep the model's own values, and everything else is still loaded strictly."""
     own = model.state_dict()
     sd = strip_wrapper_prefix(sd, own, source)
-    missing = [k for k in own if k not in sd]
+    ok = set(missing_ok)
+    missing = [k for k in own if k not in sd and k not in ok]
     unexpected = [k for k in sd if k not in own]
     shapes = [f"{k} {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
               for k in own if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)]
@@ -315,7 +343,9 @@ def load_strict(model: torch.nn.Module, sd: dict[str, torch.Tensor], source: str
         what = f"{model_name} ({type(model).__name__})" if model_name else type(model).__name__
         raise WeightsError(f"weights {source} do not fit {what}: " + "; ".join(parts)
                            + ". Pass weights saved from the same architecture (torch.save(model.state_dict(), f)).")
-    model.load_state_dict(sd, strict=True)
+    result = model.load_state_dict(sd, strict=not ok)
+    if ok and (result.unexpected_keys or set(result.missing_keys) - ok):  # pragma: no cover
+        raise WeightsError(f"weights {source}: missing {result.missing_keys}, unexpected {result.unexpected_keys}")
 
 
 # -- torchvision enums ----------------------------------------------------------------------

@@ -69,3 +69,20 @@ def test_a_command_whose_module_cannot_load_says_why(monkeypatch):
     assert res.exit_code == 1 and "command 'ghost' is unavailable: No module named 'featurestore.no_such_stage'" \
         in res.output, res.output
     assert "unavailable: No module named" in CliRunner().invoke(cli.main, ["--help"]).output
+
+
+def test_classify_with_a_checkpoint_without_a_classifier_is_refused_in_one_line(tmp_path):
+    import torch
+    from torchvision.models import resnet18
+
+    torch.manual_seed(0)
+    headless = tmp_path / "dino_like.pth"  # model.fc = nn.Identity(); torch.save(model.state_dict(), ...)
+    torch.save({k: v for k, v in resnet18().state_dict().items() if not k.startswith("fc.")}, headless)
+    img = _image(tmp_path / "x.png")
+    r = CliRunner().invoke(classify, ["--model", "resnet18", "--weights", str(headless), img])
+    assert r.exit_code == 2, r.output
+    lines = r.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"Error: resnet18: weights {headless} have no classifier (fc.weight, "
+                                                   "fc.bias missing"), r.output
+    assert "no classes to rank" in lines[0] and "featurestore extract" in lines[0] and "featurestore train" in lines[0]
+    assert "Traceback" not in r.output
