@@ -424,7 +424,7 @@ def _build_torchvision(name, weights, seed, input_size, crop, decode, storage_op
                          f"{patch} (e.g. {max(patch, size // patch * patch)} or {(size // patch + 1) * patch}), "
                          f"got {size}")
     kwargs = {**_tv_size_kwargs(family, size), **_tv_extra_kwargs(name)}
-    if low != "none" and (not load or is_file_spec(weights)):
+    if low == "none" or not load or is_file_spec(weights):
         # built without torchvision's weights: at the recipe's own size (vit_h_14 SWAG is 518, not 224)
         kwargs = {**_tv_size_kwargs(family, input_size or native), **_tv_extra_kwargs(name)}
     if low == "none" or not load:

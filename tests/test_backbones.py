@@ -179,3 +179,12 @@ def test_only_per_image_nodes_are_offered_or_accepted():
 def test_vit_input_size_must_be_whole_patches():
     with pytest.raises(ValueError, match=r"16x16 patches: --input-size must be a multiple of 16 \(e.g. 192 or 208\)"):
         load_backbone("vit_b_16", weights="none", input_size=200)
+
+
+def test_random_weights_build_at_the_recipe_size():
+    """vit_h_14's only weights (SWAG) take 518 px: with weights none the network is built for 518 px
+    too, not torchvision's 224, or tracing it at its own preprocessing failed (traced on the meta
+    device here: 632M parameters need no memory there)."""
+    with torch.device("meta"):
+        layers = {info.name: info.shape for info in list_layers("vit_h_14", weights="none")}
+    assert layers["encoder.layers.encoder_layer_31.add_1"] == (37 * 37 + 1, 1280)  # 518/14 = 37 patches a side
