@@ -22,9 +22,8 @@ from .fold import Folded, fold_batchnorm as fold_bn
 from .preprocess import Preprocessing
 from .weights import (DEFAULT_NAMED, NAMED_SOURCES, WeightsError, check_timm_tag, checkpoint_classes,
                       fetch_timm_pretrained, fetch_torchvision, headless_keys, is_file_spec, load_strict,
-                      named_state_dict,
-                      read_state_dict, split_recipe, state_dict_sha256, strip_wrapper_prefix, torchvision_enum,
-                      torchvision_offline_error)
+                      named_state_dict, read_state_dict, split_recipe, state_dict_sha256, strip_wrapper_prefix,
+                      torchvision_enum, torchvision_offline_error)
 from .zoo import ModelInfo, UnknownLayerError, UnknownModelError, canonical_name, family_of
 from .zoo import list_models as _zoo_list_models
 
