@@ -24,6 +24,8 @@ _EXPORTS = {
     "HeadConfigMismatch": "classifiers.core:HeadConfigMismatch",
     "HeadError": "classifiers.heads:HeadError",
     "HeadFileError": "classifiers.persist:HeadFileError",
+    "ExportError": "classifiers.core:ExportError",
+    "ExportArgumentError": "classifiers.core:ExportArgumentError",
     "HEADS": "classifiers.heads:HEADS",
     "make_pipeline": "classifiers.heads:make_pipeline",
     "save_head": "classifiers.persist:save_head",

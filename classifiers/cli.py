@@ -8,7 +8,10 @@ import click
 
 
 def _errors(fn):
-    """Known user errors become a one-line message and exit code 2, not a traceback."""
+    """Known user errors become a one-line message and exit code 2, not a traceback.
+
+    Only the named errors the code raises for bad input: a bare KeyError or ValueError is a bug
+    until shown otherwise, and keeps its traceback."""
 
     @functools.wraps(fn)
     def wrapper(*a, **kw):
@@ -16,16 +19,17 @@ def _errors(fn):
         from featurestore.sources import FilesystemUnavailable
         from featurestore.store import StoreError
         from featurestore.weights import WeightsError
+        from featurestore.zoo import UnknownLayerError, UnknownModelError
 
         from .core import ExportError, HeadConfigMismatch
+        from .heads import HeadError
         from .persist import HeadFileError
 
         try:
             return fn(*a, **kw)
-        except (HeadConfigMismatch, HeadFileError, StoreError, FileNotFoundError, FilesystemUnavailable, KeyError,
-                ValueError, ExportError, WeightsError) as exc:
-            msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
-            raise Refused(str(msg)) from None
+        except (HeadConfigMismatch, HeadError, HeadFileError, StoreError, FileNotFoundError, FilesystemUnavailable,
+                ExportError, WeightsError, UnknownModelError, UnknownLayerError) as exc:
+            raise Refused(str(exc)) from None
         except OSError as exc:  # a path given that cannot be written or read (a file where a folder goes, ...)
             raise Refused(os_error_message(exc)) from None
 

@@ -56,6 +56,11 @@ class ExportError(RuntimeError):
     """An exported file does not compute what the head computes (its verification failed)."""
 
 
+class ExportArgumentError(ExportError, ValueError):
+    """export() was asked for something it cannot write (format, opset, --out, a missing package);
+    the message says what to pass instead. A ValueError too, as for any bad argument."""
+
+
 def as_rows(X) -> np.ndarray:
     """Features as an (N, D) matrix; float16 (a store's --dtype float16) widened to float32, since
     scikit-learn's scalers would otherwise compute in float16 and overflow."""
@@ -96,8 +101,9 @@ class Head:
     def _flat(self, X) -> np.ndarray:
         X = as_rows(X)
         if X.shape[1] != self.num_features:
-            raise ValueError(f"features have {X.shape[1]} values per row; this head expects {self.num_features} "
-                             f"(layer {self.layer!r}, shape {tuple(self.feature_shape)})")
+            raise HeadConfigMismatch(f"features have {X.shape[1]} values per row; this head expects "
+                                     f"{self.num_features} (layer {self.layer!r}, shape {tuple(self.feature_shape)})",
+                                     [f"feature width: {self.num_features} (head) vs {X.shape[1]} (features)"])
         return X
 
     def predict_proba(self, X) -> np.ndarray:

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .core import ExportError, Head
+from .core import ExportArgumentError, ExportError, Head
 
 log = logging.getLogger(__name__)
 FORMATS = ("onnx", "torchscript")
@@ -169,7 +169,7 @@ def _check_suffix(out: str, fmt: str) -> None:
     other = next(f for f in FORMATS if f != fmt)
     if out.lower().endswith(SUFFIXES[other]):
         title = {"onnx": "an ONNX", "torchscript": "a TorchScript"}[other]
-        raise ValueError(f"--out {out}: {title} file name, but --format is {fmt}; pass --format {other}, "
+        raise ExportArgumentError(f"--out {out}: {title} file name, but --format is {fmt}; pass --format {other}, "
                          f"or name the file {os.path.splitext(out)[0] + SUFFIXES[fmt][0]}")
 
 
@@ -263,26 +263,26 @@ def export(head, fmt: str = "onnx", out: str | None = None, *, backbone=None, op
     from .apply import as_head, check_backbone, load_head_backbone
 
     if fmt not in FORMATS:
-        raise ValueError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+        raise ExportArgumentError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     if fmt == "onnx":
         low, high = opset_range()
         if isinstance(opset, bool) or not isinstance(opset, int) or not low <= opset <= high:
-            raise ValueError(f"--opset {opset}: the installed torch {torch.__version__.split('+')[0]} exports ONNX "
+            raise ExportArgumentError(f"--opset {opset}: the installed torch {torch.__version__.split('+')[0]} exports ONNX "
                              f"opsets {low} to {high}; choose one in that range (default 17)")
         missing = [m for m in ("onnx", "onnxscript") + (("onnxruntime",) if verify else ()) if not _installed(m)]
         if missing:
-            raise ValueError(f"--format onnx needs {', '.join(missing)}: pip install \"featurestore[export]\", "
+            raise ExportArgumentError(f"--format onnx needs {', '.join(missing)}: pip install \"featurestore[export]\", "
                              "or export with --format torchscript")
     if out is not None:
         if os.path.isdir(out) or str(out).endswith(("/", os.sep)):
             name = "model.onnx" if fmt == "onnx" else "model.torchscript.pt"
-            raise ValueError(f"--out {out}: a folder; give the file to write, e.g. {os.path.join(out, name)}")
+            raise ExportArgumentError(f"--out {out}: a folder; give the file to write, e.g. {os.path.join(out, name)}")
         _check_suffix(str(out), fmt)
     h = as_head(head)
     name = "model.onnx" if fmt == "onnx" else "model.torchscript.pt"
     if out is None:
         if not h.path:
-            raise ValueError("export: pass out= (the head has no directory)")
+            raise ExportArgumentError("export: pass out= (the head has no directory)")
         out = os.path.join(h.path, name)
     bb = backbone if backbone is not None else load_head_backbone(h, weights=weights)
     if backbone is not None:

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .heads import HeadError
+
 SPLIT_VALUES = {"train": False, "test": True}
 
 
@@ -41,7 +43,7 @@ def hash_split(ids, labels, test_size: float = 0.25, seed: int = 0, salt: str = 
     Every class with at least 2 rows gets at least one row on each side.
     """
     if not 0.0 < test_size < 1.0:
-        raise ValueError(f"test_size must lie strictly between 0 and 1, got {test_size}")
+        raise HeadError(f"test_size must lie strictly between 0 and 1, got {test_size}")
     labels = np.asarray(labels)
     keys = _keys(ids, seed, salt)
     is_test = np.zeros(len(labels), dtype=bool)
@@ -59,18 +61,23 @@ def hash_split(ids, labels, test_size: float = 0.25, seed: int = 0, salt: str = 
 
 def read_split_file(path: str, ids, id_column: str | None = None, split_column: str = "split") -> np.ndarray:
     """Boolean test mask from a CSV/Parquet file mapping id -> train|test (every store id must appear)."""
+    import pyarrow as pa
     import pyarrow.csv as pcsv
     import pyarrow.parquet as pq
 
     p = str(path)
     if not Path(p).exists():
         raise FileNotFoundError(f"--split {p}: no such file (a CSV/Parquet file with columns id and {split_column})")
-    table = pq.read_table(p, use_threads=False) if p.lower().endswith((".parquet", ".pq")) else pcsv.read_csv(p)
+    try:
+        table = pq.read_table(p, use_threads=False) if p.lower().endswith((".parquet", ".pq")) else pcsv.read_csv(p)
+    except pa.ArrowInvalid as exc:  # not CSV (or not Parquet) at all
+        raise HeadError(f"--split {p}: cannot be read as {'Parquet' if p.lower().endswith(('.parquet', '.pq')) else 'CSV'}"
+                        f" ({str(exc).splitlines()[0]}); a CSV/Parquet file with columns id and {split_column}") from None
     cols = table.column_names
     if id_column is None:
         id_column = next((c for c in ("id", "path") if c in cols), None)
     if id_column not in cols or split_column not in cols:
-        raise ValueError(f"--split {p}: needs columns 'id' (or 'path') and {split_column!r}; it has {', '.join(cols)}")
+        raise HeadError(f"--split {p}: needs columns 'id' (or 'path') and {split_column!r}; it has {', '.join(cols)}")
     mapping = dict(zip((str(v) for v in table[id_column].to_pylist()),
                        (str(v).strip().lower() for v in table[split_column].to_pylist())))
     return split_from_mapping(mapping, ids, source=p)
@@ -79,10 +86,10 @@ def read_split_file(path: str, ids, id_column: str | None = None, split_column: 
 def split_from_mapping(mapping: dict, ids, source: str) -> np.ndarray:
     bad = sorted({v for v in mapping.values() if v not in SPLIT_VALUES})
     if bad:
-        raise ValueError(f"{source}: split values must be train or test; found {', '.join(map(repr, bad[:5]))}")
+        raise HeadError(f"{source}: split values must be train or test; found {', '.join(map(repr, bad[:5]))}")
     missing = [str(i) for i in ids if str(i) not in mapping]
     if missing:
-        raise ValueError(f"{source}: {len(missing)} store id(s) have no split, e.g. {', '.join(missing[:3])}; "
+        raise HeadError(f"{source}: {len(missing)} store id(s) have no split, e.g. {', '.join(missing[:3])}; "
                          "list every id with train or test")
     return np.array([SPLIT_VALUES[mapping[str(i)]] for i in ids], dtype=bool)
 

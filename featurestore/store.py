@@ -54,6 +54,14 @@ class StoreError(RuntimeError):
     """The store is missing, unreadable or inconsistent; the message names the store and the fix."""
 
 
+class StoreKeyError(StoreError, KeyError):
+    """A layer or ids the store does not have. A KeyError too, as a mapping's lookup would raise,
+    but printed as its plain message (KeyError's own str() quotes it)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
 class StoreConfigMismatch(StoreError):
     """An existing store was built with a different configuration; .differences lists the keys."""
 
@@ -933,7 +941,7 @@ class LazyFeatures:
         self.layer = layer
         info = reader.meta.get("layers", {}).get(layer)
         if info is None:
-            raise KeyError(f"{reader.uri}: no layer {layer!r}; layers: {', '.join(reader.layers) or '(none)'}")
+            raise StoreKeyError(f"{reader.uri}: no layer {layer!r}; layers: {', '.join(reader.layers) or '(none)'}")
         self.shape = (len(reader), *info["shape"])
         self.dtype = np.dtype(info["dtype"])
 
@@ -1264,7 +1272,7 @@ class StoreReader:
                 raise StoreError(f"{self.uri}: the store has no feature layers (no rows were written)")
             return self.layers[0]
         if layer not in self.meta.get("layers", {}):
-            raise KeyError(f"{self.uri}: no layer {layer!r}; layers: {', '.join(self.layers) or '(none)'}")
+            raise StoreKeyError(f"{self.uri}: no layer {layer!r}; layers: {', '.join(self.layers) or '(none)'}")
         return layer
 
     def features(self, layer: str | None = None) -> LazyFeatures:
@@ -1319,7 +1327,7 @@ class StoreReader:
         ids = [str(i) for i in ids]
         missing = [i for i in ids if i not in self._index]
         if missing:
-            raise KeyError(f"{self.uri}: {len(missing)} id(s) not in the store, e.g. {', '.join(missing[:3])}")
+            raise StoreKeyError(f"{self.uri}: {len(missing)} id(s) not in the store, e.g. {', '.join(missing[:3])}")
         rows = np.array([self._index[i] for i in ids], dtype=np.int64)
         return self.features(layer)[rows], self.labels[rows]
 

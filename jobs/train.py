@@ -41,18 +41,17 @@ def run(spec, cfg) -> int:
 
 
 def check_inputs(cfg, reader) -> None:
-    """What classifiers.train refuses with a bare KeyError or ValueError when the spec is at fault,
-    raised as ConfigError here, where the job reads it: the layer (the store's KeyError), the split
-    (a file without id/split columns or with other values, rows it leaves out; the store manifest's
-    own split column) and the scoring name (scikit-learn's ValueError). jobs._entry says a
-    ConfigError as the spec's fault in one line; any other KeyError or ValueError is a bug, and keeps
-    its traceback."""
+    """What classifiers.train would refuse, checked before it runs and raised as ConfigError naming the
+    spec's field: the layer (the store's StoreKeyError), the split (a file without id/split columns
+    or with other values, rows it leaves out; the store manifest's own split column: HeadError) and
+    the scoring name (scikit-learn's bare ValueError, which jobs._entry would otherwise report as a
+    bug). jobs._entry says a ConfigError as the spec's fault in one line."""
     from classifiers.split import manifest_split, read_split_file
 
     try:
         reader.features(cfg.layer)
-    except KeyError as exc:  # "STORE: no layer 'x'; layers: ..."
-        raise ConfigError(f"field 'config.layer': {exc.args[0] if exc.args else exc}") from None
+    except KeyError as exc:  # StoreKeyError: "STORE: no layer 'x'; layers: ..."
+        raise ConfigError(f"field 'config.layer': {exc}") from None
     column = cfg.split_column or "split"
     try:
         if cfg.split is not None:
@@ -61,7 +60,7 @@ def check_inputs(cfg, reader) -> None:
             manifest_split(reader, column)
     except FileNotFoundError:
         raise
-    except (ValueError, OSError) as exc:  # pyarrow's ArrowInvalid (an unreadable CSV) is a ValueError
+    except (ValueError, OSError) as exc:  # HeadError (a ValueError); OSError: a folder, no permission
         field = "split" if cfg.split is not None else "split_column" if cfg.split_column else "store"
         raise ConfigError(f"field 'config.{field}': {_without_flag(str(exc))}") from None
     if cfg.scoring is not None:

@@ -85,3 +85,35 @@ def test_train_on_an_address_no_cluster_answers_at_is_refused(tmp_path):
     assert r.returncode == 2, r.stderr
     assert f"no Ray cluster answers at {address}" in r.stderr and "connection refused" in r.stderr, r.stderr
     assert not (tmp_path / "h").exists()
+
+
+def test_bad_input_is_one_line_and_a_bug_keeps_its_traceback(tmp_path, monkeypatch):
+    """train/evaluate/predict refuse bad input in one line (exit 2) through named errors; a bare
+    KeyError or ValueError from inside is a bug, not the input's fault: its traceback stays (exit 1)."""
+    import pytest
+
+    from classifiers import fit
+    from featurestore.store import StoreError, StoreKeyError, open_store
+
+    store, head = _store(tmp_path / "s"), str(tmp_path / "h")
+    r = CliRunner().invoke(main, ["train", store, "--layer", "nope", "--out", head])
+    assert r.exit_code == 2, r.output
+    assert r.output.strip() == f"Error: {store}: no layer 'nope'; layers: avgpool"  # no KeyError quotes
+    with pytest.raises(StoreKeyError) as err:
+        open_store(store).features("nope")
+    assert isinstance(err.value, KeyError) and isinstance(err.value, StoreError)  # `except KeyError` still works
+    garbage = tmp_path / "split.csv"
+    garbage.write_bytes(b'id,split\n"unterminated\n\x00\x01,train,extra,columns\n')
+    r = CliRunner().invoke(main, ["train", store, "--split", str(garbage), "--out", head])
+    assert r.exit_code == 2 and r.output.startswith(f"Error: --split {garbage}: "), r.output
+    assert "Traceback" not in r.output
+    (tmp_path / "ok.csv").write_text("id,split\n" + "".join(f"{i},maybe\n" for i in range(3)))
+    r = CliRunner().invoke(main, ["train", store, "--split", str(tmp_path / "ok.csv"), "--out", head])
+    assert r.exit_code == 2 and "split values must be train or test; found 'maybe'" in r.output, r.output
+
+    def broken(*a, **kw):
+        raise KeyError("an internal key")
+
+    monkeypatch.setattr(fit, "train", broken)
+    r = CliRunner().invoke(main, ["train", store, "--out", head])
+    assert r.exit_code == 1 and isinstance(r.exception, KeyError), r.output
