@@ -344,19 +344,26 @@ def test_layers_that_exist_pass(tmp_path):
     load_spec(write(tmp_path, probe))
 
 
+def _fresh_python(code: str, spec: Path):
+    """Run `code` in a new interpreter (its own sys.modules) from the repository root, the spec's
+    path as argv[1]."""
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-c", code, str(spec)], capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).resolve().parent.parent)
+
+
 def test_layers_are_not_checked_where_torch_cannot_be_imported(tmp_path):
     """A submitting machine without torch sends the spec as it is; the cluster checks the layers."""
     import copy
-    import subprocess
-    import sys
 
     data = copy.deepcopy(GOOD)
     data["config"].update(layers=["layer9"])
     path = write(tmp_path, data)
     code = ("import sys; sys.modules['torch'] = None; from jobs.specs import load_spec; "
             "print(load_spec(sys.argv[1])[1].layers)")
-    out = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=120,
-                         cwd=Path(__file__).resolve().parent.parent)
+    out = _fresh_python(code, path)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["['layer9']"], out.stdout
     with pytest.raises(ConfigError, match=r"resnet18 has no layer 'layer9'"):  # where torch is, it is checked
@@ -365,14 +372,10 @@ def test_layers_are_not_checked_where_torch_cannot_be_imported(tmp_path):
 
 def test_model_check_is_cheap_for_torchvision_names(tmp_path):
     """A torchvision name is found without importing torchvision or timm (seconds each)."""
-    import subprocess
-    import sys
-
     path = write(tmp_path, GOOD)
     code = ("import sys; from jobs.specs import load_spec; load_spec(sys.argv[1]); "
             "print('torchvision' in sys.modules, 'timm' in sys.modules)")
-    out = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=120,
-                         cwd=Path(__file__).resolve().parent.parent)
+    out = _fresh_python(code, path)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["False", "False"], out.stdout
 

@@ -26,6 +26,18 @@ def _store(tmp_path, compression=None, layers=("f",)):
     return str(tmp_path / "st"), feats, labels, ids
 
 
+def _running_store(tmp_path, ids: list[str]):
+    """A store of 8 rows in two committed shards of 4, not yet finalized: (plan, writer)."""
+    plan = Plan(ids, np.array([0, 1] * 4), ["a", "b"], 4)
+    w = StoreWriter(str(tmp_path / "st"), {"model": "m"}, plan.label_names)
+    w.write_plan(plan)
+    for k in (0, 1):
+        with ShardWriter(w.uri, k, plan.label_names) as sw:
+            sw.append(plan.shard(k).ids, plan.shard(k).labels, {"f": np.ones((4, 2), np.float32)})
+            sw.commit()
+    return plan, w
+
+
 def _flip_in_chunk(path, dataset: str, at: int = 0) -> None:
     """Flip one bit of the byte `at` bytes into the first stored chunk of `dataset`."""
     with h5py.File(path, "r") as f:
@@ -97,13 +109,7 @@ def test_a_damaged_ids_chunk_or_id_string_is_named_by_verify(tmp_path):
 
 
 def test_a_running_stores_shard_ids_are_checked_against_their_sidecar(tmp_path):
-    plan = Plan([f"/data/i{i:03d}.jpg" for i in range(8)], np.array([0, 1] * 4), ["a", "b"], 4)
-    w = StoreWriter(str(tmp_path / "st"), {"model": "m"}, plan.label_names)
-    w.write_plan(plan)
-    for k in (0, 1):
-        with ShardWriter(w.uri, k, plan.label_names) as sw:
-            sw.append(plan.shard(k).ids, plan.shard(k).labels, {"f": np.ones((4, 2), np.float32)})
-            sw.commit()
+    plan, w = _running_store(tmp_path, [f"/data/i{i:03d}.jpg" for i in range(8)])
     _flip_text(tmp_path / "st" / "shards" / "shard-00001.h5", "/data/i005.jpg", at=8)
     rep = verify(w.uri)
     assert rep.damaged_shards == ["shards/shard-00001.h5"]
@@ -128,13 +134,7 @@ def test_a_damaged_features_chunk_is_named_with_its_layer_and_rows(tmp_path, com
 def test_damage_recorded_into_store_json_is_still_found(tmp_path):
     """A shard whose sidecar was lost is described from the file as it is now (its sha256
     included): verify still finds a damaged chunk in it, by reading the chunks."""
-    plan = Plan([f"i{i}" for i in range(8)], np.array([0, 1] * 4), ["a", "b"], 4)
-    w = StoreWriter(str(tmp_path / "st"), {"model": "m"}, plan.label_names)
-    w.write_plan(plan)
-    for k in (0, 1):
-        with ShardWriter(w.uri, k, plan.label_names) as sw:
-            sw.append(plan.shard(k).ids, plan.shard(k).labels, {"f": np.ones((4, 2), np.float32)})
-            sw.commit()
+    plan, w = _running_store(tmp_path, [f"i{i}" for i in range(8)])
     _flip_in_chunk(tmp_path / "st" / "shards" / "shard-00001.h5", "labels", at=0)
     _flip_in_chunk(tmp_path / "st" / "shards" / "shard-00001.h5", "layers/f", at=0)
     os.remove(tmp_path / "st" / "shards" / "shard-00001.json")
