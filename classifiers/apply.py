@@ -108,7 +108,7 @@ def head_weights(head: Head, weights: str | None = None) -> str:
     from .persist import HeadFileError
 
     w = str(head.store_config.get("weights", "DEFAULT"))
-    recipe = split_recipe(w)[1]
+    recipe = _file_head_recipe(head) if is_file_spec(w) else None
     if weights is not None and not is_file_spec(str(weights)):  # an enum name, tag, named source or none
         if str(weights).strip().lower() == w.strip().lower():
             return w  # the head's own weights: harmless
@@ -132,7 +132,43 @@ def head_weights(head: Head, weights: str | None = None) -> str:
     if "://" not in w and is_file_spec(w) and not os.path.isfile(os.path.expanduser(split_recipe(w)[0])):
         raise HeadFileError(f"{head.path or 'head'}: the backbone weights file it was trained with is missing: {w}; "
                             "pass --weights PATH (weights= in Python) to point at a copy of it")
+    if recipe and split_recipe(w)[1] is None:  # a plain file recorded by an older version with another recipe
+        return f"{w}#{recipe}"
     return w
+
+
+def _file_head_recipe(head: Head) -> str | None:
+    """The recipe a head trained on a weights file was made with, by name; None for the file default.
+
+    FILE#RECIPE names it. A plain FILE means the file default (IMAGENET1K_V1) since that rule came in,
+    but heads saved before it recorded a plain torchvision file with the DEFAULT recipe (mobilenet_v2,
+    resnet50: IMAGENET1K_V2, resize 232): the recorded preprocessing tells which recipe it was."""
+    from featurestore.weights import split_recipe
+
+    cfg = head.store_config
+    named = split_recipe(str(cfg.get("weights", "")))[1]
+    if named:
+        return named
+    model, pre = str(cfg.get("model", "")), cfg.get("preprocessing")
+    if not model or model.startswith("timm:") or not isinstance(pre, dict):
+        return None  # timm files always had timm's default config
+    from torchvision.models import get_model_weights
+
+    from featurestore.backbones import _tv_preprocessing, file_recipe
+
+    try:
+        default = file_recipe(model, None)
+        members = [default] + [m for m in get_model_weights(model) if m is not default]
+        size = pre.get("input_size")
+        for m in members:
+            made = _tv_preprocessing(m, pre.get("crop", "center"), pre.get("decode", "draft"))
+            if size:
+                made = made.with_input_size(int(size[0]))
+            if made.to_dict() == {**made.to_dict(), **pre}:
+                return None if m is default else m.name
+    except (ValueError, KeyError, TypeError):  # not a torchvision model (or a recorded value unlike any)
+        return None
+    return None  # no recipe gives the recorded preprocessing: the rebuilt backbone's check says how it differs
 
 
 def _recipe_of_named(w: str) -> str | None:
@@ -202,7 +238,7 @@ def _other_recipe(head: Head, weights: str | None, bb, exc: HeadConfigMismatch) 
         return None
     path, asked = split_recipe(str(weights))
     # the ids name the recipe as the backbone resolved it (#DEFAULT -> #IMAGENET1K_V2; the file default: none)
-    trained = split_recipe(w)[1] if is_file_spec(w) else _recipe_of_named(w)
+    trained = _file_head_recipe(head) if is_file_spec(w) else _recipe_of_named(w)
     got = split_recipe(str(bb.weights_id))[1]
     if asked is None or trained == got or not any(d.startswith("preprocessing") for d in exc.differences):
         return None
@@ -212,6 +248,8 @@ def _other_recipe(head: Head, weights: str | None, bb, exc: HeadConfigMismatch) 
                        "default recipe of a weights file")
     if trained:
         name += " recipe"
+        if is_file_spec(w) and split_recipe(w)[1] is None:  # a plain file that an older version read otherwise
+            name += " (an older version's default for a plain weights file)"
     others = [d for d in exc.differences if not d.startswith("preprocessing")]
     return HeadConfigMismatch(
         f"--weights {weights}: {head.path or 'the head'} was trained with the {name}, not #{asked}; drop the "
