@@ -67,12 +67,13 @@ def evaluate(head, store, out: str | None = None, *, batch_size: int = 4096, sto
 
 def predict(head, store, out: str | None = None, *, batch_size: int = 4096, storage_options=None):
     """Predictions for every row of a store as a pyarrow Table (id, label, predicted, predicted_label,
-    probabilities, prob_<class>...); written to Parquet when `out` is given."""
+    probabilities, prob_<class>...); written when `out` is given: CSV for a .csv name (without the
+    probabilities list, which the prob_<class> columns hold), else Parquet."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     from .fit import _open
 
+    fmt = None if out is None else _table_format(str(out))
     h = as_head(head)
     reader = _open(store, storage_options)
     h.check_compatible(reader)
@@ -91,10 +92,37 @@ def predict(head, store, out: str | None = None, *, batch_size: int = 4096, stor
         cols[f"prob_{n}"] = pa.array(proba[:, i].astype(np.float32))
     table = pa.table(cols)
     if out is not None:
-        parent = os.path.dirname(os.path.abspath(out))
-        os.makedirs(parent, exist_ok=True)
-        pq.write_table(table, out)
+        _write_table(table, str(out), fmt)
     return table
+
+
+def _table_format(out: str) -> str:
+    """csv or parquet by the file name; a name of another format is refused before any work, as
+    Parquet bytes in a file named .json (what predict wrote before) mislead every reader."""
+    from .heads import HeadError
+
+    ext = os.path.splitext(out.rstrip("/"))[1].lower()
+    if ext == ".csv":
+        return "csv"
+    if ext in ("", ".parquet", ".pq", ".parq"):
+        return "parquet"
+    raise HeadError(f"--out {out}: predictions are written as Parquet (.parquet) or CSV (.csv), not {ext}; "
+                    "name the file with one of those")
+
+
+def _write_table(table, out: str, fmt: str) -> None:
+    """Write through a Python file, so a failure is an OSError naming `out` (pyarrow's own name no errno)."""
+    import pyarrow.csv as pcsv
+    import pyarrow.parquet as pq
+
+    from .core import writing
+
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with writing(out), open(out, "wb") as f:
+        if fmt == "csv":
+            pcsv.write_csv(table.drop_columns(["probabilities"]), f)
+        else:
+            pq.write_table(table, f)
 
 
 def head_weights(head: Head, weights: str | None = None) -> str:

@@ -15,7 +15,7 @@ import os
 import time
 from typing import Any
 
-from .core import Head
+from .core import Head, writing
 
 FORMAT = "featurestore-head"
 VERSION = 1
@@ -99,9 +99,10 @@ def save_head(head: Head, path: str) -> str:
     if untrusted:  # would not load again: refuse now rather than at load time
         raise HeadFileError(f"cannot save: the model holds types outside the trusted list: {', '.join(sorted(untrusted))}")
     tmp = os.path.join(path, f".{MODEL_FILE}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, os.path.join(path, MODEL_FILE))
+    with writing(os.path.join(path, MODEL_FILE)):
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, os.path.join(path, MODEL_FILE))
     meta = {
         "format": FORMAT, "version": VERSION, "kind": head.kind, "layer": head.layer,
         "label_names": list(head.label_names), "feature_shape": list(head.feature_shape),
@@ -112,9 +113,10 @@ def save_head(head: Head, path: str) -> str:
         "saved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "libraries": _versions(),
     }
     tmp = os.path.join(path, f".{META_FILE}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(meta, f, indent=2, default=str)
-    os.replace(tmp, os.path.join(path, META_FILE))
+    with writing(os.path.join(path, META_FILE)):
+        with open(tmp, "w") as f:
+            json.dump(meta, f, indent=2, default=str)
+        os.replace(tmp, os.path.join(path, META_FILE))
     head.path = str(path)
     return str(path)
 

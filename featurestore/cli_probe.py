@@ -86,19 +86,23 @@ def probe(source, config_path, **flags):
     except ConfigError as exc:
         raise click.UsageError(str(exc))
     from classifiers.heads import HeadError
-    from featurestore.engine import ExtractError
+    from featurestore.engine import ClusterUnreachable, ExtractError
     from featurestore.weights import WeightsError
 
     try:
         result = run_probe(cfg)
-    except (ProbeError, ExtractError, HeadError, WeightsError) as exc:  # HeadError: a class too small to train on
+    # HeadError: a class too small to train on
+    except (ProbeError, ExtractError, HeadError, WeightsError, ClusterUnreachable) as exc:
         click.echo(f"featurestore probe: {exc}", err=True)
         sys.exit(1 if isinstance(exc, (ProbeExtractionError, ExtractError)) else 2)
-    except OSError as exc:
-        from featurestore.cli import os_error_message
+    except OSError as exc:  # said with the path it names: reading SOURCE or writing --out; else a traceback
+        from classifiers.cli import os_error_exception
 
-        click.echo(f"featurestore probe: {os_error_message(exc)}", err=True)
-        sys.exit(2)
+        said = os_error_exception(exc, {"SOURCE": cfg.source}, {"--out": cfg.out})
+        if said is None:
+            raise
+        click.echo(f"featurestore probe: {said.message}", err=True)
+        sys.exit(said.exit_code)
     click.echo(result.table(), nl=False)
     if not cfg.quiet:
         best = result.best()

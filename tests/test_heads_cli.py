@@ -55,7 +55,9 @@ def test_streaming_flag_and_errors(tmp_path):
     r = CliRunner().invoke(main, ["train", store, "--out", str(tmp_path / "a-file")])
     assert r.exit_code == 2 and "a-file: a file, not a folder; choose a folder for the head" in r.output, r.output
     r = CliRunner().invoke(main, ["predict", head, store, "--out", str(tmp_path / "a-file" / "p.parquet")])
-    assert r.exit_code == 2 and "a-file: file exists; choose another path" in r.output, r.output
+    assert r.exit_code == 2, r.output
+    assert (f"Error: --out {tmp_path / 'a-file' / 'p.parquet'}: cannot write {tmp_path / 'a-file'}: a file, not a "
+            "folder; choose another path") in r.output, r.output
 
 
 def test_export_command(tmp_path):
@@ -117,3 +119,71 @@ def test_bad_input_is_one_line_and_a_bug_keeps_its_traceback(tmp_path, monkeypat
     monkeypatch.setattr(fit, "train", broken)
     r = CliRunner().invoke(main, ["train", store, "--out", head])
     assert r.exit_code == 1 and isinstance(r.exception, KeyError), r.output
+
+
+def test_predict_writes_csv_for_a_csv_name_and_refuses_other_names(tmp_path):
+    """--out p.csv is CSV (the prob_<class> columns, no list column), not Parquet bytes under a .csv name;
+    a name of another format is refused before any work."""
+    import pyarrow.csv as pcsv
+    import pyarrow.parquet as pq
+
+    store, head = _store(tmp_path / "s"), str(tmp_path / "h")
+    assert CliRunner().invoke(main, ["train", store, "--cv", "3", "--out", head]).exit_code == 0
+    r = CliRunner().invoke(main, ["predict", head, store, "--out", str(tmp_path / "p.csv")])
+    assert r.exit_code == 0, r.output
+    got = pcsv.read_csv(tmp_path / "p.csv")
+    want = pq.read_table(_predict_parquet(tmp_path, head, store))
+    assert got.column_names == [c for c in want.column_names if c != "probabilities"]
+    assert got["predicted_label"].to_pylist() == want["predicted_label"].to_pylist()
+    assert np.allclose(got["prob_pos"].to_numpy(), want["prob_pos"].to_numpy(), atol=1e-6)
+    r = CliRunner().invoke(main, ["predict", head, store, "--out", str(tmp_path / "p.json")])
+    assert r.exit_code == 2, r.output
+    assert r.output.strip() == (f"Error: --out {tmp_path / 'p.json'}: predictions are written as Parquet (.parquet) "
+                                "or CSV (.csv), not .json; name the file with one of those")
+    assert not (tmp_path / "p.json").exists()
+
+
+def _predict_parquet(tmp_path, head, store):
+    out = tmp_path / "p.parquet"
+    assert CliRunner().invoke(main, ["predict", head, store, "--out", str(out)]).exit_code == 0
+    return out
+
+
+def test_a_full_disk_while_writing_is_said_as_such_not_blamed_on_the_input(tmp_path):
+    """ENOSPC (real: /dev/full) while writing predictions or a head names the file being written, says the
+    disk is full and exits 1 (a failure), not 2 with 'choose another path' as for a bad path."""
+    import os
+
+    store, head = _store(tmp_path / "s"), tmp_path / "h"
+    assert CliRunner().invoke(main, ["train", store, "--cv", "3", "--out", str(head)]).exit_code == 0
+    r = CliRunner().invoke(main, ["predict", str(head), store, "--out", "/dev/full"])
+    assert r.exit_code == 1, r.output
+    assert r.output.strip() == ("Error: --out /dev/full: cannot write /dev/full: no space left on device; free some "
+                                "space there, or choose a path on another disk")
+    os.symlink("/dev/full", head / ".model.skops.tmp")  # the head's model file lands on a full device
+    r = CliRunner().invoke(main, ["train", store, "--cv", "3", "--out", str(head)])
+    assert r.exit_code == 1, r.output
+    assert r.output.strip().splitlines()[-1] == (
+        f"Error: --out {head}: cannot write {head / 'model.skops'}: no space left on device; free some space "
+        "there, or choose a path on another disk")
+
+
+def test_an_os_error_about_no_argument_keeps_its_traceback(tmp_path):
+    """Only an OSError naming a path given to the command is said in one line: any other (a library's
+    cache, a temporary folder) is not the input's fault, and os_error_exception leaves it alone."""
+    import click
+
+    from classifiers.cli import os_error_exception
+    from featurestore.cli import Refused
+
+    out = str(tmp_path / "h")
+    reads, writes = {"STORE": str(tmp_path / "s")}, {"--out": out}
+    assert os_error_exception(PermissionError(13, "Permission denied", "/var/cache/x"), reads, writes) is None
+    assert os_error_exception(OSError(28, "No space left on device"), reads, writes) is None
+    said = os_error_exception(PermissionError(13, "Permission denied", str(tmp_path / "s" / "store.json")),
+                              reads, writes)
+    assert isinstance(said, Refused) and said.message == (
+        f"STORE {tmp_path / 's'}: cannot read {tmp_path / 's' / 'store.json'}: permission denied")
+    said = os_error_exception(OSError(5, "Input/output error", out), reads, writes)
+    assert type(said) is click.ClickException and said.exit_code == 1
+    assert said.message == f"--out {out}: cannot write {out}: input/output error"

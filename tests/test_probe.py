@@ -248,7 +248,9 @@ def test_an_output_that_is_a_file_is_refused_in_one_line(images, tmp_path):
     (tmp_path / "a-file").write_text("x")
     res = CliRunner().invoke(main, ["probe", str(images), "--models", "resnet18@none", "--out",
                                     str(tmp_path / "a-file")])
-    assert res.exit_code == 2 and "a-file: file exists; choose another path" in res.output, res.output
+    assert res.exit_code == 2, res.output
+    assert (f"featurestore probe: --out {tmp_path / 'a-file'}: cannot write {tmp_path / 'a-file'}: a file, not a "
+            "folder; choose another path") in res.output, res.output
 
 
 def test_empty_or_unlabeled_source_is_refused(tmp_path):
