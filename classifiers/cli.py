@@ -115,6 +115,9 @@ def _summary(rep: dict) -> str:
               help="Sweep values, repeatable: C=0.01,0.1,1,10; gamma=scale,0.001 (svm); alpha=1e-5,1e-4 (sgd).")
 @click.option("--cv", type=int, default=5, show_default=True, help="Cross-validation folds on the training part.")
 @click.option("--class-weight", type=click.Choice(["balanced"]), default=None, help="Weight classes inversely to their frequency.")
+@click.option("--scoring", default=None, metavar="NAME",
+              help="What the sweep maximises: a scikit-learn scorer name (accuracy, balanced_accuracy, f1_macro, "
+                   "...). Default: balanced_accuracy with --class-weight, else accuracy.")
 @click.option("--test-size", type=float, default=0.25, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--split", "split_file", default=None, metavar="FILE",
@@ -134,13 +137,13 @@ def _summary(rep: dict) -> str:
 @click.option("--out", required=True, help="Head directory to write (head.json, model.skops, report.*).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @_errors(reads=("store", "split_file"))
-def train(store, kind, layer, grid, cv, class_weight, test_size, seed, split_file, split_column, l2, loss,
+def train(store, kind, layer, grid, cv, class_weight, scoring, test_size, seed, split_file, split_column, l2, loss,
           memory_budget, batch_size, epochs, n_jobs, address, out, as_json):
     """Train a head on STORE, sweep hyperparameters by CV on the training part, report on the test part."""
     from .fit import train as _train
 
     h = _train(store, head=kind, layer=layer, grid=list(grid) or None, cv=cv, class_weight=class_weight,
-               test_size=test_size, seed=seed, out=out, l2=l2, loss=loss, split=split_file,
+               scoring=scoring, test_size=test_size, seed=seed, out=out, l2=l2, loss=loss, split=split_file,
                split_column=split_column, memory_budget=_bytes(memory_budget), n_jobs=n_jobs, address=address,
                batch_size=batch_size, epochs=epochs)
     if as_json:
@@ -149,7 +152,14 @@ def train(store, kind, layer, grid, cv, class_weight, test_size, seed, split_fil
     click.echo(f"{h.describe()} -> {out}")
     click.echo(f"training path: {h.report.get('path')}; split: {h.report.get('split')}")
     click.echo(f"test: {_summary(h.report)}")
+    _per_class(h.report)
     click.echo(f"report: {out}/report.md")
+
+
+def _per_class(rep: dict) -> None:
+    """Each class's precision and recall: with imbalanced classes the summary can hide a class the head misses."""
+    for name, m in rep.get("per_class", {}).items():
+        click.echo(f"  {name}: precision {m['precision']:.3f} recall {m['recall']:.3f} f1 {m['f1']:.3f} (n={m['support']})")
 
 
 def _bytes(text):
@@ -180,8 +190,7 @@ def evaluate(head, store, out, as_json):
         click.echo(json.dumps(rep, indent=2, default=str))
         return
     click.echo(_summary(rep))
-    for name, m in rep.get("per_class", {}).items():
-        click.echo(f"  {name}: precision {m['precision']:.3f} recall {m['recall']:.3f} f1 {m['f1']:.3f} (n={m['support']})")
+    _per_class(rep)
     if out:
         click.echo(f"report: {out}/report.md")
 

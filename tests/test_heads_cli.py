@@ -187,3 +187,27 @@ def test_an_os_error_about_no_argument_keeps_its_traceback(tmp_path):
     said = os_error_exception(OSError(5, "Input/output error", out), reads, writes)
     assert type(said) is click.ClickException and said.exit_code == 1
     assert said.message == f"--out {out}: cannot write {out}: input/output error"
+
+
+def test_train_scoring_and_per_class_lines(tmp_path):
+    """--scoring picks what the sweep maximises (f1_macro on imbalanced classes, as the Python API and
+    job specs allow), train prints each class's recall, and a name scikit-learn lacks is refused first."""
+    rng = np.random.default_rng(1)
+    y = (np.arange(160) % 4 == 0).astype(int)  # 1 positive in 4
+    X = rng.normal(size=(160, 8)).astype(np.float32)
+    X[:, 0] += 1.5 * y
+    store = str(tmp_path / "s")
+    write_store(store, {"avgpool": X}, y, ["neg", "pos"], config=CFG)
+    r = CliRunner().invoke(main, ["train", store, "--scoring", "f1_macro", "--cv", "3", "--out", str(tmp_path / "h")])
+    assert r.exit_code == 0, r.output
+    rep = json.loads((tmp_path / "h" / "report.json").read_text())
+    assert rep["sweep_scoring"] == "f1_macro"
+    assert "## Sweep (f1_macro, 3-fold CV" in (tmp_path / "h" / "report.md").read_text()
+    for name in ("neg", "pos"):
+        m = rep["per_class"][name]
+        assert f"  {name}: precision {m['precision']:.3f} recall {m['recall']:.3f}" in r.output, r.output
+    r = CliRunner().invoke(main, ["train", store, "--scoring", "acuracy", "--out", str(tmp_path / "h2")])
+    assert r.exit_code == 2, r.output
+    assert r.output.strip() == ("Error: scoring 'acuracy' is not a scikit-learn scorer name; e.g. accuracy, "
+                                "balanced_accuracy, f1_macro (all: sklearn.metrics.get_scorer_names())")
+    assert not (tmp_path / "h2").exists()
