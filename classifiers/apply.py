@@ -49,9 +49,12 @@ def _labels_in_head_ids(head: Head, reader) -> np.ndarray:
 
 def evaluate(head, store, out: str | None = None, *, batch_size: int = 4096, storage_options=None) -> dict:
     """Report (accuracy, balanced accuracy, per class, confusion matrix) on every labeled row of a store."""
-    from .report import compute_report, write_report
     from .fit import _open
+    from .persist import check_report_out
+    from .report import compute_report, write_report
 
+    if out is not None:
+        check_report_out(str(out))
     h = as_head(head)
     reader = _open(store, storage_options)
     h.check_compatible(reader)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -152,13 +153,20 @@ def _predict_parquet(tmp_path, head, store):
 def test_a_full_disk_while_writing_is_said_as_such_not_blamed_on_the_input(tmp_path):
     """ENOSPC (real: /dev/full) while writing predictions or a head names the file being written, says the
     disk is full and exits 1 (a failure), not 2 with 'choose another path' as for a bad path."""
-    import os
+    import stat
 
+    import pytest
+
+    if not os.path.exists("/dev/full") or not stat.S_ISCHR(os.stat("/dev/full").st_mode):
+        pytest.skip("no /dev/full here")
     store, head = _store(tmp_path / "s"), tmp_path / "h"
     assert CliRunner().invoke(main, ["train", store, "--cv", "3", "--out", str(head)]).exit_code == 0
-    r = CliRunner().invoke(main, ["predict", str(head), store, "--out", "/dev/full"])
+    full = tmp_path / "p.parquet"
+    # a link, never /dev/full itself: pyarrow's write_table, which predict used, deletes its target on failure
+    os.symlink("/dev/full", full)
+    r = CliRunner().invoke(main, ["predict", str(head), store, "--out", str(full)])
     assert r.exit_code == 1, r.output
-    assert r.output.strip() == ("Error: --out /dev/full: cannot write /dev/full: no space left on device; free some "
+    assert r.output.strip() == (f"Error: --out {full}: cannot write {full}: no space left on device; free some "
                                 "space there, or choose a path on another disk")
     os.symlink("/dev/full", head / ".model.skops.tmp")  # the head's model file lands on a full device
     r = CliRunner().invoke(main, ["train", store, "--cv", "3", "--out", str(head)])
@@ -211,3 +219,27 @@ def test_train_scoring_and_per_class_lines(tmp_path):
     assert r.output.strip() == ("Error: scoring 'acuracy' is not a scikit-learn scorer name; e.g. accuracy, "
                                 "balanced_accuracy, f1_macro (all: sklearn.metrics.get_scorer_names())")
     assert not (tmp_path / "h2").exists()
+
+
+def test_reports_and_heads_stay_out_of_stores_and_other_heads(tmp_path):
+    """evaluate --out into a head folder would replace the head's own test report (loaded as head.report),
+    into a store it would litter the store; a head inside a store would go with the store's --overwrite."""
+    store, head = _store(tmp_path / "s"), tmp_path / "h"
+    assert CliRunner().invoke(main, ["train", store, "--cv", "3", "--out", str(head)]).exit_code == 0
+    before = (head / "report.json").read_text()
+    for out, said in ((head, f"--out {head}: a head folder; its own report (of its test part) would be replaced: "
+                             "choose another folder for this report"),
+                      (tmp_path / "s", f"--out {tmp_path / 's'}: a feature store; choose a folder outside it for the "
+                                       "report"),
+                      (tmp_path / "s" / "r", f"--out {tmp_path / 's' / 'r'}: inside the feature store "
+                                             f"{tmp_path / 's'}; choose a folder outside it for the report")):
+        r = CliRunner().invoke(main, ["evaluate", str(head), store, "--out", str(out)])
+        assert r.exit_code == 2 and r.output.strip() == f"Error: {said}", r.output
+    assert (head / "report.json").read_text() == before
+    assert not {"report.json", "report.md", "r"} & set(os.listdir(tmp_path / "s"))
+    r = CliRunner().invoke(main, ["train", store, "--out", str(tmp_path / "s" / "h")])
+    assert r.exit_code == 2, r.output
+    assert r.output.strip() == (f"Error: --out {tmp_path / 's' / 'h'}: inside the feature store {tmp_path / 's'}; "
+                                "choose a folder outside it")
+    r = CliRunner().invoke(main, ["evaluate", str(head), store, "--out", str(tmp_path / "reports" / "x")])
+    assert r.exit_code == 0 and (tmp_path / "reports" / "x" / "report.md").is_file(), r.output
