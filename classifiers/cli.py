@@ -44,7 +44,7 @@ def os_error_exception(exc: OSError, reads: dict[str, str | None], writes: dict[
         for label, arg in args.items():
             if arg is None or not _related(path, str(arg)):
                 continue
-            reason = exc.strerror.lower()
+            reason = exc.strerror[:1].lower() + exc.strerror[1:]  # "Permission denied" -> "permission denied"
             if exc.errno in (errno.EEXIST, errno.ENOTDIR) and os.path.isfile(path):
                 reason = "a file, not a folder"
             where = f"{label} {arg}: cannot {verb} {path}: {reason}"

@@ -110,6 +110,11 @@ def test_bad_input_is_one_line_and_a_bug_keeps_its_traceback(tmp_path, monkeypat
     r = CliRunner().invoke(main, ["train", store, "--split", str(garbage), "--out", head])
     assert r.exit_code == 2 and r.output.startswith(f"Error: --split {garbage}: "), r.output
     assert "Traceback" not in r.output
+    missing = tmp_path / "missing.csv"
+    r = CliRunner().invoke(main, ["train", store, "--split", str(missing), "--out", head])
+    assert r.exit_code == 2, r.output
+    assert r.output.strip() == (f"Error: --split {missing}: cannot read {missing}: no such file (a CSV/Parquet file "
+                                "with columns id and split)")
     (tmp_path / "ok.csv").write_text("id,split\n" + "".join(f"{i},maybe\n" for i in range(3)))
     r = CliRunner().invoke(main, ["train", store, "--split", str(tmp_path / "ok.csv"), "--out", head])
     assert r.exit_code == 2 and "split values must be train or test; found 'maybe'" in r.output, r.output
