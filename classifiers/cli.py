@@ -37,6 +37,8 @@ def os_error_exception(exc: OSError, reads: dict[str, str | None], writes: dict[
     from featurestore.cli import Refused
 
     path = exc.filename if exc.filename is not None else exc.filename2
+    if isinstance(exc, FileNotFoundError) and path is None and exc.errno is None:
+        return Refused(str(exc))  # our own message for a missing input (sources: "SRC: no such folder ...")
     if path is None or not exc.strerror:
         return None
     path = str(path)

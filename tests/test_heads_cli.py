@@ -193,6 +193,8 @@ def test_an_os_error_about_no_argument_keeps_its_traceback(tmp_path):
     reads, writes = {"STORE": str(tmp_path / "s")}, {"--out": out}
     assert os_error_exception(PermissionError(13, "Permission denied", "/var/cache/x"), reads, writes) is None
     assert os_error_exception(OSError(28, "No space left on device"), reads, writes) is None
+    said = os_error_exception(FileNotFoundError("src: no such folder; pass a folder per class"), reads, writes)
+    assert isinstance(said, Refused) and said.message == "src: no such folder; pass a folder per class"
     said = os_error_exception(PermissionError(13, "Permission denied", str(tmp_path / "s" / "store.json")),
                               reads, writes)
     assert isinstance(said, Refused) and said.message == (
