@@ -49,9 +49,12 @@ def _labels_in_head_ids(head: Head, reader) -> np.ndarray:
 
 def evaluate(head, store, out: str | None = None, *, batch_size: int = 4096, storage_options=None) -> dict:
     """Report (accuracy, balanced accuracy, per class, confusion matrix) on every labeled row of a store."""
-    from .report import compute_report, write_report
     from .fit import _open
+    from .persist import check_report_out
+    from .report import compute_report, write_report
 
+    if out is not None:
+        check_report_out(str(out))
     h = as_head(head)
     reader = _open(store, storage_options)
     h.check_compatible(reader)
@@ -67,12 +70,13 @@ def evaluate(head, store, out: str | None = None, *, batch_size: int = 4096, sto
 
 def predict(head, store, out: str | None = None, *, batch_size: int = 4096, storage_options=None):
     """Predictions for every row of a store as a pyarrow Table (id, label, predicted, predicted_label,
-    probabilities, prob_<class>...); written to Parquet when `out` is given."""
+    probabilities, prob_<class>...); written when `out` is given: CSV for a .csv name (without the
+    probabilities list, which the prob_<class> columns hold), else Parquet."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     from .fit import _open
 
+    fmt = None if out is None else _table_format(str(out))
     h = as_head(head)
     reader = _open(store, storage_options)
     h.check_compatible(reader)
@@ -91,10 +95,37 @@ def predict(head, store, out: str | None = None, *, batch_size: int = 4096, stor
         cols[f"prob_{n}"] = pa.array(proba[:, i].astype(np.float32))
     table = pa.table(cols)
     if out is not None:
-        parent = os.path.dirname(os.path.abspath(out))
-        os.makedirs(parent, exist_ok=True)
-        pq.write_table(table, out)
+        _write_table(table, str(out), fmt)
     return table
+
+
+def _table_format(out: str) -> str:
+    """csv or parquet by the file name; a name of another format is refused before any work, as
+    Parquet bytes in a file named .json (what predict wrote before) mislead every reader."""
+    from .heads import HeadError
+
+    ext = os.path.splitext(out.rstrip("/"))[1].lower()
+    if ext == ".csv":
+        return "csv"
+    if ext in ("", ".parquet", ".pq", ".parq"):
+        return "parquet"
+    raise HeadError(f"--out {out}: predictions are written as Parquet (.parquet) or CSV (.csv), not {ext}; "
+                    "name the file with one of those")
+
+
+def _write_table(table, out: str, fmt: str) -> None:
+    """Write through a Python file, so a failure is an OSError naming `out` (pyarrow's own name no errno)."""
+    import pyarrow.csv as pcsv
+    import pyarrow.parquet as pq
+
+    from .core import writing
+
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with writing(out), open(out, "wb") as f:
+        if fmt == "csv":
+            pcsv.write_csv(table.drop_columns(["probabilities"]), f)
+        else:
+            pq.write_table(table, f)
 
 
 def head_weights(head: Head, weights: str | None = None) -> str:
@@ -108,7 +139,7 @@ def head_weights(head: Head, weights: str | None = None) -> str:
     from .persist import HeadFileError
 
     w = str(head.store_config.get("weights", "DEFAULT"))
-    recipe = split_recipe(w)[1]
+    recipe = _file_head_recipe(head) if is_file_spec(w) else None
     if weights is not None and not is_file_spec(str(weights)):  # an enum name, tag, named source or none
         if str(weights).strip().lower() == w.strip().lower():
             return w  # the head's own weights: harmless
@@ -132,7 +163,43 @@ def head_weights(head: Head, weights: str | None = None) -> str:
     if "://" not in w and is_file_spec(w) and not os.path.isfile(os.path.expanduser(split_recipe(w)[0])):
         raise HeadFileError(f"{head.path or 'head'}: the backbone weights file it was trained with is missing: {w}; "
                             "pass --weights PATH (weights= in Python) to point at a copy of it")
+    if recipe and split_recipe(w)[1] is None:  # a plain file recorded by an older version with another recipe
+        return f"{w}#{recipe}"
     return w
+
+
+def _file_head_recipe(head: Head) -> str | None:
+    """The recipe a head trained on a weights file was made with, by name; None for the file default.
+
+    FILE#RECIPE names it. A plain FILE means the file default (IMAGENET1K_V1) since that rule came in,
+    but heads saved before it recorded a plain torchvision file with the DEFAULT recipe (mobilenet_v2,
+    resnet50: IMAGENET1K_V2, resize 232): the recorded preprocessing tells which recipe it was."""
+    from featurestore.weights import split_recipe
+
+    cfg = head.store_config
+    named = split_recipe(str(cfg.get("weights", "")))[1]
+    if named:
+        return named
+    model, pre = str(cfg.get("model", "")), cfg.get("preprocessing")
+    if not model or model.startswith("timm:") or not isinstance(pre, dict):
+        return None  # timm files always had timm's default config
+    from torchvision.models import get_model_weights
+
+    from featurestore.backbones import _tv_preprocessing, file_recipe
+
+    try:
+        default = file_recipe(model, None)
+        members = [default] + [m for m in get_model_weights(model) if m is not default]
+        size = pre.get("input_size")
+        for m in members:
+            made = _tv_preprocessing(m, pre.get("crop", "center"), pre.get("decode", "draft"))
+            if size:
+                made = made.with_input_size(int(size[0]))
+            if made.to_dict() == {**made.to_dict(), **pre}:
+                return None if m is default else m.name
+    except (ValueError, KeyError, TypeError):  # not a torchvision model (or a recorded value unlike any)
+        return None
+    return None  # no recipe gives the recorded preprocessing: the rebuilt backbone's check says how it differs
 
 
 def _recipe_of_named(w: str) -> str | None:
@@ -202,7 +269,7 @@ def _other_recipe(head: Head, weights: str | None, bb, exc: HeadConfigMismatch) 
         return None
     path, asked = split_recipe(str(weights))
     # the ids name the recipe as the backbone resolved it (#DEFAULT -> #IMAGENET1K_V2; the file default: none)
-    trained = split_recipe(w)[1] if is_file_spec(w) else _recipe_of_named(w)
+    trained = _file_head_recipe(head) if is_file_spec(w) else _recipe_of_named(w)
     got = split_recipe(str(bb.weights_id))[1]
     if asked is None or trained == got or not any(d.startswith("preprocessing") for d in exc.differences):
         return None
@@ -212,6 +279,8 @@ def _other_recipe(head: Head, weights: str | None, bb, exc: HeadConfigMismatch) 
                        "default recipe of a weights file")
     if trained:
         name += " recipe"
+        if is_file_spec(w) and split_recipe(w)[1] is None:  # a plain file that an older version read otherwise
+            name += " (an older version's default for a plain weights file)"
     others = [d for d in exc.differences if not d.startswith("preprocessing")]
     return HeadConfigMismatch(
         f"--weights {weights}: {head.path or 'the head'} was trained with the {name}, not #{asked}; drop the "

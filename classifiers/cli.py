@@ -1,39 +1,103 @@
 """CLI commands for heads: `train`, `evaluate`, `predict`, `export` (thin layers over classifiers)."""
 from __future__ import annotations
 
+import errno
 import functools
 import json
+import os
 
 import click
 
 
-def _errors(fn):
+# errnos that are about the path itself (the user picks another); others (a full disk, an I/O error)
+# are failures of the file system, said as such with exit code 1
+_PATH_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.EEXIST, errno.ENOTDIR, errno.EISDIR,
+                errno.ENOENT, errno.ENAMETOOLONG, errno.ELOOP}
+
+
+def _related(path: str, arg: str) -> bool:
+    """`path` is the argument's path, inside it, or a folder above it (the one that could not be made)."""
+    if "://" in arg or "://" in path:  # a URL; fsspec names its paths without the scheme (bucket/key)
+        a, p = arg.split("://", 1)[-1].rstrip("/"), path.split("://", 1)[-1].rstrip("/")
+        return a == p or p.startswith(a + "/") or a.startswith(p + "/")
+    a, p = os.path.abspath(os.path.expanduser(arg)), os.path.abspath(path)
+    try:
+        return os.path.commonpath([a, p]) in (a, p)
+    except ValueError:
+        return False
+
+
+def os_error_exception(exc: OSError, reads: dict[str, str | None], writes: dict[str, str | None]):
+    """The OSError as one line naming the argument it is about, the path, and whether it was being read or
+    written; None when it is about no path given to the command (a bug or the machine: keep the traceback).
+
+    reads / writes: {label (STORE, --out): the path given}. A path problem (permission, a file where a
+    folder goes) is a refusal (exit 2) saying to choose another path; a full disk or an I/O error is a
+    failure (exit 1) said as such, not blamed on the input."""
+    from featurestore.cli import Refused
+
+    path = exc.filename if exc.filename is not None else exc.filename2
+    if isinstance(exc, FileNotFoundError) and path is None and exc.errno is None:
+        return Refused(str(exc))  # our own message for a missing input (sources: "SRC: no such folder ...")
+    if path is None or not exc.strerror:
+        return None
+    path = str(path)
+    for verb, args in (("write", writes), ("read", reads)):
+        for label, arg in args.items():
+            if arg is None or not _related(path, str(arg)):
+                continue
+            reason = exc.strerror[:1].lower() + exc.strerror[1:]  # "Permission denied" -> "permission denied"
+            if exc.errno in (errno.EEXIST, errno.ENOTDIR) and os.path.isfile(path):
+                reason = "a file, not a folder"
+            where = f"{label} {arg}: cannot {verb} {path}: {reason}"
+            if exc.errno in _PATH_ERRNOS:
+                return Refused(where + ("; choose another path" if verb == "write" else ""))
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                where += "; free some space there, or choose a path on another disk"
+            return click.ClickException(where)  # exit 1: the file system failed, not the input
+    return None
+
+
+def _errors(reads: tuple[str, ...] = (), writes: tuple[str, ...] = ("out",)):
     """Known user errors become a one-line message and exit code 2, not a traceback.
 
     Only the named errors the code raises for bad input: a bare KeyError or ValueError is a bug
-    until shown otherwise, and keeps its traceback."""
+    until shown otherwise, and keeps its traceback. An OSError is said with the argument whose path it
+    names (reads / writes: the parameters holding the paths read and written); one about no argument's
+    path keeps its traceback."""
 
-    @functools.wraps(fn)
-    def wrapper(*a, **kw):
-        from featurestore.cli import Refused, os_error_message
-        from featurestore.sources import FilesystemUnavailable
-        from featurestore.store import StoreError
-        from featurestore.weights import WeightsError
-        from featurestore.zoo import UnknownLayerError, UnknownModelError
+    def decorate(fn):
+        @functools.wraps(fn)
+        def wrapper(*a, **kw):
+            from featurestore.cli import Refused
+            from featurestore.engine import ClusterUnreachable
+            from featurestore.sources import FilesystemUnavailable
+            from featurestore.store import StoreError
+            from featurestore.weights import WeightsError
+            from featurestore.zoo import UnknownLayerError, UnknownModelError
 
-        from .core import ExportError, HeadConfigMismatch
-        from .heads import HeadError
-        from .persist import HeadFileError
+            from .core import ExportError, HeadConfigMismatch
+            from .heads import HeadError
+            from .persist import HeadFileError
 
-        try:
-            return fn(*a, **kw)
-        except (HeadConfigMismatch, HeadError, HeadFileError, StoreError, FileNotFoundError, FilesystemUnavailable,
-                ExportError, WeightsError, UnknownModelError, UnknownLayerError) as exc:
-            raise Refused(str(exc)) from None
-        except OSError as exc:  # a path given that cannot be written or read (a file where a folder goes, ...)
-            raise Refused(os_error_message(exc)) from None
+            try:
+                return fn(*a, **kw)
+            except (HeadConfigMismatch, HeadError, HeadFileError, StoreError, FilesystemUnavailable,
+                    ExportError, WeightsError, UnknownModelError, UnknownLayerError, ClusterUnreachable) as exc:
+                raise Refused(str(exc)) from None
+            except OSError as exc:
+                said = os_error_exception(exc, {_LABELS.get(n, n): kw.get(n) for n in reads},
+                                          {_LABELS.get(n, n): kw.get(n) for n in writes})
+                if said is None:
+                    raise
+                raise said from None
 
-    return wrapper
+        return wrapper
+
+    return decorate
+
+
+_LABELS = {"store": "STORE", "head": "HEAD", "out": "--out", "split_file": "--split", "weights": "--weights"}
 
 
 def _summary(rep: dict) -> str:
@@ -53,6 +117,9 @@ def _summary(rep: dict) -> str:
               help="Sweep values, repeatable: C=0.01,0.1,1,10; gamma=scale,0.001 (svm); alpha=1e-5,1e-4 (sgd).")
 @click.option("--cv", type=int, default=5, show_default=True, help="Cross-validation folds on the training part.")
 @click.option("--class-weight", type=click.Choice(["balanced"]), default=None, help="Weight classes inversely to their frequency.")
+@click.option("--scoring", default=None, metavar="NAME",
+              help="What the sweep maximises: a scikit-learn scorer name (accuracy, balanced_accuracy, f1_macro, "
+                   "...). Default: balanced_accuracy with --class-weight, else accuracy.")
 @click.option("--test-size", type=float, default=0.25, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--split", "split_file", default=None, metavar="FILE",
@@ -71,14 +138,14 @@ def _summary(rep: dict) -> str:
 @click.option("--address", default=None, help="Ray cluster address: run the sweep on it via Ray's joblib backend.")
 @click.option("--out", required=True, help="Head directory to write (head.json, model.skops, report.*).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-@_errors
-def train(store, kind, layer, grid, cv, class_weight, test_size, seed, split_file, split_column, l2, loss,
+@_errors(reads=("store", "split_file"))
+def train(store, kind, layer, grid, cv, class_weight, scoring, test_size, seed, split_file, split_column, l2, loss,
           memory_budget, batch_size, epochs, n_jobs, address, out, as_json):
     """Train a head on STORE, sweep hyperparameters by CV on the training part, report on the test part."""
     from .fit import train as _train
 
     h = _train(store, head=kind, layer=layer, grid=list(grid) or None, cv=cv, class_weight=class_weight,
-               test_size=test_size, seed=seed, out=out, l2=l2, loss=loss, split=split_file,
+               scoring=scoring, test_size=test_size, seed=seed, out=out, l2=l2, loss=loss, split=split_file,
                split_column=split_column, memory_budget=_bytes(memory_budget), n_jobs=n_jobs, address=address,
                batch_size=batch_size, epochs=epochs)
     if as_json:
@@ -87,7 +154,14 @@ def train(store, kind, layer, grid, cv, class_weight, test_size, seed, split_fil
     click.echo(f"{h.describe()} -> {out}")
     click.echo(f"training path: {h.report.get('path')}; split: {h.report.get('split')}")
     click.echo(f"test: {_summary(h.report)}")
+    _per_class(h.report)
     click.echo(f"report: {out}/report.md")
+
+
+def _per_class(rep: dict) -> None:
+    """Each class's precision and recall: with imbalanced classes the summary can hide a class the head misses."""
+    for name, m in rep.get("per_class", {}).items():
+        click.echo(f"  {name}: precision {m['precision']:.3f} recall {m['recall']:.3f} f1 {m['f1']:.3f} (n={m['support']})")
 
 
 def _bytes(text):
@@ -108,7 +182,7 @@ def _bytes(text):
 @click.argument("store")
 @click.option("--out", default=None, help="Directory for report.json, report.md and confusion_matrix.png.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-@_errors
+@_errors(reads=("head", "store"))
 def evaluate(head, store, out, as_json):
     """Report HEAD's accuracy on every labeled row of STORE (same backbone configuration required)."""
     from .apply import evaluate as _evaluate
@@ -118,8 +192,7 @@ def evaluate(head, store, out, as_json):
         click.echo(json.dumps(rep, indent=2, default=str))
         return
     click.echo(_summary(rep))
-    for name, m in rep.get("per_class", {}).items():
-        click.echo(f"  {name}: precision {m['precision']:.3f} recall {m['recall']:.3f} f1 {m['f1']:.3f} (n={m['support']})")
+    _per_class(rep)
     if out:
         click.echo(f"report: {out}/report.md")
 
@@ -127,10 +200,12 @@ def evaluate(head, store, out, as_json):
 @click.command("predict")
 @click.argument("head")
 @click.argument("store")
-@click.option("--out", required=True, help="Parquet file: id, label, predicted, predicted_label, probabilities, prob_<class>.")
-@_errors
+@click.option("--out", required=True,
+              help="Parquet file (or .csv): id, label, predicted, predicted_label, probabilities (Parquet only), "
+                   "prob_<class>.")
+@_errors(reads=("head", "store"))
 def predict(head, store, out):
-    """Predict every row of STORE with HEAD into a Parquet file."""
+    """Predict every row of STORE with HEAD into a Parquet file, or a CSV file for an --out ending in .csv."""
     from .apply import predict as _predict
 
     table = _predict(head, store, out=out)
@@ -145,7 +220,7 @@ def predict(head, store, out):
               help="ONNX opset (the range the installed torch exports, 7-20 for torch 2.x).")
 @click.option("--weights", default=None, metavar="PATH",
               help="The backbone's weights file, when it is no longer where the head recorded it.")
-@_errors
+@_errors(reads=("weights",), writes=("out", "head"))  # no --out: HEAD/model.onnx
 def export(head, fmt, out, opset, weights):
     """Write backbone + HEAD as one model: preprocessed images [N,3,H,W] in, class probabilities out.
 

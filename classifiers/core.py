@@ -5,8 +5,9 @@ so it carries its store's backbone configuration and refuses any other.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -20,6 +21,18 @@ class HeadConfigMismatch(ValueError):
     def __init__(self, message: str, differences: list[str]):
         super().__init__(message)
         self.differences = differences
+
+
+@contextlib.contextmanager
+def writing(path: str) -> Iterator[None]:
+    """An OSError while writing `path` names it: a failed write() or close() (a full disk) names no
+    file, and the commands tell which path failed, and that it was being written, by the name."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.filename is not None or exc.errno is None:
+            raise
+        raise OSError(exc.errno, exc.strerror, str(path)) from exc
 
 
 def _diff(a: Any, b: Any, prefix: str) -> list[str]:

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .core import ExportArgumentError, ExportError, Head
+from .core import ExportArgumentError, ExportError, Head, writing
 
 log = logging.getLogger(__name__)
 FORMATS = ("onnx", "torchscript")
@@ -297,7 +297,7 @@ def export(head, fmt: str = "onnx", out: str | None = None, *, backbone=None, op
     x = torch.randn(batch, 3, hh, ww, generator=gen)
     tmp = _temp_beside(out)
     try:
-        with torch.no_grad(), warnings.catch_warnings():
+        with writing(out), torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # torch marks jit/legacy ONNX export as deprecated
             warnings.simplefilter("ignore", UserWarning)
             warnings.simplefilter("ignore", DeprecationWarning)

@@ -126,6 +126,14 @@ def train(store, head: str = "logreg", layer: str | None = None, grid=None, cv: 
         raise HeadError(f"n_jobs must be a whole number of parallel fits (-1: one per core), got {n_jobs!r}")
     if class_weight not in (None, "balanced") and not isinstance(class_weight, dict):
         raise HeadError(f"class_weight must be None, 'balanced' or a dict, got {class_weight!r}")
+    if scoring is not None:  # before any work; scikit-learn's own refusal is a bare ValueError mid-sweep
+        from sklearn.metrics import get_scorer
+
+        try:
+            get_scorer(scoring)
+        except (ValueError, TypeError):
+            raise HeadError(f"scoring {scoring!r} is not a scikit-learn scorer name; e.g. accuracy, "
+                            "balanced_accuracy, f1_macro (all: sklearn.metrics.get_scorer_names())") from None
     if out is not None:
         from .persist import check_out
 

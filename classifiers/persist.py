@@ -15,7 +15,7 @@ import os
 import time
 from typing import Any
 
-from .core import Head
+from .core import Head, writing
 
 FORMAT = "featurestore-head"
 VERSION = 1
@@ -45,8 +45,26 @@ def _versions() -> dict[str, Any]:
 HEAD_FILES = ("report.json", "report.md", "confusion_matrix.png", "model.onnx", "model.torchscript.pt")
 
 
+def _store_above(path: str) -> str | None:
+    """The feature store folder `path` lies in (a store.json in it or a folder above), if any."""
+    if "://" in path:
+        return None
+    p = os.path.abspath(path)
+    while True:
+        if os.path.isfile(os.path.join(p, "store.json")):
+            return p
+        parent = os.path.dirname(p)
+        if parent == p:
+            return None
+        p = parent
+
+
 def check_out(path: str, overwrite: bool = True) -> None:
-    """Refuse an output folder that is not a head's: a feature store, or a folder of other files."""
+    """Refuse an output folder that is not a head's: a feature store (or a folder inside one, which the
+    store's --overwrite would delete), or a folder of other files."""
+    store = _store_above(path)
+    if store is not None and os.path.abspath(path) != store:
+        raise HeadFileError(f"--out {path}: inside the feature store {store}; choose a folder outside it")
     if not os.path.exists(path):
         return
     if not os.path.isdir(path):
@@ -61,6 +79,20 @@ def check_out(path: str, overwrite: bool = True) -> None:
     if names:
         raise HeadFileError(f"--out {path}: exists and holds other files ({', '.join(sorted(names)[:3])}...); "
                             "choose a new or empty folder, or a head folder to replace")
+
+
+def check_report_out(path: str) -> None:
+    """Refuse a report folder where evaluate's report.json/report.md would replace another's: a head
+    folder (its training report, which the head loads as head.report) or a feature store."""
+    if os.path.isfile(path):
+        raise HeadFileError(f"--out {path}: a file, not a folder; choose a folder for the report")
+    store = _store_above(path)
+    if store is not None:
+        what = "a feature store" if os.path.abspath(path) == store else f"inside the feature store {store}"
+        raise HeadFileError(f"--out {path}: {what}; choose a folder outside it for the report")
+    if os.path.isfile(os.path.join(path, META_FILE)):
+        raise HeadFileError(f"--out {path}: a head folder; its own report (of its test part) would be replaced: "
+                            "choose another folder for this report")
 
 
 def clear_head_files(path: str) -> None:
@@ -99,9 +131,10 @@ def save_head(head: Head, path: str) -> str:
     if untrusted:  # would not load again: refuse now rather than at load time
         raise HeadFileError(f"cannot save: the model holds types outside the trusted list: {', '.join(sorted(untrusted))}")
     tmp = os.path.join(path, f".{MODEL_FILE}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, os.path.join(path, MODEL_FILE))
+    with writing(os.path.join(path, MODEL_FILE)):
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, os.path.join(path, MODEL_FILE))
     meta = {
         "format": FORMAT, "version": VERSION, "kind": head.kind, "layer": head.layer,
         "label_names": list(head.label_names), "feature_shape": list(head.feature_shape),
@@ -112,9 +145,10 @@ def save_head(head: Head, path: str) -> str:
         "saved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "libraries": _versions(),
     }
     tmp = os.path.join(path, f".{META_FILE}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(meta, f, indent=2, default=str)
-    os.replace(tmp, os.path.join(path, META_FILE))
+    with writing(os.path.join(path, META_FILE)):
+        with open(tmp, "w") as f:
+            json.dump(meta, f, indent=2, default=str)
+        os.replace(tmp, os.path.join(path, META_FILE))
     head.path = str(path)
     return str(path)
 

@@ -13,6 +13,8 @@ import numpy as np
 from sklearn.metrics import (accuracy_score, balanced_accuracy_score, confusion_matrix,
                              precision_recall_fscore_support, top_k_accuracy_score)
 
+from .core import writing
+
 
 def compute_report(y_true, proba, label_names: list[str], pred=None, **extra: Any) -> dict:
     """Metrics of probabilities `proba` (N, K) and predicted ids `pred` (default: their argmax)
@@ -45,13 +47,15 @@ def write_report(rep: dict, out_dir: str, title: str = "Head report") -> dict[st
     os.makedirs(out_dir, exist_ok=True)
     paths = {"json": os.path.join(out_dir, "report.json"), "md": os.path.join(out_dir, "report.md"),
              "png": os.path.join(out_dir, "confusion_matrix.png")}
-    with open(paths["json"], "w") as f:
+    with writing(paths["json"]), open(paths["json"], "w") as f:
         json.dump(rep, f, indent=2, default=_jsonable)
-    with open(paths["md"], "w") as f:
+    with writing(paths["md"]), open(paths["md"], "w") as f:
         f.write(to_markdown(rep, title))
     if rep.get("confusion_matrix"):
-        plot_confusion(np.array(rep["confusion_matrix"]), rep["label_names"], paths["png"],
-                       f"{title}: accuracy {rep.get('accuracy', 0):.3f}, balanced {rep.get('balanced_accuracy', 0):.3f}")
+        with writing(paths["png"]):
+            plot_confusion(np.array(rep["confusion_matrix"]), rep["label_names"], paths["png"],
+                           f"{title}: accuracy {rep.get('accuracy', 0):.3f}, "
+                           f"balanced {rep.get('balanced_accuracy', 0):.3f}")
     else:
         paths.pop("png")
     return paths

@@ -8,6 +8,7 @@ mount, or a copy on s3://.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 from pathlib import Path
 
@@ -67,7 +68,8 @@ def read_split_file(path: str, ids, id_column: str | None = None, split_column: 
 
     p = str(path)
     if not Path(p).exists():
-        raise FileNotFoundError(f"--split {p}: no such file (a CSV/Parquet file with columns id and {split_column})")
+        # the path as the error's filename: the commands name the argument it belongs to
+        raise FileNotFoundError(errno.ENOENT, f"no such file (a CSV/Parquet file with columns id and {split_column})", p)
     try:
         table = pq.read_table(p, use_threads=False) if p.lower().endswith((".parquet", ".pq")) else pcsv.read_csv(p)
     except pa.ArrowInvalid as exc:  # not CSV (or not Parquet) at all

@@ -28,7 +28,8 @@ from featurestore.config import CROPS, DTYPES, POOLINGS, PRECISIONS, ConfigError
 @click.option("--cv", type=int, help="Folds of the C sweep on the training part. Default: 5.")
 @click.option("--test-size", type=float, help="Test fraction of the stratified split. Default: 0.25.")
 @click.option("--seed", type=int, help="Seed of the split and the sample. Default: 0.")
-@click.option("--class-weight", type=click.Choice(["balanced"]), help="Weight classes (imbalanced data).")
+@click.option("--class-weight", type=click.Choice(["balanced"]),
+              help="Weight classes (imbalanced data); the rows are then ranked by balanced accuracy.")
 @click.option("--pooling", type=click.Choice(POOLINGS), help="How a layer's map becomes a vector. Default: avg.")
 @click.option("--precision", type=click.Choice(PRECISIONS), help="Forward precision. Default: fp32.")
 @click.option("--input-size", type=int, help="Override every model's input size (pixels, square).")
@@ -86,22 +87,29 @@ def probe(source, config_path, **flags):
     except ConfigError as exc:
         raise click.UsageError(str(exc))
     from classifiers.heads import HeadError
-    from featurestore.engine import ExtractError
+    from featurestore.engine import ClusterUnreachable, ExtractError
     from featurestore.weights import WeightsError
 
     try:
         result = run_probe(cfg)
-    except (ProbeError, ExtractError, HeadError, WeightsError) as exc:  # HeadError: a class too small to train on
+    # HeadError: a class too small to train on
+    except (ProbeError, ExtractError, HeadError, WeightsError, ClusterUnreachable) as exc:
         click.echo(f"featurestore probe: {exc}", err=True)
         sys.exit(1 if isinstance(exc, (ProbeExtractionError, ExtractError)) else 2)
-    except OSError as exc:
-        from featurestore.cli import os_error_message
+    except OSError as exc:  # said with the path it names: reading SOURCE or writing --out; else a traceback
+        from classifiers.cli import os_error_exception
 
-        click.echo(f"featurestore probe: {os_error_message(exc)}", err=True)
-        sys.exit(2)
+        said = os_error_exception(exc, {"SOURCE": cfg.source}, {"--out": cfg.out})
+        if said is None:
+            raise
+        click.echo(f"featurestore probe: {said.message}", err=True)
+        sys.exit(said.exit_code)
     click.echo(result.table(), nl=False)
     if not cfg.quiet:
         best = result.best()
-        click.echo(f"\nhighest accuracy: {best.model} ({best.weights}) at {best.layer}: {best.accuracy:.4f}")
+        from featurestore.probing import metric_name
+
+        click.echo(f"\nhighest {metric_name(best.ranked_by)}: {best.model} ({best.weights}) at {best.layer}: "
+                   f"{best.score:.4f}")
         click.echo("Pareto front: " + "; ".join(f"{r.model} ({r.weights}) {r.layer}" for r in result.pareto()))
         click.echo(f"wrote {result.markdown}, {result.csv}" + (f", {result.png}" if result.png else ""))

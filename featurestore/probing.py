@@ -764,15 +764,26 @@ class ProbeRow:
     reused: bool = False
     timing: str = ""
     head: str = ""
+    ranked_by: str = "accuracy"  # or balanced_accuracy (class weights: imbalanced data); set by mark_best
 
     @property
     def key(self) -> str:
         return f"{self.model}|{self.weights}|{self.layer}"
 
     @property
+    def score(self) -> float:
+        """What the rows are ranked by: accuracy, or balanced accuracy for a probe with class weights."""
+        return self.balanced_accuracy if self.ranked_by == "balanced_accuracy" else self.accuracy
+
+    @property
     def best(self) -> str:
-        tags = (["highest accuracy"] if self.best_accuracy else []) + (["Pareto"] if self.pareto else [])
+        tags = ([f"highest {metric_name(self.ranked_by)}"] if self.best_accuracy else []) + \
+            (["Pareto"] if self.pareto else [])
         return ", ".join(tags)
+
+
+def metric_name(ranked_by: str) -> str:
+    return ranked_by.replace("_", " ")
 
 
 CSV_COLUMNS = ["model", "weights", "layer", "dim", "accuracy", "balanced_accuracy", "images_per_second",
@@ -780,19 +791,23 @@ CSV_COLUMNS = ["model", "weights", "layer", "dim", "accuracy", "balanced_accurac
                "n_train", "n_test", "store", "reused", "timing", "head"]
 
 
-def mark_best(rows: list[ProbeRow]) -> None:
-    """relative_time from images/s; flag the highest accuracy and the Pareto front (accuracy up, time down)."""
+def mark_best(rows: list[ProbeRow], ranked_by: str = "accuracy") -> None:
+    """relative_time from images/s; flag the highest score and the Pareto front (score up, time down).
+
+    ranked_by: accuracy, or balanced_accuracy where classes are weighted (imbalanced data: accuracy
+    rewards a layer that predicts the majority class, and the heads' sweep already scores balanced)."""
     if not rows:
         return
     fastest = max(r.images_per_second for r in rows)
     for r in rows:
         r.relative_time = fastest / r.images_per_second if r.images_per_second > 0 else math.inf
-    top = max(r.accuracy for r in rows)
+        r.ranked_by = ranked_by
+    top = max(r.score for r in rows)
     for r in rows:
-        r.best_accuracy = r.accuracy == top
+        r.best_accuracy = r.score == top
         r.pareto = not any(
-            q is not r and q.relative_time <= r.relative_time and q.accuracy >= r.accuracy
-            and (q.relative_time < r.relative_time or q.accuracy > r.accuracy)
+            q is not r and q.relative_time <= r.relative_time and q.score >= r.score
+            and (q.relative_time < r.relative_time or q.score > r.score)
             for q in rows)
 
 
@@ -843,7 +858,7 @@ def _annotate(ax, fig, rows: list[ProbeRow]) -> None:
     spot sharing one label, and labels nudged apart vertically so that none overlap."""
     groups: dict[tuple[float, float], list[ProbeRow]] = {}
     for r in rows:
-        groups.setdefault((round(r.relative_time, 6), round(r.accuracy, 6)), []).append(r)
+        groups.setdefault((round(r.relative_time, 6), round(r.score, 6)), []).append(r)
     fig.canvas.draw()
     to_px = ax.transData.transform
     placed: list[tuple[float, float]] = []
@@ -854,7 +869,7 @@ def _annotate(ax, fig, rows: list[ProbeRow]) -> None:
         head = f"{group[0].model} ({group[0].weights}): " if pareto else ""
         text = head + ", ".join(r.layer for r in group)
         if any(r.best_accuracy for r in group):
-            text += "  [highest accuracy]"
+            text += f"  [highest {metric_name(group[0].ranked_by)}]"
         px, py = to_px((x, y))
         dy = 0.0
         for step in range(60):
@@ -869,8 +884,8 @@ def _annotate(ax, fig, rows: list[ProbeRow]) -> None:
 
 
 def plot(rows: list[ProbeRow], path_or_file, title: str = "") -> list[dict]:
-    """The seeds' figure on the user's data: test accuracy against relative extraction time, marker area
-    proportional to model size (MB), the highest accuracy and the Pareto front labelled.
+    """The seeds' figure on the user's data: test accuracy (balanced where the rows are ranked by it) against
+    relative extraction time, marker area proportional to model size (MB), the best and the Pareto front labelled.
 
     Returns the points as drawn (read back from the plotted artists), which also go into the PNG's
     text metadata under "featurestore.probe.points"."""
@@ -886,21 +901,21 @@ def plot(rows: list[ProbeRow], path_or_file, title: str = "") -> list[dict]:
     fig, ax = plt.subplots(figsize=(9, 6))
     for r in rows:
         color = cmap(backbones.index((r.model, r.weights)) % 10)
-        sc = ax.scatter([r.relative_time], [r.accuracy], s=[(r.size_mb or 0.0) * scale], color=color, alpha=0.5,
+        sc = ax.scatter([r.relative_time], [r.score], s=[(r.size_mb or 0.0) * scale], color=color, alpha=0.5,
                         edgecolors="black" if r.pareto else "none", linewidths=1.5 if r.pareto else 0, zorder=3)
         sc.set_gid("row:" + r.key)
     front = sorted((r for r in rows if r.pareto), key=lambda r: r.relative_time)
     if len(front) > 1:
-        ax.plot([r.relative_time for r in front], [r.accuracy for r in front], "--", color="grey", lw=1, zorder=2,
+        ax.plot([r.relative_time for r in front], [r.score for r in front], "--", color="grey", lw=1, zorder=2,
                 label="Pareto front")
     for i, (model, weights) in enumerate(backbones):
         ax.scatter([], [], color=cmap(i % 10), alpha=0.55, s=80, label=f"{model} ({weights})")
     ax.set_xlabel("relative extraction time per image (1 = fastest backbone on this machine)")
-    ax.set_ylabel("test accuracy")
+    ax.set_ylabel(f"test {metric_name(rows[0].ranked_by) if rows else 'accuracy'}")
     ax.set_title(title or "Backbone probe", fontsize=10)
     ax.grid(True, alpha=0.3, zorder=0)
-    lo = min(r.accuracy for r in rows)
-    ax.set_ylim(max(0.0, lo - 0.08), min(1.04, max(r.accuracy for r in rows) + 0.06))
+    lo = min(r.score for r in rows)
+    ax.set_ylim(max(0.0, lo - 0.08), min(1.04, max(r.score for r in rows) + 0.06))
     xmax = max(r.relative_time for r in rows)
     ax.set_xlim(0.8, xmax * 1.25 + 0.2)
     ax.legend(fontsize=8, loc="best", title="marker area ~ model size (MB)", title_fontsize=8)
@@ -1078,7 +1093,7 @@ def _probe(cfg: ProbeConfig, cands: list, output: _Out, source: str, listing, sa
             rows.append(row)
             say(f"  {layer}: accuracy {row.accuracy:.4f}, balanced {row.balanced_accuracy:.4f} "
                 f"(dim {row.dim}, C={row.C}), {row.images_per_second:.1f} images/s")
-    mark_best(rows)
+    mark_best(rows, "balanced_accuracy" if cfg.class_weight is not None else "accuracy")
 
     title = (f"Probe on {os.path.basename(source.rstrip('/'))}: {len(listing.ids)} images, "
              f"{len(listing.label_names)} classes, {cfg.head} head")
@@ -1116,14 +1131,16 @@ def _markdown(rows: list[ProbeRow], cfg: ProbeConfig, source: str, listing, has_
     ]
     best = [r for r in rows if r.best_accuracy]
     front = sorted((r for r in rows if r.pareto), key=lambda r: r.relative_time)
+    name = metric_name(rows[0].ranked_by) if rows else "accuracy"
     if best:
-        lines.append("Highest accuracy: " + "; ".join(f"{r.model} ({r.weights}) at `{r.layer}` ({r.accuracy:.4f})"
-                                                      for r in best) + ".")
+        lines.append(f"Highest {name}: " + "; ".join(f"{r.model} ({r.weights}) at `{r.layer}` ({r.score:.4f})"
+                                                    for r in best) + ".")
     if front:
-        lines.append("Pareto front (no other row is both faster and more accurate): "
+        better = "more accurate" if name == "accuracy" else f"higher in {name}"
+        lines.append(f"Pareto front (no other row is both faster and {better}): "
                      + "; ".join(f"{r.model} ({r.weights}) `{r.layer}`" for r in front) + ".")
     if has_png:
-        lines += ["", "![accuracy against relative extraction time](probe.png)"]
+        lines += ["", f"![{name} against relative extraction time](probe.png)"]
     return "\n".join(lines) + "\n"
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -55,7 +56,9 @@ def test_streaming_flag_and_errors(tmp_path):
     r = CliRunner().invoke(main, ["train", store, "--out", str(tmp_path / "a-file")])
     assert r.exit_code == 2 and "a-file: a file, not a folder; choose a folder for the head" in r.output, r.output
     r = CliRunner().invoke(main, ["predict", head, store, "--out", str(tmp_path / "a-file" / "p.parquet")])
-    assert r.exit_code == 2 and "a-file: file exists; choose another path" in r.output, r.output
+    assert r.exit_code == 2, r.output
+    assert (f"Error: --out {tmp_path / 'a-file' / 'p.parquet'}: cannot write {tmp_path / 'a-file'}: a file, not a "
+            "folder; choose another path") in r.output, r.output
 
 
 def test_export_command(tmp_path):
@@ -107,6 +110,11 @@ def test_bad_input_is_one_line_and_a_bug_keeps_its_traceback(tmp_path, monkeypat
     r = CliRunner().invoke(main, ["train", store, "--split", str(garbage), "--out", head])
     assert r.exit_code == 2 and r.output.startswith(f"Error: --split {garbage}: "), r.output
     assert "Traceback" not in r.output
+    missing = tmp_path / "missing.csv"
+    r = CliRunner().invoke(main, ["train", store, "--split", str(missing), "--out", head])
+    assert r.exit_code == 2, r.output
+    assert r.output.strip() == (f"Error: --split {missing}: cannot read {missing}: no such file (a CSV/Parquet file "
+                                "with columns id and split)")
     (tmp_path / "ok.csv").write_text("id,split\n" + "".join(f"{i},maybe\n" for i in range(3)))
     r = CliRunner().invoke(main, ["train", store, "--split", str(tmp_path / "ok.csv"), "--out", head])
     assert r.exit_code == 2 and "split values must be train or test; found 'maybe'" in r.output, r.output
@@ -117,3 +125,128 @@ def test_bad_input_is_one_line_and_a_bug_keeps_its_traceback(tmp_path, monkeypat
     monkeypatch.setattr(fit, "train", broken)
     r = CliRunner().invoke(main, ["train", store, "--out", head])
     assert r.exit_code == 1 and isinstance(r.exception, KeyError), r.output
+
+
+def test_predict_writes_csv_for_a_csv_name_and_refuses_other_names(tmp_path):
+    """--out p.csv is CSV (the prob_<class> columns, no list column), not Parquet bytes under a .csv name;
+    a name of another format is refused before any work."""
+    import pyarrow.csv as pcsv
+    import pyarrow.parquet as pq
+
+    store, head = _store(tmp_path / "s"), str(tmp_path / "h")
+    assert CliRunner().invoke(main, ["train", store, "--cv", "3", "--out", head]).exit_code == 0
+    r = CliRunner().invoke(main, ["predict", head, store, "--out", str(tmp_path / "p.csv")])
+    assert r.exit_code == 0, r.output
+    got = pcsv.read_csv(tmp_path / "p.csv")
+    want = pq.read_table(_predict_parquet(tmp_path, head, store))
+    assert got.column_names == [c for c in want.column_names if c != "probabilities"]
+    assert got["predicted_label"].to_pylist() == want["predicted_label"].to_pylist()
+    assert np.allclose(got["prob_pos"].to_numpy(), want["prob_pos"].to_numpy(), atol=1e-6)
+    r = CliRunner().invoke(main, ["predict", head, store, "--out", str(tmp_path / "p.json")])
+    assert r.exit_code == 2, r.output
+    assert r.output.strip() == (f"Error: --out {tmp_path / 'p.json'}: predictions are written as Parquet (.parquet) "
+                                "or CSV (.csv), not .json; name the file with one of those")
+    assert not (tmp_path / "p.json").exists()
+
+
+def _predict_parquet(tmp_path, head, store):
+    out = tmp_path / "p.parquet"
+    assert CliRunner().invoke(main, ["predict", head, store, "--out", str(out)]).exit_code == 0
+    return out
+
+
+def test_a_full_disk_while_writing_is_said_as_such_not_blamed_on_the_input(tmp_path):
+    """ENOSPC (real: /dev/full) while writing predictions or a head names the file being written, says the
+    disk is full and exits 1 (a failure), not 2 with 'choose another path' as for a bad path."""
+    import stat
+
+    import pytest
+
+    if not os.path.exists("/dev/full") or not stat.S_ISCHR(os.stat("/dev/full").st_mode):
+        pytest.skip("no /dev/full here")
+    store, head = _store(tmp_path / "s"), tmp_path / "h"
+    assert CliRunner().invoke(main, ["train", store, "--cv", "3", "--out", str(head)]).exit_code == 0
+    full = tmp_path / "p.parquet"
+    # a link, never /dev/full itself: pyarrow's write_table, which predict used, deletes its target on failure
+    os.symlink("/dev/full", full)
+    r = CliRunner().invoke(main, ["predict", str(head), store, "--out", str(full)])
+    assert r.exit_code == 1, r.output
+    assert r.output.strip() == (f"Error: --out {full}: cannot write {full}: no space left on device; free some "
+                                "space there, or choose a path on another disk")
+    os.symlink("/dev/full", head / ".model.skops.tmp")  # the head's model file lands on a full device
+    r = CliRunner().invoke(main, ["train", store, "--cv", "3", "--out", str(head)])
+    assert r.exit_code == 1, r.output
+    assert r.output.strip().splitlines()[-1] == (
+        f"Error: --out {head}: cannot write {head / 'model.skops'}: no space left on device; free some space "
+        "there, or choose a path on another disk")
+
+
+def test_an_os_error_about_no_argument_keeps_its_traceback(tmp_path):
+    """Only an OSError naming a path given to the command is said in one line: any other (a library's
+    cache, a temporary folder) is not the input's fault, and os_error_exception leaves it alone."""
+    import click
+
+    from classifiers.cli import os_error_exception
+    from featurestore.cli import Refused
+
+    out = str(tmp_path / "h")
+    reads, writes = {"STORE": str(tmp_path / "s")}, {"--out": out}
+    assert os_error_exception(PermissionError(13, "Permission denied", "/var/cache/x"), reads, writes) is None
+    assert os_error_exception(OSError(28, "No space left on device"), reads, writes) is None
+    said = os_error_exception(FileNotFoundError("src: no such folder; pass a folder per class"), reads, writes)
+    assert isinstance(said, Refused) and said.message == "src: no such folder; pass a folder per class"
+    said = os_error_exception(PermissionError(13, "Permission denied", str(tmp_path / "s" / "store.json")),
+                              reads, writes)
+    assert isinstance(said, Refused) and said.message == (
+        f"STORE {tmp_path / 's'}: cannot read {tmp_path / 's' / 'store.json'}: permission denied")
+    said = os_error_exception(OSError(5, "Input/output error", out), reads, writes)
+    assert type(said) is click.ClickException and said.exit_code == 1
+    assert said.message == f"--out {out}: cannot write {out}: input/output error"
+
+
+def test_train_scoring_and_per_class_lines(tmp_path):
+    """--scoring picks what the sweep maximises (f1_macro on imbalanced classes, as the Python API and
+    job specs allow), train prints each class's recall, and a name scikit-learn lacks is refused first."""
+    rng = np.random.default_rng(1)
+    y = (np.arange(160) % 4 == 0).astype(int)  # 1 positive in 4
+    X = rng.normal(size=(160, 8)).astype(np.float32)
+    X[:, 0] += 1.5 * y
+    store = str(tmp_path / "s")
+    write_store(store, {"avgpool": X}, y, ["neg", "pos"], config=CFG)
+    r = CliRunner().invoke(main, ["train", store, "--scoring", "f1_macro", "--cv", "3", "--out", str(tmp_path / "h")])
+    assert r.exit_code == 0, r.output
+    rep = json.loads((tmp_path / "h" / "report.json").read_text())
+    assert rep["sweep_scoring"] == "f1_macro"
+    assert "## Sweep (f1_macro, 3-fold CV" in (tmp_path / "h" / "report.md").read_text()
+    for name in ("neg", "pos"):
+        m = rep["per_class"][name]
+        assert f"  {name}: precision {m['precision']:.3f} recall {m['recall']:.3f}" in r.output, r.output
+    r = CliRunner().invoke(main, ["train", store, "--scoring", "acuracy", "--out", str(tmp_path / "h2")])
+    assert r.exit_code == 2, r.output
+    assert r.output.strip() == ("Error: scoring 'acuracy' is not a scikit-learn scorer name; e.g. accuracy, "
+                                "balanced_accuracy, f1_macro (all: sklearn.metrics.get_scorer_names())")
+    assert not (tmp_path / "h2").exists()
+
+
+def test_reports_and_heads_stay_out_of_stores_and_other_heads(tmp_path):
+    """evaluate --out into a head folder would replace the head's own test report (loaded as head.report),
+    into a store it would litter the store; a head inside a store would go with the store's --overwrite."""
+    store, head = _store(tmp_path / "s"), tmp_path / "h"
+    assert CliRunner().invoke(main, ["train", store, "--cv", "3", "--out", str(head)]).exit_code == 0
+    before = (head / "report.json").read_text()
+    for out, said in ((head, f"--out {head}: a head folder; its own report (of its test part) would be replaced: "
+                             "choose another folder for this report"),
+                      (tmp_path / "s", f"--out {tmp_path / 's'}: a feature store; choose a folder outside it for the "
+                                       "report"),
+                      (tmp_path / "s" / "r", f"--out {tmp_path / 's' / 'r'}: inside the feature store "
+                                             f"{tmp_path / 's'}; choose a folder outside it for the report")):
+        r = CliRunner().invoke(main, ["evaluate", str(head), store, "--out", str(out)])
+        assert r.exit_code == 2 and r.output.strip() == f"Error: {said}", r.output
+    assert (head / "report.json").read_text() == before
+    assert not {"report.json", "report.md", "r"} & set(os.listdir(tmp_path / "s"))
+    r = CliRunner().invoke(main, ["train", store, "--out", str(tmp_path / "s" / "h")])
+    assert r.exit_code == 2, r.output
+    assert r.output.strip() == (f"Error: --out {tmp_path / 's' / 'h'}: inside the feature store {tmp_path / 's'}; "
+                                "choose a folder outside it")
+    r = CliRunner().invoke(main, ["evaluate", str(head), store, "--out", str(tmp_path / "reports" / "x")])
+    assert r.exit_code == 0 and (tmp_path / "reports" / "x" / "report.md").is_file(), r.output

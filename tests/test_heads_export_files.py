@@ -151,6 +151,6 @@ def test_export_into_a_read_only_folder_says_so_in_one_line(tmp_path, backbone, 
                        capture_output=True, text=True, timeout=300, env=env)
     os.chmod(ro, 0o755)
     assert r.returncode == 2, r.stderr
-    assert f"Error: {ro}: permission denied; choose another path" in r.stderr, r.stderr
+    assert f"Error: --out {out}: cannot write {ro}: permission denied; choose another path" in r.stderr, r.stderr
     assert "Traceback" not in r.stderr, r.stderr
     assert os.listdir(ro) == []

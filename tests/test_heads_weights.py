@@ -219,3 +219,37 @@ def test_the_recipe_a_local_copy_of_named_weights_gets(recorded, recipe):
     from classifiers.apply import _recipe_of_named
 
     assert _recipe_of_named(recorded) == recipe
+
+
+def test_a_head_saved_before_the_file_recipe_rule_keeps_its_recipe(tmp_path, head_on_images):
+    """Older versions recorded a plain weights file (no #RECIPE) read with the DEFAULT recipe
+    (mobilenet_v2: IMAGENET1K_V2, resize 232): such a head still classifies with its own recipe, from
+    the recorded file or a moved copy, and a suffix naming another recipe is refused naming V2, not V1."""
+    from torchvision.models import mobilenet_v2
+
+    torch.manual_seed(5)
+    w = tmp_path / "w.pth"
+    torch.save(mobilenet_v2().state_dict(), w)
+    bb = load_backbone("mobilenet_v2", f"{w}#IMAGENET1K_V2", input_size=32)
+    paths, feats, head = head_on_images(bb, tmp_path)
+    meta_path = tmp_path / "h" / "head.json"
+    meta = json.loads(meta_path.read_text())
+    meta["store_config"]["weights"] = str(w)  # as an older version wrote it: the plain file, V2's preprocessing
+    meta_path.write_text(json.dumps(meta))
+    want = [head.label_names[i] for i in head.predict_proba(feats[:2]).argmax(1)]
+    r = CliRunner().invoke(main, ["classify", "--head", str(tmp_path / "h"), "--json", *paths[:2]])
+    assert r.exit_code == 0, r.output
+    assert [g["label"] for g in json.loads(r.output)["results"]] == want
+    moved = tmp_path / "moved.pth"
+    os.replace(w, moved)
+    r = CliRunner().invoke(main, ["classify", "--head", str(tmp_path / "h"), "--weights", str(moved), "--json",
+                                  *paths[:2]])
+    assert r.exit_code == 0, r.output
+    assert [g["label"] for g in json.loads(r.output)["results"]] == want
+    r = CliRunner().invoke(main, ["classify", "--head", str(tmp_path / "h"), "--weights", f"{moved}#IMAGENET1K_V1",
+                                  paths[0]])
+    assert r.exit_code == 2, r.output
+    assert r.output.strip().splitlines() == [
+        f"Error: --weights {moved}#IMAGENET1K_V1: {tmp_path / 'h'} was trained with the IMAGENET1K_V2 recipe (an older "
+        "version's default for a plain weights file), not #IMAGENET1K_V1; drop the '#IMAGENET1K_V1' suffix "
+        f"(--weights {moved}): the head's recipe is applied to a moved weights file automatically"]

@@ -248,7 +248,9 @@ def test_an_output_that_is_a_file_is_refused_in_one_line(images, tmp_path):
     (tmp_path / "a-file").write_text("x")
     res = CliRunner().invoke(main, ["probe", str(images), "--models", "resnet18@none", "--out",
                                     str(tmp_path / "a-file")])
-    assert res.exit_code == 2 and "a-file: file exists; choose another path" in res.output, res.output
+    assert res.exit_code == 2, res.output
+    assert (f"featurestore probe: --out {tmp_path / 'a-file'}: cannot write {tmp_path / 'a-file'}: a file, not a "
+            "folder; choose another path") in res.output, res.output
 
 
 def test_empty_or_unlabeled_source_is_refused(tmp_path):
@@ -315,6 +317,39 @@ def test_pareto_and_best_on_known_rows():
     assert [r.pareto for r in rows] == [False, True, True, False, False]
     assert [r.best_accuracy for r in rows] == [False, False, True, False, False]
     assert math.isclose(max(r.accuracy for r in rows if r.pareto), 0.95)
+
+
+def test_rows_are_ranked_by_balanced_accuracy_when_classes_are_weighted():
+    """With class weights (imbalanced data) the best row and the Pareto front follow balanced accuracy: a layer
+    with the higher plain accuracy may only be predicting the majority class."""
+    def row(layer, acc, bal):
+        return ProbeRow("m", "w", layer, 8, acc, bal, 100.0, 1.0, 10)
+
+    rows = [row("majority", 0.80, 0.55), row("both", 0.78, 0.77)]
+    mark_best(rows)
+    assert [r.best for r in rows] == ["highest accuracy, Pareto", ""]
+    mark_best(rows, "balanced_accuracy")
+    assert [r.best for r in rows] == ["", "highest balanced accuracy, Pareto"]
+    assert [r.score for r in rows] == [0.55, 0.77]
+
+
+def test_cli_probe_with_class_weights_names_balanced_accuracy(ray_local, images, tmp_path):
+    from featurestore.cli import main
+
+    out = tmp_path / "probe"
+    res = CliRunner().invoke(main, ["probe", str(images), "--models", "resnet18@none", "--layers", "layer2,layer4",
+                                    "--class-weight", "balanced", "--out", str(out), "--input-size", "32",
+                                    "--shard-size", "8", "--batch-size", "8", "--cv", "2", "--grid", "C=0.1,1",
+                                    "--no-save-heads", "--no-plot"])
+    assert res.exit_code == 0, res.output
+    rows = read_csv((out / "probe.csv").read_text())
+    top = max(float(r["balanced_accuracy"]) for r in rows)
+    best = [r["layer"] for r in rows if float(r["balanced_accuracy"]) == top]
+    assert [r["layer"] for r in rows if "highest balanced accuracy" in r["best"]] == best
+    assert not any("highest accuracy" in r["best"] for r in rows)
+    md = (out / "probe.md").read_text()
+    assert "Highest balanced accuracy: resnet18 (none (random init)) at `" + best[0] in md
+    assert f"highest balanced accuracy: resnet18 (none (random init)) at {best[0]}: {top:.4f}" in res.output
 
 
 def test_featurestore_probe_and_extract_stay_functions_after_their_modules_load():
