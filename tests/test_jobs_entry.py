@@ -215,6 +215,33 @@ def test_a_probe_names_its_models_field(tmp_path):
     assert line == f"{spec.source}: config.models: 'resnet18@none': UnknownLayerError: no layer 'x'"
 
 
+@pytest.mark.parametrize("error,field", [
+    # the message names the output, whose path starts with the source's: the longer one at that place
+    (lambda tmp: OSError(f"{tmp / 'animals-store'}/shard-00000.h5: read-only file system"), "output"),
+    (lambda tmp: FileNotFoundError(f"{tmp / 'animals'}/cats: no such directory"), "source"),
+    # an OSError naming its path: the location it lies in, not one that merely starts the same
+    (lambda tmp: PermissionError(13, "Permission denied", str(tmp / "animals-store" / "store.json")), "output"),
+    (lambda tmp: PermissionError(13, "Permission denied", str(tmp / "animals" / "cats")), "source"),
+    # a folder above both: the nearer location
+    (lambda tmp: PermissionError(13, "Permission denied", str(tmp)), "source"),
+])
+def test_one_rule_names_the_field_of_a_location(tmp_path, error, field):
+    """is_input_error and the refusal line ask one function which field a location error is about;
+    a source /d/animals and an output /d/animals-store are told apart by path, not by prefix."""
+    from jobs._entry import is_input_error, location_field
+    from jobs.specs import load_spec
+
+    spec, typed = load_spec(spec_file(tmp_path, "extract", {"source": str(tmp_path / "animals"),
+                                                            "output": str(tmp_path / "animals-store"),
+                                                            "model": "resnet18", "weights": "none"}))
+    exc = error(tmp_path)
+    assert location_field("extract", exc, typed) == field
+    assert f"field 'config.{field}': " in input_error_line("extract", exc, spec, typed)
+    _, train = load_spec(spec_file(tmp_path, "train", {"store": str(tmp_path / "animals"),
+                                                       "out": str(tmp_path / "animals-store")}))
+    assert is_input_error("train", exc, train)
+
+
 @pytest.fixture(autouse=True)
 def _restore_logging():
     """main() sets up the job log on stderr; leave the test session's logging as it was."""
