@@ -95,6 +95,12 @@ def small_store(tmp_path):
                         "it has name, side"),
     (lambda tmp, store: {"split": _csv(tmp / "s.csv", "id,split\nimg0,train\nimg1,test\n")},
      lambda tmp, store: f"field 'config.split': {tmp / 's.csv'}: 22 store id(s) have no split"),
+    (lambda tmp, store: {"split": _csv(tmp / "s.csv", "id,split\n" + "".join(f"img{i},trian\n" for i in range(24)))},
+     lambda tmp, store: f"field 'config.split': {tmp / 's.csv'}: split values must be train or test; found 'trian'"),
+    (lambda tmp, store: {"split": str(tmp)},
+     lambda tmp, store: f"field 'config.split': {tmp}: "),
+    (lambda tmp, store: {"split": str(tmp / "none.csv")},
+     lambda tmp, store: f"field 'config.split': {tmp / 'none.csv'}: no such file"),
     # scikit-learn's ValueError for a scoring name it does not know
     (lambda tmp, store: {"scoring": "acuracy"},
      lambda tmp, store: "field 'config.scoring': 'acuracy' is not a valid scoring value"),
@@ -114,6 +120,32 @@ def test_bad_train_input_is_one_line_and_exit_2(tmp_path, capsys, small_store, b
     (line,) = [ln for ln in err.splitlines() if " ERROR " in ln]
     assert f"refused: {path}: {said(tmp_path, small_store)}" in line, line
     assert "Traceback" not in err
+
+
+def test_a_train_job_reads_its_split_file_once(tmp_path, capsys, small_store, monkeypatch):
+    """The job's early check of the split file reads its columns only; the rows are read once, by the
+    training, and the head's report still names the file."""
+    import classifiers.fit
+    import classifiers.split
+    from classifiers import load_head
+    from jobs import train
+
+    reads = []
+    real = classifiers.split.read_split_file
+
+    def counted(*args, **kwargs):
+        reads.append(args[0])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(classifiers.split, "read_split_file", counted)
+    monkeypatch.setattr(classifiers.fit, "read_split_file", counted)
+    split = _csv(tmp_path / "s.csv", "id,split\n" + "".join(f"img{i},{'test' if i % 4 == 0 else 'train'}\n"
+                                                             for i in range(24)))
+    path = spec_file(tmp_path, "train", {"store": small_store, "out": str(tmp_path / "head"), "cv": 2,
+                                         "split": split})
+    assert main("train", train.run, ["--config", str(path)]) == 0, capsys.readouterr().err
+    assert reads == [split]
+    assert load_head(str(tmp_path / "head")).report["split"] == f"file {split}"
 
 
 def _csv(path, text):
