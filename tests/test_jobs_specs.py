@@ -281,7 +281,7 @@ def test_submit_refuses_unknown_models_and_numbers_out_of_range(tmp_path, mutate
 
 @pytest.mark.parametrize("job,config,needle", [
     ("train", {"store": "s3://b/s", "out": "s3://b/h", "cv": 1}, "field 'config.cv' must be a whole number >= 2"),
-    ("train", {"store": "s3://b/s", "out": "s3://b/h", "test_size": 1.5}, "field 'config.test_size' must be a fraction"),
+    ("train", {"store": "s3://b/s", "out": "s3://b/h", "test_size": 1.5}, "field 'config.test_size' must lie strictly between 0 and 1, got 1.5"),
     ("train", {"store": "s3://b/s", "out": "s3://b/h", "n_jobs": 0}, "field 'config.n_jobs' must be a whole number"),
     # classifiers.train takes float() of each weight: a bare ValueError on the cluster
     ("train", {"store": "s3://b/s", "out": "s3://b/h", "class_weight": {"cat": 2, "dog": "high"}},
@@ -310,6 +310,32 @@ def test_numbers_and_models_of_every_job_kind(tmp_path, job, config, needle):
     with pytest.raises(ConfigError) as err:
         load_spec(path)
     assert needle in str(err.value) and str(path) in str(err.value)
+
+
+@pytest.mark.parametrize("job,field,value", [
+    ("train", "cv", 1), ("train", "test_size", 1.0), ("train", "n_jobs", 0), ("train", "batch_size", 0),
+    ("train", "epochs", 0), ("probe", "cv", 0), ("probe", "test_size", 0), ("probe", "n_jobs", 0),
+])
+def test_head_numbers_are_refused_in_the_words_of_classifiers(tmp_path, job, field, value):
+    """A spec's cv, test_size, ... are checked by classifiers' own checks (what the job runs on the
+    cluster), not a copy of them: the refusal names the field and says what classifiers.train says."""
+    import classifiers
+    from classifiers.heads import HeadError
+    from classifiers.split import hash_split
+
+    with pytest.raises(HeadError) as own:  # the training's refusal, before it reads the (missing) store
+        if field == "test_size":  # checked where the test part is drawn
+            hash_split(["a", "b"], [0, 1], test_size=value)
+        else:
+            classifiers.train(str(tmp_path / "no-store"), **{field: value})
+    said = str(own.value).replace("--grid", "config.grid")
+    assert said.startswith(f"{field} ")
+    config = {"train": {"store": "s3://b/s", "out": "s3://b/h"},
+              "probe": {"source": "s3://b/i", "out": "s3://b/p", "models": ["resnet18@none"]}}[job]
+    path = write(tmp_path, {"job": job, "config": {**config, field: value}})
+    with pytest.raises(ConfigError) as err:
+        load_spec(path)
+    assert str(err.value) == f"{path}: field 'config.{field}' {said[len(field) + 1:]}; leave it out for the default"
 
 
 def test_good_models_and_numbers_pass(tmp_path):
