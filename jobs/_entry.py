@@ -241,10 +241,16 @@ def spec_terms(message: str, typed: Any) -> str:
 
 def spec_field(kind: str, exc: BaseException, message: str, typed: Any) -> str | None:
     """The config field an input error is about: by its kind (an actor's error arrives as text
-    naming it), else the field whose location it names (location_field)."""
+    naming it), else the field its message opens with (classifiers says "class_weight names
+    ['tiger'], not classes of STORE"), else the field whose location it names (location_field)."""
+    import dataclasses
+
     for name, field_name in _FIELD_OF_ERROR.items():
         if type(exc).__name__ == name or f"{name}:" in message:
             return "models" if field_name == "model" and kind == "probe" else field_name
+    first = message.split(" ", 1)[0]
+    if dataclasses.is_dataclass(typed) and first in {f.name for f in dataclasses.fields(typed)}:
+        return first
     return location_field(kind, exc, typed, message, addresses=True)
 
 

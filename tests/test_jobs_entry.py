@@ -101,6 +101,9 @@ def small_store(tmp_path):
      lambda tmp, store: f"field 'config.split': {tmp}: "),
     (lambda tmp, store: {"split": str(tmp / "none.csv")},
      lambda tmp, store: f"field 'config.split': {tmp / 'none.csv'}: no such file"),
+    # classifiers' HeadError about a field, naming the store: the field it opens with, not the store
+    (lambda tmp, store: {"class_weight": {"cat": 2, "tiger": 1}},
+     lambda tmp, store: f"field 'config.class_weight': class_weight names ['tiger'], not classes of {store} (cat, dog)"),
     # scikit-learn's ValueError for a scoring name it does not know
     (lambda tmp, store: {"scoring": "acuracy"},
      lambda tmp, store: "field 'config.scoring': 'acuracy' is not a valid scoring value"),
