@@ -239,6 +239,24 @@ def _check_head_numbers(job: str, cfg: Any, source: str) -> None:
                           "leave it out for the default") from None
 
 
+def _check_grid(cfg: Any, source: str) -> None:
+    """The head's grid, read by classifiers.heads.parse_grid as classifiers.train reads it (a grid of
+    alpha alone is SGD's, for a head that streams): a value that is not a number, a hyperparameter
+    the head lacks, refused here rather than after the job has started."""
+    if not cfg.grid:
+        return
+    try:
+        from classifiers.heads import HeadError, parse_grid
+    except ImportError:  # heads not installed here: the job checks it on the cluster
+        return
+    alpha_only = isinstance(cfg.grid, Mapping) and set(cfg.grid) == {"alpha"}
+    try:
+        parse_grid(cfg.grid, "sgd" if alpha_only else cfg.head)
+    except HeadError as exc:
+        said = str(exc).removeprefix("--grid").lstrip(": ")
+        raise ConfigError(f"{source}: field 'config.grid': {said}") from None
+
+
 def _check_class_weight(value: Any, source: str) -> None:
     """'balanced', or {class name or label id: weight}: classifiers.train would take float() of a weight
     that is not a number and fail with a bare ValueError on the cluster."""
@@ -447,6 +465,7 @@ def parse_spec(data: Mapping[str, Any], source: str = "<dict>") -> tuple[JobSpec
     typed = _typed(spec)
     if spec.job in ("train", "probe"):
         _check_head_kind(typed.head, source)
+        _check_grid(typed, source)
     if spec.job == "probe":
         _check_probe(typed, source)
     if spec.job == "train":

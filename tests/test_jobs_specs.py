@@ -288,6 +288,13 @@ def test_submit_refuses_unknown_models_and_numbers_out_of_range(tmp_path, mutate
      "field 'config.class_weight' must map class names (or label ids) to numbers, got {'dog': 'high'}"),
     ("train", {"store": "s3://b/s", "out": "s3://b/h", "class_weight": "balancd"},
      "field 'config.class_weight' must be 'balanced' or a mapping of class name to weight, got 'balancd'"),
+    # the grid as classifiers.train reads it (parse_grid), refused before the job starts
+    ("train", {"store": "s3://b/s", "out": "s3://b/h", "grid": {"C": [0.1, "x"]}},
+     "field 'config.grid': C: 'x' is not a number"),
+    ("train", {"store": "s3://b/s", "out": "s3://b/h", "head": "svm", "grid": {"C": [1], "alpha": [0.1]}},
+     "field 'config.grid': head 'svm' has no hyperparameter 'alpha'; it accepts: C, gamma"),
+    ("probe", {"source": "s3://b/i", "out": "s3://b/p", "models": ["resnet18@none"], "grid": {"C": [-1]}},
+     "field 'config.grid': C: -1; C must be a number > 0"),
     ("evaluate", {"head": "s3://b/h", "store": "s3://b/s", "batch_size": 0}, "field 'config.batch_size'"),
     ("predict", {"head": "s3://b/h", "store": "s3://b/s", "out": "s3://b/p", "batch_size": -1},
      "field 'config.batch_size'"),
@@ -350,6 +357,8 @@ def test_good_models_and_numbers_pass(tmp_path):
     probe = {"job": "probe", "config": {"source": "s3://b/i", "out": "s3://b/p", "models": ["resnet18@none"],
                                         "cv": 2, "test_size": 0.5, "n_jobs": -1}}
     assert load_spec(write(tmp_path, probe))[1].cv == 2
+    sgd = {"job": "train", "config": {"store": "s3://b/s", "out": "s3://b/h", "grid": {"alpha": [1e-4, 1e-3]}}}
+    assert load_spec(write(tmp_path, sgd))[1].grid == {"alpha": [1e-4, 1e-3]}  # SGD's, for a logreg that streams
     train = {"job": "train", "config": {"store": "s3://b/s", "out": "s3://b/h", "class_weight": {"cat": 2, 1: 0.5}}}
     assert load_spec(write(tmp_path, train))[1].class_weight == {"cat": 2, 1: 0.5}
 
