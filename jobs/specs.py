@@ -310,10 +310,44 @@ def check_models(spec: JobSpec, typed: Any) -> None:
         except UnknownModelError as exc:
             raise ConfigError(f"{source}: field 'config.{where}': {exc}") from None
     if spec.job == "extract":
+        check_weights([(b.model, b.weights) for b in backbones], source)
         asked = [(b.model, list(b.layers)) for b in backbones]
     else:
         asked = _probe_layers(typed)
     check_layers(asked, typed.input_size, source)
+
+
+def check_weights(asked: list[tuple[str, str | None]], source: str) -> None:
+    """Refuse weights a model does not have, named as torchvision's enum member or timm's pretrained
+    tag (`weights: IMAGENET1K_V3`, a typo `nonee`), with the names it has: what the job's first step
+    would refuse after waiting for the cluster. The names are looked up, nothing is downloaded.
+    None, DEFAULT, named sources (pypi:...) and files are not checked here (a file may exist only
+    on the cluster); importing torchvision (~3 s) or timm happens only for the other names."""
+    import importlib
+
+    from featurestore.weights import NAMED_SOURCES, is_file_spec
+    from featurestore.zoo import canonical_name
+
+    for model, weights in asked:
+        low = (weights or "none").strip().lower()
+        if low in ("none", "default", "pretrained", "timm") or low in NAMED_SOURCES or is_file_spec(weights):
+            continue
+        canonical = canonical_name(model)
+        timm_name = canonical.removeprefix("timm:") if canonical.startswith("timm:") else None
+        try:
+            importlib.import_module("timm" if timm_name else "torchvision")
+            from featurestore.weights import WeightsError, check_timm_tag, torchvision_enum
+        except (ImportError, OSError):  # the cluster checks them when it builds the model
+            return
+        try:
+            if timm_name:
+                check_timm_tag(timm_name, weights)
+            else:
+                torchvision_enum(canonical, weights)
+        except WeightsError as exc:
+            raise ConfigError(f"{source}: field 'config.weights': {exc}") from None
+        except Exception:  # a name these lookups do not cover: the job says what is wrong
+            continue
 
 
 def _probe_layers(cfg: ProbeConfig) -> list[tuple[str, list[str]]]:

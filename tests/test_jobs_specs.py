@@ -345,6 +345,27 @@ def test_head_numbers_are_refused_in_the_words_of_classifiers(tmp_path, job, fie
     assert str(err.value) == f"{path}: field 'config.{field}' {said[len(field) + 1:]}; leave it out for the default"
 
 
+@pytest.mark.parametrize("model,weights,said", [
+    ("resnet18", "nonee", "field 'config.weights': unknown weights 'nonee' for resnet18; its weights are "
+                          "IMAGENET1K_V1, DEFAULT"),
+    ("timm:resnet18", "tv_in2k", "field 'config.weights': unknown weights 'tv_in2k' for timm:resnet18: not a "
+                                 "pretrained tag; its tags are"),
+    ("resnet18", "IMAGENET1K_V1", None), ("timm:resnet18", "tv_in1k", None), ("resnet18", "none", None),
+    ("resnet18", "/only/on/the/cluster.pth", None),  # a file may exist only where the job runs
+])
+def test_weights_a_model_lacks_are_refused_before_submission(tmp_path, model, weights, said):
+    """A weights name the model does not have (torchvision's enum, timm's tags, looked up without
+    downloading) is refused naming config.weights, not by the job after it waited for the cluster."""
+    path = write(tmp_path, {"job": "extract", "config": {"source": "s3://b/i", "output": "s3://b/s",
+                                                         "model": model, "weights": weights}})
+    if said is None:
+        assert load_spec(path)[1].weights == weights
+        return
+    with pytest.raises(ConfigError) as err:
+        load_spec(path)
+    assert str(err.value).startswith(f"{path}: {said}"), err.value
+
+
 def test_good_models_and_numbers_pass(tmp_path):
     """Aliases, timm names, several models, 'auto' and the smallest valid numbers are accepted."""
     import copy
