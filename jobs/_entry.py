@@ -118,15 +118,15 @@ def input_errors(kind: str) -> tuple[type, ...]:
     return (*common, HeadConfigMismatch, HeadFileError, ExportError, HeadError)
 
 
-def spec_locations(kind: str, typed: Any) -> list[tuple[str, str]]:
+def spec_locations(kind: str, typed: Any, addresses: bool = False) -> list[tuple[str, str]]:
     """(field, path or URL) of every location a spec gives: source, output, store, out, head, split,
-    weights files."""
+    weights files (and with `addresses`, the Ray address, which is no path)."""
     from featurestore.weights import is_file_spec, split_recipe
 
     found = []
     for name in _LOCATION_FIELDS:
-        if name == "address" or (name == "head" and kind in ("train", "probe")):  # not paths; a head's kind there
-            continue
+        if (name == "address" and not addresses) or (name == "head" and kind in ("train", "probe")):
+            continue  # a train/probe head is a head's kind (logreg, ...), not a path
         value = getattr(typed, name, None)
         for v in (value.values() if isinstance(value, dict) else [value]):
             if not isinstance(v, str) or len(v.strip()) <= 2:
@@ -139,27 +139,48 @@ def spec_locations(kind: str, typed: Any) -> list[tuple[str, str]]:
     return found
 
 
-def location_field(kind: str, exc: OSError, typed: Any) -> str | None:
-    """The field whose location an OSError is about: the path it names is that location, inside
-    it, or a folder above it (fsspec and pyarrow often name the path in the message only)."""
+def location_field(kind: str, exc: BaseException, typed: Any, message: str | None = None,
+                   addresses: bool = False) -> str | None:
+    """The field whose location an error is about; the one place that decides it.
+
+    An OSError that names its path (exc.filename) is matched by path: that location exactly, then
+    the deepest location it lies inside, then a location below it (a folder above the output, say).
+    Otherwise the message is scanned (fsspec and pyarrow often name the path in the text only): the
+    location named first wins, the longest of those named at one place (output /d/a-store over
+    source /d/a). `message` is the text to scan (default str(exc)); with `addresses` the Ray
+    address counts there too (a path the filesystem refused never names it)."""
     def norm(p: str) -> str:
         for prefix in ("file://", "local://"):
             if p.startswith(prefix):
                 p = p[len(prefix):]
         return os.path.normpath(os.path.abspath(os.path.expanduser(p))) if "://" not in p else p.rstrip("/")
 
-    paths = [norm(os.fsdecode(p)) for p in (exc.filename, exc.filename2)
-             if isinstance(p, (str, bytes, os.PathLike))]
-    for name, loc in spec_locations(kind, typed):
-        if not paths:
-            if loc in str(exc) or norm(loc) in str(exc):
-                return name
-            continue
-        loc = norm(loc)
-        for path in paths:
-            if path == loc or path.startswith(loc.rstrip("/") + "/") or loc.startswith(path.rstrip("/") + "/"):
-                return name
-    return None
+    paths = [norm(os.fsdecode(p)) for p in (getattr(exc, "filename", None), getattr(exc, "filename2", None))
+             if isinstance(p, (str, bytes, os.PathLike))] if isinstance(exc, OSError) else []
+    if paths:
+        best: tuple[int, int, str] | None = None
+        for name, loc in spec_locations(kind, typed):
+            loc = norm(loc).rstrip("/")
+            for path in paths:
+                if path == loc:
+                    rank = (0, 0)
+                elif path.startswith(loc + "/"):
+                    rank = (1, -len(loc))  # inside it: the deepest location
+                elif loc.startswith(path.rstrip("/") + "/"):
+                    rank = (2, len(loc))  # a folder above it: the nearest location
+                else:
+                    continue
+                best = min(best, (*rank, name)) if best else (*rank, name)
+        return best[2] if best else None
+    text = str(exc) if message is None else message
+    found: tuple[int, int, str] | None = None
+    for name, loc in spec_locations(kind, typed, addresses=addresses):
+        for spelling in {loc, norm(loc)} if name != "address" else {loc}:
+            at = text.find(spelling)
+            if at >= 0:
+                key = (at, -len(spelling), name)
+                found = min(found, key) if found else key
+    return found[2] if found else None
 
 
 def is_input_error(kind: str, exc: BaseException, typed: Any = None) -> bool:
@@ -219,22 +240,18 @@ def spec_terms(message: str, typed: Any) -> str:
 
 
 def spec_field(kind: str, exc: BaseException, message: str, typed: Any) -> str | None:
-    """The config field an input error is about: by its kind, else the field whose location it names."""
+    """The config field an input error is about: by its kind (an actor's error arrives as text
+    naming it), else the field its message opens with (classifiers says "class_weight names
+    ['tiger'], not classes of STORE"), else the field whose location it names (location_field)."""
+    import dataclasses
+
     for name, field_name in _FIELD_OF_ERROR.items():
         if type(exc).__name__ == name or f"{name}:" in message:
             return "models" if field_name == "model" and kind == "probe" else field_name
-    if isinstance(exc, OSError) and (exc.filename or exc.filename2):  # a folder above the location, say
-        found = location_field(kind, exc, typed)
-        if found is not None:
-            return found
-    best: tuple[int, int, str] | None = None
-    for name in _LOCATION_FIELDS:
-        value = getattr(typed, name, None)
-        for v in (value.values() if isinstance(value, dict) else [value]):
-            if isinstance(v, str) and len(v) > 2 and v in message:
-                key = (message.index(v), -len(v), name)  # first named; the longest of those at one place
-                best = key if best is None or key < best else best
-    return best[2] if best else None
+    first = message.split(" ", 1)[0]
+    if dataclasses.is_dataclass(typed) and first in {f.name for f in dataclasses.fields(typed)}:
+        return first
+    return location_field(kind, exc, typed, message, addresses=True)
 
 
 def input_error_line(kind: str, exc: BaseException, spec: Any, typed: Any) -> str:

@@ -168,10 +168,6 @@ def _check_probe(cfg: ProbeConfig, source: str) -> None:
             raise ConfigError(f"{source}: field 'config.{what}': {exc}") from None
 
 
-_FRACTION = ((lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < 1),
-             "a fraction strictly between 0 and 1")
-_N_JOBS = ((lambda v: isinstance(v, int) and not isinstance(v, bool) and v != 0),
-           "a whole number of parallel fits other than 0 (-1: one per core)")
 _EXTRACT = {name: (ok, what) for name, ok, what in EXTRACT_NUMBERS}
 
 
@@ -182,19 +178,83 @@ def _ranges(*rows: tuple[str, tuple]) -> list[NumberRange]:
 # Number ranges per job kind (featurestore.config.out_of_range). An extract job's are the engine's
 # own table, config.EXTRACT_NUMBERS; a probe hands its extraction fields to the engine, so they
 # are that table's rows too (batch_size without 'auto', which ProbeConfig's type refuses). The
-# train/evaluate/predict and probe-only rows (sample, cv, test_size, n_jobs) restate checks that
-# classifiers (fit, split) and featurestore.probing make again on the cluster in their own words.
+# head's numbers (cv, test_size, n_jobs, batch_size and epochs of a train job) are not here: the
+# checks classifiers.train makes are run on them (_check_head_numbers). What is left are the
+# numbers no other module checks: memory_budget (classifiers takes any int) and a probe's sample
+# (featurestore.probing refuses < 1 in the middle of its run, where it cannot be called alone).
 NUMBER_RANGES: dict[str, list[NumberRange]] = {
     "extract": list(EXTRACT_NUMBERS),
-    "train": _ranges(("cv", whole_number(2)), ("test_size", _FRACTION), ("batch_size", whole_number(1)),
-                     ("epochs", whole_number(1)), ("memory_budget", whole_number(1)), ("n_jobs", _N_JOBS)),
+    "train": _ranges(("memory_budget", whole_number(1))),
     "evaluate": _ranges(("batch_size", whole_number(1))),
     "predict": _ranges(("batch_size", whole_number(1))),
-    "probe": _ranges(("sample", whole_number(1)), ("cv", whole_number(2)), ("test_size", _FRACTION),
-                     ("batch_size", whole_number(1)), ("n_jobs", _N_JOBS),
-                     *((name, _EXTRACT[name]) for name in ("shard_size", "actors", "gpus_per_actor",
+    "probe": _ranges(("sample", whole_number(1)),
+                     *((name, _EXTRACT[name]) for name in ("batch_size", "shard_size", "actors", "gpus_per_actor",
                                                            "cpus_per_actor", "input_size"))),
 }
+
+# The head's numbers each job kind hands to classifiers.train (a probe's batch_size is its extraction's).
+HEAD_NUMBERS = {"train": ("cv", "test_size", "n_jobs", "batch_size", "epochs"), "probe": ("cv", "test_size", "n_jobs")}
+
+
+class _ArgumentsChecked(Exception):
+    """classifiers.train got past its argument checks to its first read of the store."""
+
+
+class _NoStore:
+    """The store of a dry call of classifiers.train: its argument checks run, its first read stops it."""
+
+    def features(self, layer):
+        raise _ArgumentsChecked
+
+
+def _check_head_numbers(job: str, cfg: Any, source: str) -> None:
+    """Refuse the head's numbers (cv, test_size, ...) with the checks classifiers itself makes, so the
+    spec and the training cannot disagree: classifiers.train called on no store (it checks its
+    arguments before reading anything; nothing is trained or written) and classifiers.split.hash_split
+    on no ids (test_size; a split file or a manifest column leaves it unused, and then it is not
+    checked on the cluster either, but a test_size outside (0, 1) is still a mistake)."""
+    names = HEAD_NUMBERS.get(job)
+    if not names:
+        return
+    try:
+        import classifiers
+        from classifiers.heads import HeadError
+        from classifiers.split import hash_split
+    except ImportError:  # heads not installed here: the job checks them on the cluster
+        return
+    given = {name: getattr(cfg, name) for name in names}
+    try:
+        hash_split([], [], test_size=given.pop("test_size"))
+        classifiers.train(_NoStore(), head=cfg.head, **given)
+    except _ArgumentsChecked:
+        return
+    except HeadError as exc:
+        from jobs._entry import spec_terms
+
+        message = spec_terms(str(exc), cfg)  # "a single --grid value" is "a single config.grid value"
+        name = message.split(" ", 1)[0]
+        if name not in names:  # not one of the numbers: the job says it in its own words
+            return
+        raise ConfigError(f"{source}: field 'config.{name}' {message[len(name) + 1:]}; "
+                          "leave it out for the default") from None
+
+
+def _check_grid(cfg: Any, source: str) -> None:
+    """The head's grid, read by classifiers.heads.parse_grid as classifiers.train reads it (a grid of
+    alpha alone is SGD's, for a head that streams): a value that is not a number, a hyperparameter
+    the head lacks, refused here rather than after the job has started."""
+    if not cfg.grid:
+        return
+    try:
+        from classifiers.heads import HeadError, parse_grid
+    except ImportError:  # heads not installed here: the job checks it on the cluster
+        return
+    alpha_only = isinstance(cfg.grid, Mapping) and set(cfg.grid) == {"alpha"}
+    try:
+        parse_grid(cfg.grid, "sgd" if alpha_only else cfg.head)
+    except HeadError as exc:
+        said = str(exc).removeprefix("--grid").lstrip(": ")
+        raise ConfigError(f"{source}: field 'config.grid': {said}") from None
 
 
 def _check_class_weight(value: Any, source: str) -> None:
@@ -221,6 +281,7 @@ def _check_numbers(job: str, cfg: Any, source: str) -> None:
         name, value, what = bad
         raise ConfigError(f"{source}: field 'config.{name}' must be {what}, got {value!r}; "
                           "leave it out for the default")
+    _check_head_numbers(job, cfg, source)
 
 
 def check_models(spec: JobSpec, typed: Any) -> None:
@@ -249,10 +310,44 @@ def check_models(spec: JobSpec, typed: Any) -> None:
         except UnknownModelError as exc:
             raise ConfigError(f"{source}: field 'config.{where}': {exc}") from None
     if spec.job == "extract":
+        check_weights([(b.model, b.weights) for b in backbones], source)
         asked = [(b.model, list(b.layers)) for b in backbones]
     else:
         asked = _probe_layers(typed)
     check_layers(asked, typed.input_size, source)
+
+
+def check_weights(asked: list[tuple[str, str | None]], source: str) -> None:
+    """Refuse weights a model does not have, named as torchvision's enum member or timm's pretrained
+    tag (`weights: IMAGENET1K_V3`, a typo `nonee`), with the names it has: what the job's first step
+    would refuse after waiting for the cluster. The names are looked up, nothing is downloaded.
+    None, DEFAULT, named sources (pypi:...) and files are not checked here (a file may exist only
+    on the cluster); importing torchvision (~3 s) or timm happens only for the other names."""
+    import importlib
+
+    from featurestore.weights import NAMED_SOURCES, is_file_spec
+    from featurestore.zoo import canonical_name
+
+    for model, weights in asked:
+        low = (weights or "none").strip().lower()
+        if low in ("none", "default", "pretrained", "timm") or low in NAMED_SOURCES or is_file_spec(weights):
+            continue
+        canonical = canonical_name(model)
+        timm_name = canonical.removeprefix("timm:") if canonical.startswith("timm:") else None
+        try:
+            importlib.import_module("timm" if timm_name else "torchvision")
+            from featurestore.weights import WeightsError, check_timm_tag, torchvision_enum
+        except (ImportError, OSError):  # the cluster checks them when it builds the model
+            return
+        try:
+            if timm_name:
+                check_timm_tag(timm_name, weights)
+            else:
+                torchvision_enum(canonical, weights)
+        except WeightsError as exc:
+            raise ConfigError(f"{source}: field 'config.weights': {exc}") from None
+        except Exception:  # a name these lookups do not cover: the job says what is wrong
+            continue
 
 
 def _probe_layers(cfg: ProbeConfig) -> list[tuple[str, list[str]]]:
@@ -404,6 +499,7 @@ def parse_spec(data: Mapping[str, Any], source: str = "<dict>") -> tuple[JobSpec
     typed = _typed(spec)
     if spec.job in ("train", "probe"):
         _check_head_kind(typed.head, source)
+        _check_grid(typed, source)
     if spec.job == "probe":
         _check_probe(typed, source)
     if spec.job == "train":

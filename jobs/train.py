@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import shutil
 import sys
 import tempfile
@@ -41,28 +42,27 @@ def run(spec, cfg) -> int:
 
 
 def check_inputs(cfg, reader) -> None:
-    """What classifiers.train would refuse, checked before it runs and raised as ConfigError naming the
-    spec's field: the layer (the store's StoreKeyError), the split (a file without id/split columns
-    or with other values, rows it leaves out; the store manifest's own split column: HeadError) and
-    the scoring name (scikit-learn's bare ValueError, which jobs._entry would otherwise report as a
-    bug). jobs._entry says a ConfigError as the spec's fault in one line."""
-    from classifiers.split import manifest_split, read_split_file
+    """What classifiers.train would refuse, checked cheaply before it runs and raised as ConfigError
+    naming the spec's field: the layer (the store's StoreKeyError; features are read lazily), the
+    split file's format and columns (its schema only: classifiers.train reads the file itself, once,
+    and its HeadError about values or ids left out names the file, which jobs._entry turns into
+    field 'config.split'), the store manifest's own split column and the scoring name (scikit-learn's
+    bare ValueError, which jobs._entry would otherwise report as a bug)."""
+    from classifiers.split import manifest_split
 
     try:
         reader.features(cfg.layer)
     except KeyError as exc:  # StoreKeyError: "STORE: no layer 'x'; layers: ..."
         raise ConfigError(f"field 'config.layer': {exc}") from None
     column = cfg.split_column or "split"
-    try:
-        if cfg.split is not None:
-            read_split_file(cfg.split, reader.ids, split_column=column)  # a missing file: FileNotFoundError
-        else:
+    if cfg.split is not None:
+        _check_split_file(str(cfg.split), column)
+    else:
+        try:
             manifest_split(reader, column)
-    except FileNotFoundError:
-        raise
-    except (ValueError, OSError) as exc:  # HeadError (a ValueError); OSError: a folder, no permission
-        field = "split" if cfg.split is not None else "split_column" if cfg.split_column else "store"
-        raise ConfigError(f"field 'config.{field}': {_without_flag(str(exc))}") from None
+        except ValueError as exc:  # HeadError: values other than train/test, ids without a split
+            field = "split_column" if cfg.split_column else "store"
+            raise ConfigError(f"field 'config.{field}': {exc}") from None
     if cfg.scoring is not None:
         from sklearn.metrics import get_scorer
 
@@ -72,9 +72,31 @@ def check_inputs(cfg, reader) -> None:
             raise ConfigError(f"field 'config.scoring': {exc}") from None
 
 
-def _without_flag(message: str) -> str:
-    """classifiers.split's messages start with the command's flag (`--split FILE: ...`); the field says it here."""
-    return message[len("--split "):] if message.startswith("--split ") else message
+def _check_split_file(path: str, column: str) -> None:
+    """A split file that exists, reads as CSV/Parquet and has the id and split columns, from its
+    schema alone (a Parquet footer, a CSV's first block): the rows are read once, by the training."""
+    import pyarrow as pa
+    import pyarrow.csv as pcsv
+    import pyarrow.parquet as pq
+
+    wanted = f"a CSV/Parquet file with columns id (or path) and {column}"
+    if not os.path.exists(path):
+        raise ConfigError(f"field 'config.split': {path}: no such file; {wanted}")
+    parquet = path.lower().endswith((".parquet", ".pq"))
+    try:
+        if parquet:
+            cols = pq.read_schema(path).names
+        else:
+            with pcsv.open_csv(path) as csv:
+                cols = csv.schema.names
+    except pa.ArrowInvalid as exc:  # not CSV (or not Parquet) at all
+        raise ConfigError(f"field 'config.split': {path}: cannot be read as {'Parquet' if parquet else 'CSV'} "
+                          f"({str(exc).splitlines()[0]}); {wanted}") from None
+    except OSError as exc:  # a folder, no permission
+        raise ConfigError(f"field 'config.split': {path}: {exc.strerror or exc}; {wanted}") from None
+    if not ({"id", "path"} & set(cols)) or column not in cols:
+        raise ConfigError(f"field 'config.split': {path}: needs columns 'id' (or 'path') and {column!r}; "
+                          f"it has {', '.join(cols)}")
 
 
 def _fmt(v) -> str:

@@ -95,6 +95,15 @@ def small_store(tmp_path):
                         "it has name, side"),
     (lambda tmp, store: {"split": _csv(tmp / "s.csv", "id,split\nimg0,train\nimg1,test\n")},
      lambda tmp, store: f"field 'config.split': {tmp / 's.csv'}: 22 store id(s) have no split"),
+    (lambda tmp, store: {"split": _csv(tmp / "s.csv", "id,split\n" + "".join(f"img{i},trian\n" for i in range(24)))},
+     lambda tmp, store: f"field 'config.split': {tmp / 's.csv'}: split values must be train or test; found 'trian'"),
+    (lambda tmp, store: {"split": str(tmp)},
+     lambda tmp, store: f"field 'config.split': {tmp}: "),
+    (lambda tmp, store: {"split": str(tmp / "none.csv")},
+     lambda tmp, store: f"field 'config.split': {tmp / 'none.csv'}: no such file"),
+    # classifiers' HeadError about a field, naming the store: the field it opens with, not the store
+    (lambda tmp, store: {"class_weight": {"cat": 2, "tiger": 1}},
+     lambda tmp, store: f"field 'config.class_weight': class_weight names ['tiger'], not classes of {store} (cat, dog)"),
     # scikit-learn's ValueError for a scoring name it does not know
     (lambda tmp, store: {"scoring": "acuracy"},
      lambda tmp, store: "field 'config.scoring': 'acuracy' is not a valid scoring value"),
@@ -114,6 +123,32 @@ def test_bad_train_input_is_one_line_and_exit_2(tmp_path, capsys, small_store, b
     (line,) = [ln for ln in err.splitlines() if " ERROR " in ln]
     assert f"refused: {path}: {said(tmp_path, small_store)}" in line, line
     assert "Traceback" not in err
+
+
+def test_a_train_job_reads_its_split_file_once(tmp_path, capsys, small_store, monkeypatch):
+    """The job's early check of the split file reads its columns only; the rows are read once, by the
+    training, and the head's report still names the file."""
+    import classifiers.fit
+    import classifiers.split
+    from classifiers import load_head
+    from jobs import train
+
+    reads = []
+    real = classifiers.split.read_split_file
+
+    def counted(*args, **kwargs):
+        reads.append(args[0])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(classifiers.split, "read_split_file", counted)
+    monkeypatch.setattr(classifiers.fit, "read_split_file", counted)
+    split = _csv(tmp_path / "s.csv", "id,split\n" + "".join(f"img{i},{'test' if i % 4 == 0 else 'train'}\n"
+                                                             for i in range(24)))
+    path = spec_file(tmp_path, "train", {"store": small_store, "out": str(tmp_path / "head"), "cv": 2,
+                                         "split": split})
+    assert main("train", train.run, ["--config", str(path)]) == 0, capsys.readouterr().err
+    assert reads == [split]
+    assert load_head(str(tmp_path / "head")).report["split"] == f"file {split}"
 
 
 def _csv(path, text):
@@ -213,6 +248,33 @@ def test_a_probe_names_its_models_field(tmp_path):
     line = input_error_line("probe", ProbeError("--models 'resnet18@none': UnknownLayerError: no layer 'x'"),
                             spec, typed)
     assert line == f"{spec.source}: config.models: 'resnet18@none': UnknownLayerError: no layer 'x'"
+
+
+@pytest.mark.parametrize("error,field", [
+    # the message names the output, whose path starts with the source's: the longer one at that place
+    (lambda tmp: OSError(f"{tmp / 'animals-store'}/shard-00000.h5: read-only file system"), "output"),
+    (lambda tmp: FileNotFoundError(f"{tmp / 'animals'}/cats: no such directory"), "source"),
+    # an OSError naming its path: the location it lies in, not one that merely starts the same
+    (lambda tmp: PermissionError(13, "Permission denied", str(tmp / "animals-store" / "store.json")), "output"),
+    (lambda tmp: PermissionError(13, "Permission denied", str(tmp / "animals" / "cats")), "source"),
+    # a folder above both: the nearer location
+    (lambda tmp: PermissionError(13, "Permission denied", str(tmp)), "source"),
+])
+def test_one_rule_names_the_field_of_a_location(tmp_path, error, field):
+    """is_input_error and the refusal line ask one function which field a location error is about;
+    a source /d/animals and an output /d/animals-store are told apart by path, not by prefix."""
+    from jobs._entry import is_input_error, location_field
+    from jobs.specs import load_spec
+
+    spec, typed = load_spec(spec_file(tmp_path, "extract", {"source": str(tmp_path / "animals"),
+                                                            "output": str(tmp_path / "animals-store"),
+                                                            "model": "resnet18", "weights": "none"}))
+    exc = error(tmp_path)
+    assert location_field("extract", exc, typed) == field
+    assert f"field 'config.{field}': " in input_error_line("extract", exc, spec, typed)
+    _, train = load_spec(spec_file(tmp_path, "train", {"store": str(tmp_path / "animals"),
+                                                       "out": str(tmp_path / "animals-store")}))
+    assert is_input_error("train", exc, train)
 
 
 @pytest.fixture(autouse=True)

@@ -281,13 +281,20 @@ def test_submit_refuses_unknown_models_and_numbers_out_of_range(tmp_path, mutate
 
 @pytest.mark.parametrize("job,config,needle", [
     ("train", {"store": "s3://b/s", "out": "s3://b/h", "cv": 1}, "field 'config.cv' must be a whole number >= 2"),
-    ("train", {"store": "s3://b/s", "out": "s3://b/h", "test_size": 1.5}, "field 'config.test_size' must be a fraction"),
+    ("train", {"store": "s3://b/s", "out": "s3://b/h", "test_size": 1.5}, "field 'config.test_size' must lie strictly between 0 and 1, got 1.5"),
     ("train", {"store": "s3://b/s", "out": "s3://b/h", "n_jobs": 0}, "field 'config.n_jobs' must be a whole number"),
     # classifiers.train takes float() of each weight: a bare ValueError on the cluster
     ("train", {"store": "s3://b/s", "out": "s3://b/h", "class_weight": {"cat": 2, "dog": "high"}},
      "field 'config.class_weight' must map class names (or label ids) to numbers, got {'dog': 'high'}"),
     ("train", {"store": "s3://b/s", "out": "s3://b/h", "class_weight": "balancd"},
      "field 'config.class_weight' must be 'balanced' or a mapping of class name to weight, got 'balancd'"),
+    # the grid as classifiers.train reads it (parse_grid), refused before the job starts
+    ("train", {"store": "s3://b/s", "out": "s3://b/h", "grid": {"C": [0.1, "x"]}},
+     "field 'config.grid': C: 'x' is not a number"),
+    ("train", {"store": "s3://b/s", "out": "s3://b/h", "head": "svm", "grid": {"C": [1], "alpha": [0.1]}},
+     "field 'config.grid': head 'svm' has no hyperparameter 'alpha'; it accepts: C, gamma"),
+    ("probe", {"source": "s3://b/i", "out": "s3://b/p", "models": ["resnet18@none"], "grid": {"C": [-1]}},
+     "field 'config.grid': C: -1; C must be a number > 0"),
     ("evaluate", {"head": "s3://b/h", "store": "s3://b/s", "batch_size": 0}, "field 'config.batch_size'"),
     ("predict", {"head": "s3://b/h", "store": "s3://b/s", "out": "s3://b/p", "batch_size": -1},
      "field 'config.batch_size'"),
@@ -312,6 +319,53 @@ def test_numbers_and_models_of_every_job_kind(tmp_path, job, config, needle):
     assert needle in str(err.value) and str(path) in str(err.value)
 
 
+@pytest.mark.parametrize("job,field,value", [
+    ("train", "cv", 1), ("train", "test_size", 1.0), ("train", "n_jobs", 0), ("train", "batch_size", 0),
+    ("train", "epochs", 0), ("probe", "cv", 0), ("probe", "test_size", 0), ("probe", "n_jobs", 0),
+])
+def test_head_numbers_are_refused_in_the_words_of_classifiers(tmp_path, job, field, value):
+    """A spec's cv, test_size, ... are checked by classifiers' own checks (what the job runs on the
+    cluster), not a copy of them: the refusal names the field and says what classifiers.train says."""
+    import classifiers
+    from classifiers.heads import HeadError
+    from classifiers.split import hash_split
+
+    with pytest.raises(HeadError) as own:  # the training's refusal, before it reads the (missing) store
+        if field == "test_size":  # checked where the test part is drawn
+            hash_split(["a", "b"], [0, 1], test_size=value)
+        else:
+            classifiers.train(str(tmp_path / "no-store"), **{field: value})
+    said = str(own.value).replace("--grid", "config.grid")
+    assert said.startswith(f"{field} ")
+    config = {"train": {"store": "s3://b/s", "out": "s3://b/h"},
+              "probe": {"source": "s3://b/i", "out": "s3://b/p", "models": ["resnet18@none"]}}[job]
+    path = write(tmp_path, {"job": job, "config": {**config, field: value}})
+    with pytest.raises(ConfigError) as err:
+        load_spec(path)
+    assert str(err.value) == f"{path}: field 'config.{field}' {said[len(field) + 1:]}; leave it out for the default"
+
+
+@pytest.mark.parametrize("model,weights,said", [
+    ("resnet18", "nonee", "field 'config.weights': unknown weights 'nonee' for resnet18; its weights are "
+                          "IMAGENET1K_V1, DEFAULT"),
+    ("timm:resnet18", "tv_in2k", "field 'config.weights': unknown weights 'tv_in2k' for timm:resnet18: not a "
+                                 "pretrained tag; its tags are"),
+    ("resnet18", "IMAGENET1K_V1", None), ("timm:resnet18", "tv_in1k", None), ("resnet18", "none", None),
+    ("resnet18", "/only/on/the/cluster.pth", None),  # a file may exist only where the job runs
+])
+def test_weights_a_model_lacks_are_refused_before_submission(tmp_path, model, weights, said):
+    """A weights name the model does not have (torchvision's enum, timm's tags, looked up without
+    downloading) is refused naming config.weights, not by the job after it waited for the cluster."""
+    path = write(tmp_path, {"job": "extract", "config": {"source": "s3://b/i", "output": "s3://b/s",
+                                                         "model": model, "weights": weights}})
+    if said is None:
+        assert load_spec(path)[1].weights == weights
+        return
+    with pytest.raises(ConfigError) as err:
+        load_spec(path)
+    assert str(err.value).startswith(f"{path}: {said}"), err.value
+
+
 def test_good_models_and_numbers_pass(tmp_path):
     """Aliases, timm names, several models, 'auto' and the smallest valid numbers are accepted."""
     import copy
@@ -324,6 +378,8 @@ def test_good_models_and_numbers_pass(tmp_path):
     probe = {"job": "probe", "config": {"source": "s3://b/i", "out": "s3://b/p", "models": ["resnet18@none"],
                                         "cv": 2, "test_size": 0.5, "n_jobs": -1}}
     assert load_spec(write(tmp_path, probe))[1].cv == 2
+    sgd = {"job": "train", "config": {"store": "s3://b/s", "out": "s3://b/h", "grid": {"alpha": [1e-4, 1e-3]}}}
+    assert load_spec(write(tmp_path, sgd))[1].grid == {"alpha": [1e-4, 1e-3]}  # SGD's, for a logreg that streams
     train = {"job": "train", "config": {"store": "s3://b/s", "out": "s3://b/h", "class_weight": {"cat": 2, 1: 0.5}}}
     assert load_spec(write(tmp_path, train))[1].class_weight == {"cat": 2, 1: 0.5}
 
