@@ -411,7 +411,9 @@ def _build_torchvision(name, weights, seed, input_size, crop, decode, storage_op
     if low == "none":
         recipe = f"the {default_member.name} recipe, random weights"
     elif low in NAMED_SOURCES:
-        raise WeightsError(f"named weights {weights!r} fit {NAMED_SOURCES[low].model}, not {name}")
+        fits = NAMED_SOURCES[low].model
+        raise WeightsError(f"named weights {weights!r} fit {fits}, not {name}; use --model "
+                           f"{fits.removeprefix('timm:')} or other weights (an enum name such as DEFAULT, a file, none)")
     elif is_file_spec(weights):
         path, hint = split_recipe(weights)
         member = file_recipe(name, hint)
