@@ -92,3 +92,11 @@ def test_a_file_without_named_layers_is_checked_while_ray_starts(r18_files, tmp_
 def test_a_wrong_enum_member_with_named_layers_is_refused_up_front():
     with pytest.raises(WeightsError, match=r"unknown weights 'IMAGENET1K_V9' for resnet18; its weights are "):
         preflight(BackboneConfig(model="resnet18", weights="IMAGENET1K_V9", layers=["layer3"]))
+
+
+def test_a_model_the_meta_device_cannot_build_is_traced_for_real():
+    """regnet's constructor copies data, which the meta device refuses: a small one is traced with
+    random weights instead, so its typos are refused up front too."""
+    with pytest.raises(UnknownLayerError, match=r"regnet_y_400mf has no layer 'trunk_outptu'; closest: trunk_output"):
+        preflight(BackboneConfig(model="regnet_y_400mf", weights="none", layers=["trunk_outptu"]))
+    assert preflight(BackboneConfig(model="regnet_y_400mf", weights="none", layers=["trunk_output"])) is None
