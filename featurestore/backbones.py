@@ -820,6 +820,7 @@ class _Cuts:
     weights_id: str
     missing: tuple  # the classifier keys a headless file lacks; () otherwise
     deepest: str  # the default cut with these weights (the deepest usable one)
+    input_node: str | None = None  # torchvision's graph input ('x'): the image, not a cut
 
 
 def _describe(model: str, weights: str | None, input_size: int | None):
@@ -843,7 +844,7 @@ def _describe(model: str, weights: str | None, input_size: int | None):
             notes["logits"] = _needs_note(headless)
         rows = [LayerInfo(n, tuple(out[n].shape[1:]), not (headless and n == "logits"), notes.get(n, ""),
                           usable=not (headless and n == "logits")) for n in names]
-        return rows, pre, recipe, _Cuts(canonical, weights_id, tuple(headless), "pre_logits")
+        return rows, pre, recipe, _Cuts(canonical, weights_id, tuple(headless), "pre_logits", None)
     net, pre, weights_id, _, _, headless, recipe = _build_torchvision(
         canonical, bb_weights, 0, input_size, "center", "draft", None, load=False)
     net.eval()
@@ -888,7 +889,7 @@ def _describe(model: str, weights: str | None, input_size: int | None):
                           _needs_note(headless) if headless else
                           f"{_logits_note(classes, len(_tv_categories(canonical)))} ({summary['logits']})",
                           usable=not headless))
-    return rows, pre, recipe, _Cuts(canonical, weights_id, tuple(headless), summary["usable"])
+    return rows, pre, recipe, _Cuts(canonical, weights_id, tuple(headless), summary["usable"], names[0])
 
 
 def _tv_categories(name: str) -> list:
@@ -918,7 +919,7 @@ def check_cut(model: str, weights: str | None, layers: Sequence[str], input_size
     rows, _, _, cuts = _describe(model, weights, input_size)
     timm_model = cuts.model.startswith("timm:")
     names = [r.name for r in rows]
-    _check_layers(list(layers), names, cuts.model, prefixes=not timm_model)
+    _check_layers(list(layers), names, cuts.model, prefixes=not timm_model, input_node=cuts.input_node)
     unusable = {r.name for r in rows if not r.usable}
     for layer in layers:
         node = layer if layer in names else [n for n in names if n.startswith(layer + ".")][-1]

@@ -58,6 +58,8 @@ def test_logits_of_a_headless_file_is_refused_naming_the_file(r18_files):
         preflight(BackboneConfig(model="resnet18", weights=headless, layers=["layer3", "logits"]))
     with pytest.raises(UnknownLayerError, match=r"layer 'fc' needs the classifier"):
         preflight(BackboneConfig(model="resnet18", weights=headless, layers=["fc"]))
+    with pytest.raises(UnknownLayerError, match=r"resnet18: 'x' is the input image itself, not a feature"):
+        preflight(BackboneConfig(model="resnet18", weights=headless, layers=["x"]))
     # what the file gives is let through (its check is done: nothing left for later), as is the full file
     assert preflight(BackboneConfig(model="resnet18", weights=headless, layers=["layer3", "flatten"])) is None
     assert preflight(BackboneConfig(model="resnet18", weights=full, layers=["logits", "layer4"])) is None
