@@ -54,7 +54,9 @@ def test_a_typo_is_refused_by_the_driver_before_ray(tmp_path):
 def test_logits_of_a_headless_file_is_refused_naming_the_file(r18_files):
     full, headless = r18_files
     with pytest.raises(UnknownLayerError, match=rf"resnet18: logits needs the classifier, and weights {headless} "
-                                                r"have none .*deepest layer they give is 'flatten'"):
+                                                r"have none .*deepest layer they give is 'flatten'.*"
+                                                rf"`featurestore layers resnet18 --weights {headless}` lists the "
+                                                r"layers and marks those they cannot give"):
         preflight(BackboneConfig(model="resnet18", weights=headless, layers=["layer3", "logits"]))
     with pytest.raises(UnknownLayerError, match=r"layer 'fc' needs the classifier"):
         preflight(BackboneConfig(model="resnet18", weights=headless, layers=["fc"]))
