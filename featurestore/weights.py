@@ -408,7 +408,18 @@ def torchvision_enum(model_name: str, weights: str):
     raise WeightsError(
         f"unknown weights {weights!r} for {model_name}; its weights are {', '.join(members)}"
         + (f" (closest: {', '.join(close)})" if close else "")
-        + "; or pass a state-dict file/URL, or 'none' for random initialisation")
+        + "; or pass a state-dict file/URL, or 'none' for random initialisation" + _timm_tag_hint(model_name, weights))
+
+
+def _timm_tag_hint(model_name: str, weights: str) -> str:
+    """'; ... use --model timm:resnet18' where `weights` is a timm pretrained tag of the same name (tv_in1k)."""
+    try:
+        if weights in timm_tags(model_name):
+            return (f"; {weights!r} is a timm pretrained tag of timm:{model_name}, a model of its own: "
+                    f"use --model timm:{model_name} --weights {weights}")
+    except Exception:  # timm not installed, or no such timm model: no hint
+        pass
+    return ""
 
 
 def _hub_cache_file(url: str) -> str:
