@@ -352,7 +352,31 @@ def preflight(backbone) -> Any:
         always.add("logits")  # only a file may lack the classifier
 
     def cut() -> None:
-        _check_cut(name, weights, layers, backbone.input_size)
+        """backbones.check_cut on the meta device (no weights allocated); a model that cannot be traced
+        there (regnet's constructor copies data) is traced with random weights up to 100M parameters
+        (regnet_y_400mf: ~1 s here), as jobs.specs.check_layers does; larger ones are left to the
+        actors, which check as they build it."""
+        import torch
+
+        from featurestore.backbones import UnknownLayerError, WeightsError, check_cut
+        from featurestore.zoo import UnknownModelError, model_info
+
+        refusals = (UnknownLayerError, WeightsError, UnknownModelError, ValueError)
+        try:
+            with torch.device("meta"):
+                return check_cut(name, weights, layers, backbone.input_size)
+        except refusals:
+            raise
+        except Exception as exc:  # some constructors copy data (regnet); some ops have no meta kernel
+            log.debug("%s: no layer check on the meta device (%s: %s)", name, type(exc).__name__, exc)
+        try:
+            params = model_info(name).params_m
+            if params is not None and params <= 100:
+                check_cut(name, weights, layers, backbone.input_size)
+        except refusals:
+            raise
+        except Exception as exc:  # the actors say what is wrong when they build the model
+            log.debug("%s: layers not checked in the driver (%s: %s)", name, type(exc).__name__, exc)
 
     checked = bool(layers) and not set(layers) <= always
     if checked:
@@ -370,39 +394,6 @@ def preflight(backbone) -> Any:
             fetch_torchvision(member)
 
     return torchvision_weights
-
-
-# A model that cannot be traced on the meta device is traced with random weights up to this many
-# million parameters (regnet_y_400mf: ~1 s here), as jobs.specs.check_layers does; larger ones are left
-# to the actors.
-_REAL_TRACE_MAX_PARAMS_M = 100
-
-
-def _check_cut(name: str, weights: str, layers: list, input_size: int | None) -> None:
-    """backbones.check_cut on the meta device (no weights allocated); a model that cannot be traced
-    there (regnet's constructor copies data) is traced for real if small, else left to the actors,
-    which check as they build it."""
-    import torch
-
-    from featurestore.backbones import UnknownLayerError, WeightsError, check_cut
-    from featurestore.zoo import UnknownModelError, model_info
-
-    refusals = (UnknownLayerError, WeightsError, UnknownModelError, ValueError)
-    try:
-        with torch.device("meta"):
-            return check_cut(name, weights, layers, input_size)
-    except refusals:
-        raise
-    except Exception as exc:  # some constructors copy data (regnet); some ops have no meta kernel
-        log.debug("%s: no layer check on the meta device (%s: %s)", name, type(exc).__name__, exc)
-    try:
-        params = model_info(name).params_m
-        if params is not None and params <= _REAL_TRACE_MAX_PARAMS_M:
-            check_cut(name, weights, layers, input_size)
-    except refusals:
-        raise
-    except Exception as exc:  # the actors say what is wrong when they build the model
-        log.debug("%s: layers not checked in the driver (%s: %s)", name, type(exc).__name__, exc)
 
 
 class _InBackground:
