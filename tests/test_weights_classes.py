@@ -149,3 +149,25 @@ def test_another_architecture_is_still_refused_naming_the_file_and_the_model(tmp
     other = _save(tmp_path, "mnv3.pth", timm.create_model("mobilenetv3_small_050", num_classes=10))
     with pytest.raises(WeightsError, match=rf"weights {other} do not fit timm:resnet18 \(ResNet\): missing keys"):
         load_backbone("timm:resnet18", f"{other}#tv_in1k")
+
+
+def test_layers_shows_a_fine_tuned_files_class_count(timm_r18_10, tmp_path):
+    """`featurestore layers MODEL --weights FILE` reads the file's shapes: logits is the file's 10 classes,
+    not the architecture's 1000; a file of another architecture is refused there too, naming the keys."""
+    import json
+
+    from click.testing import CliRunner
+    from torchvision.models import resnet18
+
+    from featurestore.cli_models import layers
+
+    torch.manual_seed(0)
+    tv = _save(tmp_path, "tv_r18_10.pth", resnet18(num_classes=10))
+    for model, path in (("resnet18", tv), ("timm:resnet18", timm_r18_10[1])):
+        r = CliRunner().invoke(layers, [model, "--weights", path, "--json", "--recommended"])
+        assert r.exit_code == 0, r.output
+        logits = json.loads(r.output)[-1]
+        assert logits["name"] == "logits" and logits["shape"] == [10] and "10 classes" in logits["note"], logits
+    r = CliRunner().invoke(layers, ["resnet34", "--weights", tv])
+    assert r.exit_code == 2 and f"weights {tv} do not fit resnet34" in r.output and "missing keys" in r.output, \
+        r.output

@@ -211,3 +211,43 @@ def test_a_distilled_timm_model_needs_both_heads_missing(tmp_path):
     one = _save(tmp_path, "deit_one_head.pth", {k: v for k, v in full.items() if not k.startswith("head.")})
     with pytest.raises(WeightsError, match=r"missing keys \(2\): head.weight, head.bias"):
         load_backbone("timm:deit_tiny_distilled_patch16_224", one)
+
+
+def _layers_json(model, weights, *extra):
+    import json
+
+    from click.testing import CliRunner
+
+    from featurestore.cli_models import layers
+
+    r = CliRunner().invoke(layers, [model, "--weights", weights, "--json", *extra])
+    assert r.exit_code == 0, r.output
+    return {row["name"]: row for row in json.loads(r.output)}
+
+
+def test_layers_marks_what_a_headless_file_cannot_give(r18, tmp_path):
+    """`featurestore layers MODEL --weights FILE` reads the file's names and shapes: what needs the
+    missing classifier is marked unusable (and not recommended); the full file's rows are all usable."""
+    _, full, headless = r18
+    rows = _layers_json("resnet18", headless)
+    assert not rows["logits"]["usable"] and not rows["fc"]["usable"] and not rows["logits"]["recommended"]
+    assert "needs the classifier these weights lack (fc.weight, fc.bias)" in rows["logits"]["note"]
+    assert rows["flatten"]["usable"] and "(default)" in rows["flatten"]["note"]
+    assert all(r["usable"] for r in _layers_json("resnet18", full).values())
+    assert "logits" not in _layers_json("resnet18", headless, "--recommended")
+    # vgg saved with `model.classifier = nn.Identity()`: its hidden Linear layers are gone too
+    from torchvision.models import vgg11
+
+    m = vgg11()
+    m.classifier = torch.nn.Identity()
+    vgg = _save(tmp_path, "vgg11_headless.pth", m.state_dict())
+    rows = _layers_json("vgg11", vgg)
+    assert "(default)" in rows["flatten"]["note"] and rows["flatten"]["usable"]
+    assert {n for n, r in rows.items() if not r["usable"]} >= {"classifier.0", "classifier.3", "classifier.6",
+                                                                  "logits"}
+
+
+def test_layers_marks_a_timm_headless_files_logits(timm_r18):
+    _, _, headless = timm_r18
+    rows = _layers_json("timm:resnet18", headless)
+    assert not rows["logits"]["usable"] and rows["pre_logits"]["usable"] and rows["layer4"]["usable"]

@@ -80,11 +80,12 @@ def test_layers_never_loads_weights_but_checks_the_name(tmp_path, monkeypatch, m
     rows, pre, recipe = describe_layers("resnet50", "IMAGENET1K_V2", input_size=32)
     assert rows[-1].name == "logits" and pre.resize_size == round(32 * 232 / 224) and "IMAGENET1K_V2" in recipe
     assert not (home / "hub" / "checkpoints").exists() or not os.listdir(home / "hub" / "checkpoints")
-    # a file is not read: not even a corrupt one fails
+    # a file's names and shapes are read (its classifier's size shows in logits): a corrupt one is refused
     junk = tmp_path / "junk.pth"
     junk.write_bytes(b"not a checkpoint")
     r = CliRunner().invoke(layers, ["mobilenet_v2", "--weights", str(junk), "--recommended"])
-    assert r.exit_code == 0, r.output
+    assert r.exit_code == 2 and f"weights file {junk} cannot be loaded as a state dict" in r.output, r.output
+    r = CliRunner().invoke(layers, ["mobilenet_v2", "--weights", mbv2_file, "--recommended"])
     last = r.output.splitlines()[-1]
     assert last.startswith("preprocessing: resize 256, center crop 224x224, bilinear") and "IMAGENET1K_V1" in last
     r = CliRunner().invoke(layers, ["mobilenet_v2", "--weights", f"{mbv2_file}#IMAGENET1K_V2", "--recommended"])

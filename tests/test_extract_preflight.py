@@ -1,0 +1,106 @@
+"""extract's driver refuses a layer the model lacks, or one that needs the classifier a headless weights
+file lacks, before Ray starts (engine.preflight, on the meta device: no weights read or allocated),
+with the same message the actors would give ~30 s later; what it cannot check up front waits."""
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from featurestore.backbones import UnknownLayerError, WeightsError
+from featurestore.config import BackboneConfig, ExtractConfig
+from featurestore.engine import ExtractError, extract, preflight
+
+
+@pytest.fixture(scope="module")
+def r18_files(tmp_path_factory):
+    from torchvision.models import resnet18
+
+    torch.manual_seed(0)
+    sd = resnet18().state_dict()
+    tmp = tmp_path_factory.mktemp("w")
+    full, headless = tmp / "r18.pth", tmp / "r18_headless.pth"
+    torch.save(sd, full)
+    torch.save({k: v for k, v in sd.items() if not k.startswith("fc.")}, headless)
+    return str(full), str(headless)
+
+
+def _images(root, n=2):
+    from PIL import Image
+
+    for cls in ("a", "b"):
+        (root / cls).mkdir(parents=True)
+        for i in range(n):
+            Image.new("RGB", (32, 32), (40 * i, 80, 120)).save(root / cls / f"{i}.png")
+    return str(root)
+
+
+def test_a_typo_is_refused_by_the_driver_before_ray(tmp_path):
+    import ray
+
+    if ray.is_initialized():
+        pytest.skip("Ray already running in this process: cannot tell whether extract started it")
+    src = _images(tmp_path / "src")
+    cfg = ExtractConfig(source=src, output=str(tmp_path / "out"), model="resnet18", weights="none",
+                        layers=["layr3"], quiet=True)
+    t0 = time.perf_counter()
+    with pytest.raises((UnknownLayerError, ExtractError), match=r"resnet18 has no layer 'layr3'; closest: layer3"):
+        extract(cfg)
+    assert not ray.is_initialized() and not (tmp_path / "out").exists()
+    assert time.perf_counter() - t0 < 60
+
+
+def test_logits_of_a_headless_file_is_refused_naming_the_file(r18_files):
+    full, headless = r18_files
+    with pytest.raises(UnknownLayerError, match=rf"resnet18: logits needs the classifier, and weights {headless} "
+                                                r"have none .*deepest layer they give is 'flatten'.*"
+                                                rf"`featurestore layers resnet18 --weights {headless}` lists the "
+                                                r"layers and marks those they cannot give"):
+        preflight(BackboneConfig(model="resnet18", weights=headless, layers=["layer3", "logits"]))
+    with pytest.raises(UnknownLayerError, match=r"layer 'fc' needs the classifier"):
+        preflight(BackboneConfig(model="resnet18", weights=headless, layers=["fc"]))
+    with pytest.raises(UnknownLayerError, match=r"resnet18: 'x' is the input image itself, not a feature"):
+        preflight(BackboneConfig(model="resnet18", weights=headless, layers=["x"]))
+    # what the file gives is let through (its check is done: nothing left for later), as is the full file
+    assert preflight(BackboneConfig(model="resnet18", weights=headless, layers=["layer3", "flatten"])) is None
+    assert preflight(BackboneConfig(model="resnet18", weights=full, layers=["logits", "layer4"])) is None
+
+
+def test_a_timm_typo_and_a_timm_headless_logits(tmp_path):
+    import timm
+
+    with pytest.raises(UnknownLayerError, match=r"timm:resnet18 has no layer 'layer9'"):
+        preflight(BackboneConfig(model="timm:resnet18", weights="none", layers=["layer9"]))
+    path = tmp_path / "t18_headless.pth"
+    torch.save(timm.create_model("resnet18", num_classes=0).state_dict(), path)
+    with pytest.raises(UnknownLayerError, match=rf"timm:resnet18: logits needs the classifier, and weights {path}"):
+        preflight(BackboneConfig(model="timm:resnet18", weights=str(path), layers=["logits"]))
+
+
+def test_a_file_without_named_layers_is_checked_while_ray_starts(r18_files, tmp_path):
+    """No layer named: nothing to refuse before Ray, but a file that does not fit the model is refused
+    by the returned check (run in a thread while Ray starts) rather than by every actor."""
+    full, headless = r18_files
+    check = preflight(BackboneConfig(model="resnet18", weights=headless))
+    assert callable(check)
+    check()  # a headless file's default cut is fine
+    wrong = preflight(BackboneConfig(model="resnet34", weights=full))
+    with pytest.raises(WeightsError, match=rf"weights {full} do not fit resnet34"):
+        wrong()
+    missing = preflight(BackboneConfig(model="resnet18", weights=str(tmp_path / "nope.pth")))
+    with pytest.raises(WeightsError, match="weights file not found"):
+        missing()
+
+
+def test_a_wrong_enum_member_with_named_layers_is_refused_up_front():
+    with pytest.raises(WeightsError, match=r"unknown weights 'IMAGENET1K_V9' for resnet18; its weights are "):
+        preflight(BackboneConfig(model="resnet18", weights="IMAGENET1K_V9", layers=["layer3"]))
+
+
+def test_a_model_the_meta_device_cannot_build_is_traced_for_real():
+    """regnet's constructor copies data, which the meta device refuses: a small one is traced with
+    random weights instead, so its typos are refused up front too."""
+    with pytest.raises(UnknownLayerError, match=r"regnet_y_400mf has no layer 'trunk_outptu'; closest: trunk_output"):
+        preflight(BackboneConfig(model="regnet_y_400mf", weights="none", layers=["trunk_outptu"]))
+    assert preflight(BackboneConfig(model="regnet_y_400mf", weights="none", layers=["trunk_output"])) is None
