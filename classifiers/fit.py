@@ -101,21 +101,13 @@ def _joblib_backend(address: str | None):
         yield
 
 
-def train(store, head: str = "logreg", layer: str | None = None, grid=None, cv: int = 5,
-          class_weight: str | dict | None = None, test_size: float = 0.25, seed: int = 0,
-          out: str | None = None, *, l2: bool = False, loss: str = "log_loss", split=None,
-          split_column: str | None = None, scoring: str | None = None, memory_budget: int | None = None,
-          n_jobs: int | None = None, address: str | None = None, batch_size: int = 4096, epochs: int = 8,
-          storage_options: dict | None = None, overwrite: bool = True) -> Head:
-    """Train a head on a store (path/URL or StoreReader) and return it (saved to `out` when given).
+def check_arguments(head: str = "logreg", cv: int = 5, batch_size: int = 4096, epochs: int = 8,
+                    n_jobs: int | None = None, class_weight: str | dict | None = None,
+                    scoring: str | None = None) -> None:
+    """Refuse train's arguments that need no store, with HeadError naming the argument first.
 
-    The test part (hash split of ids, a manifest `split` column, or `split=` file/mapping) is
-    used only for the final report. The sweep is `cv`-fold on the training part, scored by
-    balanced accuracy when class_weight is set (imbalanced data), accuracy otherwise.
-    `out` must be new, empty, or a head folder, which is replaced (everything the old head left
-    there goes, its exports too); overwrite=False refuses a head folder instead.
-    """
-    t0 = time.perf_counter()
+    train calls it before any work; a job spec calls it at submit time, so a bad number is said
+    there in the same words it would be said on the cluster."""
     check_kind(head)
     for name, value, low, why in (("cv", cv, 2, "folds of the sweep; a single --grid value needs no sweep"),
                                   ("batch_size", batch_size, 1, "rows per streaming batch"),
@@ -134,6 +126,25 @@ def train(store, head: str = "logreg", layer: str | None = None, grid=None, cv: 
         except (ValueError, TypeError):
             raise HeadError(f"scoring {scoring!r} is not a scikit-learn scorer name; e.g. accuracy, "
                             "balanced_accuracy, f1_macro (all: sklearn.metrics.get_scorer_names())") from None
+
+
+def train(store, head: str = "logreg", layer: str | None = None, grid=None, cv: int = 5,
+          class_weight: str | dict | None = None, test_size: float = 0.25, seed: int = 0,
+          out: str | None = None, *, l2: bool = False, loss: str = "log_loss", split=None,
+          split_column: str | None = None, scoring: str | None = None, memory_budget: int | None = None,
+          n_jobs: int | None = None, address: str | None = None, batch_size: int = 4096, epochs: int = 8,
+          storage_options: dict | None = None, overwrite: bool = True) -> Head:
+    """Train a head on a store (path/URL or StoreReader) and return it (saved to `out` when given).
+
+    The test part (hash split of ids, a manifest `split` column, or `split=` file/mapping) is
+    used only for the final report. The sweep is `cv`-fold on the training part, scored by
+    balanced accuracy when class_weight is set (imbalanced data), accuracy otherwise.
+    `out` must be new, empty, or a head folder, which is replaced (everything the old head left
+    there goes, its exports too); overwrite=False refuses a head folder instead.
+    """
+    t0 = time.perf_counter()
+    check_arguments(head=head, cv=cv, batch_size=batch_size, epochs=epochs, n_jobs=n_jobs,
+                    class_weight=class_weight, scoring=scoring)
     if out is not None:
         from .persist import check_out
 
