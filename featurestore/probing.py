@@ -315,6 +315,7 @@ def auto_layers(infos: list) -> tuple[list[str], dict[str, str]]:
 def resolve_layers(cands: list[Candidate], layers: Mapping[str, list[str]], input_size: int | None) -> None:
     """Fill each candidate's layers from the parsed --layers, validating names against the model."""
     from featurestore.backbones import list_layers
+    from featurestore.weights import is_file_spec
 
     known = {c.entry for c in cands} | {c.model for c in cands} | {c.canonical for c in cands}
     for key in layers:
@@ -325,9 +326,13 @@ def resolve_layers(cands: list[Candidate], layers: Mapping[str, list[str]], inpu
         tokens = (layers.get(c.entry) or layers.get(c.model)
                   or next((v for k, v in layers.items() if k != ANY_MODEL and _canonical_or_none(k) == c.canonical), None)
                   or layers[ANY_MODEL])
-        if c.canonical not in cache:
-            cache[c.canonical] = list_layers(c.canonical, input_size=input_size)
-        infos = cache[c.canonical]
+        # a local weights file is read for its classifier (names and shapes only): auto and default then
+        # pick cuts a headless file can give
+        local_file = c.weights if is_file_spec(c.weights) and "://" not in c.weights.split("#")[0] else None
+        key = f"{c.canonical}@{local_file}"
+        if key not in cache:
+            cache[key] = list_layers(c.canonical, weights=local_file, input_size=input_size)
+        infos = cache[key]
         names = [i.name for i in infos]
         notes = {i.name: i.note for i in infos}
         default = next((i.name for i in infos if "(default)" in i.note), names[-2] if len(names) > 1 else names[0])
@@ -567,6 +572,7 @@ def _check_weights(cfg: ProbeConfig, cand: Candidate, source: str) -> None:
     any folder or worker, not a failed extraction that says to run the probe again."""
     from featurestore.engine import preflight
     from featurestore.weights import WeightsError, is_file_spec, read_state_dict, split_recipe
+    from featurestore.zoo import UnknownLayerError
 
     try:
         check = preflight(_extract_config(cfg, cand, source, "unused", cand.layers).backbones()[0])
@@ -576,6 +582,8 @@ def _check_weights(cfg: ProbeConfig, cand: Candidate, source: str) -> None:
             read_state_dict(split_recipe(cand.weights)[0])
     except WeightsError as exc:
         raise ProbeError(f"weights for {cand.model}: {exc}") from None
+    except UnknownLayerError as exc:  # a named layer these weights cannot give (a headless file's logits)
+        raise ProbeError(f"--layers for {cand.model}: {exc}") from None
 
 
 def _extract_config(cfg: ProbeConfig, cand: Candidate, source: str, output: str, layers: list[str]):

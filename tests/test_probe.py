@@ -242,6 +242,28 @@ def test_a_probe_that_fails_before_writing_leaves_no_empty_folders(ray_local, im
     assert (tmp_path / "kept").is_dir()  # a folder the user made is never removed
 
 
+def test_a_headless_weights_file_gets_layers_it_can_give(images, tmp_path):
+    """auto and default read a local file's classifier: a checkpoint saved without one (a self-supervised
+    export) is cut where its tensors reach, and a named layer it cannot give is one ProbeError up front."""
+    import torch
+    from torchvision.models import mobilenet_v3_small
+
+    from featurestore.probing import resolve_layers
+
+    headless = tmp_path / "headless.pth"
+    torch.save({k: v for k, v in mobilenet_v3_small().state_dict().items() if not k.startswith("classifier.")},
+               headless)
+    (auto,) = parse_candidates(f"mobilenet_v3_small@{headless}", None)
+    (plain,) = parse_candidates("mobilenet_v3_small@none", None)
+    resolve_layers([auto], parse_layers("auto,default"), 32)
+    resolve_layers([plain], parse_layers("auto,default"), 32)
+    assert "classifier.1" in plain.layers  # the full model's default cut needs the classifier's first Linear
+    assert auto.layers[-1] == "flatten" and not any(n.startswith("classifier") for n in auto.layers), auto.layers
+    with pytest.raises(ProbeError, match=r"--layers for mobilenet_v3_small: .*logits needs the classifier.*'flatten'"):
+        probe(str(images), [f"mobilenet_v3_small@{headless}"], out=str(tmp_path / "out"), **{**TINY, "layers": "logits"})
+    assert not (tmp_path / "out").exists()
+
+
 def test_an_output_that_is_a_file_is_refused_in_one_line(images, tmp_path):
     from featurestore.cli import main
 
