@@ -1646,6 +1646,7 @@ def verify(uri: str, storage_options: dict | None = None) -> VerifyReport:
     shard_ids: dict[int, np.ndarray | None] = {}  # None: missing or unreadable (said already)
     shard_labels: dict[int, np.ndarray | None] = {}
     altered: set[int] = set()  # shards whose bytes are not those committed (sha256 differs)
+    unhashed: dict[str, int] = {}  # shards whose ids do not hash to store.json's ids_sha256 (readers refuse them)
     checked = 0
     damaged: list[str] = []
     for s in listed:
@@ -1693,6 +1694,8 @@ def verify(uri: str, storage_options: dict | None = None) -> VerifyReport:
                     r = differ[0]
                     problems.append(f"{rel}: ids differ from its sidecar {s['name'][:-3]}.json in {len(differ)} "
                                     f"row(s), e.g. row {r} reads {ids[r]!r} where the sidecar says {s['ids'][r]!r}")
+            if ids is not None and s.get("ids_sha256") and ids_digest(ids.tolist()) != s["ids_sha256"]:
+                unhashed[rel] = int(s["index"])
             shard_ids[int(s["index"])] = ids
             shard_labels[int(s["index"])] = lab
         finally:
@@ -1771,6 +1774,11 @@ def verify(uri: str, storage_options: dict | None = None) -> VerifyReport:
         errs = table("errors.parquet")
         if man is not None and errs is not None and errs.num_rows != man.num_rows - len(ok):
             problems.append(f"errors.parquet: {errs.num_rows} rows, manifest has {man.num_rows - len(ok)} non-ok inputs")
+    for rel, k in unhashed.items():  # said only where nothing else named the shard: its ids agree with the rest
+        if not any(p.startswith(f"{rel}:") or f"shard {k} row" in p for p in problems):
+            problems.append(f"{rel}: its ids do not hash to store.json's ids_sha256, so readers refuse the shard, "
+                            "though they agree with the manifest: store.json was changed after the extraction")
+            damaged.append(rel)
     to_delete = [d for d in damaged if d not in missing] + bad_tables
     if to_delete or (missing and finished):
         redo = [what for what, lacking in (("recomputes only those shards", [d for d in damaged if d.endswith(".h5")]),

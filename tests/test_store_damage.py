@@ -236,3 +236,18 @@ def test_a_healthy_store_reads_every_shard_without_complaint_and_checks_each_onc
     assert r._checked == {0, 1}
     meta = json.loads((tmp_path / "st" / "store.json").read_text())
     assert [len(s["ids_sha256"]) for s in meta["shards"]] == [64, 64]
+
+
+def test_a_changed_ids_digest_in_store_json_is_named_by_verify_as_the_reader_refuses_the_shard(tmp_path):
+    """What the reader refuses, verify names, so its advice to run verify always leads somewhere."""
+    uri, *_ = _store(tmp_path)
+    meta = json.loads((tmp_path / "st" / "store.json").read_text())
+    meta["shards"][1]["ids_sha256"] = "0" * 64
+    (tmp_path / "st" / "store.json").write_text(json.dumps(meta))
+    with pytest.raises(StoreError, match="shard-00001.h5: does not match store.json"):
+        open_store(uri).to_numpy()
+    rep = verify(uri)
+    assert rep.problems == ["shards/shard-00001.h5: its ids do not hash to store.json's ids_sha256, so readers "
+                            "refuse the shard, though they agree with the manifest: store.json was changed after "
+                            "the extraction"]
+    assert rep.damaged_shards == ["shards/shard-00001.h5"] and rep.repair.startswith("delete shards/shard-00001.h5")
