@@ -294,6 +294,17 @@ def _not_a_store(loc: _Loc) -> StoreError:
     """Why `loc` has no store.json, as precisely as the location tells."""
     if loc.local and not os.path.exists(loc.root):
         return StoreError(f"{loc.uri}: no such folder")
+    if not loc.local:  # a mistyped bucket or prefix reads as nothing at all, not as some other kind of folder
+        bucket = loc.root.split("/")[0]
+        try:
+            there, has_bucket = loc.fs.exists(loc.root), loc.fs.exists(bucket)
+        except Exception:  # no permission to look: say what is known below
+            there = has_bucket = True
+        if not has_bucket:
+            return StoreError(f"{loc.uri}: no such bucket {bucket!r} at this endpoint; check the URL (and "
+                              "AWS_ENDPOINT_URL or storage_options' endpoint_url)")
+        if not there:
+            return StoreError(f"{loc.uri}: nothing is stored under this prefix; check the URL")
     from featurestore.lease import writer_status  # lease imports this module
 
     writer = writer_status(loc.uri, loc.storage_options)
