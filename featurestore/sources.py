@@ -290,10 +290,15 @@ def _list_manifest(src: str, storage_options: dict | None, path_column: str, lab
     table = _read_table(src, storage_options, (path_column, label_column or "label"))
     columns = table.column_names
     if path_column not in columns:
-        raise SourceError(
-            f"{src}: manifest has no '{path_column}' column (columns: {', '.join(columns)}); "
-            f"rename it, or name it with --path-column (path_column: in a job spec)"
-        )
+        sep = next((name for c in columns for ch, name in ((";", "';'"), ("\t", "tabs")) if ch in c), None)
+        if sep is not None:  # pyarrow reads "path;label" as one column named so
+            hint = f"its header reads as one column: the file seems to separate columns with {sep}; write it with commas"
+        elif any(_has_image_ext(c) or "/" in c for c in columns):
+            hint = (f"its first line looks like an image path, not a header: add a header line naming the columns "
+                    f"('{path_column}' or '{path_column},label')")
+        else:
+            hint = "rename it, or name it with --path-column (path_column: in a job spec)"
+        raise SourceError(f"{src}: manifest has no '{path_column}' column (columns: {', '.join(columns)}); {hint}")
     if label_column is not None and label_column not in columns:
         raise SourceError(f"{src}: manifest has no '{label_column}' column (columns: {', '.join(columns)}); "
                           "leave --label-column out for an unlabeled set")
