@@ -303,3 +303,13 @@ def test_a_manifest_without_a_header_or_with_another_separator_says_which(tmp_pa
         with pytest.raises(SourceError, match=rf"its header reads as one column: the file seems to separate columns "
                                               rf"with {said}; write it with commas"):
             list_source(str(tmp_path / "sep.csv"))
+
+
+def test_a_missing_source_is_a_source_error_as_documented(tmp_path):
+    """README: a source that cannot be listed raises featurestore.SourceError; a missing one was a bare
+    FileNotFoundError, which `except SourceError` let through. It is both now."""
+    for src, says in ((tmp_path / "nope", "no such directory"), (tmp_path / "nope.csv", "no such manifest file"),
+                      (tmp_path / "nope.parquet", "no such manifest file")):
+        with pytest.raises(featurestore.SourceError, match=f"{src}: {says}") as got:
+            list_source(str(src))
+        assert isinstance(got.value, FileNotFoundError)
