@@ -1221,17 +1221,27 @@ class StoreReader:
         s = self._shards[k]
         rows = int(s["rows"])
         wrong = []
+
+        def dataset(name: str):  # one lookup each: h5py's are what this check spends its time on
+            try:
+                return f[name]
+            except KeyError:
+                return None
+
+        ids_ds = None
         for name in ("ids", "labels"):
-            if name not in f:
+            ds = dataset(name)
+            if ds is None:
                 wrong.append(f"dataset {name!r} missing")
-            elif f[name].shape[:1] != (rows,):
-                wrong.append(f"{name} has {f[name].shape[0] if f[name].shape else 0} rows")
+            elif ds.shape[:1] != (rows,):
+                wrong.append(f"{name} has {ds.shape[0] if ds.shape else 0} rows")
+            ids_ds = ds if name == "ids" else ids_ds
         for layer, info in (self.meta.get("layers", {}) if rows else {}).items():
-            key = f"layers/{layer}"
-            if key not in f:
+            ds = dataset(f"layers/{layer}")
+            if ds is None:
                 wrong.append(f"layer {layer!r} missing")
-            elif f[key].shape != (rows, *info["shape"]):
-                wrong.append(f"layer {layer!r} has shape {f[key].shape}")
+            elif ds.shape != (rows, *info["shape"]):
+                wrong.append(f"layer {layer!r} has shape {ds.shape}")
         if wrong:
             raise self._damaged(k, f"{'; '.join(wrong)}; store.json says {rows} rows" +
                                 (f" of shape {tuple(next(iter(self.meta['layers'].values()))['shape'])}"
@@ -1249,7 +1259,7 @@ class StoreReader:
         if want is None:  # a store written before the digest, without a manifest to compare with
             return
         with self._reading(k):
-            got = f["ids"].asstr()[()].tolist()
+            got = ids_ds.asstr()[()].tolist()
         if ids_digest(got) != want:
             where = ""
             if expected is not None:
