@@ -1234,18 +1234,16 @@ class StoreReader:
             if ds is None:
                 wrong.append(f"dataset {name!r} missing")
             elif ds.shape[:1] != (rows,):
-                wrong.append(f"{name} has {ds.shape[0] if ds.shape else 0} rows")
+                wrong.append(f"{name} has {ds.shape[0] if ds.shape else 0} rows, store.json says {rows}")
             ids_ds = ds if name == "ids" else ids_ds
         for layer, info in (self.meta.get("layers", {}) if rows else {}).items():
             ds = dataset(f"layers/{layer}")
             if ds is None:
                 wrong.append(f"layer {layer!r} missing")
             elif ds.shape != (rows, *info["shape"]):
-                wrong.append(f"layer {layer!r} has shape {ds.shape}")
+                wrong.append(f"layer {layer!r} has shape {ds.shape}, store.json says {(rows, *info['shape'])}")
         if wrong:
-            raise self._damaged(k, f"{'; '.join(wrong)}; store.json says {rows} rows" +
-                                (f" of shape {tuple(next(iter(self.meta['layers'].values()))['shape'])}"
-                                 if any("shape" in w for w in wrong) else ""), "does not match store.json")
+            raise self._damaged(k, "; ".join(wrong), "does not match store.json")
         if not rows:
             return
         want = s.get("ids_sha256")
@@ -1263,8 +1261,8 @@ class StoreReader:
         if ids_digest(got) != want:
             where = ""
             if expected is not None:
-                r = next(r for r, (a, b) in enumerate(zip(got, expected)) if a != b)
-                where = f"; row {r} reads {got[r]!r} where manifest.parquet says {expected[r]!r}"
+                r = next((r for r, (a, b) in enumerate(zip(got, expected)) if a != b), None)
+                where = "" if r is None else f"; row {r} reads {got[r]!r} where manifest.parquet says {expected[r]!r}"
             raise self._damaged(k, f"its ids are not those its rows were committed with{where}",
                                 "does not match store.json")
 

@@ -169,7 +169,7 @@ def _rewrite(path, dataset: str, values=None, rows: int | None = None) -> None:
 def test_a_shard_whose_ids_have_another_length_is_refused_by_every_read(tmp_path):
     uri, feats, labels, ids = _store(tmp_path)
     _rewrite(tmp_path / "st" / "shards" / "shard-00001.h5", "ids", rows=7)
-    says = (r"shard-00001.h5: does not match store.json \(ids has 7 rows; store.json says 10 rows\)\. "
+    says = (r"shard-00001.h5: does not match store.json \(ids has 7 rows, store.json says 10\)\. "
             r"`featurestore verify .*` lists every damaged shard; delete them and run the same `featurestore extract`")
     r = open_store(uri)  # opening reads no shard
     batches = r.iter_batches(4)
@@ -190,7 +190,7 @@ def test_a_shard_whose_layer_has_another_length_is_refused(tmp_path):
     uri, *_ = _store(tmp_path, layers=("a", "b"))
     _rewrite(tmp_path / "st" / "shards" / "shard-00000.h5", "layers/b", rows=12)
     with pytest.raises(StoreError, match=r"shard-00000.h5: does not match store.json \(layer 'b' has shape "
-                                         r"\(12, 4\); store.json says 10 rows of shape \(4,\)\)"):
+                                         r"\(12, 4\), store.json says \(10, 4\)\)"):
         list(open_store(uri).iter_batches(4, layer="a"))
 
 
