@@ -572,6 +572,13 @@ def _reconcile(plan, listing, cfg: ExtractConfig, say):
     delta = compare(plan, listing)
     if delta.unchanged:
         return plan
+    if delta.gone == len(plan) and delta.new_ids:
+        # Not a source that grew but another one (or the same images moved): --append would mix two
+        # sets in one store, and a resume would record every planned input as an error.
+        raise ExtractError(
+            f"{cfg.output} is a store of other images: none of its {len(plan)} planned inputs (first: "
+            f"{plan.ids[0]}) is in {cfg.source}. Choose a new output for {cfg.source}, or pass --overwrite to "
+            "rebuild this store from it")
     if delta.gone:
         log.warning("%d of the store's %d planned inputs are no longer in %s; rows already extracted stay, "
                     "the others are recorded in errors.parquet", delta.gone, len(plan), cfg.source)

@@ -37,6 +37,11 @@ class SourceError(ValueError):
     """The input cannot be listed as asked (no images, a manifest without paths, ...)."""
 
 
+class SourceNotFound(SourceError, FileNotFoundError):
+    """No folder, prefix or manifest file at the source: a SourceError, as the API documents for a
+    source that cannot be listed, and still the FileNotFoundError it used to be."""
+
+
 @dataclass
 class Listing:
     """The inputs of one job: ids (what fsspec opens), integer labels (-1 = unlabeled), class names."""
@@ -184,7 +189,7 @@ def _list_folder(src: str, storage_options: dict | None) -> Listing:
             raise SourceError(f"{src}: a file, not a folder; pass a folder per class or a .csv/.parquet manifest "
                               "(`featurestore classify` takes single images)")
         if not os.path.isdir(root):
-            raise FileNotFoundError(f"{src}: no such directory; pass a folder per class or a .csv/.parquet manifest")
+            raise SourceNotFound(f"{src}: no such directory; pass a folder per class or a .csv/.parquet manifest")
         rels = _walk_local(root)
         prefix = root.rstrip(os.sep) + "/"
     else:
@@ -193,7 +198,7 @@ def _list_folder(src: str, storage_options: dict | None) -> Listing:
         fs.invalidate_cache(path)
         found = fs.find(path, detail=False)
         if not found and not fs.isdir(path):
-            raise FileNotFoundError(f"{src}: no such folder or prefix; pass a folder per class or a .csv/.parquet manifest")
+            raise SourceNotFound(f"{src}: no such folder or prefix; pass a folder per class or a .csv/.parquet manifest")
         strip = len(path) + 1
         rels = [p[strip:] for p in found]
         prefix = f"{_protocol(src)}://{path}/"
@@ -223,12 +228,12 @@ def _read_table(src: str, storage_options: dict | None, text_columns: tuple[str,
     if _is_local(src):
         path = _local_path(src)
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"{src}: no such manifest file")
+            raise SourceNotFound(f"{src}: no such manifest file")
         opener = lambda: open(path, "rb")  # noqa: E731
     else:
         fs, path = url_to_fs(src, storage_options)
         if not fs.exists(path):
-            raise FileNotFoundError(f"{src}: no such manifest file")
+            raise SourceNotFound(f"{src}: no such manifest file")
         opener = lambda: fs.open(path, "rb")  # noqa: E731
     import pyarrow as pa
 
@@ -290,10 +295,15 @@ def _list_manifest(src: str, storage_options: dict | None, path_column: str, lab
     table = _read_table(src, storage_options, (path_column, label_column or "label"))
     columns = table.column_names
     if path_column not in columns:
-        raise SourceError(
-            f"{src}: manifest has no '{path_column}' column (columns: {', '.join(columns)}); "
-            f"rename it, or name it with --path-column (path_column: in a job spec)"
-        )
+        sep = next((name for c in columns for ch, name in ((";", "';'"), ("\t", "tabs")) if ch in c), None)
+        if sep is not None:  # pyarrow reads "path;label" as one column named so
+            hint = f"its header reads as one column: the file seems to separate columns with {sep}; write it with commas"
+        elif any(_has_image_ext(c) or "/" in c for c in columns):
+            hint = (f"its first line looks like an image path, not a header: add a header line naming the columns "
+                    f"('{path_column}' or '{path_column},label')")
+        else:
+            hint = "rename it, or name it with --path-column (path_column: in a job spec)"
+        raise SourceError(f"{src}: manifest has no '{path_column}' column (columns: {', '.join(columns)}); {hint}")
     if label_column is not None and label_column not in columns:
         raise SourceError(f"{src}: manifest has no '{label_column}' column (columns: {', '.join(columns)}); "
                           "leave --label-column out for an unlabeled set")

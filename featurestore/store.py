@@ -294,6 +294,17 @@ def _not_a_store(loc: _Loc) -> StoreError:
     """Why `loc` has no store.json, as precisely as the location tells."""
     if loc.local and not os.path.exists(loc.root):
         return StoreError(f"{loc.uri}: no such folder")
+    if not loc.local:  # a mistyped bucket or prefix reads as nothing at all, not as some other kind of folder
+        bucket = loc.root.split("/")[0]
+        try:
+            there, has_bucket = loc.fs.exists(loc.root), loc.fs.exists(bucket)
+        except Exception:  # no permission to look: say what is known below
+            there = has_bucket = True
+        if not has_bucket:
+            return StoreError(f"{loc.uri}: no such bucket {bucket!r} at this endpoint; check the URL (and "
+                              "AWS_ENDPOINT_URL or storage_options' endpoint_url)")
+        if not there:
+            return StoreError(f"{loc.uri}: nothing is stored under this prefix; check the URL")
     from featurestore.lease import writer_status  # lease imports this module
 
     writer = writer_status(loc.uri, loc.storage_options)
@@ -701,6 +712,7 @@ class StoreWriter:
         row = np.full(n, -1, dtype=np.int64)
         status = np.full(n, "ok", dtype=object)
         reason: dict[int, str] = {}
+        digests: dict[int, str] = {}
         for spec_index in range(plan.num_shards):
             lo, hi = plan.bounds(spec_index)
             info = infos.get(spec_index)
@@ -713,6 +725,7 @@ class StoreWriter:
             failed.pop(spec_index, None)  # committed after all (e.g. a late retry)
             pos = {plan.ids[p]: p for p in range(lo, hi)}
             ids = info.ids if info.ids is not None else _shard_ids(self.loc, info.name)
+            digests[spec_index] = ids_digest(ids)
             for r, i in enumerate(ids):
                 p = pos.get(i)
                 if p is None:
@@ -762,7 +775,7 @@ class StoreWriter:
             "compression": compression,
             "shards": [
                 {"index": s.index, "name": s.name, "rows": s.rows, "errors": len(s.errors), "sha256": s.sha256, "bytes": s.bytes,
-                 "node_id": s.node_id}
+                 "node_id": s.node_id, "ids_sha256": digests.get(s.index)}
                 for s in shards
             ],
             "versions": library_versions(),
@@ -799,6 +812,13 @@ def _committed(loc: _Loc) -> dict[int, ShardInfo]:
         else:  # sidecar lost: rebuild what we can from the shard itself
             out[index] = _info_from_shard(loc, index, name)
     return out
+
+
+def ids_digest(ids: Sequence[str]) -> str:
+    """sha256 of a shard's ids in row order, kept in store.json: a reader compares a shard's `ids`
+    with it when it first opens the shard (the ids are a small read beside the features; vlen
+    strings carry no fletcher32 checksum, and the file's own sha256 would mean reading all of it)."""
+    return hashlib.sha256(json.dumps([str(i) for i in ids]).encode()).hexdigest()
 
 
 def _with_layers(infos) -> ShardInfo | None:
@@ -1080,7 +1100,9 @@ class StoreReader:
             self._shards = [dict(s) for s in meta["shards"]]
         else:  # still running: read what has been committed so far
             infos = _committed(self.loc)
-            self._shards = [{"index": i.index, "name": i.name, "rows": i.rows, "sha256": i.sha256, "bytes": i.bytes} for _, i in sorted(infos.items())]
+            self._shards = [{"index": i.index, "name": i.name, "rows": i.rows, "sha256": i.sha256, "bytes": i.bytes,
+                             "ids_sha256": ids_digest(i.ids) if i.ids is not None else None}
+                            for _, i in sorted(infos.items())]
             if infos and not meta.get("layers"):
                 first = _with_layers(infos.values())
                 if first is not None:
@@ -1094,11 +1116,15 @@ class StoreReader:
         self._ids = None
         self._labels = None
         self._index = None
+        self._ids_from: str | None = None  # "manifest" or "shards", once loaded
+        self._checked: set[int] = set()  # shards found to match store.json (see _check_shard)
+        self._loading_ids = False
         rows = np.array([int(s["rows"]) for s in self._shards], dtype=np.int64)
         self._offs = np.concatenate([[0], np.cumsum(rows)]).astype(np.int64)
 
     def __getstate__(self):
-        return {k: v for k, v in self.__dict__.items() if k not in ("_handles", "_lock", "_ids", "_labels", "_index", "_pid", "_offs")}
+        return {k: v for k, v in self.__dict__.items() if k not in ("_handles", "_lock", "_ids", "_labels", "_index", "_pid", "_offs",
+                                                                   "_ids_from", "_checked", "_loading_ids")}
 
     def __setstate__(self, state):
         self.__dict__.update(state)
@@ -1163,6 +1189,15 @@ class StoreReader:
                 if extra is not None:
                     extra.close()
                 raise self._damaged(k, exc) from exc
+            if k not in self._checked:
+                try:
+                    self._check_shard(k, f)
+                except BaseException:
+                    f.close()
+                    if extra is not None:
+                        extra.close()
+                    raise
+                self._checked.add(k)
             self._handles[k] = (f, extra)
             while len(self._handles) > self.max_open:
                 _, (old, old_extra) = self._handles.popitem(last=False)
@@ -1171,10 +1206,65 @@ class StoreReader:
                     old_extra.close()
             return f
 
-    def _damaged(self, k: int, exc: BaseException) -> StoreError:
-        return StoreError(f"{self.loc.url('shards/' + self._shards[k]['name'])}: cannot read this shard ({exc}). "
+    def _damaged(self, k: int, exc: BaseException | str, what: str = "cannot read this shard") -> StoreError:
+        return StoreError(f"{self.loc.url('shards/' + self._shards[k]['name'])}: {what} ({exc}). "
                           f"`featurestore verify {self.uri}` lists every damaged shard; delete them and run the same "
                           "`featurestore extract` command again to recompute them")
+
+    def _check_shard(self, k: int, f) -> None:
+        """Refuse a shard that is not the one store.json describes, before any of its rows is returned:
+        `ids`, `labels` or a layer whose length is not the shard's row count (shapes only, no data read),
+        or ids other than those its rows were committed with (one read of its `ids`, small beside the
+        features, compared with store.json's ids_sha256, or for a store written before that digest with
+        manifest.parquet). Features and labels chunks are not read here: fletcher32 fails the read that
+        touches a damaged one, and verify reads them all. Once per shard per reader."""
+        s = self._shards[k]
+        rows = int(s["rows"])
+        wrong = []
+
+        def dataset(name: str):  # one lookup each: h5py's are what this check spends its time on
+            try:
+                return f[name]
+            except KeyError:
+                return None
+
+        ids_ds = None
+        for name in ("ids", "labels"):
+            ds = dataset(name)
+            if ds is None:
+                wrong.append(f"dataset {name!r} missing")
+            elif ds.shape[:1] != (rows,):
+                wrong.append(f"{name} has {ds.shape[0] if ds.shape else 0} rows, store.json says {rows}")
+            ids_ds = ds if name == "ids" else ids_ds
+        for layer, info in (self.meta.get("layers", {}) if rows else {}).items():
+            ds = dataset(f"layers/{layer}")
+            if ds is None:
+                wrong.append(f"layer {layer!r} missing")
+            elif ds.shape != (rows, *info["shape"]):
+                wrong.append(f"layer {layer!r} has shape {ds.shape}, store.json says {(rows, *info['shape'])}")
+        if wrong:
+            raise self._damaged(k, "; ".join(wrong), "does not match store.json")
+        if not rows:
+            return
+        want = s.get("ids_sha256")
+        expected = None
+        if want is None and self.meta.get("status") in ("complete", "incomplete") and self._ids_from is None \
+                and not self._loading_ids:
+            self._load_ids_labels()
+        if want is None and self._ids_from == "manifest":
+            expected = self._ids[self._offs[k]:self._offs[k + 1]].tolist()
+            want = ids_digest(expected)
+        if want is None:  # a store written before the digest, without a manifest to compare with
+            return
+        with self._reading(k):
+            got = ids_ds.asstr()[()].tolist()
+        if ids_digest(got) != want:
+            where = ""
+            if expected is not None:
+                r = next((r for r, (a, b) in enumerate(zip(got, expected)) if a != b), None)
+                where = "" if r is None else f"; row {r} reads {got[r]!r} where manifest.parquet says {expected[r]!r}"
+            raise self._damaged(k, f"its ids are not those its rows were committed with{where}",
+                                "does not match store.json")
 
     @contextmanager
     def _reading(self, k: int):
@@ -1244,17 +1334,23 @@ class StoreReader:
             if t is not None and t.num_rows == len(self):
                 ids = np.array(t["id"].to_pylist(), dtype=object)
                 labels = t["label"].to_numpy().astype(np.int64)
+        source = "manifest"
         if ids is None:
+            source = "shards"
             parts_i, parts_l = [], []
-            for k in range(len(self._shards)):
-                if self._shards[k]["rows"]:
-                    f = self._file(k)
-                    with self._reading(k):
-                        parts_i.append(np.asarray(f["ids"].asstr()[()], dtype=object))
-                        parts_l.append(f["labels"][()].astype(np.int64))
+            self._loading_ids = True  # _check_shard: no manifest to compare with
+            try:
+                for k in range(len(self._shards)):
+                    if self._shards[k]["rows"]:
+                        f = self._file(k)
+                        with self._reading(k):
+                            parts_i.append(np.asarray(f["ids"].asstr()[()], dtype=object))
+                            parts_l.append(f["labels"][()].astype(np.int64))
+            finally:
+                self._loading_ids = False
             ids = np.concatenate(parts_i) if parts_i else np.zeros(0, dtype=object)
             labels = np.concatenate(parts_l) if parts_l else np.zeros(0, dtype=np.int64)
-        self._ids, self._labels = ids, labels
+        self._ids, self._labels, self._ids_from = ids, labels, source
 
     @property
     def ids(self) -> np.ndarray:
@@ -1569,6 +1665,7 @@ def verify(uri: str, storage_options: dict | None = None) -> VerifyReport:
     shard_ids: dict[int, np.ndarray | None] = {}  # None: missing or unreadable (said already)
     shard_labels: dict[int, np.ndarray | None] = {}
     altered: set[int] = set()  # shards whose bytes are not those committed (sha256 differs)
+    unhashed: dict[str, int] = {}  # shards whose ids do not hash to store.json's ids_sha256 (readers refuse them)
     checked = 0
     damaged: list[str] = []
     for s in listed:
@@ -1616,6 +1713,8 @@ def verify(uri: str, storage_options: dict | None = None) -> VerifyReport:
                     r = differ[0]
                     problems.append(f"{rel}: ids differ from its sidecar {s['name'][:-3]}.json in {len(differ)} "
                                     f"row(s), e.g. row {r} reads {ids[r]!r} where the sidecar says {s['ids'][r]!r}")
+            if ids is not None and s.get("ids_sha256") and ids_digest(ids.tolist()) != s["ids_sha256"]:
+                unhashed[rel] = int(s["index"])
             shard_ids[int(s["index"])] = ids
             shard_labels[int(s["index"])] = lab
         finally:
@@ -1694,6 +1793,11 @@ def verify(uri: str, storage_options: dict | None = None) -> VerifyReport:
         errs = table("errors.parquet")
         if man is not None and errs is not None and errs.num_rows != man.num_rows - len(ok):
             problems.append(f"errors.parquet: {errs.num_rows} rows, manifest has {man.num_rows - len(ok)} non-ok inputs")
+    for rel, k in unhashed.items():  # said only where nothing else named the shard: its ids agree with the rest
+        if not any(p.startswith(f"{rel}:") or f"shard {k} row" in p for p in problems):
+            problems.append(f"{rel}: its ids do not hash to store.json's ids_sha256, so readers refuse the shard, "
+                            "though they agree with the manifest: store.json was changed after the extraction")
+            damaged.append(rel)
     to_delete = [d for d in damaged if d not in missing] + bad_tables
     if to_delete or (missing and finished):
         redo = [what for what, lacking in (("recomputes only those shards", [d for d in damaged if d.endswith(".h5")]),

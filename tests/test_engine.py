@@ -807,3 +807,22 @@ def test_a_relative_weights_file_is_recorded_absolute_and_any_spelling_of_it_res
 
     with pytest.raises(StoreConfigMismatch, match="weights_sha256"):
         extract(ExtractConfig(source=str(src), output="st", shard_size=3, **{**kw, "weights": "other.pth"}))
+
+
+def test_an_output_planned_from_other_images_is_refused_even_with_append(tmp_path):
+    """A store given another source (a wrong OUTPUT, or the images moved) is not a source that grew:
+    appending would mix two image sets in one store. Refused before Ray starts, naming both."""
+    from featurestore.sources import list_source, make_plan
+    from featurestore.store import StoreWriter
+
+    first = make_images(tmp_path / "first", per_class=2)
+    other = make_images(tmp_path / "other", per_class=2)
+    out = tmp_path / "store"
+    StoreWriter(str(out), {"model": MODEL}, ["cat", "dog", "panda"]).write_plan(make_plan(list_source(str(first)), 4))
+    for append in (False, True):
+        cfg = ExtractConfig(source=str(other), output=str(out), append=append, **SMALL)
+        with pytest.raises(ExtractError, match=rf"{out} is a store of other images: none of its 6 planned inputs "
+                                               rf"\(first: {first}/cat/cat_000.jpg\) is in {other}\. Choose a new "
+                                               r"output .* or pass --overwrite"):
+            extract(cfg)
+    assert StoreWriter.existing_plan(str(out)).num_shards == 2  # untouched

@@ -288,3 +288,28 @@ def test_file_urls_are_percent_decoded(image_folder, tmp_path):
     (tmp_path / "uri.csv").write_text(f"path\n{Path(spaced).as_uri()}\n")
     listing = list_source(str(tmp_path / "uri.csv"))
     assert listing.ids == [str(spaced)] and read_bytes(listing.ids[0]) == spaced.read_bytes()
+
+
+def test_a_manifest_without_a_header_or_with_another_separator_says_which(tmp_path):
+    """pyarrow takes the first line as the header: a headerless list of paths, or a file written with
+    ';' or tabs, would otherwise be told only that it has no 'path' column."""
+    (tmp_path / "noheader.csv").write_text("imgs/cat/1.jpg,cat\nimgs/dog/2.jpg,dog\n")
+    with pytest.raises(SourceError, match=r"noheader.csv: manifest has no 'path' column \(columns: imgs/cat/1.jpg, "
+                                          r"cat\); its first line looks like an image path, not a header: add a "
+                                          r"header line naming the columns \('path' or 'path,label'\)"):
+        list_source(str(tmp_path / "noheader.csv"))
+    for sep, said in ((";", "';'"), ("\t", "tabs")):
+        (tmp_path / "sep.csv").write_text(f"path{sep}label\na.jpg{sep}cat\n")
+        with pytest.raises(SourceError, match=rf"its header reads as one column: the file seems to separate columns "
+                                              rf"with {said}; write it with commas"):
+            list_source(str(tmp_path / "sep.csv"))
+
+
+def test_a_missing_source_is_a_source_error_as_documented(tmp_path):
+    """README: a source that cannot be listed raises featurestore.SourceError; a missing one was a bare
+    FileNotFoundError, which `except SourceError` let through. It is both now."""
+    for src, says in ((tmp_path / "nope", "no such directory"), (tmp_path / "nope.csv", "no such manifest file"),
+                      (tmp_path / "nope.parquet", "no such manifest file")):
+        with pytest.raises(featurestore.SourceError, match=f"{src}: {says}") as got:
+            list_source(str(src))
+        assert isinstance(got.value, FileNotFoundError)

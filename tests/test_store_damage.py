@@ -2,6 +2,7 @@
 disk: verify names the shard, the dataset and the rows; the reader stays right or says which shard."""
 from __future__ import annotations
 
+import json
 import os
 
 import h5py
@@ -153,3 +154,100 @@ def test_a_healthy_store_verifies_with_every_chunk_read(tmp_path):
     uri, *_ = _store(tmp_path, compression="lzf", layers=("a", "b"))
     rep = verify(uri)
     assert rep.ok and rep.problems == [] and rep.rows == N and rep.shards == 2
+
+
+def _rewrite(path, dataset: str, values=None, rows: int | None = None) -> None:
+    """Change a shard's dataset in place with plain h5py, as a script or a bad copy might."""
+    with h5py.File(path, "r+") as f:
+        ds = f[dataset]
+        if rows is not None:
+            ds.resize(rows, axis=0)
+        if values is not None:
+            ds[:len(values)] = values
+
+
+def test_a_shard_whose_ids_have_another_length_is_refused_by_every_read(tmp_path):
+    uri, feats, labels, ids = _store(tmp_path)
+    _rewrite(tmp_path / "st" / "shards" / "shard-00001.h5", "ids", rows=7)
+    says = (r"shard-00001.h5: does not match store.json \(ids has 7 rows, store.json says 10\)\. "
+            r"`featurestore verify .*` lists every damaged shard; delete them and run the same `featurestore extract`")
+    r = open_store(uri)  # opening reads no shard
+    batches = r.iter_batches(4)
+    assert len(next(batches)[0]) == 4  # shard 0 is fine
+    with pytest.raises(StoreError, match=says):
+        list(batches)
+    for read in (lambda r: r.to_numpy(), lambda r: r.features()[12], lambda r: r.select([ids[15]]),
+                 lambda r: r.torch_dataset()[10]):
+        with pytest.raises(StoreError, match=says):
+            read(open_store(uri))
+    np.testing.assert_array_equal(open_store(uri).features()[:10], feats["f"][:10])
+    rep = verify(uri)
+    assert rep.damaged_shards == ["shards/shard-00001.h5"]
+    assert "shards/shard-00001.h5: ids has 7 rows, store.json says 10" in rep.problems
+
+
+def test_a_shard_whose_layer_has_another_length_is_refused(tmp_path):
+    uri, *_ = _store(tmp_path, layers=("a", "b"))
+    _rewrite(tmp_path / "st" / "shards" / "shard-00000.h5", "layers/b", rows=12)
+    with pytest.raises(StoreError, match=r"shard-00000.h5: does not match store.json \(layer 'b' has shape "
+                                         r"\(12, 4\), store.json says \(10, 4\)\)"):
+        list(open_store(uri).iter_batches(4, layer="a"))
+
+
+def test_a_shard_whose_ids_were_rewritten_is_refused_before_a_row_is_returned(tmp_path):
+    uri, feats, labels, ids = _store(tmp_path)
+    shard = tmp_path / "st" / "shards" / "shard-00001.h5"
+    _rewrite(shard, "ids", values=[ids[11], ids[10]])  # rows 0 and 1 swapped: same length, same set of ids
+    with pytest.raises(StoreError, match=r"shard-00001.h5: does not match store.json \(its ids are not those its "
+                                         r"rows were committed with\)\. `featurestore verify"):
+        list(open_store(uri).iter_batches(5))
+    with pytest.raises(StoreError, match="its ids are not those"):
+        open_store(uri).to_numpy()
+    rep = verify(uri)
+    assert rep.damaged_shards == ["shards/shard-00001.h5"]
+
+    # a store written before store.json kept the ids' digest: compared with manifest.parquet, naming the row
+    meta = json.loads((tmp_path / "st" / "store.json").read_text())
+    for s in meta["shards"]:
+        del s["ids_sha256"]
+    (tmp_path / "st" / "store.json").write_text(json.dumps(meta))
+    r = open_store(uri)
+    np.testing.assert_array_equal(r.features()[:10], feats["f"][:10])
+    with pytest.raises(StoreError, match=r"its ids are not those its rows were committed with; row 0 reads "
+                                         r"'/data/img_011.jpg' where manifest.parquet says '/data/img_010.jpg'"):
+        r.features()[10]
+
+
+def test_a_running_stores_shard_with_rewritten_ids_is_refused(tmp_path):
+    plan, w = _running_store(tmp_path, [f"/data/i{i:03d}.jpg" for i in range(8)])
+    _rewrite(tmp_path / "st" / "shards" / "shard-00001.h5", "ids", values=["/data/other.jpg"])
+    r = open_store(w.uri)
+    assert r.status != "complete" and len(r) == 8
+    with pytest.raises(StoreError, match="shard-00001.h5: does not match store.json .its ids are not those"):
+        r.ids  # read from the shards while no manifest exists
+
+
+def test_a_healthy_store_reads_every_shard_without_complaint_and_checks_each_once(tmp_path):
+    uri, feats, labels, ids = _store(tmp_path)
+    r = open_store(uri, max_open=1)  # handles closed and reopened: the check is not repeated
+    for _ in range(2):
+        got = list(r.iter_batches(3))
+        assert np.concatenate([b[0] for b in got]).tolist() == ids
+    assert r._checked == {0, 1}
+    meta = json.loads((tmp_path / "st" / "store.json").read_text())
+    assert [len(s["ids_sha256"]) for s in meta["shards"]] == [64, 64]
+
+
+def test_a_changed_ids_digest_in_store_json_is_named_by_verify_as_the_reader_refuses_the_shard(tmp_path):
+    """What the reader refuses, verify names, so its advice to run verify always leads somewhere."""
+    uri, *_ = _store(tmp_path)
+    meta = json.loads((tmp_path / "st" / "store.json").read_text())
+    meta["shards"][1]["ids_sha256"] = "0" * 64
+    (tmp_path / "st" / "store.json").write_text(json.dumps(meta))
+    with pytest.raises(StoreError, match="shard-00001.h5: does not match store.json"):
+        open_store(uri).to_numpy()
+    rep = verify(uri)
+    assert rep.problems == ["shards/shard-00001.h5: its ids do not hash to store.json's ids_sha256, so readers "
+                            "refuse the shard, though they agree with the manifest: store.json was changed after "
+                            "the extraction"]
+    assert rep.damaged_shards == ["shards/shard-00001.h5"] and rep.repair.startswith("delete shards/shard-00001.h5")

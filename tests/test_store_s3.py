@@ -177,3 +177,23 @@ def test_an_object_store_without_credentials_is_named_not_a_traceback(s3_server,
         WriterLease(f"{s3_bucket}/out", storage_options=so).acquire()
     with pytest.raises(BadImage, match=rf"{s3_bucket}/a.jpg: cannot read it: NoCredentialsError"):
         load_image(f"{s3_bucket}/a.jpg", storage_options=so)
+
+
+def test_a_mistyped_bucket_or_prefix_is_named_as_such(s3_server, s3_bucket, tmp_path):
+    """Opening, inspecting or verifying a URL that holds nothing says whether the bucket or the prefix
+    is wrong, instead of 'not a feature store'."""
+    from featurestore.store import StoreError
+
+    so = s3_server.storage_options
+    s3_server.fs().pipe_file(f"{s3_bucket[5:]}/other/file.txt", b"x")
+    cases = [("s3://no-such-bucket-here/store", r"no such bucket 'no-such-bucket-here' at this endpoint; check the "
+                                                r"URL \(and AWS_ENDPOINT_URL or storage_options' endpoint_url\)"),
+             (f"{s3_bucket}/stroe", "nothing is stored under this prefix; check the URL"),
+             (f"{s3_bucket}/other", r"no store.json; not a feature store")]
+    for url, says in cases:
+        with pytest.raises(StoreError, match=rf"{url}: {says}"):
+            open_store(url, storage_options=so)
+        with pytest.raises(StoreError, match=rf"{url}: {says}"):
+            inspect(url, storage_options=so)
+        rep = verify(url, storage_options=so)
+        assert not rep.ok and rep.problems[0].startswith(f"{url}: ") and says.split(" ")[0] in rep.problems[0]
