@@ -315,7 +315,7 @@ def auto_layers(infos: list) -> tuple[list[str], dict[str, str]]:
 def resolve_layers(cands: list[Candidate], layers: Mapping[str, list[str]], input_size: int | None) -> None:
     """Fill each candidate's layers from the parsed --layers, validating names against the model."""
     from featurestore.backbones import list_layers
-    from featurestore.weights import is_file_spec
+    from featurestore.weights import WeightsError, is_file_spec
 
     known = {c.entry for c in cands} | {c.model for c in cands} | {c.canonical for c in cands}
     for key in layers:
@@ -331,7 +331,10 @@ def resolve_layers(cands: list[Candidate], layers: Mapping[str, list[str]], inpu
         local_file = c.weights if is_file_spec(c.weights) and "://" not in c.weights.split("#")[0] else None
         key = f"{c.canonical}@{local_file}"
         if key not in cache:
-            cache[key] = list_layers(c.canonical, weights=local_file, input_size=input_size)
+            try:
+                cache[key] = list_layers(c.canonical, weights=local_file, input_size=input_size)
+            except WeightsError as exc:  # not a checkpoint, or not this model's
+                raise ProbeError(f"weights for {c.model}: {exc}") from None
         infos = cache[key]
         names = [i.name for i in infos]
         notes = {i.name: i.note for i in infos}

@@ -232,7 +232,7 @@ def test_a_probe_that_fails_before_writing_leaves_no_empty_folders(ray_local, im
     with pytest.raises(ProbeError, match="weights for resnet18: weights file .*garbage.pth cannot be loaded"):
         probe(str(images), [f"resnet18@{garbage}"], out=str(tmp_path / "a" / "out"), **TINY)
     assert not (tmp_path / "a").exists()  # refused before any folder
-    other = tmp_path / "other-model.pth"  # a real checkpoint, of another architecture: fails on the actors
+    other = tmp_path / "other-model.pth"  # a real checkpoint, of another architecture: its shapes refuse it
     torch.save(mobilenet_v2().state_dict(), other)
     (tmp_path / "kept").mkdir()
     for out in (tmp_path / "new" / "deeper" / "out", tmp_path / "kept"):
