@@ -1151,7 +1151,19 @@ class StoreReader:
 
     @property
     def status(self) -> str:
-        return self.meta.get("status", "unknown")
+        """'complete' or 'incomplete' (failed shards) once the extraction finished. Before that,
+        'running' while its writer holds the lease (OUT/.writer.json: a live pid on this host, or a
+        recent heartbeat), else 'stopped' (killed or interrupted: the same extract command resumes
+        it); `featurestore inspect` tells them apart the same way. One small read of the lease,
+        only for an unfinished store, on every access: the writer may stop while this is open."""
+        status = self.meta.get("status", "unknown")
+        if status == "running":
+            from featurestore.lease import writer_status  # lease imports this module
+
+            writer = writer_status(self.uri, self.storage_options)
+            if not (writer and writer["live"]):
+                return "stopped"
+        return status
 
     @property
     def shard_uris(self) -> list[str]:
@@ -1446,8 +1458,10 @@ def _read_table(loc: _Loc, rel: str, status: str | None):
         return loc.read_parquet(rel)
     except FileNotFoundError:
         if status not in ("complete", "incomplete"):
+            todo = "wait for it to finish" if status == "running" else \
+                "run the same `featurestore extract` command to finish it"
             raise StoreError(f"{loc.uri}: {rel} is written when the extraction finishes (status: {status}); "
-                             "run the same `featurestore extract` command to finish it") from None
+                             f"{todo}") from None
         raise StoreError(f"{loc.url(rel)}: missing; run the same `featurestore extract` command again to "
                          "rewrite it") from None
     except Exception as exc:  # pyarrow's ArrowInvalid: truncated, overwritten, not Parquet
@@ -1848,8 +1862,11 @@ def inspect(uri: str, storage_options: dict | None = None) -> dict:
         if first is not None:
             out.update(layers=first.layers, dtype=first.dtype, compression=first.compression)
         live = bool(out["writer"] and out["writer"]["live"])
+        if meta.get("status") == "running" and not live:
+            out["status"] = "stopped"  # as StoreReader.status says it
         out["unfinished"] = ("being written now" if live else
-                             "stopped before it finished; run the same `featurestore extract` command to resume")
+                             "killed or interrupted before it finished; run the same `featurestore extract` "
+                             "command to resume")
     out["warnings"] = []
 
     def table(rel: str):
