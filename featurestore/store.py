@@ -279,7 +279,7 @@ class _Loc:
 def _read_meta(loc: _Loc) -> dict | None:
     try:
         data = loc.read_bytes("store.json")
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # the latter: a plain file where the folder would be
         return None
     except Exception as exc:  # no credentials, access denied, no endpoint: the first thing a reader meets
         hint = "" if loc.local else f"; {REMOTE_HINT}"
@@ -294,6 +294,8 @@ def _not_a_store(loc: _Loc) -> StoreError:
     """Why `loc` has no store.json, as precisely as the location tells."""
     if loc.local and not os.path.exists(loc.root):
         return StoreError(f"{loc.uri}: no such folder")
+    if loc.local and not os.path.isdir(loc.root):
+        return StoreError(f"{loc.uri}: a file, not a store; a store is the folder that holds store.json")
     if not loc.local:  # a mistyped bucket or prefix reads as nothing at all, not as some other kind of folder
         bucket = loc.root.split("/")[0]
         try:

@@ -349,6 +349,22 @@ def test_a_layer_typo_is_one_message_from_the_driver(tmp_path):
     assert not out.exists()
 
 
+def test_an_output_that_is_a_file_is_one_line_before_ray_starts(tmp_path):
+    """OUT (or a folder on its way) an existing plain file: said plainly, exit 2, the file untouched."""
+    src = make_images(tmp_path / "src", per_class=1)
+    (tmp_path / "notes.txt").write_text("keep me")
+    for out, said in ((tmp_path / "notes.txt", f"{tmp_path / 'notes.txt'} is a file, not a folder; choose another "
+                                                "output"),
+                      (tmp_path / "notes.txt" / "store", f"{tmp_path / 'notes.txt' / 'store'}: "
+                                                         f"{tmp_path / 'notes.txt'} is a file, not a folder")):
+        for models in (["--model", MODEL], ["--model", MODEL, "--model", "mobilenet_v3_small"]):
+            res = subprocess.run(_cli("extract", str(src), str(out), *models, "--weights", "none", "--input-size",
+                                      "64"), capture_output=True, text=True, timeout=300)
+            assert res.returncode == 2 and said in res.stderr, res.stderr[-3000:]
+            assert res.stderr.count("\n") == 1 and "starting Ray" not in res.stderr, res.stderr[-3000:]
+    assert (tmp_path / "notes.txt").read_text() == "keep me"
+
+
 def test_an_actor_that_cannot_load_raises_on_every_call(tmp_path):
     from featurestore.config import BackboneConfig
     from featurestore.engine import BackboneLoadError, ExtractorActor

@@ -316,7 +316,7 @@ def test_verify_catches_manifest_and_duplicate_problems(store, tmp_path):
                             f"{man['id'][0]} -> shard 0 row 1; {man['id'][1]} -> shard 0 row 0"]
 
 
-def test_cli_inspect_and_verify(store):
+def test_cli_inspect_and_verify(store, tmp_path):
     r, *_ = store
     runner = CliRunner()
     res = runner.invoke(inspect_cmd, [r.uri])
@@ -332,6 +332,11 @@ def test_cli_inspect_and_verify(store):
     assert json.loads(res.output)["ok"] is True
     res = runner.invoke(inspect_cmd, [r.uri + "-nope"])
     assert res.exit_code != 0 and "-nope: no such folder" in res.output
+    (tmp_path / "notes.txt").write_text("x")
+    for cmd in (inspect_cmd, verify_cmd):
+        res = runner.invoke(cmd, [str(tmp_path / "notes.txt")])
+        assert res.exit_code != 0 and "notes.txt: a file, not a store; a store is the folder that holds store.json" \
+            in res.output, res.output
     os.makedirs(r.uri + "-empty")
     res = runner.invoke(inspect_cmd, [r.uri + "-empty"])
     assert res.exit_code != 0 and "no store.json; not a feature store" in res.output
