@@ -694,7 +694,7 @@ def _extract(cfg: ExtractConfig, stop: _StopOnSignal, leases: list) -> ExtractRe
                           label_column=cfg.label_column)
     if not listing.ids:
         raise ExtractError(f"{cfg.source}: no images found (looked for image files in a folder per class, "
-                           "or a CSV/Parquet manifest with a 'path' column)")
+                           "or a CSV/TSV/Parquet manifest with a 'path' column)")
     log.info("listed %d inputs in %.1fs: %d classes", len(listing.ids), time.perf_counter() - t0,
              len(listing.label_names))
     requests = [_request(cfg, b) for b in backbones]
