@@ -117,7 +117,9 @@ class ExtractResult:
             [f"stores:   {len(self.stores)} under {self.store}"] + [f"  {m}: {u}" for m, u in self.stores.items()]
         lines = [
             *where,
-            f"rows:     {self.rows} of {self.inputs} inputs ({self.errors} skipped, see errors.parquet)",
+            f"rows:     {self.rows} of {self.inputs} inputs "
+            + (f"({self.errors} skipped: `featurestore inspect` counts the reasons, errors.parquet lists each)"
+               if self.errors else "(none skipped)"),
             f"shards:   {self.shards} total, {len(self.computed_shards)} computed, "
             f"{len(self.skipped_shards)} already committed, {len(self.failed_shards)} failed",
             f"speed:    {self.images_per_second:.1f} images/s over {self.seconds:.1f}s "

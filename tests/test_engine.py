@@ -631,6 +631,15 @@ def test_plans_of_a_multi_model_job_agree_shard_for_shard():
     assert not _plan_extends(plan(9), plan(9, extra=2))
 
 
+def test_the_summary_points_at_skipped_inputs_only_when_there_are_some():
+    from featurestore.engine import ExtractResult
+
+    clean = ExtractResult(store="s", rows=900, inputs=900, errors=0).summary()
+    assert "rows:     900 of 900 inputs (none skipped)" in clean and "errors.parquet" not in clean
+    bad = ExtractResult(store="s", rows=897, inputs=900, errors=3).summary()
+    assert "897 of 900 inputs (3 skipped: `featurestore inspect` counts the reasons, errors.parquet lists each)" in bad
+
+
 def test_cpu_placement_prefers_thin_actors_and_honours_overrides():
     from featurestore.engine import plan_placement
 
