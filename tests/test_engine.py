@@ -490,6 +490,8 @@ def test_driver_killed_midway_then_resumed(tmp_path, ray_local):
             before, quiet_since = now, time.time()
         time.sleep(0.2)
     assert 2 <= len(before) < 9, before
+    stopped = featurestore.open(str(out))  # its lease file is left behind, its pid is gone
+    assert (out / ".writer.json").exists() and stopped.status == "stopped" and len(stopped) == 4 * len(before)
 
     res = subprocess.run(_cli("extract", str(src), str(out), "--model", MODEL, "--weights", "none",
                               "--input-size", "64", "--batch-size", "4", "--shard-size", "4"),
@@ -555,6 +557,7 @@ def test_sigterm_and_ctrl_c_stop_cleanly_then_resume(tmp_path, ray_local):
         now = len(list(shards.glob("shard-*.h5")))
         assert committed < int(said.group(1)) <= now < 9 and int(said.group(2)) >= 1
         assert not (out / "manifest.parquet").exists()  # an interrupted run never finalizes
+        assert featurestore.open(str(out)).status == "stopped"
         committed = now
 
     res = subprocess.run(cmd[:-1], capture_output=True, text=True, timeout=300)
