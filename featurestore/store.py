@@ -1162,7 +1162,11 @@ class StoreReader:
         if status == "running":
             from featurestore.lease import writer_status  # lease imports this module
 
-            writer = writer_status(self.uri, self.storage_options)
+            try:
+                writer = writer_status(self.uri, self.storage_options)
+            except Exception as exc:  # a lease this reader may not read (object-store permissions): cannot tell
+                log.debug("%s: cannot read the writer lease: %s", self.uri, exc)
+                return status
             if not (writer and writer["live"]):
                 return "stopped"
         return status
