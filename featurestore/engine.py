@@ -674,6 +674,8 @@ def _extract(cfg: ExtractConfig, stop: _StopOnSignal, leases: list) -> ExtractRe
 
     # The plan: stored on first run, reused on resume, so the shards never move. Every store of a
     # multi-model job holds the same plan; a store that lost (or never had) its plan gets it back.
+    for u in outputs:  # a folder of other files (SOURCE given as OUTPUT): refused now, not once actors are up
+        StoreWriter.refuse_foreign(u, storage)
     existing = [None if cfg.overwrite else StoreWriter.existing_plan(u, storage_options=storage) for u in outputs]
     found = [(u, pl) for u, pl in zip(outputs, existing) if pl is not None]
     # The longest plan wins: an --append that was stopped between stores left the others a prefix of it.

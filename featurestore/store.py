@@ -638,11 +638,8 @@ class StoreWriter:
         self.storage_options = self.loc.storage_options
         self.config = _jsonable(dict(config))
         existing = _read_meta(self.loc)
-        if existing is None and [n for n in self.loc.listdir("") if n != LEASE_FILE] not in ([], ["shards"]):
-            raise StoreError(
-                f"{self.uri} exists, is not empty and holds no store.json; refusing to write into it "
-                f"(choose a new or empty output)"
-            )
+        if existing is None:
+            self.refuse_foreign(self.loc)
         if existing is not None and overwrite:
             log.info("overwriting store %s", self.uri)
             self.loc.remove_tree()
@@ -674,6 +671,17 @@ class StoreWriter:
         self.loc.makedirs()
         _write_meta(self.loc, self.meta)
         self.label_names = list(self.meta["label_names"])
+
+    @staticmethod
+    def refuse_foreign(loc: "_Loc | str", storage_options: dict | None = None) -> None:
+        """A folder that holds files but no store.json (the source itself, say) is no output: raise
+        StoreError. The engine asks before Ray starts; the writer asks again when it opens."""
+        loc = loc if isinstance(loc, _Loc) else _Loc(loc, storage_options)
+        if _read_meta(loc) is None and [n for n in loc.listdir("") if n != LEASE_FILE] not in ([], ["shards"]):
+            raise StoreError(
+                f"{loc.uri} exists, is not empty and holds no store.json; refusing to write into it "
+                f"(choose a new or empty output)"
+            )
 
     def write_plan(self, plan: Plan) -> None:
         """Store the plan: on the first run, and again when --append grew it (a resume reuses it)."""

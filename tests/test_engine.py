@@ -365,6 +365,19 @@ def test_an_output_that_is_a_file_is_one_line_before_ray_starts(tmp_path):
     assert (tmp_path / "notes.txt").read_text() == "keep me"
 
 
+def test_source_given_as_output_is_refused_before_ray_starts(tmp_path):
+    """A folder of other files as OUTPUT (here SOURCE itself): one line before Ray starts, and the
+    folder is left as it was (no lease file)."""
+    src = make_images(tmp_path / "src", per_class=1)
+    before = sorted(p.name for p in src.rglob("*"))
+    res = subprocess.run(_cli("extract", str(src), str(src), "--model", MODEL, "--weights", "none", "--input-size",
+                              "64"), capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2, res.stderr[-3000:]
+    assert f"{src} exists, is not empty and holds no store.json; refusing to write into it" in res.stderr
+    assert res.stderr.count("\n") == 1 and "starting Ray" not in res.stderr, res.stderr[-3000:]
+    assert sorted(p.name for p in src.rglob("*")) == before
+
+
 def test_an_actor_that_cannot_load_raises_on_every_call(tmp_path):
     from featurestore.config import BackboneConfig
     from featurestore.engine import BackboneLoadError, ExtractorActor
