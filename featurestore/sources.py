@@ -319,8 +319,9 @@ def _list_manifest(src: str, storage_options: dict | None, path_column: str, lab
                 "write it with commas (or with tabs)"
             hint = f"its header reads as one column: the file seems to separate columns with {sep}; {fix}"
         elif any(_has_image_ext(c) or "/" in c for c in columns):
+            both = f"'{path_column}', a tab, 'label'" if tsv else f"'{path_column},label'"
             hint = (f"its first line looks like an image path, not a header: add a header line naming the columns "
-                    f"('{path_column}' or '{path_column},label')")
+                    f"('{path_column}' or {both})")
         else:
             hint = "rename it, or name it with --path-column (path_column: in a job spec)"
         raise SourceError(f"{src}: manifest has no '{path_column}' column (columns: {', '.join(columns)}); {hint}")

@@ -328,6 +328,10 @@ def test_tab_separated_manifests_are_read_like_csv(image_folder, tmp_path):
     (root / "bad.tsv").write_text("path\tlabel\ncat/cat_0.jpg\tcat\textra\n")
     with pytest.raises(SourceError, match="bad.tsv: not a readable TSV manifest"):
         list_source(str(root / "bad.tsv"))
+    (root / "noheader.tsv").write_text("cat/cat_0.jpg\tcat\n")
+    with pytest.raises(SourceError, match=r"noheader.tsv: .*add a header line naming the columns \('path' or "
+                                          r"'path', a tab, 'label'\)"):
+        list_source(str(root / "noheader.tsv"))
 
 
 def test_a_missing_source_is_a_source_error_as_documented(tmp_path):
