@@ -86,7 +86,7 @@ class _BatchSize(click.ParamType):
 def extract(source, output, config_path, models, weights, layers, compile_, **flags):
     """Extract features of every image in SOURCE into the sharded HDF5 store OUTPUT.
 
-    SOURCE is a folder per class (root/<class>/<image>) or a CSV/Parquet manifest with a
+    SOURCE is a folder per class (root/<class>/<image>) or a CSV/TSV/Parquet manifest with a
     `path` (and optional `label`) column, on a local path or any fsspec URL (s3://...).
     Running the same command again resumes: committed shards are skipped. Images added
     to SOURCE since the store was planned stop the run with a message; --append adds them

@@ -117,7 +117,9 @@ class ExtractResult:
             [f"stores:   {len(self.stores)} under {self.store}"] + [f"  {m}: {u}" for m, u in self.stores.items()]
         lines = [
             *where,
-            f"rows:     {self.rows} of {self.inputs} inputs ({self.errors} skipped, see errors.parquet)",
+            f"rows:     {self.rows} of {self.inputs} inputs "
+            + (f"({self.errors} skipped: `featurestore inspect` counts the reasons, errors.parquet lists each)"
+               if self.errors else "(none skipped)"),
             f"shards:   {self.shards} total, {len(self.computed_shards)} computed, "
             f"{len(self.skipped_shards)} already committed, {len(self.failed_shards)} failed",
             f"speed:    {self.images_per_second:.1f} images/s over {self.seconds:.1f}s "
@@ -672,6 +674,8 @@ def _extract(cfg: ExtractConfig, stop: _StopOnSignal, leases: list) -> ExtractRe
 
     # The plan: stored on first run, reused on resume, so the shards never move. Every store of a
     # multi-model job holds the same plan; a store that lost (or never had) its plan gets it back.
+    for u in outputs:  # a folder of other files (SOURCE given as OUTPUT): refused now, not once actors are up
+        StoreWriter.refuse_foreign(u, storage)
     existing = [None if cfg.overwrite else StoreWriter.existing_plan(u, storage_options=storage) for u in outputs]
     found = [(u, pl) for u, pl in zip(outputs, existing) if pl is not None]
     # The longest plan wins: an --append that was stopped between stores left the others a prefix of it.
@@ -694,7 +698,7 @@ def _extract(cfg: ExtractConfig, stop: _StopOnSignal, leases: list) -> ExtractRe
                           label_column=cfg.label_column)
     if not listing.ids:
         raise ExtractError(f"{cfg.source}: no images found (looked for image files in a folder per class, "
-                           "or a CSV/Parquet manifest with a 'path' column)")
+                           "or a CSV/TSV/Parquet manifest with a 'path' column)")
     log.info("listed %d inputs in %.1fs: %d classes", len(listing.ids), time.perf_counter() - t0,
              len(listing.label_names))
     requests = [_request(cfg, b) for b in backbones]

@@ -105,8 +105,12 @@ class WriterLease:
         # A job that stops before writing anything (no such source, no cluster) leaves no empty folder.
         if self.loc.local:
             top = os.path.abspath(self.loc.root)
-            while not os.path.exists(os.path.dirname(top)):
+            while not os.path.exists(top) and not os.path.exists(os.path.dirname(top)):
                 top = os.path.dirname(top)
+            there = top if os.path.exists(top) else os.path.dirname(top)  # the nearest part that exists
+            if not os.path.isdir(there):  # the output itself, or a folder on its way, is a plain file
+                what = self.loc.uri if there == os.path.abspath(self.loc.root) else f"{self.loc.uri}: {there}"
+                raise StoreError(f"{what} is a file, not a folder; choose another output")
             self._made = None if os.path.exists(top) else top
         try:
             self._write()

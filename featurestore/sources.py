@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 )
-MANIFEST_EXTENSIONS = (".csv", ".parquet", ".pq")
+MANIFEST_EXTENSIONS = (".csv", ".tsv", ".parquet", ".pq")
 _LOCAL_PROTOCOLS = ("", "file", "local")
 
 
@@ -186,10 +186,10 @@ def _list_folder(src: str, storage_options: dict | None) -> Listing:
     if _is_local(src):
         root = _local_path(src)
         if os.path.isfile(root):
-            raise SourceError(f"{src}: a file, not a folder; pass a folder per class or a .csv/.parquet manifest "
+            raise SourceError(f"{src}: a file, not a folder; pass a folder per class or a .csv/.tsv/.parquet manifest "
                               "(`featurestore classify` takes single images)")
         if not os.path.isdir(root):
-            raise SourceNotFound(f"{src}: no such directory; pass a folder per class or a .csv/.parquet manifest")
+            raise SourceNotFound(f"{src}: no such directory; pass a folder per class or a .csv/.tsv/.parquet manifest")
         rels = _walk_local(root)
         prefix = root.rstrip(os.sep) + "/"
     else:
@@ -198,7 +198,7 @@ def _list_folder(src: str, storage_options: dict | None) -> Listing:
         fs.invalidate_cache(path)
         found = fs.find(path, detail=False)
         if not found and not fs.isdir(path):
-            raise SourceNotFound(f"{src}: no such folder or prefix; pass a folder per class or a .csv/.parquet manifest")
+            raise SourceNotFound(f"{src}: no such folder or prefix; pass a folder per class or a .csv/.tsv/.parquet manifest")
         strip = len(path) + 1
         rels = [p[strip:] for p in found]
         prefix = f"{_protocol(src)}://{path}/"
@@ -214,14 +214,27 @@ def _list_folder(src: str, storage_options: dict | None) -> Listing:
             return Listing([prefix + r for r in flat], np.full(len(flat), -1, np.int64), [])
         raise SourceError(
             f"{src}: no images found (expected <root>/<class>/<image> with extensions "
-            f"{', '.join(sorted(IMAGE_EXTENSIONS))}, or a .csv/.parquet manifest)"
+            f"{', '.join(sorted(IMAGE_EXTENSIONS))}, or a .csv/.tsv/.parquet manifest)"
         )
     labels, names = _labels_from_names(classes)
     return Listing([prefix + r for r in kept], labels, names)
 
 
+def _delimiter(src: str, header: str) -> str:
+    """A .tsv separates columns with tabs; so does a .csv whose header has tabs and no comma
+    (a spreadsheet's "tab-delimited" export named .csv). Other separators are refused later,
+    naming the one the header seems to use (see _list_manifest)."""
+    if src.lower().endswith(".tsv"):
+        return "\t"
+    return "\t" if "\t" in header and "," not in header else ","
+
+
+def _text_kind(src: str) -> str:
+    return "TSV" if src.lower().endswith(".tsv") else "CSV"
+
+
 def _read_table(src: str, storage_options: dict | None, text_columns: tuple[str, ...] = ()):
-    """The manifest as a pyarrow Table; in a CSV, text_columns are read as written (no "01" -> 1)."""
+    """The manifest as a pyarrow Table; in a CSV/TSV, text_columns are read as written (no "01" -> 1)."""
     import pyarrow.csv as pacsv
     import pyarrow.parquet as pq
 
@@ -239,16 +252,19 @@ def _read_table(src: str, storage_options: dict | None, text_columns: tuple[str,
 
     try:
         with opener() as f:
-            if src.lower().endswith(".csv"):
-                header = next(csv.reader([f.readline().decode("utf-8-sig", "replace")]), [])
+            if src.lower().endswith((".csv", ".tsv")):
+                line = f.readline().decode("utf-8-sig", "replace")
+                sep = _delimiter(src, line)
+                header = next(csv.reader([line], delimiter=sep), [])
                 f.seek(0)
                 as_text = {c: pa.string() for c in header if c.strip() in text_columns}
-                table = pacsv.read_csv(f, convert_options=pacsv.ConvertOptions(column_types=as_text))
+                table = pacsv.read_csv(f, parse_options=pacsv.ParseOptions(delimiter=sep),
+                                       convert_options=pacsv.ConvertOptions(column_types=as_text))
                 # "path, label": the space after the comma is not part of the name
                 return table.rename_columns([c.strip() for c in table.column_names])
             return pq.read_table(f, use_threads=False)  # see store._Loc.read_parquet
     except pa.ArrowException as exc:
-        kind = "CSV" if src.lower().endswith(".csv") else "Parquet"
+        kind = _text_kind(src) if src.lower().endswith((".csv", ".tsv")) else "Parquet"
         raise SourceError(f"{src}: not a readable {kind} manifest ({exc}); "
                           "a manifest is a table with a header row naming a path column") from exc
 
@@ -295,12 +311,17 @@ def _list_manifest(src: str, storage_options: dict | None, path_column: str, lab
     table = _read_table(src, storage_options, (path_column, label_column or "label"))
     columns = table.column_names
     if path_column not in columns:
-        sep = next((name for c in columns for ch, name in ((";", "';'"), ("\t", "tabs")) if ch in c), None)
+        tsv = src.lower().endswith(".tsv")
+        seps = ((";", "';'"), ("|", "'|'")) + (((",", "commas"),) if tsv else (("\t", "tabs"),))
+        sep = next((name for c in columns for ch, name in seps if ch in c), None)
         if sep is not None:  # pyarrow reads "path;label" as one column named so
-            hint = f"its header reads as one column: the file seems to separate columns with {sep}; write it with commas"
+            fix = ("name it .csv" if sep == "commas" else "write it with tabs") if tsv else \
+                "write it with commas (or with tabs)"
+            hint = f"its header reads as one column: the file seems to separate columns with {sep}; {fix}"
         elif any(_has_image_ext(c) or "/" in c for c in columns):
+            both = f"'{path_column}', a tab, 'label'" if tsv else f"'{path_column},label'"
             hint = (f"its first line looks like an image path, not a header: add a header line naming the columns "
-                    f"('{path_column}' or '{path_column},label')")
+                    f"('{path_column}' or {both})")
         else:
             hint = "rename it, or name it with --path-column (path_column: in a job spec)"
         raise SourceError(f"{src}: manifest has no '{path_column}' column (columns: {', '.join(columns)}); {hint}")
@@ -347,7 +368,7 @@ def list_source(
     path_column: str = "path",
     label_column: str | None = None,
 ) -> Listing:
-    """List a folder per class (root/<class>/.../<image>) or a .csv/.parquet manifest.
+    """List a folder per class (root/<class>/.../<image>) or a .csv/.tsv/.parquet manifest.
 
     Manifest paths may be absolute, URLs, or relative to the manifest's own folder; the label
     column is optional (missing or empty labels are -1). label_column=None reads a 'label'

@@ -279,7 +279,7 @@ class _Loc:
 def _read_meta(loc: _Loc) -> dict | None:
     try:
         data = loc.read_bytes("store.json")
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # the latter: a plain file where the folder would be
         return None
     except Exception as exc:  # no credentials, access denied, no endpoint: the first thing a reader meets
         hint = "" if loc.local else f"; {REMOTE_HINT}"
@@ -294,6 +294,8 @@ def _not_a_store(loc: _Loc) -> StoreError:
     """Why `loc` has no store.json, as precisely as the location tells."""
     if loc.local and not os.path.exists(loc.root):
         return StoreError(f"{loc.uri}: no such folder")
+    if loc.local and not os.path.isdir(loc.root):
+        return StoreError(f"{loc.uri}: a file, not a store; a store is the folder that holds store.json")
     if not loc.local:  # a mistyped bucket or prefix reads as nothing at all, not as some other kind of folder
         bucket = loc.root.split("/")[0]
         try:
@@ -636,11 +638,8 @@ class StoreWriter:
         self.storage_options = self.loc.storage_options
         self.config = _jsonable(dict(config))
         existing = _read_meta(self.loc)
-        if existing is None and [n for n in self.loc.listdir("") if n != LEASE_FILE] not in ([], ["shards"]):
-            raise StoreError(
-                f"{self.uri} exists, is not empty and holds no store.json; refusing to write into it "
-                f"(choose a new or empty output)"
-            )
+        if existing is None:
+            self.refuse_foreign(self.loc)
         if existing is not None and overwrite:
             log.info("overwriting store %s", self.uri)
             self.loc.remove_tree()
@@ -672,6 +671,17 @@ class StoreWriter:
         self.loc.makedirs()
         _write_meta(self.loc, self.meta)
         self.label_names = list(self.meta["label_names"])
+
+    @staticmethod
+    def refuse_foreign(loc: "_Loc | str", storage_options: dict | None = None) -> None:
+        """A folder that holds files but no store.json (the source itself, say) is no output: raise
+        StoreError. The engine asks before Ray starts; the writer asks again when it opens."""
+        loc = loc if isinstance(loc, _Loc) else _Loc(loc, storage_options)
+        if _read_meta(loc) is None and [n for n in loc.listdir("") if n != LEASE_FILE] not in ([], ["shards"]):
+            raise StoreError(
+                f"{loc.uri} exists, is not empty and holds no store.json; refusing to write into it "
+                f"(choose a new or empty output)"
+            )
 
     def write_plan(self, plan: Plan) -> None:
         """Store the plan: on the first run, and again when --append grew it (a resume reuses it)."""
@@ -1151,7 +1161,23 @@ class StoreReader:
 
     @property
     def status(self) -> str:
-        return self.meta.get("status", "unknown")
+        """'complete' or 'incomplete' (failed shards) once the extraction finished. Before that,
+        'running' while its writer holds the lease (OUT/.writer.json: a live pid on this host, or a
+        recent heartbeat), else 'stopped' (killed or interrupted: the same extract command resumes
+        it); `featurestore inspect` tells them apart the same way. One small read of the lease,
+        only for an unfinished store, on every access: the writer may stop while this is open."""
+        status = self.meta.get("status", "unknown")
+        if status == "running":
+            from featurestore.lease import writer_status  # lease imports this module
+
+            try:
+                writer = writer_status(self.uri, self.storage_options)
+            except Exception as exc:  # a lease this reader may not read (object-store permissions): cannot tell
+                log.debug("%s: cannot read the writer lease: %s", self.uri, exc)
+                return status
+            if not (writer and writer["live"]):
+                return "stopped"
+        return status
 
     @property
     def shard_uris(self) -> list[str]:
@@ -1446,8 +1472,10 @@ def _read_table(loc: _Loc, rel: str, status: str | None):
         return loc.read_parquet(rel)
     except FileNotFoundError:
         if status not in ("complete", "incomplete"):
+            todo = "wait for it to finish" if status == "running" else \
+                "run the same `featurestore extract` command to finish it"
             raise StoreError(f"{loc.uri}: {rel} is written when the extraction finishes (status: {status}); "
-                             "run the same `featurestore extract` command to finish it") from None
+                             f"{todo}") from None
         raise StoreError(f"{loc.url(rel)}: missing; run the same `featurestore extract` command again to "
                          "rewrite it") from None
     except Exception as exc:  # pyarrow's ArrowInvalid: truncated, overwritten, not Parquet
@@ -1848,8 +1876,11 @@ def inspect(uri: str, storage_options: dict | None = None) -> dict:
         if first is not None:
             out.update(layers=first.layers, dtype=first.dtype, compression=first.compression)
         live = bool(out["writer"] and out["writer"]["live"])
+        if meta.get("status") == "running" and not live:
+            out["status"] = "stopped"  # as StoreReader.status says it
         out["unfinished"] = ("being written now" if live else
-                             "stopped before it finished; run the same `featurestore extract` command to resume")
+                             "killed or interrupted before it finished; run the same `featurestore extract` "
+                             "command to resume")
     out["warnings"] = []
 
     def table(rel: str):

@@ -349,6 +349,35 @@ def test_a_layer_typo_is_one_message_from_the_driver(tmp_path):
     assert not out.exists()
 
 
+def test_an_output_that_is_a_file_is_one_line_before_ray_starts(tmp_path):
+    """OUT (or a folder on its way) an existing plain file: said plainly, exit 2, the file untouched."""
+    src = make_images(tmp_path / "src", per_class=1)
+    (tmp_path / "notes.txt").write_text("keep me")
+    for out, said in ((tmp_path / "notes.txt", f"{tmp_path / 'notes.txt'} is a file, not a folder; choose another "
+                                                "output"),
+                      (tmp_path / "notes.txt" / "store", f"{tmp_path / 'notes.txt' / 'store'}: "
+                                                         f"{tmp_path / 'notes.txt'} is a file, not a folder")):
+        for models in (["--model", MODEL], ["--model", MODEL, "--model", "mobilenet_v3_small"]):
+            res = subprocess.run(_cli("extract", str(src), str(out), *models, "--weights", "none", "--input-size",
+                                      "64"), capture_output=True, text=True, timeout=300)
+            assert res.returncode == 2 and said in res.stderr, res.stderr[-3000:]
+            assert res.stderr.count("\n") == 1 and "starting Ray" not in res.stderr, res.stderr[-3000:]
+    assert (tmp_path / "notes.txt").read_text() == "keep me"
+
+
+def test_source_given_as_output_is_refused_before_ray_starts(tmp_path):
+    """A folder of other files as OUTPUT (here SOURCE itself): one line before Ray starts, and the
+    folder is left as it was (no lease file)."""
+    src = make_images(tmp_path / "src", per_class=1)
+    before = sorted(p.name for p in src.rglob("*"))
+    res = subprocess.run(_cli("extract", str(src), str(src), "--model", MODEL, "--weights", "none", "--input-size",
+                              "64"), capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2, res.stderr[-3000:]
+    assert f"{src} exists, is not empty and holds no store.json; refusing to write into it" in res.stderr
+    assert res.stderr.count("\n") == 1 and "starting Ray" not in res.stderr, res.stderr[-3000:]
+    assert sorted(p.name for p in src.rglob("*")) == before
+
+
 def test_an_actor_that_cannot_load_raises_on_every_call(tmp_path):
     from featurestore.config import BackboneConfig
     from featurestore.engine import BackboneLoadError, ExtractorActor
@@ -474,6 +503,8 @@ def test_driver_killed_midway_then_resumed(tmp_path, ray_local):
             before, quiet_since = now, time.time()
         time.sleep(0.2)
     assert 2 <= len(before) < 9, before
+    stopped = featurestore.open(str(out))  # its lease file is left behind, its pid is gone
+    assert (out / ".writer.json").exists() and stopped.status == "stopped" and len(stopped) == 4 * len(before)
 
     res = subprocess.run(_cli("extract", str(src), str(out), "--model", MODEL, "--weights", "none",
                               "--input-size", "64", "--batch-size", "4", "--shard-size", "4"),
@@ -539,6 +570,7 @@ def test_sigterm_and_ctrl_c_stop_cleanly_then_resume(tmp_path, ray_local):
         now = len(list(shards.glob("shard-*.h5")))
         assert committed < int(said.group(1)) <= now < 9 and int(said.group(2)) >= 1
         assert not (out / "manifest.parquet").exists()  # an interrupted run never finalizes
+        assert featurestore.open(str(out)).status == "stopped"
         committed = now
 
     res = subprocess.run(cmd[:-1], capture_output=True, text=True, timeout=300)
@@ -613,6 +645,15 @@ def test_plans_of_a_multi_model_job_agree_shard_for_shard():
     # one more row in the last shard is another plan, not an append that reached one store only
     assert not _plan_extends(plan(10), plan(9)) and not _plans_agree(plan(10), plan(9))
     assert not _plan_extends(plan(9), plan(9, extra=2))
+
+
+def test_the_summary_points_at_skipped_inputs_only_when_there_are_some():
+    from featurestore.engine import ExtractResult
+
+    clean = ExtractResult(store="s", rows=900, inputs=900, errors=0).summary()
+    assert "rows:     900 of 900 inputs (none skipped)" in clean and "errors.parquet" not in clean
+    bad = ExtractResult(store="s", rows=897, inputs=900, errors=3).summary()
+    assert "897 of 900 inputs (3 skipped: `featurestore inspect` counts the reasons, errors.parquet lists each)" in bad
 
 
 def test_cpu_placement_prefers_thin_actors_and_honours_overrides():

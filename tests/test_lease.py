@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 
 from featurestore.lease import LEASE_FILE, StoreBusy, WriterLease
@@ -113,3 +114,26 @@ def test_a_job_that_wrote_nothing_leaves_no_folder_behind(tmp_path):
     assert os.listdir(tmp_path / "new" / "store") == ["store.json"]
     WriterLease(str(tmp_path / "was")).acquire().release()
     assert (tmp_path / "was").is_dir()
+
+
+def test_a_reader_says_running_only_while_the_writer_lives(tmp_path):
+    """featurestore.open(...).status of an unfinished store: 'running' while a live process
+    holds the lease, 'stopped' once it is killed (its lease file left behind), as inspect says."""
+    from featurestore import open as open_store
+    from featurestore.sources import Plan
+    from featurestore.store import StoreWriter, inspect
+
+    out = tmp_path / "store"
+    holder = _hold(out)
+    try:
+        w = StoreWriter(str(out), {"model": "m"}, ["a"])
+        w.write_plan(Plan(["i0", "i1"], np.zeros(2, np.int64), ["a"], 2))
+        reader = open_store(str(out))
+        assert reader.status == "running" and inspect(str(out))["status"] == "running"
+    finally:
+        holder.kill()
+        holder.wait()
+    assert (out / LEASE_FILE).exists()  # SIGKILL: nobody removed it
+    assert reader.status == "stopped" and open_store(str(out)).status == "stopped"
+    assert inspect(str(out))["status"] == "stopped"
+    assert open_store(str(out)).status != "complete"

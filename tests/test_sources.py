@@ -298,11 +298,40 @@ def test_a_manifest_without_a_header_or_with_another_separator_says_which(tmp_pa
                                           r"cat\); its first line looks like an image path, not a header: add a "
                                           r"header line naming the columns \('path' or 'path,label'\)"):
         list_source(str(tmp_path / "noheader.csv"))
-    for sep, said in ((";", "';'"), ("\t", "tabs")):
-        (tmp_path / "sep.csv").write_text(f"path{sep}label\na.jpg{sep}cat\n")
-        with pytest.raises(SourceError, match=rf"its header reads as one column: the file seems to separate columns "
-                                              rf"with {said}; write it with commas"):
-            list_source(str(tmp_path / "sep.csv"))
+    for name, sep, said in (("sep.csv", ";", r"';'; write it with commas \(or with tabs\)"),
+                            ("sep.csv", "|", r"'\|'; write it with commas"),
+                            ("sep.tsv", ";", "';'; write it with tabs"),
+                            ("sep.tsv", ",", "commas; name it .csv")):
+        (tmp_path / name).write_text(f"path{sep}label\na.jpg{sep}cat\n")
+        with pytest.raises(SourceError, match=rf"{name}: manifest has no 'path' column .*its header reads as one "
+                                              rf"column: the file seems to separate columns with {said}"):
+            list_source(str(tmp_path / name))
+
+
+def test_tab_separated_manifests_are_read_like_csv(image_folder, tmp_path):
+    """A .tsv, or a .csv a spreadsheet exported with tabs, lists what the comma CSV lists: relative
+    paths (commas and spaces in names), labels as written ("01"), empty labels unlabeled."""
+    root = image_folder({"cat": 2, "dog": 1})
+    odd = root / "cat" / "a, b c.jpg"
+    odd.write_bytes((root / "cat" / "cat_0.jpg").read_bytes())
+    rows = [("cat/cat_0.jpg", "01"), ("cat/a, b c.jpg", "01"), ("cat/cat_1.jpg", ""), ("dog/dog_0.jpg", "1")]
+    (root / "m.csv").write_text("path,label\n" + "".join(f'"{p}",{l}\n' for p, l in rows))
+    want = list_source(str(root / "m.csv"))
+    assert want.label_names == ["01", "1"] and (want.labels == -1).sum() == 1 and str(odd) in want.ids
+    for name in ("m.tsv", "tabs.csv"):
+        (root / name).write_text("path\tlabel\n" + "".join(f"{p}\t{l}\n" for p, l in rows))
+        got = list_source(str(root / name))
+        assert got.ids == want.ids and got.label_names == want.label_names, name
+        assert got.labels.tolist() == want.labels.tolist(), name
+    (root / "paths.tsv").write_text("path\n" + "".join(f"{p}\n" for p, _ in rows))
+    assert list_source(str(root / "paths.tsv")).labels.tolist() == [-1] * 4
+    (root / "bad.tsv").write_text("path\tlabel\ncat/cat_0.jpg\tcat\textra\n")
+    with pytest.raises(SourceError, match="bad.tsv: not a readable TSV manifest"):
+        list_source(str(root / "bad.tsv"))
+    (root / "noheader.tsv").write_text("cat/cat_0.jpg\tcat\n")
+    with pytest.raises(SourceError, match=r"noheader.tsv: .*add a header line naming the columns \('path' or "
+                                          r"'path', a tab, 'label'\)"):
+        list_source(str(root / "noheader.tsv"))
 
 
 def test_a_missing_source_is_a_source_error_as_documented(tmp_path):

@@ -14,6 +14,7 @@ import pytest
 from click.testing import CliRunner
 
 from featurestore.cli_store import inspect_cmd, verify_cmd
+from featurestore.lease import WriterLease
 from featurestore.sources import Plan
 from featurestore.store import (
     ShardWriter,
@@ -315,7 +316,7 @@ def test_verify_catches_manifest_and_duplicate_problems(store, tmp_path):
                             f"{man['id'][0]} -> shard 0 row 1; {man['id'][1]} -> shard 0 row 0"]
 
 
-def test_cli_inspect_and_verify(store):
+def test_cli_inspect_and_verify(store, tmp_path):
     r, *_ = store
     runner = CliRunner()
     res = runner.invoke(inspect_cmd, [r.uri])
@@ -331,6 +332,11 @@ def test_cli_inspect_and_verify(store):
     assert json.loads(res.output)["ok"] is True
     res = runner.invoke(inspect_cmd, [r.uri + "-nope"])
     assert res.exit_code != 0 and "-nope: no such folder" in res.output
+    (tmp_path / "notes.txt").write_text("x")
+    for cmd in (inspect_cmd, verify_cmd):
+        res = runner.invoke(cmd, [str(tmp_path / "notes.txt")])
+        assert res.exit_code != 0 and "notes.txt: a file, not a store; a store is the folder that holds store.json" \
+            in res.output, res.output
     os.makedirs(r.uri + "-empty")
     res = runner.invoke(inspect_cmd, [r.uri + "-empty"])
     assert res.exit_code != 0 and "no store.json; not a feature store" in res.output
@@ -343,9 +349,14 @@ def test_reader_of_a_running_store_sees_only_committed_shards(tmp_path):
         sw.commit()
     sw0 = ShardWriter(w.uri, 0, plan.label_names)
     sw0.append(plan.shard(0).ids, plan.shard(0).labels, {"f": np.ones((4, 2))})
+    lease = WriterLease(w.uri).acquire()  # as the engine holds it while it writes
     r = open_store(w.uri)
     assert r.status == "running" and len(r) == 4 and r.ids.tolist() == plan.shard(1).ids
+    with pytest.raises(StoreError, match=r"\(status: running\); wait for it to finish"):
+        r.manifest()
     sw0.abort()
+    lease.release()
+    assert r.status == "stopped"  # its writer is gone: said at once, not when the store was opened
 
 
 def _two_shard_run(tmp_path, commit=(0, 1)):
@@ -381,15 +392,17 @@ def test_a_lost_sidecar_is_rebuilt_from_its_shard(tmp_path):
 def test_inspect_and_verify_of_a_stopped_run(tmp_path):
     w, plan, feats = _two_shard_run(tmp_path, commit=(1,))
     info = inspect(w.uri)
-    assert info["status"] == "running" and info["rows"] == 4 and info["shards"] == 1 and info["planned_shards"] == 2
+    assert info["status"] == "stopped" and info["rows"] == 4 and info["shards"] == 1 and info["planned_shards"] == 2
     assert info["errors"] == 1 and info["layers"] == {"f": {"shape": [2], "dtype": "float32"}}
-    assert info["unfinished"].startswith("stopped before it finished; run the same `featurestore extract`")
+    assert info["unfinished"].startswith("killed or interrupted before it finished; run the same `featurestore "
+                                         "extract`")
     rep = verify(w.uri)
     assert rep.problems == ["the extraction has not finished (it was stopped): 1 of 2 planned shards committed"]
     assert rep.repair.endswith("it resumes where it stopped") and rep.rows == 4
     res = CliRunner().invoke(inspect_cmd, [w.uri])
-    assert "running: stopped before it finished" in res.output and "4 of 8 inputs (1 errors)" in res.output
-    with pytest.raises(StoreError, match="manifest.parquet is written when the extraction finishes"):
+    assert "stopped: killed or interrupted before it finished" in res.output and "4 of 8 inputs (1 errors)" in res.output
+    with pytest.raises(StoreError, match=r"manifest.parquet is written when the extraction finishes \(status: "
+                                         r"stopped\); run the same `featurestore extract` command to finish it"):
         open_store(w.uri).manifest()
 
 
