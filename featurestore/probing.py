@@ -1017,7 +1017,7 @@ def probe(source: str | ProbeConfig | None = None, models: str | Sequence[str] |
             data["models"] = _split_list(models)
         cfg = ProbeConfig(source=source, out=out, **data)  # type: ignore[arg-type]
     if not cfg.source:
-        raise ProbeError("no source given; pass a folder per class or a CSV/Parquet manifest")
+        raise ProbeError("no source given; pass a folder per class or a CSV/TSV/Parquet manifest")
     if not cfg.out:
         raise ProbeError("no output given; pass --out DIR")
     from classifiers.heads import HEADS
