@@ -64,11 +64,18 @@ def _client(address: str | None):
         os.environ.update(hidden)
 
 
+class Refused(click.ClickException):
+    """An input the command cannot act on, said in one line (exit code 2, no usage text)."""
+
+    exit_code = 2
+
+
 def build_submission(spec_path: str, *, env_names=(), pip=(), working_dir: str | None = None,
                      environ: dict | None = None) -> dict:
     """Validate the spec and build submit_job's arguments (entrypoint, runtime_env, ...).
 
-    Raises click.UsageError for a bad spec or an unset variable: nothing is sent.
+    Raises Refused (one line, exit code 2: the spec, not the command line, is wrong, and usage text
+    would bury the line) for a bad spec or an unset variable: nothing is sent.
     """
     from featurestore.config import ConfigError
     from jobs.specs import load_spec, new_submission_id, relative_paths
@@ -77,21 +84,21 @@ def build_submission(spec_path: str, *, env_names=(), pip=(), working_dir: str |
     try:
         spec, typed = load_spec(spec_path)
     except ConfigError as exc:
-        raise click.UsageError(str(exc)) from None
+        raise Refused(str(exc)) from None
     relative = relative_paths(spec.job, typed)
     if relative:
         shown = ", ".join(f"config.{k}: {v}" for k, v in relative)
-        raise click.UsageError(
+        raise Refused(
             f"{spec_path}: {shown}: a relative path. A submitted job runs in a temporary copy of the working "
             "folder on the cluster, so it would read or write inside that copy. Give an absolute path on a "
             "filesystem every node shares, or an s3:// URL")
     wd = Path(working_dir or spec.runtime.working_dir or os.getcwd()).resolve()
     if not wd.is_dir():
-        raise click.UsageError(f"working directory {wd} does not exist")
+        raise Refused(f"working directory {wd} does not exist")
     names = list(dict.fromkeys([*spec.runtime.env, *env_names]))
     missing = [n for n in names if n not in environ]
     if missing:
-        raise click.UsageError(f"environment variable(s) {', '.join(missing)} named by --env / runtime.env are not "
+        raise Refused(f"environment variable(s) {', '.join(missing)} named by --env / runtime.env are not "
                                "set in your environment; export them first (their values are sent to the job, "
                                "never written to the spec)")
     env_vars = {n: environ[n] for n in names}
@@ -125,12 +132,6 @@ def build_submission(spec_path: str, *, env_names=(), pip=(), working_dir: str |
     if spec.runtime.entrypoint_resources:
         kwargs["entrypoint_resources"] = dict(spec.runtime.entrypoint_resources)
     return kwargs
-
-
-class Refused(click.ClickException):
-    """An input the command cannot act on, said in one line (exit code 2, no usage text)."""
-
-    exit_code = 2
 
 
 def follow_logs(client, job_id: str, poll: float = 1.0):

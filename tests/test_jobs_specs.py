@@ -118,9 +118,12 @@ def test_submit_refuses_bad_spec_before_contacting_a_cluster(tmp_path):
     data["config"]["shard_size"] = "big"
     path = write(tmp_path, data)
     res = CliRunner().invoke(submit, [str(path), "--address", "http://127.0.0.1:9"])
-    assert res.exit_code != 0
+    assert res.exit_code == 2
     assert "config.shard_size" in res.output and str(path) in res.output
     assert "Traceback" not in res.output
+    # the command line was right: one line about the spec, no usage text burying it
+    assert "Usage:" not in res.output and "--help" not in res.output, res.output
+    assert len(res.output.strip().splitlines()) == 1, res.output
 
 
 def test_submit_refuses_relative_paths(tmp_path, monkeypatch):
