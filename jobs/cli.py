@@ -123,7 +123,7 @@ def build_submission(spec_path: str, *, env_names=(), pip=(), working_dir: str |
         "entrypoint": f"python -m jobs.{spec.job} --config {shlex.quote(config_arg)}",
         "runtime_env": runtime_env,
         "submission_id": new_submission_id(spec),
-        "metadata": {"featurestore_job": spec.job, "spec": spec_file.name},
+        "metadata": {"featurestore_job": spec.job, "spec": spec_file.name},  # `jobs list` and `status` show it
     }
     if spec.runtime.entrypoint_num_cpus is not None:
         kwargs["entrypoint_num_cpus"] = spec.runtime.entrypoint_num_cpus
@@ -257,9 +257,19 @@ def list_cmd(address):
     rows = sorted(client.list_jobs(), key=lambda j: j.start_time or 0, reverse=True)
     click.echo(f"{'SUBMISSION ID':<36} {'STATUS':<10} {'STARTED':<20} ENTRYPOINT")
     for j in rows:
-        what = j.entrypoint if _is_submitted(j) else f"(driver, not a submitted job) {j.entrypoint}"
+        what = _entrypoint(j) if _is_submitted(j) else f"(driver, not a submitted job) {j.entrypoint}"
         click.echo(f"{(j.submission_id or j.job_id or '-'):<36} {str(j.status):<10} {_time(j.start_time):<20} "
                    f"{what.splitlines()[0] if what else ''}")
+
+
+def _entrypoint(info) -> str:
+    """The job's command, naming the spec where submit sent its text in a variable (a spec outside the
+    working directory): `--config env:FEATURESTORE_JOB_SPEC` alone does not say which spec a job ran."""
+    command = info.entrypoint or ""
+    spec = (getattr(info, "metadata", None) or {}).get("spec")
+    if spec and f"env:{SPEC_ENV}" in command:
+        command = command.replace(f"env:{SPEC_ENV}", f"{shlex.quote(spec)} (its text sent with the job)")
+    return command
 
 
 def _time(ms) -> str:
@@ -309,7 +319,7 @@ def status_cmd(job_id, address):
     click.echo(f"status:     {info.status}")
     if info.message:
         click.echo(f"message:    {info.message}")
-    click.echo(f"entrypoint: {info.entrypoint}")
+    click.echo(f"entrypoint: {_entrypoint(info)}")
     click.echo(f"started:    {_time(info.start_time)}")
     click.echo(f"ended:      {_time(info.end_time)}")
     if env_names:
