@@ -37,8 +37,18 @@ def test_good_spec_gives_typed_config(tmp_path):
 
 @pytest.mark.parametrize("path", sorted(EXAMPLES.glob("*.yaml")), ids=lambda p: p.name)
 def test_examples_are_valid(path):
+    """Each example passes every check `featurestore submit` makes before sending it (model, weights and
+    layer names included)."""
+    from jobs.specs import relative_paths
+
     spec, cfg = load_spec(path)
     assert spec.job in ("extract", "train", "evaluate", "predict", "probe")
+    assert not relative_paths(spec.job, cfg)
+
+
+def test_every_job_kind_has_an_example():
+    assert {load_spec(p)[0].job for p in EXAMPLES.glob("*.yaml")} == {"extract", "train", "evaluate", "predict",
+                                                                       "probe"}
 
 
 def test_examples_exist():
