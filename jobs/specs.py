@@ -272,7 +272,8 @@ def _check_numbers(job: str, cfg: Any, source: str) -> None:
 
 
 def check_models(spec: JobSpec, typed: Any) -> None:
-    """Model names (and per-model weights/layers keys) exist, and so do the layers named.
+    """Model names (and per-model weights/layers keys) exist, and so do the weights and layers named
+    (a probe's MODEL@WEIGHTS and its weights: as featurestore.probing reads them, see _probe_weights).
 
     A torchvision name is found in featurestore.zoo's traced table at once; a timm name, or a
     name found nowhere (to suggest the closest), costs importing timm/torchvision (~3-5 s).
