@@ -247,11 +247,33 @@ def spec_field(kind: str, exc: BaseException, message: str, typed: Any) -> str |
 
     for name, field_name in _FIELD_OF_ERROR.items():
         if type(exc).__name__ == name or f"{name}:" in message:
-            return "models" if field_name == "model" and kind == "probe" else field_name
+            if kind == "probe" and field_name == "model":
+                return "models"
+            return _probe_weights_field(message, typed) if kind == "probe" and field_name == "weights" else field_name
     first = message.split(" ", 1)[0]
     if dataclasses.is_dataclass(typed) and first in {f.name for f in dataclasses.fields(typed)}:
-        return first
+        return _probe_weights_field(message, typed) if kind == "probe" and first == "weights" else first
     return location_field(kind, exc, typed, message, addresses=True)
+
+
+def _probe_weights_field(message: str, typed: Any) -> str:
+    """A probe's weights come from config.weights or from an entry MODEL@WEIGHTS in config.models: the
+    latter when the message names weights given after an '@': a file by its path (a local one made
+    absolute, as the probe names it), a name quoted ('nonee'; bare, a name like none is any text's)."""
+    from featurestore.weights import is_file_spec, split_recipe
+
+    for entry in getattr(typed, "models", None) or []:
+        weights = entry.partition("@")[2].strip()
+        if not weights:
+            continue
+        if is_file_spec(weights):
+            path = split_recipe(weights)[0]
+            spellings = {path} | ({os.path.abspath(os.path.expanduser(path))} if "://" not in path else set())
+        else:
+            spellings = {f"'{weights}'"}
+        if any(s in message for s in spellings):
+            return "models"
+    return "weights"
 
 
 def input_error_line(kind: str, exc: BaseException, spec: Any, typed: Any) -> str:

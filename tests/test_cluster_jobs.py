@@ -337,6 +337,11 @@ def test_a_refused_spec_fails_in_one_line_and_follow_says_so(local_cluster, imag
     status = cli("jobs", "status", job_id, "--address", address)
     assert "FAILED" in status.stdout and line in status.stdout and "exit code:  2 (the job refused its spec" in \
         status.stdout, status.stdout
+    # the spec lies outside the shipped folder, so its text went in a variable: status and list name it
+    said = "python -m jobs.extract --config missing.yaml (its text sent with the job)"
+    assert f"entrypoint: {said}" in status.stdout, status.stdout
+    listed = cli("jobs", "list", "--address", address)
+    assert any(ln.startswith(job_id) and ln.endswith(said) for ln in listed.stdout.splitlines()), listed.stdout
 
 
 def test_a_pending_job_is_followed_and_not_claimed_stopped(local_cluster, tmp_path):

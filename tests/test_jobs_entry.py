@@ -285,3 +285,22 @@ def _restore_logging():
     yield
     root.handlers[:] = handlers
     root.setLevel(level)
+
+
+@pytest.mark.parametrize("config,field", [
+    ({"models": ["resnet18@MISSING", "mobilenet_v3_small@none"]}, "models"),
+    ({"models": ["resnet18", "mobilenet_v3_small@none"], "weights": {"resnet18": "MISSING"}}, "weights"),
+])
+def test_a_probe_names_the_field_its_missing_weights_file_came_from(tmp_path, capsys, config, field):
+    """The weights of `models: [resnet18@FILE]` come from config.models, not config.weights: the job's
+    refusal (on the cluster, where the file must be) names the field the user wrote the file in."""
+    from jobs import probe
+
+    missing = str(tmp_path / "missing.pth")
+    config = yaml.safe_load(yaml.safe_dump(config).replace("MISSING", missing))
+    (tmp_path / "imgs" / "a").mkdir(parents=True)
+    path = spec_file(tmp_path, "probe", {"source": str(tmp_path / "imgs"), "out": str(tmp_path / "probe"), **config})
+    assert main("probe", probe.run, ["--config", str(path)]) == EXIT_BAD_SPEC
+    lines = errors(capsys)
+    assert len(lines) == 1 and f"refused: {path}: field 'config.{field}': weights for resnet18: file {missing} not " \
+                               "found" in lines[0], lines

