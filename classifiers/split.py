@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
-from pathlib import Path
-
+import numbers
 import numpy as np
 
 from .heads import HeadError
@@ -43,8 +42,7 @@ def hash_split(ids, labels, test_size: float = 0.25, seed: int = 0, salt: str = 
 
     Every class with at least 2 rows gets at least one row on each side.
     """
-    if not 0.0 < test_size < 1.0:
-        raise HeadError(f"test_size must lie strictly between 0 and 1, got {test_size}")
+    check_test_size(test_size)
     labels = np.asarray(labels)
     keys = _keys(ids, seed, salt)
     is_test = np.zeros(len(labels), dtype=bool)
@@ -60,26 +58,83 @@ def hash_split(ids, labels, test_size: float = 0.25, seed: int = 0, salt: str = 
     return is_test
 
 
-def read_split_file(path: str, ids, id_column: str | None = None, split_column: str = "split") -> np.ndarray:
-    """Boolean test mask from a CSV/Parquet file mapping id -> train|test (every store id must appear)."""
+def check_test_size(test_size) -> None:
+    """test_size as hash_split takes it: a fraction strictly between 0 and 1 (HeadError opening
+    with the parameter's name, which the commands and job specs reword as their own)."""
+    if isinstance(test_size, bool) or not isinstance(test_size, numbers.Real) or not 0.0 < test_size < 1.0:
+        raise HeadError(f"test_size must lie strictly between 0 and 1, got {test_size}")
+
+
+def _is_parquet(path: str) -> bool:
+    return path.lower().endswith((".parquet", ".pq"))
+
+
+def _split_fs(path: str, split_column: str, storage_options: dict | None):
+    """(fsspec filesystem, its path) of an existing split file: a local path or a URL (s3://...),
+    so that a split file lives wherever the store does."""
+    from featurestore.sources import REMOTE_HINT, _is_local, url_to_fs
+
+    fs, fpath = url_to_fs(path, storage_options)
+    wanted = f"a CSV/Parquet file with columns id and {split_column}"
+    try:
+        exists, folder = fs.exists(fpath), fs.isdir(fpath)
+    except OSError as exc:
+        if _is_local(path):
+            raise
+        # an object store that refused (no credentials, no such bucket): said with the URL, not a traceback
+        raise HeadError(f"split {path}: cannot read it ({type(exc).__name__}: {exc}); {REMOTE_HINT}") from None
+    if folder:
+        raise HeadError(f"split {path}: a folder, not a file; {wanted}")
+    if not exists:  # the path as the error's filename: the commands name the argument it belongs to
+        raise FileNotFoundError(errno.ENOENT, f"no such file ({wanted})", path)
+    return fs, fpath
+
+
+def split_file_columns(path: str, split_column: str = "split", storage_options: dict | None = None) -> list[str]:
+    """The column names of a split file from its schema alone (a Parquet footer, a CSV's first
+    block), for checks made before the rows are read (a train job's)."""
     import pyarrow as pa
     import pyarrow.csv as pcsv
     import pyarrow.parquet as pq
 
     p = str(path)
-    if not Path(p).exists():
-        # the path as the error's filename: the commands name the argument it belongs to
-        raise FileNotFoundError(errno.ENOENT, f"no such file (a CSV/Parquet file with columns id and {split_column})", p)
+    fs, fpath = _split_fs(p, split_column, storage_options)
     try:
-        table = pq.read_table(p, use_threads=False) if p.lower().endswith((".parquet", ".pq")) else pcsv.read_csv(p)
+        with fs.open(fpath, "rb") as f:
+            if _is_parquet(p):
+                return list(pq.read_schema(f).names)
+            with pcsv.open_csv(f) as csv:
+                return list(csv.schema.names)
     except pa.ArrowInvalid as exc:  # not CSV (or not Parquet) at all
-        raise HeadError(f"--split {p}: cannot be read as {'Parquet' if p.lower().endswith(('.parquet', '.pq')) else 'CSV'}"
-                        f" ({str(exc).splitlines()[0]}); a CSV/Parquet file with columns id and {split_column}") from None
+        raise HeadError(_unreadable(p, exc, split_column)) from None
+
+
+def _unreadable(p: str, exc: Exception, split_column: str) -> str:
+    return (f"split {p}: cannot be read as {'Parquet' if _is_parquet(p) else 'CSV'} ({str(exc).splitlines()[0]}); "
+            f"a CSV/Parquet file with columns id and {split_column}")
+
+
+def read_split_file(path: str, ids, id_column: str | None = None, split_column: str = "split",
+                    storage_options: dict | None = None) -> np.ndarray:
+    """Boolean test mask from a CSV/Parquet file mapping id -> train|test (every store id must appear).
+
+    path: a local path or a URL (s3://..., read with storage_options, as the store is)."""
+    import pyarrow as pa
+    import pyarrow.csv as pcsv
+    import pyarrow.parquet as pq
+
+    p = str(path)
+    fs, fpath = _split_fs(p, split_column, storage_options)
+    try:
+        with fs.open(fpath, "rb") as f:
+            table = pq.read_table(f, use_threads=False) if _is_parquet(p) else pcsv.read_csv(f)
+    except pa.ArrowInvalid as exc:  # not CSV (or not Parquet) at all
+        raise HeadError(_unreadable(p, exc, split_column)) from None
     cols = table.column_names
     if id_column is None:
         id_column = next((c for c in ("id", "path") if c in cols), None)
     if id_column not in cols or split_column not in cols:
-        raise HeadError(f"--split {p}: needs columns 'id' (or 'path') and {split_column!r}; it has {', '.join(cols)}")
+        raise HeadError(f"split {p}: needs columns 'id' (or 'path') and {split_column!r}; it has {', '.join(cols)}")
     mapping = dict(zip((str(v) for v in table[id_column].to_pylist()),
                        (str(v).strip().lower() for v in table[split_column].to_pylist())))
     return split_from_mapping(mapping, ids, source=p)
