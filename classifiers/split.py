@@ -135,20 +135,76 @@ def read_split_file(path: str, ids, id_column: str | None = None, split_column: 
         id_column = next((c for c in ("id", "path") if c in cols), None)
     if id_column not in cols or split_column not in cols:
         raise HeadError(f"split {p}: needs columns 'id' (or 'path') and {split_column!r}; it has {', '.join(cols)}")
-    mapping = dict(zip((str(v) for v in table[id_column].to_pylist()),
-                       (str(v).strip().lower() for v in table[split_column].to_pylist())))
+    mapping: dict[str, str] = {}
+    for k, v in zip((str(v) for v in table[id_column].to_pylist()),
+                    (str(v).strip().lower() for v in table[split_column].to_pylist())):
+        if mapping.setdefault(k, v) != v:
+            raise HeadError(f"split {p}: id {k} is listed as both {mapping[k]} and {v}; list each id once")
     return split_from_mapping(mapping, ids, source=p)
 
 
 def split_from_mapping(mapping: dict, ids, source: str) -> np.ndarray:
+    """Boolean test mask of the store's ids from {id: train|test}.
+
+    An id is found as it is, else by its trailing folders and file name: a split file written
+    below the image folder (negatives/001.jpg), or on another machine, fits a store whose ids are
+    the images' full paths or URLs (/data/smiles/negatives/001.jpg), as the hash split is keyed
+    below the folder the ids share. Each store id must find exactly one entry of its own."""
     bad = sorted({v for v in mapping.values() if v not in SPLIT_VALUES})
     if bad:
         raise HeadError(f"{source}: split values must be train or test; found {', '.join(map(repr, bad[:5]))}")
-    missing = [str(i) for i in ids if str(i) not in mapping]
+    text = [str(i) for i in ids]
+    keys = [k if k in mapping else None for k in text]
+    if None in keys:
+        keys = _match_by_trailing_parts(mapping, text, keys, source)
+    missing = [t for t, k in zip(text, keys) if k is None]
     if missing:
         raise HeadError(f"{source}: {len(missing)} store id(s) have no split, e.g. {', '.join(missing[:3])}; "
-                         "list every id with train or test")
-    return np.array([SPLIT_VALUES[mapping[str(i)]] for i in ids], dtype=bool)
+                        "list every id with train or test (as the store names it, or by its folders below the "
+                        "image folder: class/file.jpg)")
+    return np.array([SPLIT_VALUES[mapping[k]] for k in keys], dtype=bool)
+
+
+def _parts(text: str) -> list[str]:
+    """The path's components, without a URL's scheme, a leading ./ or empty ones."""
+    return [c for c in text.split("://", 1)[-1].split("/") if c and c != "."]
+
+
+def _match_by_trailing_parts(mapping: dict, text: list[str], keys: list, source: str) -> list:
+    """keys with each unmatched id given the mapping's key sharing its longest run of trailing
+    components. The run must be a whole entry (neg/0.jpg for /data/neg/0.jpg) or cover the id below
+    the folder all store ids share (smiles/neg/0.jpg from another machine): 0.jpg alone does not fit
+    pos/0.jpg to neg/0.jpg. An id whose run fits two entries, or two ids fitting one entry, is
+    refused: the file does not say which image it means."""
+    index: dict[str, list[tuple[str, int]]] = {}
+    for k in mapping:
+        parts = _parts(k)
+        for j in range(len(parts)):
+            index.setdefault("/".join(parts[j:]), []).append((k, len(parts)))
+    below = [len(_parts(r)) for r in relative_ids(text)]
+    taken: dict[str, str] = {}
+    out = list(keys)
+    for n, (t, k) in enumerate(zip(text, keys)):
+        if k is not None:
+            taken.setdefault(k, t)
+            continue
+        parts = _parts(t)
+        for j in range(len(parts)):
+            run = len(parts) - j
+            found = {key for key, size in index.get("/".join(parts[j:]), ()) if run >= below[n] or size == run}
+            if not found:
+                continue
+            if len(found) > 1:
+                raise HeadError(f"{source}: store id {t} fits more than one entry ({', '.join(sorted(found)[:3])}); "
+                                "list ids with enough of their folders to tell them apart")
+            out[n] = found.pop()
+            break
+        if out[n] is not None:
+            other = taken.setdefault(out[n], t)
+            if other != t:
+                raise HeadError(f"{source}: store ids {other} and {t} both fit only its entry {out[n]!r}; "
+                                "list ids with enough of their folders to tell them apart")
+    return out
 
 
 def manifest_split(reader, split_column: str = "split") -> np.ndarray | None:
