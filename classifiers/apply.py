@@ -37,6 +37,15 @@ def proba_rows(head: Head, feats, rows: np.ndarray, batch_size: int = 4096) -> t
     return out, pred
 
 
+def check_batch_size(batch_size) -> None:
+    """batch_size as evaluate and predict take it (HeadError opening with the parameter's name, which
+    a job spec says as config.batch_size); 0 used to stop in range() with a bare ValueError."""
+    from .heads import HeadError
+
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise HeadError(f"batch_size must be a whole number >= 1 (rows scored at a time), got {batch_size!r}")
+
+
 def _labels_in_head_ids(head: Head, reader) -> np.ndarray:
     """The store's label ids re-expressed as the head's label ids (by name); -1 stays unlabeled."""
     y = np.asarray(reader.labels, dtype=np.int64)
@@ -53,6 +62,7 @@ def evaluate(head, store, out: str | None = None, *, batch_size: int = 4096, sto
     from .persist import check_report_out
     from .report import compute_report, write_report
 
+    check_batch_size(batch_size)
     if out is not None:
         check_report_out(str(out))
     h = as_head(head)
@@ -76,6 +86,7 @@ def predict(head, store, out: str | None = None, *, batch_size: int = 4096, stor
 
     from .fit import _open
 
+    check_batch_size(batch_size)
     fmt = None if out is None else _table_format(str(out))
     h = as_head(head)
     reader = _open(store, storage_options)

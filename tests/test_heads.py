@@ -308,3 +308,14 @@ def test_split_file_ids_below_the_image_folder_fit_a_store_of_full_paths(tmp_pat
     f.write_text("id,split\nneg/0.jpg,train\n")
     with pytest.raises(HeadError, match=r"1 store id\(s\) have no split, e.g. /data/smiles/pos/0.jpg"):
         read_split_file(str(f), [ids[0], ids[6]])
+
+
+def test_evaluate_and_predict_refuse_a_batch_size_below_one(tmp_path):
+    """batch_size=0 named as the parameter, not range()'s bare ValueError from the middle of scoring."""
+    X, y = planted(n=60)
+    store = make_store(tmp_path / "s", X, y, ["a", "b", "c"])
+    head = classifiers.train(store, grid={"C": [1.0]}, cv=2)
+    for fn in (classifiers.evaluate, classifiers.predict):
+        with pytest.raises(HeadError, match=r"^batch_size must be a whole number >= 1 \(rows scored at a time\), got 0"):
+            fn(head, store, batch_size=0)
+    assert classifiers.evaluate(head, store, batch_size=7)["n"] == 60
