@@ -73,9 +73,27 @@ def evaluate(head, store, out: str | None = None, *, batch_size: int = 4096, sto
     proba, pred = proba_rows(h, reader.features(h.layer), rows, batch_size)
     rep = compute_report(y[rows], proba, h.label_names, pred=pred, head=h.kind, layer=h.layer, store=reader.uri,
                          head_path=h.path, params=h.params)
+    trained = _training_rows_in(h, reader)
+    if trained:
+        rep["training_rows_included"] = trained
+        log.warning("%s is the store %s was trained on: these figures include its %d training rows, so they "
+                    "flatter the head; its held-out test part's are in %s (n=%s)", reader.uri, h.path or "the head",
+                    trained, os.path.join(h.path, "report.md") if h.path else "head.report", (h.report or {}).get("n"))
     if out is not None:
         write_report(rep, out, title=f"{h.kind} head on {os.path.basename(str(reader.uri).rstrip('/'))}")
     return rep
+
+
+def _training_rows_in(h: Head, reader) -> int:
+    """How many of the head's training rows the store holds: all of them when it is the store the
+    head was trained on (a copy or a move included, by store.json's identity), else 0 (unknown)."""
+    from .fit import store_identity
+
+    rep = h.report or {}
+    mine = store_identity(reader)
+    if mine is None or rep.get("store_identity") != mine:
+        return 0
+    return int(rep.get("n_train") or 0)
 
 
 def predict(head, store, out: str | None = None, *, batch_size: int = 4096, storage_options=None):

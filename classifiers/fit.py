@@ -68,6 +68,16 @@ def _open(store, storage_options=None):
     return store
 
 
+def store_identity(reader) -> str | None:
+    """What tells a store apart wherever it is copied or moved, and however it is named (a relative
+    path, file://): when store.json was created and the first shard's ids. None for a store that
+    records neither (evaluate then cannot tell that it is the head's training store)."""
+    meta = getattr(reader, "meta", None) or {}
+    shards = meta.get("shards") or [{}]
+    created, first = meta.get("created"), (shards[0] or {}).get("ids_sha256")
+    return f"{created}/{first}" if created and first else None
+
+
 def _test_mask(reader, ids, labels, split, split_column, test_size, seed,
                storage_options=None) -> tuple[np.ndarray, str]:
     if split is not None:
@@ -219,7 +229,7 @@ def train(store, head: str = "logreg", layer: str | None = None, grid=None, cv: 
     report_extra = dict(head=head, layer=layer, store=reader.uri, path="streaming (SGD partial_fit)" if streaming else "in memory",
                         split=split_how, n_train=int(len(train_rows)), params=params, sweep=sweep,
                         sweep_scoring=scoring, cv=cv_used, class_weight=class_weight, l2=l2,
-                        seconds=round(time.perf_counter() - t0, 3))
+                        store_identity=store_identity(reader), seconds=round(time.perf_counter() - t0, 3))
     if p_test is None:
         result.report = {"n": 0, "label_names": label_names, **report_extra}
     else:

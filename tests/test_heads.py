@@ -319,3 +319,25 @@ def test_evaluate_and_predict_refuse_a_batch_size_below_one(tmp_path):
         with pytest.raises(HeadError, match=r"^batch_size must be a whole number >= 1 \(rows scored at a time\), got 0"):
             fn(head, store, batch_size=0)
     assert classifiers.evaluate(head, store, batch_size=7)["n"] == 60
+
+
+def test_evaluating_the_training_store_says_its_figures_include_the_training_rows(tmp_path, caplog):
+    """Evaluate on the store the head was trained on (by any name, or a copy) scores rows the head
+    has fit: the report counts them and a warning says so; another store gets no such note."""
+    import shutil
+
+    X, y = planted(n=120)
+    store = make_store(tmp_path / "s", X, y, ["a", "b", "c"])
+    head = classifiers.train(store.uri, grid={"C": [1.0]}, cv=2, out=str(tmp_path / "h"))
+    shutil.copytree(tmp_path / "s", tmp_path / "copy")
+    for where in (str(tmp_path / "s"), f"file://{tmp_path / 's'}", str(tmp_path / "copy")):
+        caplog.clear()
+        rep = classifiers.evaluate(str(tmp_path / "h"), where, out=str(tmp_path / "ev"))
+        assert rep["training_rows_included"] == head.report["n_train"] == 90, where
+        assert "these figures include its 90 training rows" in caplog.text
+        assert "training rows among them (the figures flatter it): 90" in (tmp_path / "ev" / "report.md").read_text()
+    other = write_store(str(tmp_path / "o"), {"avgpool": X.astype(np.float32)}, y, ["a", "b", "c"], config=CFG,
+                        ids=[f"holdout/{i}.jpg" for i in range(120)])
+    caplog.clear()
+    rep = classifiers.evaluate(str(tmp_path / "h"), other.uri)
+    assert "training_rows_included" not in rep and "training rows" not in caplog.text
