@@ -69,20 +69,27 @@ def _is_parquet(path: str) -> bool:
     return path.lower().endswith((".parquet", ".pq"))
 
 
+def _refused(path: str, exc: Exception) -> Exception:
+    """An object store's refusal (no credentials: botocore's NoCredentialsError, no such bucket, no
+    endpoint) as a HeadError naming the URL and what to check; a local path's error as it is."""
+    from featurestore.sources import REMOTE_HINT, _is_local
+
+    if _is_local(path):
+        return exc
+    return HeadError(f"split {path}: cannot read it ({type(exc).__name__}: {exc}); {REMOTE_HINT}")
+
+
 def _split_fs(path: str, split_column: str, storage_options: dict | None):
     """(fsspec filesystem, its path) of an existing split file: a local path or a URL (s3://...),
     so that a split file lives wherever the store does."""
-    from featurestore.sources import REMOTE_HINT, _is_local, url_to_fs
+    from featurestore.sources import url_to_fs
 
     fs, fpath = url_to_fs(path, storage_options)
     wanted = f"a CSV/Parquet file with columns id and {split_column}"
     try:
         exists, folder = fs.exists(fpath), fs.isdir(fpath)
-    except OSError as exc:
-        if _is_local(path):
-            raise
-        # an object store that refused (no credentials, no such bucket): said with the URL, not a traceback
-        raise HeadError(f"split {path}: cannot read it ({type(exc).__name__}: {exc}); {REMOTE_HINT}") from None
+    except Exception as exc:
+        raise _refused(path, exc) from None
     if folder:
         raise HeadError(f"split {path}: a folder, not a file; {wanted}")
     if not exists:  # the path as the error's filename: the commands name the argument it belongs to
@@ -107,6 +114,8 @@ def split_file_columns(path: str, split_column: str = "split", storage_options: 
                 return list(csv.schema.names)
     except pa.ArrowInvalid as exc:  # not CSV (or not Parquet) at all
         raise HeadError(_unreadable(p, exc, split_column)) from None
+    except Exception as exc:
+        raise _refused(p, exc) from None
 
 
 def _unreadable(p: str, exc: Exception, split_column: str) -> str:
@@ -130,6 +139,8 @@ def read_split_file(path: str, ids, id_column: str | None = None, split_column: 
             table = pq.read_table(f, use_threads=False) if _is_parquet(p) else pcsv.read_csv(f)
     except pa.ArrowInvalid as exc:  # not CSV (or not Parquet) at all
         raise HeadError(_unreadable(p, exc, split_column)) from None
+    except Exception as exc:
+        raise _refused(p, exc) from None
     cols = table.column_names
     if id_column is None:
         id_column = next((c for c in ("id", "path") if c in cols), None)

@@ -4,6 +4,8 @@ moto's real S3 server on loopback (tests/conftest.py), no mocks of the reading."
 from __future__ import annotations
 
 import io
+import logging
+import re
 
 import numpy as np
 import pyarrow as pa
@@ -14,6 +16,17 @@ from click.testing import CliRunner
 
 import classifiers
 from featurestore.store import write_store
+
+
+@pytest.fixture(autouse=True)
+def _root_logging():
+    """A job's logging setup points the root logger at this test's captured stderr, closed after it:
+    put the root logger back, so a later command's log lines are not written to a closed file."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
 
 
 def _store(path) -> str:
@@ -111,3 +124,38 @@ def test_a_train_job_checks_and_reads_a_split_file_on_s3(s3_server, s3_bucket, t
         (line,) = [ln for ln in err.splitlines() if " ERROR " in ln]
         assert f"field 'config.split': {said}" in line, line
         assert "Traceback" not in err
+
+
+def test_a_split_file_on_s3_without_credentials_is_named_not_a_traceback(s3_server, s3_bucket, tmp_path, monkeypatch,
+                                                                         capsys):
+    """botocore's NoCredentialsError (no OSError) said with the URL and what to check, in train, on the
+    command line (as --split) and in a train job (as config.split)."""
+    import s3fs
+
+    from featurestore.cli import main as cli
+    from jobs import train
+    from jobs._entry import EXIT_BAD_SPEC, main
+
+    store = _store(tmp_path / "s")
+    url = _put(s3_server, f"{s3_bucket}/split.csv", _csv_bytes(_sides()))
+    for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    s3fs.S3FileSystem.clear_instance_cache()  # the command makes a plain S3FileSystem(): not one with old keys
+    so = {"client_kwargs": {"endpoint_url": s3_server.endpoint_url}, "skip_instance_cache": True}
+    said = f"{url}: cannot read it (NoCredentialsError: Unable to locate credentials); check the URL and the credentials"
+    with pytest.raises(classifiers.HeadError, match="^" + re.escape(f"split {said}")):
+        classifiers.train(store, split=url, cv=2, storage_options=so)
+    r = CliRunner().invoke(cli, ["train", store, "--split", url, "--cv", "2", "--out", str(tmp_path / "h")])
+    assert r.exit_code == 2 and r.output.startswith(f"Error: --split {said}"), r.output
+    spec = tmp_path / "job.yaml"
+    spec.write_text(yaml.safe_dump({"job": "train", "config": {
+        "store": store, "out": str(tmp_path / "h"), "cv": 2, "split": url,
+        "storage_options": {"client_kwargs": {"endpoint_url": s3_server.endpoint_url}}}}))
+    capsys.readouterr()
+    assert main("train", train.run, ["--config", str(spec)]) == EXIT_BAD_SPEC
+    err = capsys.readouterr().err
+    (line,) = [ln for ln in err.splitlines() if " ERROR " in ln]
+    assert f"field 'config.split': {said}" in line and "Traceback" not in err, err
