@@ -132,7 +132,9 @@ def _table_format(out: str) -> str:
     """csv or parquet by the file name; a name of another format is refused before any work, as
     Parquet bytes in a file named .json (what predict wrote before) mislead every reader."""
     from .heads import HeadError
+    from .persist import check_local_out
 
+    check_local_out(out, "a predictions file")
     ext = os.path.splitext(out.rstrip("/"))[1].lower()
     if ext == ".csv":
         return "csv"

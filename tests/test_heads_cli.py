@@ -290,3 +290,21 @@ def test_train_argument_errors_name_the_flag_typed_and_the_api_its_parameter(tmp
     assert r.output.strip() == (f"Error: --split {tmp_path}: a folder, not a file; a CSV/Parquet file with "
                                 "columns id and split")
     assert not os.path.exists(head)
+
+
+def test_an_out_url_is_refused_not_written_to_a_local_folder_named_after_it(tmp_path, monkeypatch):
+    """train/evaluate/predict/export write local files: --out s3://bucket/x made a folder 's3:' in the
+    current folder and reported success; now each says to write locally and copy, before any work."""
+    store, head = _store(tmp_path / "s"), str(tmp_path / "h")
+    assert CliRunner().invoke(main, ["train", store, "--grid", "C=1", "--out", head]).exit_code == 0
+    monkeypatch.chdir(tmp_path)
+    for args, what in ((["train", store, "--out", "s3://bucket/heads/h"], "a head"),
+                       (["evaluate", head, store, "--out", "s3://bucket/reports/r"], "a report"),
+                       (["predict", head, store, "--out", "s3://bucket/p.parquet"], "a predictions file"),
+                       (["export", head, "--out", "gs://bucket/m.onnx"], "an exported model")):
+        r = CliRunner().invoke(main, args)
+        assert r.exit_code == 2, (args, r.output)
+        assert r.output.startswith(f"Error: --out {args[-1]}: {what} is written to a local path, not a URL; "
+                                   "write it locally and copy it there"), r.output
+        assert ("featurestore submit" in r.output) == (args[0] != "export"), r.output
+    assert sorted(os.listdir(tmp_path)) == ["h", "s"]  # no 's3:' or 'gs:' folder
