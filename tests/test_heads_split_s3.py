@@ -127,7 +127,7 @@ def test_a_train_job_checks_and_reads_a_split_file_on_s3(s3_server, s3_bucket, t
 
 
 def test_a_split_file_on_s3_without_credentials_is_named_not_a_traceback(s3_server, s3_bucket, tmp_path, monkeypatch,
-                                                                         capsys):
+                                                                         capsys, request):
     """botocore's NoCredentialsError (no OSError) said with the URL and what to check, in train, on the
     command line (as --split) and in a train job (as config.split)."""
     import s3fs
@@ -143,7 +143,10 @@ def test_a_split_file_on_s3_without_credentials_is_named_not_a_traceback(s3_serv
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
     monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
-    s3fs.S3FileSystem.clear_instance_cache()  # the command makes a plain S3FileSystem(): not one with old keys
+    # the command makes a plain S3FileSystem(), which fsspec caches: not one with the old keys here, and
+    # not this one without keys for the tests after this one
+    s3fs.S3FileSystem.clear_instance_cache()
+    request.addfinalizer(s3fs.S3FileSystem.clear_instance_cache)
     so = {"client_kwargs": {"endpoint_url": s3_server.endpoint_url}, "skip_instance_cache": True}
     said = f"{url}: cannot read it (NoCredentialsError: Unable to locate credentials); check the URL and the credentials"
     with pytest.raises(classifiers.HeadError, match="^" + re.escape(f"split {said}")):
