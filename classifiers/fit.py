@@ -156,7 +156,8 @@ def train(store, head: str = "logreg", layer: str | None = None, grid=None, cv: 
     used only for the final report. The sweep is `cv`-fold on the training part, scored by
     balanced accuracy when class_weight is set (imbalanced data), accuracy otherwise.
     `out` must be new, empty, or a head folder, which is replaced (everything the old head left
-    there goes, its exports too); overwrite=False refuses a head folder instead.
+    there goes, its exports too); overwrite=False refuses a head folder instead. storage_options
+    open a store and a split file given as URLs (s3://...).
     """
     t0 = time.perf_counter()
     check_arguments(head=head, cv=cv, batch_size=batch_size, epochs=epochs, n_jobs=n_jobs,
