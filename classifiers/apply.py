@@ -37,6 +37,15 @@ def proba_rows(head: Head, feats, rows: np.ndarray, batch_size: int = 4096) -> t
     return out, pred
 
 
+def check_batch_size(batch_size) -> None:
+    """batch_size as evaluate and predict take it (HeadError opening with the parameter's name, which
+    a job spec says as config.batch_size); 0 used to stop in range() with a bare ValueError."""
+    from .heads import HeadError
+
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise HeadError(f"batch_size must be a whole number >= 1 (rows scored at a time), got {batch_size!r}")
+
+
 def _labels_in_head_ids(head: Head, reader) -> np.ndarray:
     """The store's label ids re-expressed as the head's label ids (by name); -1 stays unlabeled."""
     y = np.asarray(reader.labels, dtype=np.int64)
@@ -53,6 +62,7 @@ def evaluate(head, store, out: str | None = None, *, batch_size: int = 4096, sto
     from .persist import check_report_out
     from .report import compute_report, write_report
 
+    check_batch_size(batch_size)
     if out is not None:
         check_report_out(str(out))
     h = as_head(head)
@@ -63,9 +73,27 @@ def evaluate(head, store, out: str | None = None, *, batch_size: int = 4096, sto
     proba, pred = proba_rows(h, reader.features(h.layer), rows, batch_size)
     rep = compute_report(y[rows], proba, h.label_names, pred=pred, head=h.kind, layer=h.layer, store=reader.uri,
                          head_path=h.path, params=h.params)
+    trained = _training_rows_in(h, reader)
+    if trained:
+        rep["training_rows_included"] = trained
+        log.warning("%s is the store %s was trained on: these figures include its %d training rows, so they "
+                    "flatter the head; its held-out test part's are in %s (n=%s)", reader.uri, h.path or "the head",
+                    trained, os.path.join(h.path, "report.md") if h.path else "head.report", (h.report or {}).get("n"))
     if out is not None:
         write_report(rep, out, title=f"{h.kind} head on {os.path.basename(str(reader.uri).rstrip('/'))}")
     return rep
+
+
+def _training_rows_in(h: Head, reader) -> int:
+    """How many of the head's training rows the store holds: all of them when it is the store the
+    head was trained on (a copy or a move included, by store.json's identity), else 0 (unknown)."""
+    from .fit import store_identity
+
+    rep = h.report or {}
+    mine = store_identity(reader)
+    if mine is None or rep.get("store_identity") != mine:
+        return 0
+    return int(rep.get("n_train") or 0)
 
 
 def predict(head, store, out: str | None = None, *, batch_size: int = 4096, storage_options=None):
@@ -76,6 +104,7 @@ def predict(head, store, out: str | None = None, *, batch_size: int = 4096, stor
 
     from .fit import _open
 
+    check_batch_size(batch_size)
     fmt = None if out is None else _table_format(str(out))
     h = as_head(head)
     reader = _open(store, storage_options)
@@ -103,7 +132,9 @@ def _table_format(out: str) -> str:
     """csv or parquet by the file name; a name of another format is refused before any work, as
     Parquet bytes in a file named .json (what predict wrote before) mislead every reader."""
     from .heads import HeadError
+    from .persist import check_local_out
 
+    check_local_out(out, "a predictions file")
     ext = os.path.splitext(out.rstrip("/"))[1].lower()
     if ext == ".csv":
         return "csv"

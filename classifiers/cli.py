@@ -84,7 +84,7 @@ def _errors(reads: tuple[str, ...] = (), writes: tuple[str, ...] = ("out",)):
                 return fn(*a, **kw)
             except (HeadConfigMismatch, HeadError, HeadFileError, StoreError, FilesystemUnavailable,
                     ExportError, WeightsError, UnknownModelError, UnknownLayerError, ClusterUnreachable) as exc:
-                raise Refused(str(exc)) from None
+                raise Refused(_flag_terms(str(exc))) from None
             except OSError as exc:
                 said = os_error_exception(exc, {_LABELS.get(n, n): kw.get(n) for n in reads},
                                           {_LABELS.get(n, n): kw.get(n) for n in writes})
@@ -95,6 +95,22 @@ def _errors(reads: tuple[str, ...] = (), writes: tuple[str, ...] = ("out",)):
         return wrapper
 
     return decorate
+
+
+def _flag_terms(message: str) -> str:
+    """The message with the Python parameter it opens with (classifiers says "test_size must lie
+    ...", "split FILE: needs columns ...") said as the running command's flag (--test-size, --split),
+    as the user typed it. A message opening with no option of the command is kept as it is."""
+    ctx = click.get_current_context(silent=True)
+    first, sep, rest = message.partition(" ")
+    if ctx is None or not sep:
+        return message
+    for param in ctx.command.params:
+        if isinstance(param, click.Option) and any(
+                o.startswith("--") and o[2:].replace("-", "_") == first for o in param.opts):
+            flag = next(o for o in param.opts if o[2:].replace("-", "_") == first)
+            return f"{flag} {rest}"
+    return message
 
 
 _LABELS = {"store": "STORE", "head": "HEAD", "out": "--out", "split_file": "--split", "weights": "--weights"}

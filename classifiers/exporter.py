@@ -274,6 +274,9 @@ def export(head, fmt: str = "onnx", out: str | None = None, *, backbone=None, op
             raise ExportArgumentError(f"--format onnx needs {', '.join(missing)}: pip install \"featurestore[export]\", "
                              "or export with --format torchscript")
     if out is not None:
+        from .persist import check_local_out
+
+        check_local_out(str(out), "an exported model", job=False)
         if os.path.isdir(out) or str(out).endswith(("/", os.sep)):
             name = "model.onnx" if fmt == "onnx" else "model.torchscript.pt"
             raise ExportArgumentError(f"--out {out}: a folder; give the file to write, e.g. {os.path.join(out, name)}")

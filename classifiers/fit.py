@@ -18,7 +18,7 @@ from .core import Head, as_rows
 from .heads import (calibrated, check_kind, make_pipeline, needs_calibration, parse_grid, HeadError)
 from .report import compute_report, write_report
 from .apply import proba_rows
-from .split import hash_split, manifest_split, read_split_file
+from .split import check_test_size, hash_split, manifest_split, read_split_file
 
 log = logging.getLogger(__name__)
 
@@ -68,13 +68,25 @@ def _open(store, storage_options=None):
     return store
 
 
-def _test_mask(reader, ids, labels, split, split_column, test_size, seed) -> tuple[np.ndarray, str]:
+def store_identity(reader) -> str | None:
+    """What tells a store apart wherever it is copied or moved, and however it is named (a relative
+    path, file://): when store.json was created and the first shard's ids. None for a store that
+    records neither (evaluate then cannot tell that it is the head's training store)."""
+    meta = getattr(reader, "meta", None) or {}
+    shards = meta.get("shards") or [{}]
+    created, first = meta.get("created"), (shards[0] or {}).get("ids_sha256")
+    return f"{created}/{first}" if created and first else None
+
+
+def _test_mask(reader, ids, labels, split, split_column, test_size, seed,
+               storage_options=None) -> tuple[np.ndarray, str]:
     if split is not None:
         if isinstance(split, dict):
             from .split import split_from_mapping
 
             return split_from_mapping({str(k): str(v).lower() for k, v in split.items()}, ids, "split"), "given mapping"
-        return read_split_file(str(split), ids, split_column=split_column or "split"), f"file {split}"
+        return (read_split_file(str(split), ids, split_column=split_column or "split", storage_options=storage_options),
+                f"file {split}")
     from_manifest = manifest_split(reader, split_column or "split")
     if from_manifest is not None:
         return from_manifest, f"manifest column {split_column or 'split'!r}"
@@ -103,12 +115,16 @@ def _joblib_backend(address: str | None):
 
 def check_arguments(head: str = "logreg", cv: int = 5, batch_size: int = 4096, epochs: int = 8,
                     n_jobs: int | None = None, class_weight: str | dict | None = None,
-                    scoring: str | None = None) -> None:
+                    scoring: str | None = None, test_size: float = 0.25) -> None:
     """Refuse train's arguments that need no store, with HeadError naming the argument first.
 
     train calls it before any work; a job spec calls it at submit time, so a bad number is said
-    there in the same words it would be said on the cluster."""
+    there in the same words it would be said on the cluster. The message opens with the Python
+    parameter's name (cv, test_size): the CLI says its flag there, a job spec its config field.
+    test_size is checked even with a split file, which leaves it unused: a value outside (0, 1) is
+    still a mistake, and job specs refuse it too."""
     check_kind(head)
+    check_test_size(test_size)
     for name, value, low, why in (("cv", cv, 2, "folds of the sweep; a single --grid value needs no sweep"),
                                   ("batch_size", batch_size, 1, "rows per streaming batch"),
                                   ("epochs", epochs, 1, "passes over the store when streaming")):
@@ -140,11 +156,12 @@ def train(store, head: str = "logreg", layer: str | None = None, grid=None, cv: 
     used only for the final report. The sweep is `cv`-fold on the training part, scored by
     balanced accuracy when class_weight is set (imbalanced data), accuracy otherwise.
     `out` must be new, empty, or a head folder, which is replaced (everything the old head left
-    there goes, its exports too); overwrite=False refuses a head folder instead.
+    there goes, its exports too); overwrite=False refuses a head folder instead. storage_options
+    open a store and a split file given as URLs (s3://...).
     """
     t0 = time.perf_counter()
     check_arguments(head=head, cv=cv, batch_size=batch_size, epochs=epochs, n_jobs=n_jobs,
-                    class_weight=class_weight, scoring=scoring)
+                    class_weight=class_weight, scoring=scoring, test_size=test_size)
     if out is not None:
         from .persist import check_out
 
@@ -162,7 +179,8 @@ def train(store, head: str = "logreg", layer: str | None = None, grid=None, cv: 
     labeled = labels >= 0
     if labeled.sum() == 0:
         raise HeadError(f"{reader.uri}: no labeled rows; a head needs labels (folder per class or a label column)")
-    is_test, split_how = _test_mask(reader, ids, labels, split, split_column, test_size, seed)
+    is_test, split_how = _test_mask(reader, ids, labels, split, split_column, test_size, seed,
+                                     storage_options)
     train_rows = np.flatnonzero(labeled & ~is_test)
     test_rows = np.flatnonzero(labeled & is_test)
     present = np.unique(labels[train_rows])
@@ -212,7 +230,7 @@ def train(store, head: str = "logreg", layer: str | None = None, grid=None, cv: 
     report_extra = dict(head=head, layer=layer, store=reader.uri, path="streaming (SGD partial_fit)" if streaming else "in memory",
                         split=split_how, n_train=int(len(train_rows)), params=params, sweep=sweep,
                         sweep_scoring=scoring, cv=cv_used, class_weight=class_weight, l2=l2,
-                        seconds=round(time.perf_counter() - t0, 3))
+                        store_identity=store_identity(reader), seconds=round(time.perf_counter() - t0, 3))
     if p_test is None:
         result.report = {"n": 0, "label_names": label_names, **report_extra}
     else:

@@ -59,9 +59,20 @@ def _store_above(path: str) -> str | None:
         p = parent
 
 
+def check_local_out(path: str, what: str, job: bool = True) -> None:
+    """Refuse a URL where a local path is written (a head, a report, predictions, an export): written
+    with os calls, s3://bucket/x became a local folder named 's3:' and the command said it was done.
+    job: whether a job (which uploads its outputs) can write it instead."""
+    if "://" in str(path):
+        raise HeadFileError(f"--out {path}: {what} is written to a local path, not a URL; write it locally and copy "
+                            "it there (e.g. `aws s3 cp`)" + (", or run it as a job (`featurestore submit`), which "
+                                                             "uploads it" if job else ""))
+
+
 def check_out(path: str, overwrite: bool = True) -> None:
     """Refuse an output folder that is not a head's: a feature store (or a folder inside one, which the
     store's --overwrite would delete), or a folder of other files."""
+    check_local_out(path, "a head")
     store = _store_above(path)
     if store is not None and os.path.abspath(path) != store:
         raise HeadFileError(f"--out {path}: inside the feature store {store}; choose a folder outside it")
@@ -84,6 +95,7 @@ def check_out(path: str, overwrite: bool = True) -> None:
 def check_report_out(path: str) -> None:
     """Refuse a report folder where evaluate's report.json/report.md would replace another's: a head
     folder (its training report, which the head loads as head.report) or a feature store."""
+    check_local_out(path, "a report")
     if os.path.isfile(path):
         raise HeadFileError(f"--out {path}: a file, not a folder; choose a folder for the report")
     store = _store_above(path)

@@ -74,7 +74,8 @@ def _jsonable(o):
 def to_markdown(rep: dict, title: str = "Head report") -> str:
     lines = [f"# {title}", ""]
     for key, label in (("head", "Head"), ("layer", "Layer"), ("store", "Store"), ("path", "Training path"),
-                       ("n_train", "Training rows"), ("n", "Evaluated rows")):
+                       ("n_train", "Training rows"), ("n", "Evaluated rows"),
+                       ("training_rows_included", "The head's training rows among them (the figures flatter it)")):
         if key in rep:
             lines.append(f"- {label}: {rep[key]}")
     if rep.get("params"):

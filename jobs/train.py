@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import shutil
 import sys
 import tempfile
@@ -56,7 +55,7 @@ def check_inputs(cfg, reader) -> None:
         raise ConfigError(f"field 'config.layer': {exc}") from None
     column = cfg.split_column or "split"
     if cfg.split is not None:
-        _check_split_file(str(cfg.split), column)
+        _check_split_file(str(cfg.split), column, cfg.storage_options or None)
     else:
         try:
             manifest_split(reader, column)
@@ -72,27 +71,21 @@ def check_inputs(cfg, reader) -> None:
             raise ConfigError(f"field 'config.scoring': {exc}") from None
 
 
-def _check_split_file(path: str, column: str) -> None:
-    """A split file that exists, reads as CSV/Parquet and has the id and split columns, from its
-    schema alone (a Parquet footer, a CSV's first block): the rows are read once, by the training."""
-    import pyarrow as pa
-    import pyarrow.csv as pcsv
-    import pyarrow.parquet as pq
+def _check_split_file(path: str, column: str, storage_options: dict | None = None) -> None:
+    """A split file (a path or a URL, read with the spec's storage_options as the store is) that
+    exists, reads as CSV/Parquet and has the id and split columns, from its schema alone (a Parquet
+    footer, a CSV's first block): the rows are read once, by the training."""
+    from classifiers.heads import HeadError
+    from classifiers.split import split_file_columns
 
     wanted = f"a CSV/Parquet file with columns id (or path) and {column}"
-    if not os.path.exists(path):
-        raise ConfigError(f"field 'config.split': {path}: no such file; {wanted}")
-    parquet = path.lower().endswith((".parquet", ".pq"))
     try:
-        if parquet:
-            cols = pq.read_schema(path).names
-        else:
-            with pcsv.open_csv(path) as csv:
-                cols = csv.schema.names
-    except pa.ArrowInvalid as exc:  # not CSV (or not Parquet) at all
-        raise ConfigError(f"field 'config.split': {path}: cannot be read as {'Parquet' if parquet else 'CSV'} "
-                          f"({str(exc).splitlines()[0]}); {wanted}") from None
-    except OSError as exc:  # a folder, no permission
+        cols = split_file_columns(path, column, storage_options)
+    except HeadError as exc:  # "split PATH: ...": not CSV/Parquet, a folder, an object store that refused
+        raise ConfigError(f"field 'config.split': {str(exc).removeprefix('split ')}") from None
+    except FileNotFoundError:
+        raise ConfigError(f"field 'config.split': {path}: no such file; {wanted}") from None
+    except OSError as exc:  # no permission
         raise ConfigError(f"field 'config.split': {path}: {exc.strerror or exc}; {wanted}") from None
     if not ({"id", "path"} & set(cols)) or column not in cols:
         raise ConfigError(f"field 'config.split': {path}: needs columns 'id' (or 'path') and {column!r}; "

@@ -274,3 +274,70 @@ def test_split_does_not_depend_on_where_the_images_live():
     for m in masks[1:]:
         assert np.array_equal(m, masks[0])
     assert masks[0].sum() == 3 * 12  # round(0.25 * 50) a class
+
+
+def test_split_file_ids_below_the_image_folder_fit_a_store_of_full_paths(tmp_path):
+    """A split file naming images below their folder (neg/0.jpg), or by another machine's paths, fits
+    a store whose ids are full paths, as the hash split is keyed below the shared folder; an entry
+    that two images could be, or an id listed on both sides, is refused rather than guessed."""
+    from classifiers.split import read_split_file
+
+    ids = [f"/data/smiles/{c}/{i}.jpg" for c in ("neg", "pos") for i in range(6)]
+    sides = {i: "test" if n % 3 == 0 else "train" for n, i in enumerate(ids)}
+    want = np.array([sides[i] == "test" for i in ids])
+    for name, key in (("rel", lambda i: i.removeprefix("/data/smiles/")),
+                      ("dot", lambda i: "./" + i.removeprefix("/data/smiles/")),
+                      ("other-machine", lambda i: "s3://bucket/copies" + i.removeprefix("/data")),
+                      ("exact", lambda i: i)):
+        f = tmp_path / f"{name}.csv"
+        f.write_text("id,split\n" + "".join(f"{key(i)},{s}\n" for i, s in reversed(sides.items())))
+        assert np.array_equal(read_split_file(str(f), ids), want), name
+    f = tmp_path / "names.csv"  # file names alone: neg/0.jpg and pos/0.jpg would both be '0.jpg'
+    f.write_text("id,split\n" + "".join(f"{i}.jpg,train\n" for i in range(6)))
+    with pytest.raises(HeadError, match=r"store ids /data/smiles/neg/0.jpg and /data/smiles/pos/0.jpg both fit "
+                                        r"only its entry '0.jpg'"):
+        read_split_file(str(f), ids)
+    f = tmp_path / "two.csv"  # one store id, two entries it could be
+    f.write_text("id,split\na/neg/0.jpg,train\nb/neg/0.jpg,test\n")
+    with pytest.raises(HeadError, match="store id /data/smiles/neg/0.jpg fits more than one entry"):
+        read_split_file(str(f), ids[:1])
+    f = tmp_path / "both.csv"
+    f.write_text("id,split\nneg/0.jpg,train\nneg/0.jpg,test\n")
+    with pytest.raises(HeadError, match=f"split {f}: id neg/0.jpg is listed as both train and test"):
+        read_split_file(str(f), ids[:1])
+    f.write_text("id,split\nneg/0.jpg,train\n")
+    with pytest.raises(HeadError, match=r"1 store id\(s\) have no split, e.g. /data/smiles/pos/0.jpg"):
+        read_split_file(str(f), [ids[0], ids[6]])
+
+
+def test_evaluate_and_predict_refuse_a_batch_size_below_one(tmp_path):
+    """batch_size=0 named as the parameter, not range()'s bare ValueError from the middle of scoring."""
+    X, y = planted(n=60)
+    store = make_store(tmp_path / "s", X, y, ["a", "b", "c"])
+    head = classifiers.train(store, grid={"C": [1.0]}, cv=2)
+    for fn in (classifiers.evaluate, classifiers.predict):
+        with pytest.raises(HeadError, match=r"^batch_size must be a whole number >= 1 \(rows scored at a time\), got 0"):
+            fn(head, store, batch_size=0)
+    assert classifiers.evaluate(head, store, batch_size=7)["n"] == 60
+
+
+def test_evaluating_the_training_store_says_its_figures_include_the_training_rows(tmp_path, caplog):
+    """Evaluate on the store the head was trained on (by any name, or a copy) scores rows the head
+    has fit: the report counts them and a warning says so; another store gets no such note."""
+    import shutil
+
+    X, y = planted(n=120)
+    store = make_store(tmp_path / "s", X, y, ["a", "b", "c"])
+    head = classifiers.train(store.uri, grid={"C": [1.0]}, cv=2, out=str(tmp_path / "h"))
+    shutil.copytree(tmp_path / "s", tmp_path / "copy")
+    for where in (str(tmp_path / "s"), f"file://{tmp_path / 's'}", str(tmp_path / "copy")):
+        caplog.clear()
+        rep = classifiers.evaluate(str(tmp_path / "h"), where, out=str(tmp_path / "ev"))
+        assert rep["training_rows_included"] == head.report["n_train"] == 90, where
+        assert "these figures include its 90 training rows" in caplog.text
+        assert "training rows among them (the figures flatter it): 90" in (tmp_path / "ev" / "report.md").read_text()
+    other = write_store(str(tmp_path / "o"), {"avgpool": X.astype(np.float32)}, y, ["a", "b", "c"], config=CFG,
+                        ids=[f"holdout/{i}.jpg" for i in range(120)])
+    caplog.clear()
+    rep = classifiers.evaluate(str(tmp_path / "h"), other.uri)
+    assert "training_rows_included" not in rep and "training rows" not in caplog.text

@@ -223,7 +223,7 @@ def test_train_scoring_and_per_class_lines(tmp_path):
         assert f"  {name}: precision {m['precision']:.3f} recall {m['recall']:.3f}" in r.output, r.output
     r = CliRunner().invoke(main, ["train", store, "--scoring", "acuracy", "--out", str(tmp_path / "h2")])
     assert r.exit_code == 2, r.output
-    assert r.output.strip() == ("Error: scoring 'acuracy' is not a scikit-learn scorer name; e.g. accuracy, "
+    assert r.output.strip() == ("Error: --scoring 'acuracy' is not a scikit-learn scorer name; e.g. accuracy, "
                                 "balanced_accuracy, f1_macro (all: sklearn.metrics.get_scorer_names())")
     assert not (tmp_path / "h2").exists()
 
@@ -250,3 +250,61 @@ def test_reports_and_heads_stay_out_of_stores_and_other_heads(tmp_path):
                                 "choose a folder outside it")
     r = CliRunner().invoke(main, ["evaluate", str(head), store, "--out", str(tmp_path / "reports" / "x")])
     assert r.exit_code == 0 and (tmp_path / "reports" / "x" / "report.md").is_file(), r.output
+
+
+def test_train_argument_errors_name_the_flag_typed_and_the_api_its_parameter(tmp_path):
+    """A bad number on the command line is said as the flag the user typed (--test-size), not the
+    Python parameter behind it (test_size), which the Python API keeps; --test-size is refused even
+    with a split file, where it would go unused (job specs refuse it too)."""
+    import pytest
+
+    import classifiers
+    from classifiers import HeadError
+    from featurestore.store import open_store
+
+    store, head = _store(tmp_path / "s"), str(tmp_path / "h")
+    split = tmp_path / "split.csv"
+    split.write_text("id,split\n" + "".join(f"{i},{'test' if n % 4 == 0 else 'train'}\n"
+                                            for n, i in enumerate(open_store(store).ids)))
+    # (flags, what the command says, the same arguments in Python, what classifiers.train says)
+    cases = [(["--cv", "1"], "--cv must be a whole number >= 2", {"cv": 1}, "cv must be a whole number >= 2"),
+             (["--test-size", "1.5"], "--test-size must lie strictly between 0 and 1, got 1.5", {"test_size": 1.5},
+              "test_size must lie strictly between 0 and 1, got 1.5"),
+             (["--test-size", "0", "--split", str(split)], "--test-size must lie strictly between 0 and 1, got 0.0",
+              {"test_size": 0.0, "split": str(split)}, "test_size must lie strictly between 0 and 1, got 0.0"),
+             (["--n-jobs", "0"], "--n-jobs must be a whole number of parallel fits", {"n_jobs": 0},
+              "n_jobs must be a whole number of parallel fits"),
+             (["--batch-size", "0"], "--batch-size must be a whole number >= 1", {"batch_size": 0},
+              "batch_size must be a whole number >= 1"),
+             (["--epochs", "0"], "--epochs must be a whole number >= 1", {"epochs": 0}, "epochs must be a whole number"),
+             (["--scoring", "acc"], "--scoring 'acc' is not a scikit-learn scorer name", {"scoring": "acc"},
+              "scoring 'acc' is not a scikit-learn scorer name")]
+    for args, said, kw, api in cases:
+        r = CliRunner().invoke(main, ["train", store, *args, "--out", head])
+        assert r.exit_code == 2 and r.output.startswith(f"Error: {said}"), (args, r.output)
+        with pytest.raises(HeadError) as err:
+            classifiers.train(store, **kw)
+        assert str(err.value).startswith(api), (kw, err.value)
+    r = CliRunner().invoke(main, ["train", store, "--split", str(tmp_path), "--out", head])
+    assert r.exit_code == 2, r.output  # a folder given as --split: said as --split, not as --out's folder
+    assert r.output.strip() == (f"Error: --split {tmp_path}: a folder, not a file; a CSV/Parquet file with "
+                                "columns id and split")
+    assert not os.path.exists(head)
+
+
+def test_an_out_url_is_refused_not_written_to_a_local_folder_named_after_it(tmp_path, monkeypatch):
+    """train/evaluate/predict/export write local files: --out s3://bucket/x made a folder 's3:' in the
+    current folder and reported success; now each says to write locally and copy, before any work."""
+    store, head = _store(tmp_path / "s"), str(tmp_path / "h")
+    assert CliRunner().invoke(main, ["train", store, "--grid", "C=1", "--out", head]).exit_code == 0
+    monkeypatch.chdir(tmp_path)
+    for args, what in ((["train", store, "--out", "s3://bucket/heads/h"], "a head"),
+                       (["evaluate", head, store, "--out", "s3://bucket/reports/r"], "a report"),
+                       (["predict", head, store, "--out", "s3://bucket/p.parquet"], "a predictions file"),
+                       (["export", head, "--out", "gs://bucket/m.onnx"], "an exported model")):
+        r = CliRunner().invoke(main, args)
+        assert r.exit_code == 2, (args, r.output)
+        assert r.output.startswith(f"Error: --out {args[-1]}: {what} is written to a local path, not a URL; "
+                                   "write it locally and copy it there"), r.output
+        assert ("featurestore submit" in r.output) == (args[0] != "export"), r.output
+    assert sorted(os.listdir(tmp_path)) == ["h", "s"]  # no 's3:' or 'gs:' folder
