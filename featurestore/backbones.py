@@ -197,16 +197,39 @@ def _pool(t: torch.Tensor, pooling: str, nhwc: bool = False) -> torch.Tensor:
     return t.mean(dim=dims) if pooling == "avg" else t.amax(dim=dims)
 
 
+def _last_nodes(model: nn.Module, names: Sequence[str]) -> dict[str, str]:
+    """{module name: the graph node it stands for}, where a name is the scope of another one asked for.
+
+    torchvision's feature extractor takes a module name (`layer3`) as its last node
+    (`layer3.1.relu_1`) and gives each node to one name only: asked for both, the second would be
+    missing from its output. Resolved here, the two share the node. Traces the model again only
+    when one name lies inside another's scope."""
+    if not any(b.startswith(a + ".") for a in names for b in names):
+        return {}
+    from torchvision.models.feature_extraction import get_graph_node_names
+
+    _, graph = get_graph_node_names(model)
+    node_of = {}
+    for name in names:
+        if name not in graph:
+            inside = [n for n in graph if n.startswith(name + ".")]
+            if inside:
+                node_of[name] = inside[-1]
+    return node_of
+
+
 # -- cutters: nn.Modules mapping x -> {layer: raw tensor} -------------------------------------------
 class _TorchvisionCut(nn.Module):
     def __init__(self, model: nn.Module, layers: Sequence[str], logits_node: str):
         super().__init__()
         from torchvision.models.feature_extraction import create_feature_extractor
 
+        wanted = [logits_node if layer == "logits" else layer for layer in layers]
+        node_of = _last_nodes(model, wanted)
         nodes: dict[str, str] = {}
         self.outputs = {}  # requested layer -> the extractor's key (fc and logits are one node)
-        for layer in layers:
-            self.outputs[layer] = nodes.setdefault(logits_node if layer == "logits" else layer, layer)
+        for layer, name in zip(layers, wanted):
+            self.outputs[layer] = nodes.setdefault(node_of.get(name, name), layer)
         self.extractor = create_feature_extractor(model, return_nodes=nodes)
 
     def forward(self, x):

@@ -163,6 +163,21 @@ def test_a_node_asked_for_by_two_names_gives_both():
     assert set(out) == {"fc", "logits"} and np.array_equal(out["fc"], out["logits"])
 
 
+@pytest.mark.parametrize("model,layers", [
+    ("resnet18", ["layer3", "layer3.1.relu_1", "layer3.1", "layer2"]),
+    ("mobilenet_v2", ["features.14", "features.18", "features"]),  # features ends where features.18 does
+])
+def test_a_stage_and_a_node_inside_it_both_come_out_as_cut_alone(model, layers):
+    """A stage name stands for its last node: asked for with that node (or another name in its scope),
+    each comes out, equal to the same layer cut alone (the second name used to be missing: a KeyError)."""
+    img = [Image.new("RGB", (64, 64), (120, 40, 200))]
+    out = load_backbone(model, weights="none", layers=layers, input_size=64).extract(img)
+    assert set(out) == set(layers)
+    for layer in layers:
+        alone = load_backbone(model, weights="none", layers=[layer], input_size=64).extract(img)[layer]
+        np.testing.assert_allclose(out[layer], alone, rtol=0, atol=1e-6)
+
+
 def test_only_per_image_nodes_are_offered_or_accepted():
     """swin's attention bias tables and maxvit's window partitions are not one row per image:
     never starred as stage ends, refused by name at build (not as failed shards), and the
