@@ -735,6 +735,9 @@ def _extract(cfg: ExtractConfig, stop: _StopOnSignal, leases: list) -> ExtractRe
         plan = make_plan(listing, shard_size)
         log.info("plan: %d shards of up to %d rows", plan.num_shards, plan.shard_size)
     placement = plan_placement(cfg, resources, plan.num_shards)
+    if not placement.num_gpus and any(b.precision == "fp16" for b in backbones):
+        log.warning("--precision fp16 on CPU actors: CPUs have no fast fp16 kernels, so this runs many times "
+                    "slower than fp32; use bf16 or fp32 where no GPU is used")
     RemoteExtractor = ray.remote(ExtractorActor)
     # A debugging knob for the compiler backend (e.g. "eager", "aot_eager"); inductor by default.
     compile_backend = os.environ.get("FEATURESTORE_COMPILE_BACKEND") or None

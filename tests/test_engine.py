@@ -378,6 +378,17 @@ def test_source_given_as_output_is_refused_before_ray_starts(tmp_path):
     assert sorted(p.name for p in src.rglob("*")) == before
 
 
+def test_fp16_on_cpu_actors_is_warned(tmp_path):
+    """fp16 autocast has no fast CPU kernels: the run goes on (it is the user's choice) but says so."""
+    src = make_images(tmp_path / "src", per_class=1)
+    out = tmp_path / "store"
+    res = subprocess.run(_cli("extract", str(src), str(out), "--model", MODEL, "--weights", "none", "--input-size",
+                              "32", "--precision", "fp16", "--quiet"), capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "--precision fp16 on CPU actors" in res.stderr and "use bf16 or fp32" in res.stderr, res.stderr[-3000:]
+    assert len(featurestore.open(str(out))) == 3
+
+
 def test_an_actor_that_cannot_load_raises_on_every_call(tmp_path):
     from featurestore.config import BackboneConfig
     from featurestore.engine import BackboneLoadError, ExtractorActor
