@@ -327,19 +327,19 @@ def _check_numbers(cfg: ExtractConfig) -> None:
         raise ExtractError(f"{where} must be {what}, got {value!r}; leave it out for the default")
 
 
-def preflight(backbone) -> Any:
-    """Fail in the driver, before Ray starts, on an unknown model or layer; say what is left to check.
+def preflight_checks(backbone) -> tuple[list, list]:
+    """Fail in the driver, before any actor loads a model, on an unknown model, layer or weights.
 
     An actor that cannot load its backbone dies after Ray and the actors have started (~30 s on
     2 cores) with Ray's stack dump in the log; a bad model name, a layer the model lacks (a typo),
     `logits` from weights saved without a classifier, or an offline download is better said once,
-    plainly, up front. Named layers are checked here, before Ray (backbones.check_cut on the meta
-    device: torch's import, seconds, then a trace without weights; a local file's names and shapes
-    are read, not its values), except names that every model of its kind has. Returns None, or a
-    callable for what may wait until Ray starts (the engine runs it in a thread, see _extract):
-    for torchvision weights enums it resolves the enum and fetches the weights into the cache that
-    local actors then read; for a weights file without named layers it checks that the file fits
-    the model (a headless file's default cut always does).
+    plainly, up front. The model name is checked here at once. What needs torch (seconds to import)
+    is returned as (weights checks, cut checks), which the engine runs in threads while Ray starts
+    (see _extract), so a correct run waits less for them. Weights checks: for
+    torchvision weights enums, the enum's member, fetched into the cache that local actors then
+    read. Cut checks: named layers and a weights file's fit (backbones.check_cut on the meta device:
+    a trace without weights; a local file's names and shapes are read, not its values; names every
+    model of its kind has are not checked). Both are awaited before any actor is created.
     """
     from featurestore.weights import NAMED_SOURCES, is_file_spec
     from featurestore.zoo import canonical_name
@@ -380,13 +380,9 @@ def preflight(backbone) -> Any:
         except Exception as exc:  # the actors say what is wrong when they build the model
             log.debug("%s: layers not checked in the driver (%s: %s)", name, type(exc).__name__, exc)
 
-    checked = bool(layers) and not set(layers) <= always
-    if checked:
-        cut()  # before Ray: the user's own typo deserves a message in seconds
-    if file:
-        return None if checked else cut  # cut() read the file's names and shapes already
-    if name.startswith("timm:") or low == "none" or low in NAMED_SOURCES:
-        return None
+    cuts = [cut] if file or (layers and not set(layers) <= always) else []  # a file's fit, a named layer
+    if file or name.startswith("timm:") or low == "none" or low in NAMED_SOURCES:
+        return [], cuts
 
     def torchvision_weights() -> None:
         from featurestore.weights import _hub_cache_file, fetch_torchvision, torchvision_enum
@@ -395,7 +391,17 @@ def preflight(backbone) -> Any:
         if not os.path.exists(_hub_cache_file(member.url)):
             fetch_torchvision(member)
 
-    return torchvision_weights
+    return [torchvision_weights], cuts
+
+
+def preflight(backbone) -> Any:
+    """preflight_checks as one call: None, or a callable running every check (for callers that wait
+    for them at once, such as the probe before it makes any folder)."""
+    weights, cuts = preflight_checks(backbone)
+    checks = weights + cuts
+    if not checks:
+        return None
+    return checks[0] if len(checks) == 1 else (lambda: [check() for check in checks])
 
 
 class _InBackground:
@@ -658,7 +664,11 @@ def _extract(cfg: ExtractConfig, stop: _StopOnSignal, leases: list) -> ExtractRe
     started = time.perf_counter()
     storage = cfg.storage_options or None
 
-    slow_checks = [c for c in (preflight(b) for b in backbones) if c is not None]
+    weight_checks, cut_checks = [], []
+    for b in backbones:
+        weights_of_b, cuts_of_b = preflight_checks(b)
+        weight_checks += weights_of_b
+        cut_checks += cuts_of_b
     if multi:
         from featurestore.store import _Loc, _read_meta
 
@@ -720,13 +730,16 @@ def _extract(cfg: ExtractConfig, stop: _StopOnSignal, leases: list) -> ExtractRe
                 print(result.summary(), file=sys.stderr, flush=True)
             return result
 
-    checking = _InBackground(slow_checks) if slow_checks else None  # torchvision weights, while Ray starts
+    # while Ray starts: torchvision weights and the cuts
+    checking = _InBackground(weight_checks) if weight_checks else None
+    cutting = _InBackground(cut_checks) if cut_checks else None
     if not ray.is_initialized():
         joining = cfg.address or os.environ.get("RAY_ADDRESS")  # connect() joins a submitted job's cluster
         say(f"joining the Ray cluster at {joining}" if joining else "starting Ray")
     connect(cfg.address)  # an embedded instance stays up for the process; Ray stops it at exit
-    if checking is not None:
-        checking.result()  # the weights' own error (unknown enum member, offline download) if any
+    for pending in (checking, cutting):  # before any actor: one being scheduled cannot be ended without Ray's noise
+        if pending is not None:
+            pending.result()  # an unknown enum member, an offline download, a layer typo, logits of a headless file
     stop.arm()
     check_output_reachable(cfg.output, cfg.address)  # a local output on a multi-node cluster is refused
     resources = ray.cluster_resources()

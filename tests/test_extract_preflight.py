@@ -1,6 +1,6 @@
 """extract's driver refuses a layer the model lacks, or one that needs the classifier a headless weights
-file lacks, before Ray starts (engine.preflight, on the meta device: no weights read or allocated),
-with the same message the actors would give ~30 s later; what it cannot check up front waits."""
+file lacks, before any actor starts (engine.preflight's check, on the meta device: no weights read or
+allocated, run in a thread while Ray starts), with the same message the actors would give ~30 s later."""
 from __future__ import annotations
 
 import time
@@ -26,6 +26,13 @@ def r18_files(tmp_path_factory):
     return str(full), str(headless)
 
 
+def _check(backbone: BackboneConfig) -> None:
+    """preflight and the check it leaves for the time Ray starts, as extract runs them."""
+    check = preflight(backbone)
+    if check is not None:
+        check()
+
+
 def _images(root, n=2):
     from PIL import Image
 
@@ -36,18 +43,14 @@ def _images(root, n=2):
     return str(root)
 
 
-def test_a_typo_is_refused_by_the_driver_before_ray(tmp_path):
-    import ray
-
-    if ray.is_initialized():
-        pytest.skip("Ray already running in this process: cannot tell whether extract started it")
+def test_a_typo_is_refused_by_the_driver_before_any_actor(tmp_path):
     src = _images(tmp_path / "src")
     cfg = ExtractConfig(source=src, output=str(tmp_path / "out"), model="resnet18", weights="none",
                         layers=["layr3"], quiet=True)
     t0 = time.perf_counter()
     with pytest.raises((UnknownLayerError, ExtractError), match=r"resnet18 has no layer 'layr3'; closest: layer3"):
         extract(cfg)
-    assert not ray.is_initialized() and not (tmp_path / "out").exists()
+    assert not (tmp_path / "out").exists()
     assert time.perf_counter() - t0 < 60
 
 
@@ -57,30 +60,31 @@ def test_logits_of_a_headless_file_is_refused_naming_the_file(r18_files):
                                                 r"have none .*deepest layer they give is 'flatten'.*"
                                                 rf"`featurestore layers resnet18 --weights {headless}` lists the "
                                                 r"layers and marks those they cannot give"):
-        preflight(BackboneConfig(model="resnet18", weights=headless, layers=["layer3", "logits"]))
+        _check(BackboneConfig(model="resnet18", weights=headless, layers=["layer3", "logits"]))
     with pytest.raises(UnknownLayerError, match=r"layer 'fc' needs the classifier"):
-        preflight(BackboneConfig(model="resnet18", weights=headless, layers=["fc"]))
+        _check(BackboneConfig(model="resnet18", weights=headless, layers=["fc"]))
     with pytest.raises(UnknownLayerError, match=r"resnet18: 'x' is the input image itself, not a feature"):
-        preflight(BackboneConfig(model="resnet18", weights=headless, layers=["x"]))
-    # what the file gives is let through (its check is done: nothing left for later), as is the full file
-    assert preflight(BackboneConfig(model="resnet18", weights=headless, layers=["layer3", "flatten"])) is None
-    assert preflight(BackboneConfig(model="resnet18", weights=full, layers=["logits", "layer4"])) is None
+        _check(BackboneConfig(model="resnet18", weights=headless, layers=["x"]))
+    # what the file gives is let through, as is the full file
+    _check(BackboneConfig(model="resnet18", weights=headless, layers=["layer3", "flatten"]))
+    _check(BackboneConfig(model="resnet18", weights=full, layers=["logits", "layer4"]))
 
 
 def test_a_timm_typo_and_a_timm_headless_logits(tmp_path):
     import timm
 
     with pytest.raises(UnknownLayerError, match=r"timm:resnet18 has no layer 'layer9'"):
-        preflight(BackboneConfig(model="timm:resnet18", weights="none", layers=["layer9"]))
+        _check(BackboneConfig(model="timm:resnet18", weights="none", layers=["layer9"]))
     path = tmp_path / "t18_headless.pth"
     torch.save(timm.create_model("resnet18", num_classes=0).state_dict(), path)
     with pytest.raises(UnknownLayerError, match=rf"timm:resnet18: logits needs the classifier, and weights {path}"):
-        preflight(BackboneConfig(model="timm:resnet18", weights=str(path), layers=["logits"]))
+        _check(BackboneConfig(model="timm:resnet18", weights=str(path), layers=["logits"]))
 
 
-def test_a_file_without_named_layers_is_checked_while_ray_starts(r18_files, tmp_path):
-    """No layer named: nothing to refuse before Ray, but a file that does not fit the model is refused
-    by the returned check (run in a thread while Ray starts) rather than by every actor."""
+def test_checks_that_need_torch_are_left_for_the_time_ray_starts(r18_files, tmp_path):
+    """What needs torch (seconds to import) is left to the returned check, which extract runs while Ray
+    starts, so a correct run does not wait for it: a file that does not fit the model, or a layer typo,
+    is refused there rather than by every actor."""
     full, headless = r18_files
     check = preflight(BackboneConfig(model="resnet18", weights=headless))
     assert callable(check)
@@ -91,16 +95,20 @@ def test_a_file_without_named_layers_is_checked_while_ray_starts(r18_files, tmp_
     missing = preflight(BackboneConfig(model="resnet18", weights=str(tmp_path / "nope.pth")))
     with pytest.raises(WeightsError, match="weights file not found"):
         missing()
+    typo = preflight(BackboneConfig(model="resnet18", weights="none", layers=["layr3"]))
+    with pytest.raises(UnknownLayerError, match="resnet18 has no layer 'layr3'"):
+        typo()
+    assert preflight(BackboneConfig(model="resnet18", weights="none", layers=["logits"])) is None  # every model has it
 
 
 def test_a_wrong_enum_member_with_named_layers_is_refused_up_front():
     with pytest.raises(WeightsError, match=r"unknown weights 'IMAGENET1K_V9' for resnet18; its weights are "):
-        preflight(BackboneConfig(model="resnet18", weights="IMAGENET1K_V9", layers=["layer3"]))
+        _check(BackboneConfig(model="resnet18", weights="IMAGENET1K_V9", layers=["layer3"]))
 
 
 def test_a_model_the_meta_device_cannot_build_is_traced_for_real():
     """regnet's constructor copies data, which the meta device refuses: a small one is traced with
     random weights instead, so its typos are refused up front too."""
     with pytest.raises(UnknownLayerError, match=r"regnet_y_400mf has no layer 'trunk_outptu'; closest: trunk_output"):
-        preflight(BackboneConfig(model="regnet_y_400mf", weights="none", layers=["trunk_outptu"]))
-    assert preflight(BackboneConfig(model="regnet_y_400mf", weights="none", layers=["trunk_output"])) is None
+        _check(BackboneConfig(model="regnet_y_400mf", weights="none", layers=["trunk_outptu"]))
+    _check(BackboneConfig(model="regnet_y_400mf", weights="none", layers=["trunk_output"]))
