@@ -44,12 +44,19 @@ def _images(root, n=2):
 
 
 def test_a_typo_is_refused_by_the_driver_before_any_actor(tmp_path):
+    import ray
+
+    running = ray.is_initialized()
     src = _images(tmp_path / "src")
     cfg = ExtractConfig(source=src, output=str(tmp_path / "out"), model="resnet18", weights="none",
                         layers=["layr3"], quiet=True)
     t0 = time.perf_counter()
-    with pytest.raises((UnknownLayerError, ExtractError), match=r"resnet18 has no layer 'layr3'; closest: layer3"):
-        extract(cfg)
+    try:
+        with pytest.raises((UnknownLayerError, ExtractError), match=r"resnet18 has no layer 'layr3'; closest: layer3"):
+            extract(cfg)
+    finally:
+        if not running:  # the embedded instance extract started: the modules after this one start their own
+            ray.shutdown()
     assert not (tmp_path / "out").exists()
     assert time.perf_counter() - t0 < 60
 
