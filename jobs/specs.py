@@ -198,22 +198,18 @@ HEAD_NUMBERS = {"train": ("cv", "test_size", "n_jobs", "batch_size", "epochs"), 
 
 def _check_head_numbers(job: str, cfg: Any, source: str) -> None:
     """Refuse the head's numbers (cv, test_size, ...) with the checks classifiers itself makes, so the
-    spec and the training cannot disagree: classifiers.fit.check_arguments (what train checks before
-    it reads anything) and classifiers.split.hash_split on no ids (test_size; a split file or a
-    manifest column leaves it unused, and then it is not checked on the cluster either, but a
-    test_size outside (0, 1) is still a mistake)."""
+    spec and the training cannot disagree: classifiers.fit.check_arguments, what train checks before
+    it reads anything (test_size too, which a split file or a manifest column leaves unused)."""
     names = HEAD_NUMBERS.get(job)
     if not names:
         return
     try:
         from classifiers.fit import check_arguments
         from classifiers.heads import HeadError
-        from classifiers.split import hash_split
     except ImportError:  # heads not installed here: the job checks them on the cluster
         return
     given = {name: getattr(cfg, name) for name in names}
     try:
-        hash_split([], [], test_size=given.pop("test_size"))
         check_arguments(head=cfg.head, **given)
     except HeadError as exc:
         from jobs._entry import spec_terms
