@@ -327,19 +327,18 @@ def _check_numbers(cfg: ExtractConfig) -> None:
         raise ExtractError(f"{where} must be {what}, got {value!r}; leave it out for the default")
 
 
-def preflight_checks(backbone) -> tuple[list, list]:
+def preflight(backbone) -> Any:
     """Fail in the driver, before any actor loads a model, on an unknown model, layer or weights.
 
     An actor that cannot load its backbone dies after Ray and the actors have started (~30 s on
     2 cores) with Ray's stack dump in the log; a bad model name, a layer the model lacks (a typo),
     `logits` from weights saved without a classifier, or an offline download is better said once,
     plainly, up front. The model name is checked here at once. What needs torch (seconds to import)
-    is returned as (weights checks, cut checks), which the engine runs in threads while Ray starts
-    (see _extract), so a correct run waits less for them. Weights checks: for
-    torchvision weights enums, the enum's member, fetched into the cache that local actors then
-    read. Cut checks: named layers and a weights file's fit (backbones.check_cut on the meta device:
-    a trace without weights; a local file's names and shapes are read, not its values; names every
-    model of its kind has are not checked). Both are awaited before any actor is created.
+    is returned as a callable (None: nothing left), which the engine runs in a thread while Ray
+    starts and awaits before any actor is created (see _extract): named layers and a weights file's
+    fit (backbones.check_cut on the meta device: a trace without weights; a local file's names and
+    shapes are read, not its values; names every model of its kind has are not checked), and for
+    torchvision weights enums the enum's member, fetched into the cache that local actors then read.
     """
     from featurestore.weights import NAMED_SOURCES, is_file_spec
     from featurestore.zoo import canonical_name
@@ -380,25 +379,17 @@ def preflight_checks(backbone) -> tuple[list, list]:
         except Exception as exc:  # the actors say what is wrong when they build the model
             log.debug("%s: layers not checked in the driver (%s: %s)", name, type(exc).__name__, exc)
 
-    cuts = [cut] if file or (layers and not set(layers) <= always) else []  # a file's fit, a named layer
-    if file or name.startswith("timm:") or low == "none" or low in NAMED_SOURCES:
-        return [], cuts
+    checks = [cut] if file or (layers and not set(layers) <= always) else []  # a file's fit, a named layer
+    if not (file or name.startswith("timm:") or low == "none" or low in NAMED_SOURCES):
 
-    def torchvision_weights() -> None:
-        from featurestore.weights import _hub_cache_file, fetch_torchvision, torchvision_enum
+        def torchvision_weights() -> None:
+            from featurestore.weights import _hub_cache_file, fetch_torchvision, torchvision_enum
 
-        member = torchvision_enum(name, weights)  # WeightsError names the enum's members
-        if not os.path.exists(_hub_cache_file(member.url)):
-            fetch_torchvision(member)
+            member = torchvision_enum(name, weights)  # WeightsError names the enum's members
+            if not os.path.exists(_hub_cache_file(member.url)):
+                fetch_torchvision(member)
 
-    return [torchvision_weights], cuts
-
-
-def preflight(backbone) -> Any:
-    """preflight_checks as one call: None, or a callable running every check (for callers that wait
-    for them at once, such as the probe before it makes any folder)."""
-    weights, cuts = preflight_checks(backbone)
-    checks = weights + cuts
+        checks.append(torchvision_weights)
     if not checks:
         return None
     return checks[0] if len(checks) == 1 else (lambda: [check() for check in checks])
@@ -664,11 +655,7 @@ def _extract(cfg: ExtractConfig, stop: _StopOnSignal, leases: list) -> ExtractRe
     started = time.perf_counter()
     storage = cfg.storage_options or None
 
-    weight_checks, cut_checks = [], []
-    for b in backbones:
-        weights_of_b, cuts_of_b = preflight_checks(b)
-        weight_checks += weights_of_b
-        cut_checks += cuts_of_b
+    slow_checks = [c for c in (preflight(b) for b in backbones) if c is not None]
     if multi:
         from featurestore.store import _Loc, _read_meta
 
@@ -730,16 +717,13 @@ def _extract(cfg: ExtractConfig, stop: _StopOnSignal, leases: list) -> ExtractRe
                 print(result.summary(), file=sys.stderr, flush=True)
             return result
 
-    # while Ray starts: torchvision weights and the cuts
-    checking = _InBackground(weight_checks) if weight_checks else None
-    cutting = _InBackground(cut_checks) if cut_checks else None
+    checking = _InBackground(slow_checks) if slow_checks else None  # layers and weights, while Ray starts
     if not ray.is_initialized():
         joining = cfg.address or os.environ.get("RAY_ADDRESS")  # connect() joins a submitted job's cluster
         say(f"joining the Ray cluster at {joining}" if joining else "starting Ray")
     connect(cfg.address)  # an embedded instance stays up for the process; Ray stops it at exit
-    for pending in (checking, cutting):  # before any actor: one being scheduled cannot be ended without Ray's noise
-        if pending is not None:
-            pending.result()  # an unknown enum member, an offline download, a layer typo, logits of a headless file
+    if checking is not None:  # before any actor: one being scheduled cannot be ended without Ray's noise
+        checking.result()  # an unknown enum member, an offline download, a layer typo, logits of a headless file
     stop.arm()
     check_output_reachable(cfg.output, cfg.address)  # a local output on a multi-node cluster is refused
     resources = ray.cluster_resources()
