@@ -45,22 +45,24 @@ def no_classifier_error(model: str, layer: str, weights: str, missing: Sequence[
     A plain UnknownLayerError (an actor's error reaches the driver as 'UnknownLayerError: ...'), with
     .missing_classifier (the keys), .model and .weights, so classify can say it in its own terms."""
     what = "logits" if layer == "logits" else f"layer {layer!r}"
-    exc = UnknownLayerError(
+    return _classifier_missing(
         f"{model}: {what} needs the classifier, and weights {split_recipe(weights)[0]} have none (a checkpoint "
         f"saved without its classifier: {_keys(missing)} missing); the deepest layer they give is {deepest!r} "
         f"(the default cut with these weights); `featurestore layers {model} --weights {weights}` lists the layers "
-        f"and marks those they cannot give")
-    exc.model, exc.weights, exc.missing_classifier = model, weights, tuple(missing)
-    return exc
+        f"and marks those they cannot give", model, weights, missing)
 
 
 def no_classes_error(model: str, weights: str, missing: Sequence[str]) -> UnknownLayerError:
     """classify's refusal for weights saved without a classifier: there are no classes to rank."""
-    exc = UnknownLayerError(
+    return _classifier_missing(
         f"{model}: weights {split_recipe(weights)[0]} have no classifier ({_keys(missing)} missing: a "
         f"feature-extractor checkpoint), so there are no classes to rank; extract features with them "
         f"(featurestore extract IMAGES STORE --model {model} --weights {weights}) and train a head on the store "
-        f"(featurestore train STORE --out HEAD), then classify --head HEAD")
+        f"(featurestore train STORE --out HEAD), then classify --head HEAD", model, weights, missing)
+
+
+def _classifier_missing(message: str, model: str, weights: str, missing: Sequence[str]) -> UnknownLayerError:
+    exc = UnknownLayerError(message)
     exc.model, exc.weights, exc.missing_classifier = model, weights, tuple(missing)
     return exc
 
