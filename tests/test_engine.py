@@ -611,12 +611,20 @@ def test_second_extraction_on_a_busy_output_is_refused_before_any_worker_starts(
     assert res.rows == 6 and not (out / LEASE_FILE).exists()
 
 
+def _actor_pids() -> set[int]:
+    found = subprocess.run(["pgrep", "-f", "ray::ExtractorActor"], capture_output=True, text=True)
+    return {int(p) for p in found.stdout.split()}
+
+
 def test_actor_killed_midway_store_complete_and_exact(tmp_path, ray_local):
-    src = make_images(tmp_path / "src", per_class=12)
+    # 30 shards: after the first is committed there is work left for a second or more, so an actor
+    # (busy, or idle between two shards) is found and killed midway (9 shards raced to the end once)
+    src = make_images(tmp_path / "src", per_class=40)
     full = tmp_path / "full"
     extract(ExtractConfig(source=str(src), output=str(full), shard_size=4, **SMALL))
 
     out = tmp_path / "store"
+    before = _actor_pids()  # actors of this process's Ray are not the subprocess's
     proc = subprocess.Popen(_cli("extract", str(src), str(out), "--model", MODEL, "--weights", "none",
                                  "--input-size", "64", "--batch-size", "2", "--shard-size", "4"),
                             start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -624,8 +632,7 @@ def test_actor_killed_midway_store_complete_and_exact(tmp_path, ray_local):
     deadline = time.time() + 180
     while time.time() < deadline and not killed:
         if (out / "shards").exists() and list((out / "shards").glob("shard-*.h5")):
-            found = subprocess.run(["pgrep", "-f", "ray::ExtractorActor.process"], capture_output=True, text=True)
-            pids = [int(p) for p in found.stdout.split()]
+            pids = sorted(_actor_pids() - before)
             if pids:
                 os.kill(pids[0], signal.SIGKILL)
                 killed = True
