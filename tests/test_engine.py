@@ -478,6 +478,11 @@ def _store_equal(a: str, b: str) -> None:
     assert len(set(ia)) == len(ia), "a row was duplicated"
 
 
+# Tests that stop a job midway: 30 shards of 4 images leave work to stop after the first ones are
+# committed (with 9, a job on a faster CPU once finished before its actor was found to kill).
+RACE_PER_CLASS, RACE_SHARDS = 40, 30
+
+
 def _kill_tree(proc: subprocess.Popen) -> None:
     try:
         os.killpg(proc.pid, signal.SIGKILL)
@@ -487,7 +492,7 @@ def _kill_tree(proc: subprocess.Popen) -> None:
 
 
 def test_driver_killed_midway_then_resumed(tmp_path, ray_local):
-    src = make_images(tmp_path / "src", per_class=12)
+    src = make_images(tmp_path / "src", per_class=RACE_PER_CLASS)
     full = tmp_path / "full"
     extract(ExtractConfig(source=str(src), output=str(full), shard_size=4, **SMALL))
 
@@ -513,7 +518,7 @@ def test_driver_killed_midway_then_resumed(tmp_path, ray_local):
         if now != before:
             before, quiet_since = now, time.time()
         time.sleep(0.2)
-    assert 2 <= len(before) < 9, before
+    assert 2 <= len(before) < RACE_SHARDS, before
     stopped = featurestore.open(str(out))  # its lease file is left behind, its pid is gone
     assert (out / ".writer.json").exists() and stopped.status == "stopped" and len(stopped) == 4 * len(before)
 
@@ -522,7 +527,7 @@ def test_driver_killed_midway_then_resumed(tmp_path, ray_local):
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     after = {p.name: p.stat().st_mtime_ns for p in shards.glob("shard-*.h5")}
-    assert len(after) == 9
+    assert len(after) == RACE_SHARDS
     for name, mtime in before.items():
         assert after[name] == mtime, f"{name} was computed twice"
     assert f"{len(before)} already committed" in res.stderr
@@ -551,7 +556,7 @@ def _stop_when_committed(proc: subprocess.Popen, shards: Path, more_than: int, s
 def test_sigterm_and_ctrl_c_stop_cleanly_then_resume(tmp_path, ray_local):
     """A scheduler's SIGTERM and a user's Ctrl-C: actors stopped, a message saying what was
     kept, the shell's exit code, nothing half-written; the next run finishes the store."""
-    src = make_images(tmp_path / "src", per_class=12)
+    src = make_images(tmp_path / "src", per_class=RACE_PER_CLASS)
     full = tmp_path / "full"
     extract(ExtractConfig(source=str(src), output=str(full), shard_size=4, **SMALL))
     out = tmp_path / "store"
@@ -574,12 +579,12 @@ def test_sigterm_and_ctrl_c_stop_cleanly_then_resume(tmp_path, ray_local):
                 signal.signal(signal.SIGINT, signal.SIG_IGN)
         rc, err = _stop_when_committed(proc, shards, committed, sig)
         assert rc == code, (rc, err[-3000:])
-        said = re.search(rf"interrupted by {name} with (\d+) of 9 shards committed \((\d+) in this run\); "
+        said = re.search(rf"interrupted by {name} with (\d+) of {RACE_SHARDS} shards committed \((\d+) in this run\); "
                          rf"committed shards are kept in {re.escape(str(out))}\. Run the same command", err)
         assert said, err[-3000:]
         assert "Traceback" not in err, err[-3000:]
         now = len(list(shards.glob("shard-*.h5")))
-        assert committed < int(said.group(1)) <= now < 9 and int(said.group(2)) >= 1
+        assert committed < int(said.group(1)) <= now < RACE_SHARDS and int(said.group(2)) >= 1
         assert not (out / "manifest.parquet").exists()  # an interrupted run never finalizes
         assert featurestore.open(str(out)).status == "stopped"
         committed = now
@@ -617,9 +622,8 @@ def _actor_pids() -> set[int]:
 
 
 def test_actor_killed_midway_store_complete_and_exact(tmp_path, ray_local):
-    # 30 shards: after the first is committed there is work left for a second or more, so an actor
-    # (busy, or idle between two shards) is found and killed midway (9 shards raced to the end once)
-    src = make_images(tmp_path / "src", per_class=40)
+    # an actor busy with a shard, or idle between two, is killed once the first shard is committed
+    src = make_images(tmp_path / "src", per_class=RACE_PER_CLASS)
     full = tmp_path / "full"
     extract(ExtractConfig(source=str(src), output=str(full), shard_size=4, **SMALL))
 
