@@ -1,8 +1,10 @@
 """A probe with a local weights file reads the file's names and shapes, and traces the model with them,
 once: resolve_layers lists the file's layers, _check_weights checks its fit and the named cuts, and
 extract's driver checks them again, all from one read (backbones._describe keeps a local file's result
-while the file is unchanged)."""
+while the file is unchanged). Also the probe's images/s: measured once the actors are up."""
 from __future__ import annotations
+
+import json
 
 import numpy as np
 import pytest
@@ -62,6 +64,13 @@ def test_a_probe_reads_and_traces_a_weights_file_once(images, tmp_path, counted)
             ray.shutdown()
     assert [r.layer for r in result.rows] == ["layer3", "flatten"]
     assert counted == {"read": 1, "trace": 1}
+    # images/s are the backbone's once its actors were up: not charged with Ray's worker start-up, which only
+    # the first backbone of a probe pays
+    (record,) = json.loads((tmp_path / "out" / "probe.json").read_text())["stores"].values()
+    assert 0 < record["startup_seconds"] < record["seconds"]
+    steady = record["rows"] / (record["seconds"] - record["startup_seconds"])
+    assert record["images_per_second"] == pytest.approx(steady)
+    assert [r.images_per_second for r in result.rows] == pytest.approx([steady, steady])
 
 
 def test_a_changed_file_is_read_again(images, tmp_path, counted):
