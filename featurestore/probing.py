@@ -348,13 +348,16 @@ def resolve_layers(cands: list[Candidate], layers: Mapping[str, list[str]], inpu
             elif tok.lower() == DEFAULT:
                 chosen.append(default)
             else:
-                if tok not in names and not (c.canonical[:5] != "timm:" and any(n.startswith(tok + ".") for n in names)):
-                    import difflib
+                modules = c.canonical[:5] != "timm:"  # torchvision: a module name cuts at its last node
+                if tok not in names and not (modules and any(n.startswith(tok + ".") for n in names)):
+                    from featurestore.backbones import _suggest
 
-                    close = difflib.get_close_matches(tok, names, n=5, cutoff=0.4)
-                    raise ProbeError(f"--layers: {c.model} has no layer {tok!r}"
-                                     + (f"; closest: {', '.join(close)}" if close else "")
-                                     + f"; list them with `featurestore layers {c.model}` (or use auto/default)")
+                    # extract's suggestions: a case slip's exact name, stage names before deep nodes
+                    pool = names + (sorted({n.rsplit(".", i)[0] for n in names for i in range(1, n.count(".") + 1)}
+                                           - set(names)) if modules else [])
+                    listing = f"featurestore layers {c.model}" + (f" --weights {local_file}" if local_file else "")
+                    raise ProbeError(f"--layers: {c.model} has no layer {tok!r}{_suggest(tok, pool)}; "
+                                     f"list them with `{listing}` (or use auto/default)")
                 chosen.append(tok)
         c.layers = list(dict.fromkeys(chosen))
         c.layer_notes = {n: notes.get(n, "") for n in c.layers}

@@ -90,3 +90,19 @@ def test_a_changed_file_is_read_again(images, tmp_path, counted):
     with pytest.raises(ProbeError, match=r"--layers for resnet18: .*logits needs the classifier"):
         probe(str(images), [f"resnet18@{weights}"], out=str(tmp_path / "out"), layers="logits", input_size=32,
               quiet=True)
+
+
+@pytest.mark.parametrize("layer, needle", [
+    ("Layer3", r"resnet18 has no layer 'Layer3'; did you mean 'layer3'; list them with `featurestore layers "
+               r"resnet18 --weights .*r18.pth`"),
+    ("layr3", r"resnet18 has no layer 'layr3'; closest: layer3, layer4, layer2, layer1, layer3.1; "),
+])
+def test_a_misspelt_layer_gets_extracts_suggestions(images, tmp_path, layer, needle):
+    """The probe's typo message suggested by plain string distance (deep nodes such as 'layer3.0.bn1' before
+    stage names, no case-slip match) and listed the layers without the weights file that decides them."""
+    from torchvision.models import resnet18
+
+    weights = tmp_path / "r18.pth"
+    torch.save(resnet18().state_dict(), weights)
+    with pytest.raises(ProbeError, match=rf"--layers: {needle}"):
+        probe(str(images), [f"resnet18@{weights}"], out=str(tmp_path / "out"), layers=layer, quiet=True)
