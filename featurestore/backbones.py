@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import difflib
 import logging
+import os
+import threading
+from collections import OrderedDict
 from dataclasses import asdict, dataclass
 from typing import Any, Iterable, Sequence
 
@@ -848,7 +851,55 @@ class _Cuts:
     input_node: str | None = None  # torchvision's graph input ('x'): the image, not a cut
 
 
+# _describe's results for local weights files, keyed by the file's identity (path, size, mtime, inode): a
+# probe lists a file's layers and then checks its cuts, and extract's driver checks them again; the file's
+# names and shapes are read, and the model traced, once per process for an unchanged file
+_FILE_TRACES: OrderedDict = OrderedDict()
+_FILE_TRACES_LOCK = threading.Lock()
+
+
+def _file_identity(weights: str) -> tuple | None:
+    """A local weights file's (absolute path, size, mtime_ns, inode), or None: not a local file (a URL, an
+    enum name) or not there (the trace then says what is wrong)."""
+    from featurestore.weights import _local_file
+
+    if not is_file_spec(weights):
+        return None
+    local = _local_file(split_recipe(weights)[0])
+    try:
+        st = os.stat(local) if local else None
+    except (OSError, ValueError):
+        return None
+    return None if st is None else (os.path.abspath(local), st.st_size, st.st_mtime_ns, st.st_ino)
+
+
 def _describe(model: str, weights: str | None, input_size: int | None):
+    """_trace's result, from memory for a local file seen before unchanged; a trace without a weights file
+    records the model's cut names for layer_names (what extract's driver reads before importing torch)."""
+    identity = _file_identity(weights) if weights else None
+    key = (model, weights, input_size, identity)
+    if identity is not None:
+        with _FILE_TRACES_LOCK:  # extract's driver checks in a thread
+            seen = _FILE_TRACES.get(key)
+            if seen is not None:
+                _FILE_TRACES.move_to_end(key)
+        if seen is not None:
+            rows, pre, recipe, cuts = seen
+            return list(rows), pre, recipe, cuts
+    result = _trace(model, weights, input_size)
+    if identity is not None:
+        with _FILE_TRACES_LOCK:
+            _FILE_TRACES[key] = (list(result[0]), *result[1:])
+            while len(_FILE_TRACES) > 16:
+                _FILE_TRACES.popitem(last=False)
+    elif not (weights and is_file_spec(weights)):
+        from featurestore import layer_names
+
+        layer_names.write(result[3].model, weights, input_size, [r.name for r in result[0]])
+    return result
+
+
+def _trace(model: str, weights: str | None, input_size: int | None):
     _check_input_size(input_size)
     canonical = canonical_name(model)
     bb_weights = weights or "none"

@@ -81,9 +81,12 @@ def models(family, max_params, timm_pattern, as_json):
 @click.command("layers")
 @click.argument("model")
 @click.option("--weights", default=None,
-              help="Weights whose input size and preprocessing to show (checked, never downloaded or read: "
-                   "the layers need only the architecture; default: random init).")
-@click.option("--input-size", type=int, default=None, help="Trace at this input size instead of the model's own.")
+              help="Weights whose input size and preprocessing to show (checked, never downloaded; the layers "
+                   "come from the architecture with random weights, but a local file's tensor names and shapes "
+                   "are read, so logits shows a fine-tuned file's classes and a headless file's unusable cuts "
+                   "are marked; default: random init).")
+@click.option("--input-size", type=click.IntRange(min=1), default=None,
+              help="Trace at this input size (pixels, square) instead of the model's own.")
 @click.option("--recommended", "only_recommended", is_flag=True, help="Only the recommended cut points.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON records instead of a table.")
 @_errors

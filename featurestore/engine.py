@@ -356,7 +356,13 @@ def preflight(backbone) -> Any:
         """backbones.check_cut on the meta device (no weights allocated); a model that cannot be traced
         there (regnet's constructor copies data) is traced with random weights up to 100M parameters
         (regnet_y_400mf: ~1 s here), as jobs.specs.check_layers does; larger ones are left to the
-        actors, which check as they build it."""
+        actors, which check as they build it. Names a previous trace recorded (layer_names: read without
+        importing torch, ~2.5 s of a short run on 2 cores) are let through without one, unless a weights
+        file is involved (its fit needs its names and shapes read); any other name is traced as before."""
+        from featurestore import layer_names
+
+        if not file and layer_names.known(name, weights, [n for n in layers if n not in always], backbone.input_size):
+            return None
         import torch
 
         from featurestore.backbones import UnknownLayerError, WeightsError, check_cut

@@ -86,3 +86,13 @@ def test_classify_with_a_checkpoint_without_a_classifier_is_refused_in_one_line(
                                                    "fc.bias missing"), r.output
     assert "no classes to rank" in lines[0] and "featurestore extract" in lines[0] and "featurestore train" in lines[0]
     assert "Traceback" not in r.output
+
+
+def test_i_layers_help_says_a_local_file_is_read_and_a_bad_input_size_names_the_flag(tmp_path):
+    """The --weights help said files were never read, though their names and shapes are (fine-tuned
+    and headless files show as such); --input-size 0 was refused as `input_size`, an API argument."""
+    r = CliRunner().invoke(layers, ["--help"])
+    assert "never downloaded or read" not in r.output
+    assert "names and shapes" in " ".join(r.output.split())
+    r = CliRunner().invoke(layers, ["resnet18", "--input-size", "0"])
+    assert r.exit_code == 2 and "--input-size" in r.output and "x>=1" in r.output, r.output

@@ -1,0 +1,111 @@
+"""A small on-disk cache of each model's valid cut names, read without importing torch.
+
+extract's driver checks named layers before any actor starts (engine.preflight), which needs a trace
+of the model and so an import of torch: ~2.5 s of a short run on 2 cores. The names a model offers
+depend only on its architecture (and the weights spec, which may change its config, and the input
+size) and on the installed torch, torchvision and timm, so a successful trace records them here and
+later runs that ask only for known names skip torch. A name not recorded here still goes through the
+real check (typos keep their message and suggestions); the actors check every name again when they
+build the model, so a stale entry can only delay a refusal, never change a result. Any problem
+reading or writing the cache (corrupt, unwritable) falls back to the trace.
+
+Where: $FEATURESTORE_LAYER_CACHE, else $XDG_CACHE_HOME/featurestore/layers, else
+~/.cache/featurestore/layers; one JSON file per (model, weights spec, input size, versions).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import tempfile
+from typing import Sequence
+
+log = logging.getLogger("featurestore.layers")
+
+SCHEMA = 1  # bump when what counts as a cut name changes
+
+
+def cache_dir() -> str:
+    """The folder of the cache (see the module docstring)."""
+    own = os.environ.get("FEATURESTORE_LAYER_CACHE")
+    if own:
+        return os.path.expanduser(own)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "featurestore", "layers")
+
+
+def _versions() -> dict[str, str | None]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    from featurestore import __version__
+
+    out: dict[str, str | None] = {"featurestore": __version__}
+    for pkg in ("torch", "torchvision", "timm"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def _key(model: str, weights: str | None, input_size: int | None) -> dict:
+    weights = "none" if weights is None else str(weights).strip()
+    return {"schema": SCHEMA, "model": model, "weights": weights, "input_size": input_size, **_versions()}
+
+
+def _path(key: dict) -> str:
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    return os.path.join(cache_dir(), f"{re.sub(r'[^A-Za-z0-9_.-]', '_', key['model'])}-{digest}.json")
+
+
+def read(model: str, weights: str | None, input_size: int | None) -> list[str] | None:
+    """The recorded cut names of this (canonical) model, or None: not recorded, or unreadable."""
+    try:
+        key = _key(model, weights, input_size)
+        with open(_path(key), encoding="utf-8") as f:
+            data = json.load(f)
+        names = data["names"]
+        if data.get("key") != key or not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            return None
+        return names
+    except Exception as exc:  # missing, corrupt, unreadable: the trace decides
+        log.debug("layer-name cache not used for %s (%s: %s)", model, type(exc).__name__, exc)
+        return None
+
+
+def write(model: str, weights: str | None, input_size: int | None, names: Sequence[str]) -> None:
+    """Record a successful trace's cut names; atomic (a temporary file renamed), silent on any failure."""
+    tmp = None
+    try:
+        key = _key(model, weights, input_size)
+        path = _path(key)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=os.path.dirname(path))
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump({"key": key, "names": list(names)}, f)
+        os.replace(tmp, path)
+        tmp = None
+    except Exception as exc:  # an unwritable cache costs the next run a trace, nothing else
+        log.debug("layer-name cache not written for %s (%s: %s)", model, type(exc).__name__, exc)
+    finally:
+        if tmp is not None:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+
+
+def known(model: str, weights: str | None, layers: Sequence[str], input_size: int | None) -> bool:
+    """True when every layer is a recorded cut name of the model with these weights: the trace can be
+    skipped. A torchvision module name (`layer3`) counts when a recorded node lies inside it, as
+    load_backbone accepts it (its last node)."""
+    if not layers:
+        return True
+    names = read(model, weights, input_size)
+    if not names:
+        return False
+    valid = set(names)
+    prefixes = not model.startswith("timm:")
+    return all(layer in valid or (prefixes and any(n.startswith(layer + ".") for n in names)) for layer in layers)

@@ -1,0 +1,112 @@
+"""The cache of each model's cut names (featurestore.layer_names): a trace records them, and extract's
+driver then lets known names through without importing torch; typos, weights files and a broken cache
+still go through the real check (engine.preflight's cut)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from featurestore import layer_names
+from featurestore.backbones import UnknownLayerError, list_layers
+from featurestore.config import BackboneConfig
+from featurestore.engine import preflight
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _check(backbone: BackboneConfig) -> None:
+    check = preflight(backbone)
+    if check is not None:
+        check()
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    folder = tmp_path / "layer-cache"
+    monkeypatch.setenv("FEATURESTORE_LAYER_CACHE", str(folder))
+    return folder
+
+
+def _driver(code: str, cache) -> subprocess.CompletedProcess:
+    """`code` in a fresh interpreter (torch not yet imported), as extract's driver starts."""
+    env = {**os.environ, "FEATURESTORE_LAYER_CACHE": str(cache), "PYTHONPATH": ROOT}
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_known_layers_are_checked_without_importing_torch_and_typos_as_before(cache):
+    list_layers("resnet18")  # `featurestore layers resnet18`: the trace records the names
+    (entry,) = cache.glob("resnet18-*.json")
+    assert "layer3.1.relu_1" in json.loads(entry.read_text())["names"]
+    out = _driver(
+        "import sys\n"
+        "from featurestore.config import BackboneConfig\n"
+        "from featurestore.engine import preflight\n"
+        "for layers in (['flatten'], ['layer3', 'layer2.1.relu_1', 'logits']):\n"
+        "    check = preflight(BackboneConfig(model='resnet18', weights='none', layers=layers))\n"
+        "    check and check()\n"
+        "print('torch imported:', 'torch' in sys.modules)\n"
+        "check = preflight(BackboneConfig(model='resnet18', weights='none', layers=['flatten', 'layr3']))\n"
+        "try:\n"
+        "    check()\n"
+        "except Exception as exc:\n"
+        "    print(type(exc).__name__, exc)\n", cache)
+    assert out.returncode == 0, out.stderr
+    assert "torch imported: False" in out.stdout
+    # a name the cache lacks goes through the trace: the same refusal and suggestions as without a cache
+    assert ("UnknownLayerError resnet18 has no layer 'layr3'; closest: layer3, layer4, layer2, layer1, layer3.1; "
+            "list them with `featurestore layers resnet18`") in out.stdout
+
+
+def test_the_extract_check_records_names_for_the_next_run(cache):
+    _check(BackboneConfig(model="resnet18", weights="none", layers=["layer3"]))
+    assert layer_names.known("resnet18", "none", ["layer3", "avgpool"], None)
+    assert not layer_names.known("resnet18", "none", ["layr3"], None)
+    assert not layer_names.known("resnet18", "none", ["x"], None)  # the input image is no cut
+    assert not layer_names.known("resnet18", "none", ["layer3"], 128)  # another input size: another entry
+    assert not layer_names.known("resnet18", "IMAGENET1K_V1", ["layer3"], None)  # other weights: another entry
+    with pytest.raises(UnknownLayerError, match=r"resnet18: 'x' is the input image itself"):
+        _check(BackboneConfig(model="resnet18", weights="none", layers=["x"]))
+
+
+def test_a_weights_file_is_always_checked(cache, tmp_path):
+    from torchvision.models import resnet18
+
+    list_layers("resnet18")  # 'fc' is a known name of the architecture
+    headless = tmp_path / "r18_headless.pth"
+    torch.save({k: v for k, v in resnet18().state_dict().items() if not k.startswith("fc.")}, headless)
+    with pytest.raises(UnknownLayerError, match=r"layer 'fc' needs the classifier"):
+        _check(BackboneConfig(model="resnet18", weights=str(headless), layers=["fc"]))
+    assert [p.name for p in cache.iterdir()] == [next(cache.glob("resnet18-*.json")).name]  # no entry for a file
+
+
+def test_a_corrupt_or_unwritable_cache_falls_back_to_the_trace(cache, tmp_path, monkeypatch):
+    list_layers("resnet18")
+    (entry,) = cache.glob("resnet18-*.json")
+    entry.write_text("{not json")
+    assert not layer_names.known("resnet18", "none", ["layer3"], None)
+    _check(BackboneConfig(model="resnet18", weights="none", layers=["layer3"]))  # traced, and written again
+    assert layer_names.known("resnet18", "none", ["layer3"], None)
+    entry.write_text(json.dumps({"key": {"model": "resnet18"}, "names": ["layr3"]}))  # another key: ignored
+    assert not layer_names.known("resnet18", "none", ["layr3"], None)
+    with pytest.raises(UnknownLayerError, match=r"resnet18 has no layer 'layr3'; closest: layer3"):
+        _check(BackboneConfig(model="resnet18", weights="none", layers=["layr3"]))
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setenv("FEATURESTORE_LAYER_CACHE", str(blocker / "layers"))  # cannot be a folder
+    _check(BackboneConfig(model="resnet18", weights="none", layers=["layer3"]))
+    with pytest.raises(UnknownLayerError, match=r"resnet18 has no layer 'layr3'; closest: layer3"):
+        _check(BackboneConfig(model="resnet18", weights="none", layers=["layr3"]))
+
+
+def test_the_cache_lives_under_xdg_cache_home(tmp_path, monkeypatch):
+    monkeypatch.delenv("FEATURESTORE_LAYER_CACHE", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert layer_names.cache_dir() == str(tmp_path / "xdg" / "featurestore" / "layers")
+    list_layers("mobilenet_v3_small")
+    assert list((tmp_path / "xdg" / "featurestore" / "layers").glob("mobilenet_v3_small-*.json"))
