@@ -12,6 +12,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from .core import Head, HeadConfigMismatch
+from .terms import param
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +44,7 @@ def check_batch_size(batch_size) -> None:
     from .heads import HeadError
 
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise HeadError(f"batch_size must be a whole number >= 1 (rows scored at a time), got {batch_size!r}")
+        raise HeadError(f"{param('batch_size')} must be a whole number >= 1 (rows scored at a time), got {batch_size!r}")
 
 
 def _labels_in_head_ids(head: Head, reader) -> np.ndarray:
@@ -140,7 +141,7 @@ def _table_format(out: str) -> str:
         return "csv"
     if ext in ("", ".parquet", ".pq", ".parq"):
         return "parquet"
-    raise HeadError(f"--out {out}: predictions are written as Parquet (.parquet) or CSV (.csv), not {ext}; "
+    raise HeadError(f"{param('out')} {out}: predictions are written as Parquet (.parquet) or CSV (.csv), not {ext}; "
                     "name the file with one of those")
 
 
@@ -178,12 +179,12 @@ def head_weights(head: Head, weights: str | None = None) -> str:
         model = head.store_config.get("model") or "its backbone"
         if is_file_spec(w):
             raise HeadConfigMismatch(
-                f"--weights {weights} cannot apply to {where}: it was trained on {model} with the weights file "
-                f"{w}; with a head, --weights (weights= in Python) only points at a moved copy of that file: "
-                "pass its path, or drop --weights", ["weights"])
+                f"{param('weights')} {weights} cannot apply to {where}: it was trained on {model} with the weights "
+                f"file {w}; with a head, {param('weights')} only points at a moved copy of that file: pass its path, "
+                f"or drop {param('weights')}", ["weights"])
         raise HeadConfigMismatch(
-            f"--weights {weights} cannot apply to {where}: it was trained on {model} with weights {w}; drop "
-            "--weights (with a head it only points at a moved copy of the head's weights file)", ["weights"])
+            f"{param('weights')} {weights} cannot apply to {where}: it was trained on {model} with weights {w}; drop "
+            f"{param('weights')} (with a head it only points at a moved copy of the head's weights file)", ["weights"])
     if weights is not None:  # a moved file keeps the preprocessing recipe the head was trained with
         weights = absolute_file_spec(str(weights))  # the backbone finds it from any folder
         if split_recipe(weights)[1] is None:
@@ -193,7 +194,7 @@ def head_weights(head: Head, weights: str | None = None) -> str:
         return weights
     if "://" not in w and is_file_spec(w) and not os.path.isfile(os.path.expanduser(split_recipe(w)[0])):
         raise HeadFileError(f"{head.path or 'head'}: the backbone weights file it was trained with is missing: {w}; "
-                            "pass --weights PATH (weights= in Python) to point at a copy of it")
+                            f"pass {param('weights', 'PATH')} to point at a copy of it")
     if recipe and split_recipe(w)[1] is None:  # a plain file recorded by an older version with another recipe
         return f"{w}#{recipe}"
     return w
@@ -314,8 +315,8 @@ def _other_recipe(head: Head, weights: str | None, bb, exc: HeadConfigMismatch) 
             name += " (an older version's default for a plain weights file)"
     others = [d for d in exc.differences if not d.startswith("preprocessing")]
     return HeadConfigMismatch(
-        f"--weights {weights}: {head.path or 'the head'} was trained with the {name}, not #{asked}; drop the "
-        f"'#{asked}' suffix (--weights {path}): the head's recipe is applied to a moved weights file "
+        f"{param('weights')} {weights}: {head.path or 'the head'} was trained with the {name}, not #{asked}; drop the "
+        f"'#{asked}' suffix ({param('weights', path)}): the head's recipe is applied to a moved weights file "
         "automatically" + (f". Also differing: {'; '.join(others)}" if others else ""), exc.differences)
 
 

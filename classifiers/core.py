@@ -11,16 +11,18 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from .terms import Worded
+
 # store.json "config" keys that change the numbers a head sees (weights id is a name; its hash is the truth)
 COMPARED_KEYS = ("model", "weights_sha256", "pooling", "precision", "preprocessing")
 
 
-class HeadConfigMismatch(ValueError):
+class HeadConfigMismatch(Worded, ValueError):
     """Features come from another backbone configuration; .differences names each key."""
 
-    def __init__(self, message: str, differences: list[str]):
-        super().__init__(message)
-        self.differences = differences
+    def __init__(self, message: str, differences: list[str] | None = None):
+        super().__init__(message)  # differences optional: an unpickled error (from a Ray worker) has none
+        self.differences = list(differences or [])
 
 
 @contextlib.contextmanager
@@ -65,12 +67,12 @@ def config_differences(head_config: dict, store_config: dict, layer: str, store_
     return diffs
 
 
-class ExportError(RuntimeError):
+class ExportError(Worded, RuntimeError):
     """An exported file does not compute what the head computes (its verification failed)."""
 
 
 class ExportArgumentError(ExportError, ValueError):
-    """export() was asked for something it cannot write (format, opset, --out, a missing package);
+    """export() was asked for something it cannot write (fmt, opset, out, a missing package);
     the message says what to pass instead. A ValueError too, as for any bad argument."""
 
 
