@@ -145,6 +145,29 @@ def check_arguments(head: str = "logreg", cv: int = 5, batch_size: int = 4096, e
                             "balanced_accuracy, f1_macro (all: sklearn.metrics.get_scorer_names())") from None
 
 
+def check_scoring(scoring: str, classes, label_names: list[str]) -> None:
+    """Refuse a scorer that cannot score these classes (f1, precision, roc_auc on three classes; f1 when
+    no class has label id 1) before the sweep, where scikit-learn's refusal is a traceback from a
+    worker. It is tried on a few rows of a dummy classifier with the training part's label ids."""
+    import warnings
+
+    from sklearn.dummy import DummyClassifier
+    from sklearn.metrics import get_scorer
+
+    y = np.repeat(np.asarray(classes), 2)
+    X = np.zeros((len(y), 1))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # ill-defined scores of the dummy: not the question here
+            get_scorer(scoring)(DummyClassifier(strategy="stratified", random_state=0).fit(X, y), X, y)
+    except (ValueError, TypeError) as exc:
+        why = (str(exc).strip().splitlines() or [type(exc).__name__])[0].rstrip(".")
+        kinds = "binary" if len(classes) == 2 else "multiclass"
+        raise HeadError(f"{param('scoring')} {scoring!r} cannot score these {len(classes)} classes "
+                        f"({', '.join(label_names[c] for c in classes)}): {why}; choose a {kinds} scorer, e.g. "
+                        "balanced_accuracy, f1_macro, accuracy") from None
+
+
 def train(store, head: str = "logreg", layer: str | None = None, grid=None, cv: int = 5,
           class_weight: str | dict | None = None, test_size: float = 0.25, seed: int = 0,
           out: str | None = None, *, l2: bool = False, loss: str = "log_loss", split=None,
@@ -187,6 +210,8 @@ def train(store, head: str = "logreg", layer: str | None = None, grid=None, cv: 
     present = np.unique(labels[train_rows])
     if len(present) < 2:
         raise HeadError(f"{reader.uri}: the training part has {len(present)} class(es); a head needs at least 2")
+    if scoring is not None:
+        check_scoring(scoring, present, label_names)
     scoring = scoring or ("balanced_accuracy" if class_weight is not None else "accuracy")
     dim = int(np.prod(feats.shape[1:]))
     need = len(train_rows) * dim * 8 * 2  # float64 copy and one more inside the estimator
