@@ -234,6 +234,10 @@ def train(store, head: str = "logreg", layer: str | None = None, grid=None, cv: 
             log.warning("the grid's %s ignored: SGD has no such hyperparameter",
                         ", ".join(sorted(set(asked) - {"C", "alpha"})))
         head = "sgd"
+    if streaming and scoring is not None:
+        from .stream import check_scoring as check_streaming_scoring
+
+        check_streaming_scoring(scoring, loss, present)
     grid = parse_grid(grid, head)
     common = dict(reader=reader, layer=layer, label_names=label_names, is_test=is_test, labeled=labeled,
                   ids=ids, labels=labels, seed=seed, scoring=scoring)
