@@ -48,12 +48,14 @@ def check_batch_size(batch_size) -> None:
 
 
 def _labels_in_head_ids(head: Head, reader) -> np.ndarray:
-    """The store's label ids re-expressed as the head's label ids (by name); -1 stays unlabeled."""
+    """The store's label ids re-expressed as the head's label ids (by name); -1 stays unlabeled, as
+    does a class the head does not know (predict on a store of other folders: the label column)."""
     y = np.asarray(reader.labels, dtype=np.int64)
     names = list(reader.label_names)
     if names == list(head.label_names):
         return y
-    lut = np.array([head.label_names.index(n) for n in names] + [-1], dtype=np.int64)
+    lut = np.array([head.label_names.index(n) if n in head.label_names else -1 for n in names] + [-1],
+                   dtype=np.int64)
     return lut[y]  # y == -1 picks the trailing -1
 
 
@@ -109,7 +111,11 @@ def predict(head, store, out: str | None = None, *, batch_size: int = 4096, stor
     fmt = None if out is None else _table_format(str(out))
     h = as_head(head)
     reader = _open(store, storage_options)
-    h.check_compatible(reader)
+    h.check_compatible(reader, labels=False)  # new images in folders of other names are predicted too
+    other = [n for n in reader.label_names if n not in h.label_names]
+    if other:
+        log.warning("%s: classes %s are not the head's (%s): their rows are predicted with an empty label column",
+                    reader.uri, ", ".join(other), ", ".join(h.label_names))
     feats = reader.features(h.layer)
     proba, pred = proba_rows(h, feats, np.arange(len(reader)), batch_size)
     names = np.array(h.label_names, dtype=object)

@@ -155,8 +155,9 @@ class Head:
         return np.asarray(clf.classes_, dtype=np.int64)[best]
 
     # -- safety
-    def check_compatible(self, store) -> None:
-        """Refuse a store whose backbone configuration or layer differs from the training store's."""
+    def check_compatible(self, store, labels: bool = True) -> None:
+        """Refuse a store whose backbone configuration or layer differs from the training store's, and
+        (labels: for evaluate, which compares them) one whose class names are not among the head's."""
         shape = None
         info = store.meta.get("layers", {}).get(self.layer) if hasattr(store, "meta") else None
         if info is not None:
@@ -171,10 +172,11 @@ class Head:
                 + ". Re-extract the images with the head's configuration (see head.json) or train a head on this store.",
                 diffs)
         names = list(getattr(store, "label_names", []) or [])
-        if names and names != list(self.label_names) and not set(names) <= set(self.label_names):
+        if labels and names and names != list(self.label_names) and not set(names) <= set(self.label_names):
             raise HeadConfigMismatch(
-                f"{getattr(store, 'uri', store)}: label names {names} are not among the head's {self.label_names}",
-                ["label_names"])
+                f"{getattr(store, 'uri', store)}: label names {names} are not among the head's {self.label_names}, "
+                "so its rows cannot be scored against them; predict its rows instead, or evaluate on a store "
+                "of the head's classes", ["label_names"])
 
     # -- persistence (see persist.py)
     def save(self, path: str) -> str:
