@@ -86,9 +86,12 @@ def calibrated(pipeline: Pipeline, cv: int = 3) -> Pipeline:
     return Pipeline(steps)
 
 
-def parse_grid(specs: list[str] | tuple[str, ...] | dict | None, kind: str) -> dict[str, list]:
-    """'C=0.01,0.1,1' (repeatable) -> {'C': [0.01, 0.1, 1.0]}; None -> the kind's default sweep."""
+def parse_grid(specs: str | list[str] | tuple[str, ...] | dict | None, kind: str) -> dict[str, list]:
+    """'C=0.01,0.1,1' (one, or a list as --grid repeated) -> {'C': [0.01, 0.1, 1.0]}; None -> the kind's
+    default sweep. A single string is one spec (it was read character by character: "grid 'C': expected")."""
     check_kind(kind)
+    if isinstance(specs, str):
+        specs = [specs]
     if specs is None or (not isinstance(specs, dict) and len(specs) == 0):
         return {k: list(v) for k, v in DEFAULT_GRIDS[kind].items()}
     if isinstance(specs, dict):

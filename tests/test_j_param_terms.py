@@ -102,3 +102,12 @@ def test_the_marks_survive_pickling_and_job_specs_say_fields(tmp_path):
     with pytest.raises(ConfigError) as err:
         load_spec(str(spec))
     assert str(err.value) == f"{spec}: field 'config.grid': C: 'x' is not a number", str(err.value)
+
+
+def test_a_grid_given_as_one_string(tmp_path):
+    """grid="C=0.1,1" in Python is the command line's --grid C=0.1,1, not the specs 'C', '=', '0', ..."""
+    store = _store(tmp_path / "s", np.arange(40) % 2, ["neg", "pos"])
+    head = classifiers.train(store, grid="C=0.1,1", cv=3)
+    assert sorted(s["params"]["C"] for s in head.sweep) == [0.1, 1.0]
+    with pytest.raises(HeadError, match=r"^grid 'C': expected NAME=V1,V2"):
+        classifiers.train(store, grid="C", cv=3)
