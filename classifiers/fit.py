@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from .core import Head, as_rows
-from .heads import (calibrated, check_kind, make_pipeline, needs_calibration, parse_grid, HeadError)
+from .heads import (SGD_LOSSES, calibrated, check_kind, make_pipeline, needs_calibration, parse_grid, HeadError)
 from .report import compute_report, write_report
 from .apply import proba_rows
 from .split import check_test_size, hash_split, manifest_split, read_split_file
@@ -116,15 +116,19 @@ def _joblib_backend(address: str | None):
 
 def check_arguments(head: str = "logreg", cv: int = 5, batch_size: int = 4096, epochs: int = 8,
                     n_jobs: int | None = None, class_weight: str | dict | None = None,
-                    scoring: str | None = None, test_size: float = 0.25) -> None:
+                    scoring: str | None = None, test_size: float = 0.25, loss: str = "log_loss") -> None:
     """Refuse train's arguments that need no store, with HeadError naming the argument first.
 
     train calls it before any work; a job spec calls it at submit time, so a bad number is said
     there in the same words it would be said on the cluster. The message opens with the Python
     parameter's name (cv, test_size), marked (terms.param): the CLI says its flag, a job spec its field.
     test_size is checked even with a split file, which leaves it unused: a value outside (0, 1) is
-    still a mistake, and job specs refuse it too."""
+    still a mistake, and job specs refuse it too. loss likewise for a head that does not stream: any
+    head streams with SGD when its features exceed the memory budget."""
     check_kind(head)
+    if loss not in SGD_LOSSES:  # SGDClassifier's own refusal came after a pass over the store
+        raise HeadError(f"{param('loss')} must be one of {', '.join(SGD_LOSSES)} (SGD's, when a head streams), "
+                        f"got {loss!r}")
     check_test_size(test_size)
     for name, value, low, why in (("cv", cv, 2, f"folds of the sweep; a single {param('grid')} value needs no sweep"),
                                   ("batch_size", batch_size, 1, "rows per streaming batch"),
@@ -185,7 +189,7 @@ def train(store, head: str = "logreg", layer: str | None = None, grid=None, cv: 
     """
     t0 = time.perf_counter()
     check_arguments(head=head, cv=cv, batch_size=batch_size, epochs=epochs, n_jobs=n_jobs,
-                    class_weight=class_weight, scoring=scoring, test_size=test_size)
+                    class_weight=class_weight, scoring=scoring, test_size=test_size, loss=loss)
     if out is not None:
         from .persist import check_out
 

@@ -193,7 +193,9 @@ NUMBER_RANGES: dict[str, list[NumberRange]] = {
 }
 
 # The head's numbers each job kind hands to classifiers.train (a probe's batch_size is its extraction's).
-HEAD_NUMBERS = {"train": ("cv", "test_size", "n_jobs", "batch_size", "epochs"), "probe": ("cv", "test_size", "n_jobs")}
+# A train job's loss is checked with them (not a number, but refused by the same call, in the same words).
+HEAD_NUMBERS = {"train": ("cv", "test_size", "n_jobs", "batch_size", "epochs", "loss"),
+                "probe": ("cv", "test_size", "n_jobs")}
 
 
 def _check_head_numbers(job: str, cfg: Any, source: str) -> None:

@@ -111,3 +111,14 @@ def test_a_grid_given_as_one_string(tmp_path):
     assert sorted(s["params"]["C"] for s in head.sweep) == [0.1, 1.0]
     with pytest.raises(HeadError, match=r"^grid 'C': expected NAME=V1,V2"):
         classifiers.train(store, grid="C", cv=3)
+
+
+def test_an_unknown_loss_is_refused_before_the_store_is_read(tmp_path):
+    """loss="hing" was SGDClassifier's InvalidParameterError after a pass over the store (and on the
+    cluster, for a train job's spec)."""
+    from jobs.specs import ConfigError, parse_spec
+
+    with pytest.raises(HeadError, match=r"^loss must be one of log_loss, hinge .*got 'hing'$"):
+        classifiers.train(str(tmp_path / "no-store"), head="sgd", loss="hing")
+    with pytest.raises(ConfigError, match=r"^t\.yaml: field 'config\.loss' must be one of log_loss, hinge"):
+        parse_spec({"job": "train", "config": {"store": "s3://b/s", "out": "s3://b/h", "loss": "hing"}}, "t.yaml")
