@@ -73,6 +73,11 @@ def evaluate(head, store, out: str | None = None, *, batch_size: int = 4096, sto
     h.check_compatible(reader)
     y = _labels_in_head_ids(h, reader)
     rows = np.flatnonzero(y >= 0)
+    if not len(rows):  # a report of nothing (accuracy of no rows) read as a result, and exit code 0
+        from .heads import HeadError
+
+        raise HeadError(f"{reader.uri}: no labeled rows to evaluate on (a store of unlabeled images: a manifest "
+                        "without a label column); predict its rows instead, or evaluate on a labeled store")
     proba, pred = proba_rows(h, reader.features(h.layer), rows, batch_size)
     rep = compute_report(y[rows], proba, h.label_names, pred=pred, head=h.kind, layer=h.layer, store=reader.uri,
                          head_path=h.path, params=h.params)
