@@ -12,6 +12,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from .core import Head, HeadConfigMismatch
+from .terms import param
 
 log = logging.getLogger(__name__)
 
@@ -43,16 +44,18 @@ def check_batch_size(batch_size) -> None:
     from .heads import HeadError
 
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise HeadError(f"batch_size must be a whole number >= 1 (rows scored at a time), got {batch_size!r}")
+        raise HeadError(f"{param('batch_size')} must be a whole number >= 1 (rows scored at a time), got {batch_size!r}")
 
 
 def _labels_in_head_ids(head: Head, reader) -> np.ndarray:
-    """The store's label ids re-expressed as the head's label ids (by name); -1 stays unlabeled."""
+    """The store's label ids re-expressed as the head's label ids (by name); -1 stays unlabeled, as
+    does a class the head does not know (predict on a store of other folders: the label column)."""
     y = np.asarray(reader.labels, dtype=np.int64)
     names = list(reader.label_names)
     if names == list(head.label_names):
         return y
-    lut = np.array([head.label_names.index(n) for n in names] + [-1], dtype=np.int64)
+    lut = np.array([head.label_names.index(n) if n in head.label_names else -1 for n in names] + [-1],
+                   dtype=np.int64)
     return lut[y]  # y == -1 picks the trailing -1
 
 
@@ -70,6 +73,11 @@ def evaluate(head, store, out: str | None = None, *, batch_size: int = 4096, sto
     h.check_compatible(reader)
     y = _labels_in_head_ids(h, reader)
     rows = np.flatnonzero(y >= 0)
+    if not len(rows):  # a report of nothing (accuracy of no rows) read as a result, and exit code 0
+        from .heads import HeadError
+
+        raise HeadError(f"{reader.uri}: no labeled rows to evaluate on (a store of unlabeled images: a manifest "
+                        "without a label column); predict its rows instead, or evaluate on a labeled store")
     proba, pred = proba_rows(h, reader.features(h.layer), rows, batch_size)
     rep = compute_report(y[rows], proba, h.label_names, pred=pred, head=h.kind, layer=h.layer, store=reader.uri,
                          head_path=h.path, params=h.params)
@@ -108,7 +116,11 @@ def predict(head, store, out: str | None = None, *, batch_size: int = 4096, stor
     fmt = None if out is None else _table_format(str(out))
     h = as_head(head)
     reader = _open(store, storage_options)
-    h.check_compatible(reader)
+    h.check_compatible(reader, labels=False)  # new images in folders of other names are predicted too
+    other = [n for n in reader.label_names if n not in h.label_names]
+    if other:
+        log.warning("%s: classes %s are not the head's (%s): their rows are predicted with an empty label column",
+                    reader.uri, ", ".join(other), ", ".join(h.label_names))
     feats = reader.features(h.layer)
     proba, pred = proba_rows(h, feats, np.arange(len(reader)), batch_size)
     names = np.array(h.label_names, dtype=object)
@@ -140,7 +152,7 @@ def _table_format(out: str) -> str:
         return "csv"
     if ext in ("", ".parquet", ".pq", ".parq"):
         return "parquet"
-    raise HeadError(f"--out {out}: predictions are written as Parquet (.parquet) or CSV (.csv), not {ext}; "
+    raise HeadError(f"{param('out')} {out}: predictions are written as Parquet (.parquet) or CSV (.csv), not {ext}; "
                     "name the file with one of those")
 
 
@@ -178,12 +190,12 @@ def head_weights(head: Head, weights: str | None = None) -> str:
         model = head.store_config.get("model") or "its backbone"
         if is_file_spec(w):
             raise HeadConfigMismatch(
-                f"--weights {weights} cannot apply to {where}: it was trained on {model} with the weights file "
-                f"{w}; with a head, --weights (weights= in Python) only points at a moved copy of that file: "
-                "pass its path, or drop --weights", ["weights"])
+                f"{param('weights')} {weights} cannot apply to {where}: it was trained on {model} with the weights "
+                f"file {w}; with a head, {param('weights')} only points at a moved copy of that file: pass its path, "
+                f"or drop {param('weights')}", ["weights"])
         raise HeadConfigMismatch(
-            f"--weights {weights} cannot apply to {where}: it was trained on {model} with weights {w}; drop "
-            "--weights (with a head it only points at a moved copy of the head's weights file)", ["weights"])
+            f"{param('weights')} {weights} cannot apply to {where}: it was trained on {model} with weights {w}; drop "
+            f"{param('weights')} (with a head it only points at a moved copy of the head's weights file)", ["weights"])
     if weights is not None:  # a moved file keeps the preprocessing recipe the head was trained with
         weights = absolute_file_spec(str(weights))  # the backbone finds it from any folder
         if split_recipe(weights)[1] is None:
@@ -193,7 +205,7 @@ def head_weights(head: Head, weights: str | None = None) -> str:
         return weights
     if "://" not in w and is_file_spec(w) and not os.path.isfile(os.path.expanduser(split_recipe(w)[0])):
         raise HeadFileError(f"{head.path or 'head'}: the backbone weights file it was trained with is missing: {w}; "
-                            "pass --weights PATH (weights= in Python) to point at a copy of it")
+                            f"pass {param('weights', 'PATH')} to point at a copy of it")
     if recipe and split_recipe(w)[1] is None:  # a plain file recorded by an older version with another recipe
         return f"{w}#{recipe}"
     return w
@@ -314,8 +326,8 @@ def _other_recipe(head: Head, weights: str | None, bb, exc: HeadConfigMismatch) 
             name += " (an older version's default for a plain weights file)"
     others = [d for d in exc.differences if not d.startswith("preprocessing")]
     return HeadConfigMismatch(
-        f"--weights {weights}: {head.path or 'the head'} was trained with the {name}, not #{asked}; drop the "
-        f"'#{asked}' suffix (--weights {path}): the head's recipe is applied to a moved weights file "
+        f"{param('weights')} {weights}: {head.path or 'the head'} was trained with the {name}, not #{asked}; drop the "
+        f"'#{asked}' suffix ({param('weights', path)}): the head's recipe is applied to a moved weights file "
         "automatically" + (f". Also differing: {'; '.join(others)}" if others else ""), exc.differences)
 
 

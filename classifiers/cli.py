@@ -84,7 +84,7 @@ def _errors(reads: tuple[str, ...] = (), writes: tuple[str, ...] = ("out",)):
                 return fn(*a, **kw)
             except (HeadConfigMismatch, HeadError, HeadFileError, StoreError, FilesystemUnavailable,
                     ExportError, WeightsError, UnknownModelError, UnknownLayerError, ClusterUnreachable) as exc:
-                raise Refused(_flag_terms(str(exc))) from None
+                raise Refused(_flag_terms(exc)) from None
             except OSError as exc:
                 said = os_error_exception(exc, {_LABELS.get(n, n): kw.get(n) for n in reads},
                                           {_LABELS.get(n, n): kw.get(n) for n in writes})
@@ -97,20 +97,42 @@ def _errors(reads: tuple[str, ...] = (), writes: tuple[str, ...] = ("out",)):
     return decorate
 
 
-def _flag_terms(message: str) -> str:
-    """The message with the Python parameter it opens with (classifiers says "test_size must lie
-    ...", "split FILE: needs columns ...") said as the running command's flag (--test-size, --split),
-    as the user typed it. A message opening with no option of the command is kept as it is."""
+def _flag_of(ctx, name: str) -> str | None:
+    """How the running command spells Python parameter `name`: its option's flag (split_column:
+    --split-column; fmt, held by --format: --format), its argument's metavar (head: HEAD); None
+    when the command has neither."""
+    if ctx is None:
+        return None
+    for p in ctx.command.params:
+        if isinstance(p, click.Option):
+            spelled = [o for o in p.opts if o.startswith("--") and o[2:].replace("-", "_") == name]
+            if spelled or p.name == name:
+                return (spelled or [o for o in p.opts if o.startswith("--")] or p.opts)[0]
+        elif isinstance(p, click.Argument) and p.name == name:
+            return p.human_readable_name
+    return None
+
+
+def _flag_terms(exc: BaseException) -> str:
+    """The error's message in the running command's terms: each Python parameter classifiers marks in
+    it (terms.param: "out /x: a file", "pass split=FILE") said as the flag the user typed ("--out /x",
+    "pass --split FILE"), a parameter the command lacks as Python says it. Another module's message
+    (unmarked) has the parameter it opens with said as a flag ("layer 'x' ..." -> "--layer 'x' ...")."""
+    from .terms import python_term
+
     ctx = click.get_current_context(silent=True)
+    if getattr(exc, "params", None):
+        def term(name: str, value: str | None) -> str:
+            flag = _flag_of(ctx, name)
+            if flag is None:
+                return python_term(name, value)
+            return flag if value is None else f"{flag} {value}"
+
+        return exc.worded(term)
+    message = str(exc)
     first, sep, rest = message.partition(" ")
-    if ctx is None or not sep:
-        return message
-    for param in ctx.command.params:
-        if isinstance(param, click.Option) and any(
-                o.startswith("--") and o[2:].replace("-", "_") == first for o in param.opts):
-            flag = next(o for o in param.opts if o[2:].replace("-", "_") == first)
-            return f"{flag} {rest}"
-    return message
+    flag = _flag_of(ctx, first) if sep else None
+    return f"{flag} {rest}" if flag and flag.startswith("--") else message
 
 
 _LABELS = {"store": "STORE", "head": "HEAD", "out": "--out", "split_file": "--split", "weights": "--weights"}
@@ -278,15 +300,22 @@ def classify_with_head(head_dir: str, images: list[str], *, topk: int, as_json: 
     strict, where it stops the command (BadImage / FileNotFoundError, exit code 2 in the CLI).
     model: the --model the user gave (None when not given); refused unless it is the head's model.
     """
+    from featurestore.cli import Refused
     from featurestore.cli_models import _table as table, report_skipped
 
     from .apply import predict_images
+    from .core import HeadConfigMismatch
+    from .heads import HeadError
+    from .persist import HeadFileError
 
     if model is not None:
         _check_model(head_dir, model)
     errors: list[tuple[str, str]] = []
-    preds = predict_images(head_dir, list(images), weights=weights, on_error="raise" if strict else "skip",
-                           errors=errors)
+    try:
+        preds = predict_images(head_dir, list(images), weights=weights, on_error="raise" if strict else "skip",
+                               errors=errors)
+    except (HeadConfigMismatch, HeadError, HeadFileError) as exc:  # a head's refusal (weights= that cannot apply): said with classify's flags
+        raise Refused(_flag_terms(exc)) from None
     done = [(p, pred) for p, pred in zip(images, preds) if pred is not None]
     # the head's own label first among equal probabilities (saturated SGD heads tie at 0.5)
     ranked = [(p, label, sorted(probs.items(), key=lambda kv: (-kv[1], kv[0] != label))[:topk])

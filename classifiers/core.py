@@ -11,16 +11,18 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from .terms import Worded
+
 # store.json "config" keys that change the numbers a head sees (weights id is a name; its hash is the truth)
 COMPARED_KEYS = ("model", "weights_sha256", "pooling", "precision", "preprocessing")
 
 
-class HeadConfigMismatch(ValueError):
+class HeadConfigMismatch(Worded, ValueError):
     """Features come from another backbone configuration; .differences names each key."""
 
-    def __init__(self, message: str, differences: list[str]):
-        super().__init__(message)
-        self.differences = differences
+    def __init__(self, message: str, differences: list[str] | None = None):
+        super().__init__(message)  # differences optional: an unpickled error (from a Ray worker) has none
+        self.differences = list(differences or [])
 
 
 @contextlib.contextmanager
@@ -65,12 +67,12 @@ def config_differences(head_config: dict, store_config: dict, layer: str, store_
     return diffs
 
 
-class ExportError(RuntimeError):
+class ExportError(Worded, RuntimeError):
     """An exported file does not compute what the head computes (its verification failed)."""
 
 
 class ExportArgumentError(ExportError, ValueError):
-    """export() was asked for something it cannot write (format, opset, --out, a missing package);
+    """export() was asked for something it cannot write (fmt, opset, out, a missing package);
     the message says what to pass instead. A ValueError too, as for any bad argument."""
 
 
@@ -153,8 +155,9 @@ class Head:
         return np.asarray(clf.classes_, dtype=np.int64)[best]
 
     # -- safety
-    def check_compatible(self, store) -> None:
-        """Refuse a store whose backbone configuration or layer differs from the training store's."""
+    def check_compatible(self, store, labels: bool = True) -> None:
+        """Refuse a store whose backbone configuration or layer differs from the training store's, and
+        (labels: for evaluate, which compares them) one whose class names are not among the head's."""
         shape = None
         info = store.meta.get("layers", {}).get(self.layer) if hasattr(store, "meta") else None
         if info is not None:
@@ -169,10 +172,11 @@ class Head:
                 + ". Re-extract the images with the head's configuration (see head.json) or train a head on this store.",
                 diffs)
         names = list(getattr(store, "label_names", []) or [])
-        if names and names != list(self.label_names) and not set(names) <= set(self.label_names):
+        if labels and names and names != list(self.label_names) and not set(names) <= set(self.label_names):
             raise HeadConfigMismatch(
-                f"{getattr(store, 'uri', store)}: label names {names} are not among the head's {self.label_names}",
-                ["label_names"])
+                f"{getattr(store, 'uri', store)}: label names {names} are not among the head's {self.label_names}, "
+                "so its rows cannot be scored against them; predict its rows instead, or evaluate on a store "
+                "of the head's classes", ["label_names"])
 
     # -- persistence (see persist.py)
     def save(self, path: str) -> str:

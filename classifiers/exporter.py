@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .core import ExportArgumentError, ExportError, Head, writing
+from .terms import param
 
 log = logging.getLogger(__name__)
 FORMATS = ("onnx", "torchscript")
@@ -169,7 +170,8 @@ def _check_suffix(out: str, fmt: str) -> None:
     other = next(f for f in FORMATS if f != fmt)
     if out.lower().endswith(SUFFIXES[other]):
         title = {"onnx": "an ONNX", "torchscript": "a TorchScript"}[other]
-        raise ExportArgumentError(f"--out {out}: {title} file name, but --format is {fmt}; pass --format {other}, "
+        raise ExportArgumentError(f"{param('out')} {out}: {title} file name, but {param('fmt')} is {fmt}; pass "
+                                  f"{param('fmt', other)}, "
                          f"or name the file {os.path.splitext(out)[0] + SUFFIXES[fmt][0]}")
 
 
@@ -263,29 +265,29 @@ def export(head, fmt: str = "onnx", out: str | None = None, *, backbone=None, op
     from .apply import as_head, check_backbone, load_head_backbone
 
     if fmt not in FORMATS:
-        raise ExportArgumentError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+        raise ExportArgumentError(f"{param('fmt')} must be one of {', '.join(FORMATS)}, got {fmt!r}")
     if fmt == "onnx":
         low, high = opset_range()
         if isinstance(opset, bool) or not isinstance(opset, int) or not low <= opset <= high:
-            raise ExportArgumentError(f"--opset {opset}: the installed torch {torch.__version__.split('+')[0]} exports ONNX "
+            raise ExportArgumentError(f"{param('opset')} {opset}: the installed torch {torch.__version__.split('+')[0]} exports ONNX "
                              f"opsets {low} to {high}; choose one in that range (default 17)")
         missing = [m for m in ("onnx", "onnxscript") + (("onnxruntime",) if verify else ()) if not _installed(m)]
         if missing:
-            raise ExportArgumentError(f"--format onnx needs {', '.join(missing)}: pip install \"featurestore[export]\", "
-                             "or export with --format torchscript")
+            raise ExportArgumentError(f"{param('fmt', 'onnx')} needs {', '.join(missing)}: pip install "
+                                      f"\"featurestore[export]\", or export with {param('fmt', 'torchscript')}")
     if out is not None:
         from .persist import check_local_out
 
         check_local_out(str(out), "an exported model", job=False)
         if os.path.isdir(out) or str(out).endswith(("/", os.sep)):
             name = "model.onnx" if fmt == "onnx" else "model.torchscript.pt"
-            raise ExportArgumentError(f"--out {out}: a folder; give the file to write, e.g. {os.path.join(out, name)}")
+            raise ExportArgumentError(f"{param('out')} {out}: a folder; give the file to write, e.g. {os.path.join(out, name)}")
         _check_suffix(str(out), fmt)
     h = as_head(head)
     name = "model.onnx" if fmt == "onnx" else "model.torchscript.pt"
     if out is None:
         if not h.path:
-            raise ExportArgumentError("export: pass out= (the head has no directory)")
+            raise ExportArgumentError(f"export: pass {param('out', 'FILE')} (the head has no directory)")
         out = os.path.join(h.path, name)
     bb = backbone if backbone is not None else load_head_backbone(h, weights=weights)
     if backbone is not None:
@@ -332,7 +334,7 @@ def _write_onnx(model: nn.Module, x: torch.Tensor, path: str, opset: int, meta: 
                           opset_version=opset, dynamo=False)
     except torch.onnx.errors.OnnxExporterError as exc:  # an op without a form at this opset
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ExportError(f"--opset {opset}: torch cannot export this model at that opset ({first[:200]}); "
+        raise ExportError(f"{param('opset')} {opset}: torch cannot export this model at that opset ({first[:200]}); "
                           "choose a newer one (the default, 17, works for the zoo's models)") from None
     proto = onnx.load(path)
     for key, value in _onnx_props(meta).items():

@@ -15,10 +15,11 @@ from typing import Any
 import numpy as np
 
 from .core import Head, as_rows
-from .heads import (calibrated, check_kind, make_pipeline, needs_calibration, parse_grid, HeadError)
+from .heads import (SGD_LOSSES, calibrated, check_kind, make_pipeline, needs_calibration, parse_grid, HeadError)
 from .report import compute_report, write_report
 from .apply import proba_rows
 from .split import check_test_size, hash_split, manifest_split, read_split_file
+from .terms import param
 
 log = logging.getLogger(__name__)
 
@@ -91,8 +92,8 @@ def _test_mask(reader, ids, labels, split, split_column, test_size, seed,
     if from_manifest is not None:
         return from_manifest, f"manifest column {split_column or 'split'!r}"
     if split_column is not None:  # named on purpose: never fall back to hashing without a word
-        raise HeadError(f"--split-column {split_column}: {reader.uri}'s manifest has no such column; give the split "
-                        f"as a file instead: --split FILE with columns id and {split_column}")
+        raise HeadError(f"{param('split_column')} {split_column}: {reader.uri}'s manifest has no such column; give "
+                        f"the split as a file instead: {param('split', 'FILE')} with columns id and {split_column}")
     return hash_split(ids, labels, test_size=test_size, seed=seed), f"stratified hash of ids (seed {seed}, test {test_size})"
 
 
@@ -115,33 +116,60 @@ def _joblib_backend(address: str | None):
 
 def check_arguments(head: str = "logreg", cv: int = 5, batch_size: int = 4096, epochs: int = 8,
                     n_jobs: int | None = None, class_weight: str | dict | None = None,
-                    scoring: str | None = None, test_size: float = 0.25) -> None:
+                    scoring: str | None = None, test_size: float = 0.25, loss: str = "log_loss") -> None:
     """Refuse train's arguments that need no store, with HeadError naming the argument first.
 
     train calls it before any work; a job spec calls it at submit time, so a bad number is said
     there in the same words it would be said on the cluster. The message opens with the Python
-    parameter's name (cv, test_size): the CLI says its flag there, a job spec its config field.
+    parameter's name (cv, test_size), marked (terms.param): the CLI says its flag, a job spec its field.
     test_size is checked even with a split file, which leaves it unused: a value outside (0, 1) is
-    still a mistake, and job specs refuse it too."""
+    still a mistake, and job specs refuse it too. loss likewise for a head that does not stream: any
+    head streams with SGD when its features exceed the memory budget."""
     check_kind(head)
+    if loss not in SGD_LOSSES:  # SGDClassifier's own refusal came after a pass over the store
+        raise HeadError(f"{param('loss')} must be one of {', '.join(SGD_LOSSES)} (SGD's, when a head streams), "
+                        f"got {loss!r}")
     check_test_size(test_size)
-    for name, value, low, why in (("cv", cv, 2, "folds of the sweep; a single --grid value needs no sweep"),
+    for name, value, low, why in (("cv", cv, 2, f"folds of the sweep; a single {param('grid')} value needs no sweep"),
                                   ("batch_size", batch_size, 1, "rows per streaming batch"),
                                   ("epochs", epochs, 1, "passes over the store when streaming")):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise HeadError(f"{name} must be a whole number >= {low} ({why}), got {value!r}")
+            raise HeadError(f"{param(name)} must be a whole number >= {low} ({why}), got {value!r}")
     if n_jobs is not None and (isinstance(n_jobs, bool) or not isinstance(n_jobs, int) or n_jobs == 0):
-        raise HeadError(f"n_jobs must be a whole number of parallel fits (-1: one per core), got {n_jobs!r}")
+        raise HeadError(f"{param('n_jobs')} must be a whole number of parallel fits (-1: one per core), got {n_jobs!r}")
     if class_weight not in (None, "balanced") and not isinstance(class_weight, dict):
-        raise HeadError(f"class_weight must be None, 'balanced' or a dict, got {class_weight!r}")
+        raise HeadError(f"{param('class_weight')} must be None, 'balanced' or a dict, got {class_weight!r}")
     if scoring is not None:  # before any work; scikit-learn's own refusal is a bare ValueError mid-sweep
         from sklearn.metrics import get_scorer
 
         try:
             get_scorer(scoring)
         except (ValueError, TypeError):
-            raise HeadError(f"scoring {scoring!r} is not a scikit-learn scorer name; e.g. accuracy, "
+            raise HeadError(f"{param('scoring')} {scoring!r} is not a scikit-learn scorer name; e.g. accuracy, "
                             "balanced_accuracy, f1_macro (all: sklearn.metrics.get_scorer_names())") from None
+
+
+def check_scoring(scoring: str, classes, label_names: list[str]) -> None:
+    """Refuse a scorer that cannot score these classes (f1, precision, roc_auc on three classes; f1 when
+    no class has label id 1) before the sweep, where scikit-learn's refusal is a traceback from a
+    worker. It is tried on a few rows of a dummy classifier with the training part's label ids."""
+    import warnings
+
+    from sklearn.dummy import DummyClassifier
+    from sklearn.metrics import get_scorer
+
+    y = np.repeat(np.asarray(classes), 2)
+    X = np.zeros((len(y), 1))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # ill-defined scores of the dummy: not the question here
+            get_scorer(scoring)(DummyClassifier(strategy="stratified", random_state=0).fit(X, y), X, y)
+    except (ValueError, TypeError) as exc:
+        why = (str(exc).strip().splitlines() or [type(exc).__name__])[0].rstrip(".")
+        kinds = "binary" if len(classes) == 2 else "multiclass"
+        raise HeadError(f"{param('scoring')} {scoring!r} cannot score these {len(classes)} classes "
+                        f"({', '.join(label_names[c] for c in classes)}): {why}; choose a {kinds} scorer, e.g. "
+                        "balanced_accuracy, f1_macro, accuracy") from None
 
 
 def train(store, head: str = "logreg", layer: str | None = None, grid=None, cv: int = 5,
@@ -161,7 +189,7 @@ def train(store, head: str = "logreg", layer: str | None = None, grid=None, cv: 
     """
     t0 = time.perf_counter()
     check_arguments(head=head, cv=cv, batch_size=batch_size, epochs=epochs, n_jobs=n_jobs,
-                    class_weight=class_weight, scoring=scoring, test_size=test_size)
+                    class_weight=class_weight, scoring=scoring, test_size=test_size, loss=loss)
     if out is not None:
         from .persist import check_out
 
@@ -173,7 +201,7 @@ def train(store, head: str = "logreg", layer: str | None = None, grid=None, cv: 
     if isinstance(class_weight, dict):  # by class name or label id; scikit-learn wants ids
         unknown = [k for k in class_weight if isinstance(k, str) and k not in label_names]
         if unknown:
-            raise HeadError(f"class_weight names {unknown}, not classes of {reader.uri} ({', '.join(label_names)})")
+            raise HeadError(f"{param('class_weight')} names {unknown}, not classes of {reader.uri} ({', '.join(label_names)})")
         class_weight = {label_names.index(k) if isinstance(k, str) else int(k): float(v) for k, v in class_weight.items()}
     ids, labels = np.asarray(reader.ids), np.asarray(reader.labels)
     labeled = labels >= 0
@@ -186,6 +214,8 @@ def train(store, head: str = "logreg", layer: str | None = None, grid=None, cv: 
     present = np.unique(labels[train_rows])
     if len(present) < 2:
         raise HeadError(f"{reader.uri}: the training part has {len(present)} class(es); a head needs at least 2")
+    if scoring is not None:
+        check_scoring(scoring, present, label_names)
     scoring = scoring or ("balanced_accuracy" if class_weight is not None else "accuracy")
     dim = int(np.prod(feats.shape[1:]))
     need = len(train_rows) * dim * 8 * 2  # float64 copy and one more inside the estimator
@@ -205,9 +235,13 @@ def train(store, head: str = "logreg", layer: str | None = None, grid=None, cv: 
                         ",".join(f"{c:g}" for c in asked["C"]), ",".join(f"{a:.3g}" for a in grid["alpha"]),
                         len(train_rows))
         if set(asked) - {"C", "alpha"}:
-            log.warning("--grid %s ignored: SGD has no such hyperparameter",
+            log.warning("the grid's %s ignored: SGD has no such hyperparameter",
                         ", ".join(sorted(set(asked) - {"C", "alpha"})))
         head = "sgd"
+    if streaming and scoring is not None:
+        from .stream import check_scoring as check_streaming_scoring
+
+        check_streaming_scoring(scoring, loss, present)
     grid = parse_grid(grid, head)
     common = dict(reader=reader, layer=layer, label_names=label_names, is_test=is_test, labeled=labeled,
                   ids=ids, labels=labels, seed=seed, scoring=scoring)
@@ -260,10 +294,10 @@ def _fit_in_memory(feats, labels, train_rows, head, grid, cv, class_weight, l2, 
     if min_count < 2 and (points > 1 or needs_calibration(head)):
         thin = ", ".join(f"{label_names[c]!r}" for c in present if counts[c] < 2)
         why = ("the sweep's cross-validation" if points > 1 else "the SVM's probability calibration")
-        fix = "give one value per hyperparameter (e.g. --grid C=1)" if points > 1 and not needs_calibration(head) \
-            else "use --head logreg with one --grid value"
+        fix = f"give one value per hyperparameter in {param('grid')} (e.g. C=1)" \
+            if points > 1 and not needs_calibration(head) else f"use {param('head', 'logreg')} with one {param('grid')} value"
         raise HeadError(f"class(es) {thin} have a single row in the training part, and {why} needs at least 2 per "
-                        f"class: add images, put more of them in the training part (--split, --test-size), or {fix}")
+                        f"class: add images, put more of them in the training part ({param('split')}, {param('test_size')}), or {fix}")
     sweep: list[dict] = []
     if points > 1 and folds >= 2:
         if folds < cv:

@@ -16,6 +16,8 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import Normalizer, StandardScaler
 from sklearn.svm import SVC, LinearSVC
 
+from .terms import Worded, param
+
 HEADS = ("logreg", "linear-svm", "svm", "sgd")
 SGD_LOSSES = ("log_loss", "hinge")
 
@@ -28,12 +30,13 @@ DEFAULT_GRIDS: dict[str, dict[str, list]] = {
     # alphas drive log-loss weights on separable features to probabilities of exactly 0 and 1.
     "sgd": {"alpha": [1e-4, 1e-3, 1e-2, 1e-1]},
 }
-# Which hyperparameters each kind accepts in --grid.
+# Which hyperparameters each kind accepts in its grid.
 GRID_KEYS = {"logreg": {"C"}, "linear-svm": {"C"}, "svm": {"C", "gamma"}, "sgd": {"alpha"}}
 
 
-class HeadError(ValueError):
-    """A head was asked for something it cannot do; the message says what to change."""
+class HeadError(Worded, ValueError):
+    """A head was asked for something it cannot do; the message says what to change (its parameters
+    marked with terms.param: str() names them as Python does, the CLI as flags)."""
 
 
 def check_kind(kind: str) -> str:
@@ -54,7 +57,7 @@ def classifier(kind: str, *, class_weight: Any = None, seed: int = 0, loss: str 
         return SVC(kernel="rbf", C=params.get("C", 1.0), gamma=params.get("gamma", "scale"),
                    class_weight=class_weight, decision_function_shape="ovr", random_state=seed)
     if loss not in SGD_LOSSES:
-        raise HeadError(f"sgd loss must be one of {', '.join(SGD_LOSSES)}, got {loss!r}")
+        raise HeadError(f"{param('loss')} must be one of {', '.join(SGD_LOSSES)} (SGD heads), got {loss!r}")
     return SGDClassifier(loss=loss, alpha=params.get("alpha", 1e-4), class_weight=class_weight,
                          max_iter=50, tol=1e-4, random_state=seed)
 
@@ -83,9 +86,12 @@ def calibrated(pipeline: Pipeline, cv: int = 3) -> Pipeline:
     return Pipeline(steps)
 
 
-def parse_grid(specs: list[str] | tuple[str, ...] | dict | None, kind: str) -> dict[str, list]:
-    """'C=0.01,0.1,1' (repeatable) -> {'C': [0.01, 0.1, 1.0]}; None -> the kind's default sweep."""
+def parse_grid(specs: str | list[str] | tuple[str, ...] | dict | None, kind: str) -> dict[str, list]:
+    """'C=0.01,0.1,1' (one, or a list as --grid repeated) -> {'C': [0.01, 0.1, 1.0]}; None -> the kind's
+    default sweep. A single string is one spec (it was read character by character: "grid 'C': expected")."""
     check_kind(kind)
+    if isinstance(specs, str):
+        specs = [specs]
     if specs is None or (not isinstance(specs, dict) and len(specs) == 0):
         return {k: list(v) for k, v in DEFAULT_GRIDS[kind].items()}
     if isinstance(specs, dict):
@@ -96,22 +102,22 @@ def parse_grid(specs: list[str] | tuple[str, ...] | dict | None, kind: str) -> d
             for part in [spec] if spec.count("=") == 1 else spec.split(";"):
                 key, sep, values = part.partition("=")
                 if not sep or not values.strip():
-                    raise HeadError(f"--grid {spec!r}: expected NAME=V1,V2,... e.g. C=0.01,0.1,1")
+                    raise HeadError(f"{param('grid')} {spec!r}: expected NAME=V1,V2,... e.g. C=0.01,0.1,1")
                 grid[key.strip()] = [_value(v.strip()) for v in values.split(",") if v.strip()]
     allowed = GRID_KEYS[kind]
     for key in grid:
         if key not in allowed:
-            raise HeadError(f"--grid: head {kind!r} has no hyperparameter {key!r}; it accepts: {', '.join(sorted(allowed))}")
+            raise HeadError(f"{param('grid')}: head {kind!r} has no hyperparameter {key!r}; it accepts: {', '.join(sorted(allowed))}")
         if not grid[key]:
-            raise HeadError(f"--grid: no values given for {key!r}")
+            raise HeadError(f"{param('grid')}: no values given for {key!r}")
         for v in grid[key]:
             if isinstance(v, str) and key == "gamma" and v in ("scale", "auto"):
                 continue
             if isinstance(v, str):
-                raise HeadError(f"--grid {key}: {v!r} is not a number"
+                raise HeadError(f"{param('grid')} {key}: {v!r} is not a number"
                                 + (" (gamma also accepts 'scale' or 'auto')" if key == "gamma" else ""))
             if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)) or not v > 0:
-                raise HeadError(f"--grid {key}: {v!r}; {key} must be a number > 0, e.g. {key}="
+                raise HeadError(f"{param('grid')} {key}: {v!r}; {key} must be a number > 0, e.g. {key}="
                                 + ",".join(f"{x:g}" for x in DEFAULT_GRIDS[kind].get(key, [0.1, 1.0])
                                            if not isinstance(x, str)))
     return grid

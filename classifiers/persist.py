@@ -16,6 +16,7 @@ import time
 from typing import Any
 
 from .core import Head, writing
+from .terms import Worded, param
 
 FORMAT = "featurestore-head"
 VERSION = 1
@@ -28,7 +29,7 @@ TRUSTED_TYPES = (
 )
 
 
-class HeadFileError(RuntimeError):
+class HeadFileError(Worded, RuntimeError):
     """A head directory is missing, malformed, modified after saving, or holds untrusted types."""
 
 
@@ -64,7 +65,7 @@ def check_local_out(path: str, what: str, job: bool = True) -> None:
     with os calls, s3://bucket/x became a local folder named 's3:' and the command said it was done.
     job: whether a job (which uploads its outputs) can write it instead."""
     if "://" in str(path):
-        raise HeadFileError(f"--out {path}: {what} is written to a local path, not a URL; write it locally and copy "
+        raise HeadFileError(f"{param('out')} {path}: {what} is written to a local path, not a URL; write it locally and copy "
                             "it there (e.g. `aws s3 cp`)" + (", or run it as a job (`featurestore submit`), which "
                                                              "uploads it" if job else ""))
 
@@ -75,20 +76,21 @@ def check_out(path: str, overwrite: bool = True) -> None:
     check_local_out(path, "a head")
     store = _store_above(path)
     if store is not None and os.path.abspath(path) != store:
-        raise HeadFileError(f"--out {path}: inside the feature store {store}; choose a folder outside it")
+        raise HeadFileError(f"{param('out')} {path}: inside the feature store {store}; choose a folder outside it")
     if not os.path.exists(path):
         return
     if not os.path.isdir(path):
-        raise HeadFileError(f"--out {path}: a file, not a folder; choose a folder for the head")
+        raise HeadFileError(f"{param('out')} {path}: a file, not a folder; choose a folder for the head")
     names = set(os.listdir(path))
     if "store.json" in names:
-        raise HeadFileError(f"--out {path}: a feature store; choose another folder for the head")
+        raise HeadFileError(f"{param('out')} {path}: a feature store; choose another folder for the head")
     if META_FILE in names:
         if not overwrite:
-            raise HeadFileError(f"--out {path}: holds a head already; choose a new folder, or pass overwrite=True")
+            raise HeadFileError(f"{param('out')} {path}: holds a head already; choose a new folder, or pass "
+                                f"{param('overwrite', 'True')}")
         return
     if names:
-        raise HeadFileError(f"--out {path}: exists and holds other files ({', '.join(sorted(names)[:3])}...); "
+        raise HeadFileError(f"{param('out')} {path}: exists and holds other files ({', '.join(sorted(names)[:3])}...); "
                             "choose a new or empty folder, or a head folder to replace")
 
 
@@ -97,13 +99,13 @@ def check_report_out(path: str) -> None:
     folder (its training report, which the head loads as head.report) or a feature store."""
     check_local_out(path, "a report")
     if os.path.isfile(path):
-        raise HeadFileError(f"--out {path}: a file, not a folder; choose a folder for the report")
+        raise HeadFileError(f"{param('out')} {path}: a file, not a folder; choose a folder for the report")
     store = _store_above(path)
     if store is not None:
         what = "a feature store" if os.path.abspath(path) == store else f"inside the feature store {store}"
-        raise HeadFileError(f"--out {path}: {what}; choose a folder outside it for the report")
+        raise HeadFileError(f"{param('out')} {path}: {what}; choose a folder outside it for the report")
     if os.path.isfile(os.path.join(path, META_FILE)):
-        raise HeadFileError(f"--out {path}: a head folder; its own report (of its test part) would be replaced: "
+        raise HeadFileError(f"{param('out')} {path}: a head folder; its own report (of its test part) would be replaced: "
                             "choose another folder for this report")
 
 

@@ -14,6 +14,7 @@ import numbers
 import numpy as np
 
 from .heads import HeadError
+from .terms import param
 
 SPLIT_VALUES = {"train": False, "test": True}
 
@@ -62,7 +63,7 @@ def check_test_size(test_size) -> None:
     """test_size as hash_split takes it: a fraction strictly between 0 and 1 (HeadError opening
     with the parameter's name, which the commands and job specs reword as their own)."""
     if isinstance(test_size, bool) or not isinstance(test_size, numbers.Real) or not 0.0 < test_size < 1.0:
-        raise HeadError(f"test_size must lie strictly between 0 and 1, got {test_size}")
+        raise HeadError(f"{param('test_size')} must lie strictly between 0 and 1, got {test_size}")
 
 
 def _is_parquet(path: str) -> bool:
@@ -76,7 +77,7 @@ def _refused(path: str, exc: Exception) -> Exception:
 
     if _is_local(path):
         return exc
-    return HeadError(f"split {path}: cannot read it ({type(exc).__name__}: {exc}); {REMOTE_HINT}")
+    return HeadError(f"{param('split')} {path}: cannot read it ({type(exc).__name__}: {exc}); {REMOTE_HINT}")
 
 
 def _split_fs(path: str, split_column: str, storage_options: dict | None):
@@ -91,7 +92,7 @@ def _split_fs(path: str, split_column: str, storage_options: dict | None):
     except Exception as exc:
         raise _refused(path, exc) from None
     if folder:
-        raise HeadError(f"split {path}: a folder, not a file; {wanted}")
+        raise HeadError(f"{param('split')} {path}: a folder, not a file; {wanted}")
     if not exists:  # the path as the error's filename: the commands name the argument it belongs to
         raise FileNotFoundError(errno.ENOENT, f"no such file ({wanted})", path)
     return fs, fpath
@@ -119,7 +120,7 @@ def split_file_columns(path: str, split_column: str = "split", storage_options: 
 
 
 def _unreadable(p: str, exc: Exception, split_column: str) -> str:
-    return (f"split {p}: cannot be read as {'Parquet' if _is_parquet(p) else 'CSV'} ({str(exc).splitlines()[0]}); "
+    return (f"{param('split')} {p}: cannot be read as {'Parquet' if _is_parquet(p) else 'CSV'} ({str(exc).splitlines()[0]}); "
             f"a CSV/Parquet file with columns id and {split_column}")
 
 
@@ -145,12 +146,12 @@ def read_split_file(path: str, ids, id_column: str | None = None, split_column: 
     if id_column is None:
         id_column = next((c for c in ("id", "path") if c in cols), None)
     if id_column not in cols or split_column not in cols:
-        raise HeadError(f"split {p}: needs columns 'id' (or 'path') and {split_column!r}; it has {', '.join(cols)}")
+        raise HeadError(f"{param('split')} {p}: needs columns 'id' (or 'path') and {split_column!r}; it has {', '.join(cols)}")
     mapping: dict[str, str] = {}
     for k, v in zip((str(v) for v in table[id_column].to_pylist()),
                     (str(v).strip().lower() for v in table[split_column].to_pylist())):
         if mapping.setdefault(k, v) != v:
-            raise HeadError(f"split {p}: id {k} is listed as both {mapping[k]} and {v}; list each id once")
+            raise HeadError(f"{param('split')} {p}: id {k} is listed as both {mapping[k]} and {v}; list each id once")
     return split_from_mapping(mapping, ids, source=p)
 
 

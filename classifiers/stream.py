@@ -12,15 +12,68 @@ import logging
 from typing import Iterator
 
 import numpy as np
+from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.linear_model import SGDClassifier
-from sklearn.metrics import accuracy_score, balanced_accuracy_score
+from sklearn.metrics import get_scorer
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import Normalizer, StandardScaler
+from sklearn.utils.metaestimators import available_if
 
 from .core import as_rows
 from .split import hash_split
 
 log = logging.getLogger(__name__)
+
+
+class _Replay(ClassifierMixin, BaseEstimator):
+    """A model's outputs on the validation rows, replayed to a scikit-learn scorer: those rows are read
+    in chunks, so the scorer cannot run the model on them itself. Its X is the rows' positions (N, 1);
+    outputs: {"predict": ..., "decision_function": ..., "predict_proba": ... (log_loss only)}."""
+
+    def __init__(self, classes=None, outputs=None):
+        self.classes = classes
+        self.outputs = outputs
+
+    def __sklearn_is_fitted__(self) -> bool:
+        return True
+
+    @property
+    def classes_(self):
+        return self.classes
+
+    def _out(self, name, X):
+        return self.outputs[name][np.asarray(X)[:, 0].astype(np.int64)]
+
+    def predict(self, X):
+        return self._out("predict", X)
+
+    def decision_function(self, X):
+        return self._out("decision_function", X)
+
+    @available_if(lambda self: "predict_proba" in self.outputs)
+    def predict_proba(self, X):
+        return self._out("predict_proba", X)
+
+
+def check_scoring(scoring: str, loss: str, classes) -> None:
+    """Refuse a scorer of probabilities (neg_log_loss, roc_auc_ovr) for hinge-loss SGD, which gives
+    none, before the store is read; tried on a replay of a few dummy outputs."""
+    from .heads import HeadError
+    from .terms import param
+
+    if loss == "log_loss":
+        return
+    y = np.repeat(np.asarray(classes), 2)
+    k = len(classes)
+    outs = {"predict": y, "decision_function": np.eye(k)[np.searchsorted(classes, y)] if k > 2 else y - 0.5}
+    try:
+        get_scorer(scoring)(_Replay(np.asarray(classes), outs), np.arange(len(y)).reshape(-1, 1), y)
+    except AttributeError:
+        raise HeadError(f"{param('scoring')} {scoring!r} scores probabilities, which an SGD head with hinge loss "
+                        f"does not give; use {param('loss', 'log_loss')}, or a scorer of predicted classes "
+                        "(balanced_accuracy, f1_macro)") from None
+    except (ValueError, TypeError):  # anything else about this scorer is fit.check_scoring's to say
+        pass
 
 
 def _class_weights(class_weight, labels_train: np.ndarray, label_names: list[str]) -> np.ndarray:
@@ -117,7 +170,9 @@ def fit_streaming(*, reader, layer, label_names, is_test, labeled, ids, labels, 
         val_mask = train_mask & hash_split(ids, labels, test_size=0.2, seed=seed, salt="validation:")
         fit_mask = train_mask & ~val_mask
         models = run([new_model(a) for a in alphas], fit_mask, seed)
-        ys, preds = [], [[] for _ in models]
+        # each candidate scored by `scoring` (f1_macro, neg_log_loss, ...), as the in-memory sweep is
+        methods = ("predict", "decision_function") + (("predict_proba",) if loss == "log_loss" else ())
+        ys, outs = [], [{m: [] for m in methods} for _ in models]
         for a, b in _chunks(len(labels), batch_size):
             m = val_mask[a:b]
             if not m.any():
@@ -125,10 +180,12 @@ def fit_streaming(*, reader, layer, label_names, is_test, labeled, ids, labels, 
             X = transform(as_rows(feats[a:b])[m])
             ys.append(labels[a:b][m])
             for i, mdl in enumerate(models):
-                preds[i].append(mdl.predict(X))
+                for name in methods:
+                    outs[i][name].append(getattr(mdl, name)(X))
         y_val = np.concatenate(ys)
-        score = balanced_accuracy_score if scoring == "balanced_accuracy" else accuracy_score
-        scores = [float(score(y_val, np.concatenate(p))) for p in preds]
+        scorer, rows = get_scorer(scoring), np.arange(len(y_val)).reshape(-1, 1)
+        scores = [float(scorer(_Replay(classes, {k: np.concatenate(v) for k, v in o.items()}), rows, y_val))
+                  for o in outs]
         sweep = [{"params": {"alpha": a}, "mean": s, "std": 0.0} for a, s in zip(alphas, scores)]
         top = max(scores)  # ties (common on easy data): the strongest alpha, whose probabilities saturate least
         best = max(a for a, s in zip(alphas, scores) if s == top)

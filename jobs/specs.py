@@ -193,7 +193,9 @@ NUMBER_RANGES: dict[str, list[NumberRange]] = {
 }
 
 # The head's numbers each job kind hands to classifiers.train (a probe's batch_size is its extraction's).
-HEAD_NUMBERS = {"train": ("cv", "test_size", "n_jobs", "batch_size", "epochs"), "probe": ("cv", "test_size", "n_jobs")}
+# A train job's loss is checked with them (not a number, but refused by the same call, in the same words).
+HEAD_NUMBERS = {"train": ("cv", "test_size", "n_jobs", "batch_size", "epochs", "loss"),
+                "probe": ("cv", "test_size", "n_jobs")}
 
 
 def _check_head_numbers(job: str, cfg: Any, source: str) -> None:
@@ -212,13 +214,13 @@ def _check_head_numbers(job: str, cfg: Any, source: str) -> None:
     try:
         check_arguments(head=cfg.head, **given)
     except HeadError as exc:
-        from jobs._entry import spec_terms
+        from classifiers.terms import spec_term
 
-        message = spec_terms(str(exc), cfg)  # "a single --grid value" is "a single config.grid value"
-        name = message.split(" ", 1)[0]
-        if name not in names:  # not one of the numbers: the job says it in its own words
+        name = (exc.params or [""])[0]  # the parameter the message opens with
+        if name not in names or not str(exc).startswith(name + " "):  # not a number: the job says it itself
             return
-        raise ConfigError(f"{source}: field 'config.{name}' {message[len(name) + 1:]}; "
+        message = exc.worded(spec_term)  # "a single grid value" is "a single config.grid value"
+        raise ConfigError(f"{source}: field 'config.{name}' {message.removeprefix(f'config.{name} ')}; "
                           "leave it out for the default") from None
 
 
@@ -236,7 +238,9 @@ def _check_grid(cfg: Any, source: str) -> None:
     try:
         parse_grid(cfg.grid, "sgd" if alpha_only else cfg.head)
     except HeadError as exc:
-        said = str(exc).removeprefix("--grid").lstrip(": ")
+        from classifiers.terms import spec_term
+
+        said = exc.worded(spec_term).removeprefix("config.grid").lstrip(": ")
         raise ConfigError(f"{source}: field 'config.grid': {said}") from None
 
 

@@ -168,7 +168,7 @@ def test_grid_parsing_names_bad_input():
     for bad, kind in ((["alpha=0"], "sgd"), (["alpha=-1"], "sgd"), (["C=0"], "logreg"), (["gamma=-0.1"], "svm")):
         with pytest.raises(HeadError, match=r"must be a number > 0, e\.g\. "):
             parse_grid(bad, kind)
-    with pytest.raises(HeadError, match=r"--grid alpha: 'abc' is not a number$"):  # no gamma hint for alpha
+    with pytest.raises(HeadError, match=r"^grid alpha: 'abc' is not a number$"):  # no gamma hint for alpha
         parse_grid(["alpha=abc"], "sgd")
 
 
@@ -235,7 +235,7 @@ def test_training_says_why_it_cannot_sweep_or_split_as_asked(tmp_path, caplog):
         classifiers.train(store, cv=3, split=split)
     with pytest.raises(HeadError, match="the SVM's probability calibration needs at least 2"):
         classifiers.train(store, head="svm", grid={"C": [1.0]}, split=split)
-    with pytest.raises(HeadError, match="--split-column fold: .*manifest has no such column"):
+    with pytest.raises(HeadError, match="^split_column fold: .*manifest has no such column; give the split as a file instead: split=FILE "):
         classifiers.train(store, cv=3, split_column="fold")
     # the CLI's grid (strings) still becomes SGD's alpha grid when the budget forces streaming
     with caplog.at_level("WARNING", logger="classifiers"):

@@ -79,7 +79,7 @@ def test_onnx_export_without_the_export_extra_says_what_to_install(tmp_path, bac
     classifiers.train(s, head="logreg", out=str(tmp_path / "h"))
     monkeypatch.setitem(sys.modules, "onnxscript", None)  # as if not installed
     with pytest.raises(ValueError, match=r'needs onnxscript: pip install "featurestore\[export\]", or export with '
-                                         r"--format torchscript"):
+                                         r"fmt='torchscript'$"):
         classifiers.export(str(tmp_path / "h"), "onnx", out=str(tmp_path / "m.onnx"), backbone=backbone)
     assert not (tmp_path / "m.onnx").exists()
 
@@ -131,7 +131,7 @@ def test_export_refuses_a_folder_and_keeps_no_unverified_file(tmp_path, backbone
     from classifiers.core import ExportError
 
     head = classifiers.train(_features_store(tmp_path, backbone), head="logreg", cv=2, out=str(tmp_path / "h"))
-    with pytest.raises(ValueError, match=r"--out .*: a folder; give the file to write, e\.g\. .*model\.torchscript\.pt"):
+    with pytest.raises(ValueError, match=r"^out .*: a folder; give the file to write, e\.g\. .*model\.torchscript\.pt"):
         classifiers.export(head, "torchscript", str(tmp_path), backbone=backbone)
     monkeypatch.setattr(exporter, "TOLERANCE", -1.0)  # every difference fails verification
     with pytest.raises(ExportError, match="so it was not kept"):

@@ -104,7 +104,7 @@ def test_a_weights_name_cannot_stand_for_the_heads_weights_file(head_with_relati
     assert r.exit_code == 2, r.output
     assert r.output.strip().splitlines() == [
         f"Error: --weights DEFAULT cannot apply to {work / 'h'}: it was trained on resnet18 with the weights file "
-        f"{work / 'w.pth'}; with a head, --weights (weights= in Python) only points at a moved copy of that file: "
+        f"{work / 'w.pth'}; with a head, --weights only points at a moved copy of that file: "
         "pass its path, or drop --weights"]
 
 

@@ -342,20 +342,23 @@ def test_head_numbers_are_refused_in_the_words_of_classifiers(tmp_path, job, fie
     import classifiers
     from classifiers.heads import HeadError
     from classifiers.split import hash_split
+    from classifiers.terms import spec_term
 
     with pytest.raises(HeadError) as own:  # the training's refusal, before it reads the (missing) store
         if field == "test_size":  # checked where the test part is drawn
             hash_split(["a", "b"], [0, 1], test_size=value)
         else:
             classifiers.train(str(tmp_path / "no-store"), **{field: value})
-    said = str(own.value).replace("--grid", "config.grid")
-    assert said.startswith(f"{field} ")
+    assert str(own.value).startswith(f"{field} ")  # the Python parameter's name
+    said = own.value.worded(spec_term)  # "config.cv ...; a single config.grid value ..."
+    assert said.startswith(f"config.{field} ")
     config = {"train": {"store": "s3://b/s", "out": "s3://b/h"},
               "probe": {"source": "s3://b/i", "out": "s3://b/p", "models": ["resnet18@none"]}}[job]
     path = write(tmp_path, {"job": job, "config": {**config, field: value}})
     with pytest.raises(ConfigError) as err:
         load_spec(path)
-    assert str(err.value) == f"{path}: field 'config.{field}' {said[len(field) + 1:]}; leave it out for the default"
+    assert str(err.value) == (f"{path}: field 'config.{field}' {said[len(field) + 8:]}; "
+                              "leave it out for the default")
 
 
 @pytest.mark.parametrize("model,weights,said", [
