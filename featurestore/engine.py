@@ -327,7 +327,7 @@ def _check_numbers(cfg: ExtractConfig) -> None:
         raise ExtractError(f"{where} must be {what}, got {value!r}; leave it out for the default")
 
 
-def preflight(backbone) -> Any:
+def preflight(backbone, storage_options: dict | None = None) -> Any:
     """Fail in the driver, before any actor loads a model, on an unknown model, layer or weights.
 
     An actor that cannot load its backbone dies after Ray and the actors have started (~30 s on
@@ -339,6 +339,8 @@ def preflight(backbone) -> Any:
     fit (backbones.check_cut on the meta device: a trace without weights; a local file's names and
     shapes are read, not its values; names every model of its kind has are not checked), and for
     torchvision weights enums the enum's member, fetched into the cache that local actors then read.
+    A remote weights URL is asked whether it exists and how big it is (weights.check_remote, no
+    download: each actor reads it itself), with `storage_options` as the actors will use them.
     """
     from featurestore.weights import NAMED_SOURCES, is_file_spec
     from featurestore.zoo import canonical_name
@@ -380,6 +382,14 @@ def preflight(backbone) -> Any:
             log.debug("%s: layers not checked in the driver (%s: %s)", name, type(exc).__name__, exc)
 
     checks = [cut] if file or (layers and not set(layers) <= always) else []  # a file's fit, a named layer
+    if file and "://" in weights and not weights.lstrip().lower().startswith("file://"):
+
+        def remote_weights() -> None:  # an unreachable host, a 404, a missing key: before any actor reads it
+            from featurestore.weights import check_remote
+
+            check_remote(weights, storage_options)
+
+        checks.insert(0, remote_weights)
     if not (file or name.startswith("timm:") or low == "none" or low in NAMED_SOURCES):
 
         def torchvision_weights() -> None:
@@ -655,7 +665,7 @@ def _extract(cfg: ExtractConfig, stop: _StopOnSignal, leases: list) -> ExtractRe
     started = time.perf_counter()
     storage = cfg.storage_options or None
 
-    slow_checks = [c for c in (preflight(b) for b in backbones) if c is not None]
+    slow_checks = [c for c in (preflight(b, storage) for b in backbones) if c is not None]
     if multi:
         from featurestore.store import _Loc, _read_meta
 
@@ -671,6 +681,8 @@ def _extract(cfg: ExtractConfig, stop: _StopOnSignal, leases: list) -> ExtractRe
 
     # The plan: stored on first run, reused on resume, so the shards never move. Every store of a
     # multi-model job holds the same plan; a store that lost (or never had) its plan gets it back.
+    if multi:  # OUTPUT is the parent of the stores: a folder of the user's files is no such parent
+        _refuse_foreign_parent(cfg.output, [b.model for b in backbones], storage)
     for u in outputs:  # a folder of other files (SOURCE given as OUTPUT): refused now, not once actors are up
         StoreWriter.refuse_foreign(u, storage)
     existing = [None if cfg.overwrite else StoreWriter.existing_plan(u, storage_options=storage) for u in outputs]
@@ -920,6 +932,27 @@ def _extract(cfg: ExtractConfig, stop: _StopOnSignal, leases: list) -> ExtractRe
             result,
         )
     return result
+
+
+def _refuse_foreign_parent(output: str, models: list[str], storage) -> None:
+    """Refuse a multi-model OUTPUT that holds anything but stores (the source itself, a folder of documents).
+
+    Each store's own check (StoreWriter.refuse_foreign) only looks at OUTPUT/<model>, which does
+    not exist yet in such a folder, so the job would write its stores among the user's files.
+    Allowed: nothing, the writer lease, this job's OUTPUT/<model> folders (checked one by one
+    after this), and other stores (a featurestore output with another list of models)."""
+    from featurestore.config import join_uri, store_dir_name
+    from featurestore.store import LEASE_FILE, StoreError, _Loc, _read_meta
+
+    ours = {store_dir_name(m) for m in models}
+    loc = _Loc(output, storage)
+    others = [n for n in loc.listdir("") if n != LEASE_FILE and n not in ours
+              and _read_meta(_Loc(join_uri(output, n), storage)) is None]
+    if others:
+        raise StoreError(
+            f"{output} exists and holds files that are not stores ({', '.join(others[:3])}"
+            f"{', ...' if len(others) > 3 else ''}); with several models OUTPUT is a parent folder of one store "
+            f"per model (OUTPUT/<model>): choose a new or empty output")
 
 
 def _absolute(uri: str) -> str:
