@@ -153,7 +153,6 @@ def _probe(address: str, where: str) -> None:
 
     `where` names the setting the address came from (--address, RAY_ADDRESS). "auto" and
     "local" are Ray's own words and are left to it."""
-    import socket
     from urllib.parse import urlsplit
 
     text = address.strip()
@@ -176,27 +175,84 @@ def _probe(address: str, where: str) -> None:
     if not host or port is None:
         raise ClusterUnreachable(f"{where} {address}: give HOST:PORT, e.g. 10.0.0.5:6379 (the head's GCS "
                                  "address, which `ray start --head` prints)")
+    hint = f"`ray start --head --port {port}` there" if scheme == "" else "the Ray Client server"
+    target = _as_ray_dials(host) if scheme == "" else host
+    # an HTTP server answers at once; with another address to dial after, the GCS greeting is read there
+    first = _greeting(address, where, host, port, hint, wait=2.0 if target != host else GCS_PROBE_SECONDS)
+    if first.startswith(b"HTTP/") and scheme == "":
+        raise ClusterUnreachable(
+            f"{where} {address} answers in HTTP: it is a dashboard (Jobs API) port, not the head's GCS address, "
+            "which is HOST:6379 by default (`ray start --head` prints it). To run this as a job on the cluster "
+            f"instead, use `featurestore submit SPEC --address http://{host}:{port}`")
+    if scheme != "" or os.environ.get("RAY_USE_TLS", "").strip().lower() in ("1", "true", "yes"):
+        return  # Ray Client (a proxy may sit in front), or TLS, where the server speaks second: left to Ray
+    via = ""
+    if target != host:  # Ray dials 127.0.0.1 as this machine's address: what listens there must be the GCS
+        via = f" at {target}:{port} (the address Ray dials for {host})"
+        first = _greeting(address, where, target, port, hint, GCS_PROBE_SECONDS, via)
+    if not _grpc_greeting(first):
+        what = (f"accepts connections but sent nothing within {GCS_PROBE_SECONDS:g}s" if not first
+                else "answers, but not in gRPC as a Ray GCS does")
+        raise ClusterUnreachable(
+            f"no Ray cluster answers at {address} ({where}): the port{via} {what}, so it is another service (or "
+            f"the leftover of a stopped head), and Ray would wait on it for minutes. Give the head's GCS address "
+            f"(`ray start --head` prints it, port 6379 by default), or leave --address out to run on an embedded "
+            "local Ray instance")
+
+
+def _greeting(address: str, where: str, host: str, port: int, hint: str, wait: float = GCS_PROBE_SECONDS,
+              via: str = "") -> bytes:
+    """The first bytes the server at host:port sends after an HTTP/1 request (b"" if none within
+    `wait` seconds); ClusterUnreachable if it cannot be connected to. The GCS speaks HTTP/2 (gRPC)
+    and greets first; the dashboard answers in HTTP/1; another service says something else, or nothing."""
+    import socket
+
     try:
         conn = socket.create_connection((host, port), timeout=GCS_PROBE_SECONDS)
     except OSError as exc:
         why = "nothing answered within %gs" % GCS_PROBE_SECONDS if isinstance(exc, TimeoutError) else (
             exc.strerror or str(exc) or type(exc).__name__).lower()
-        hint = f"`ray start --head --port {port}` there" if scheme == "" else "the Ray Client server"
         raise ClusterUnreachable(
-            f"no Ray cluster answers at {address} ({where}): {why}. Check the address and that the head is "
+            f"no Ray cluster answers at {address} ({where}): {why}{via}. Check the address and that the head is "
             f"running ({hint}), or leave --address out to run on an embedded local Ray instance") from None
-    with conn:  # the GCS speaks HTTP/2 (gRPC); an answer in HTTP/1 is the dashboard, where Ray would hang
+    with conn:
         try:
-            conn.settimeout(2.0)
+            conn.settimeout(wait)
             conn.sendall(b"GET / HTTP/1.0\r\nHost: ray\r\n\r\n")
-            web = conn.recv(16).startswith(b"HTTP/1")
         except OSError:
-            web = False
-    if web and scheme == "":
-        raise ClusterUnreachable(
-            f"{where} {address} answers in HTTP: it is a dashboard (Jobs API) port, not the head's GCS address, "
-            "which is HOST:6379 by default (`ray start --head` prints it). To run this as a job on the cluster "
-            f"instead, use `featurestore submit SPEC --address http://{host}:{port}`")
+            return b""
+        return _first_bytes(conn, 9)
+
+
+def _as_ray_dials(host: str) -> str:
+    """The host ray.init connects to for `host`: localhost/127.0.0.1 become this machine's node address,
+    so a port open on loopback only (some other local service) is not what Ray reaches."""
+    try:
+        from ray._private.services import resolve_ip_for_localhost
+
+        return resolve_ip_for_localhost(host) or host
+    except Exception:  # Ray's private helper moved or failed: probe what was given
+        return host
+
+
+def _first_bytes(conn, n: int) -> bytes:
+    """Up to n bytes of what the peer sends before it pauses for the socket's timeout or closes."""
+    data = b""
+    try:
+        while len(data) < n:
+            chunk = conn.recv(n - len(data))
+            if not chunk:
+                break
+            data += chunk
+    except OSError:  # a timeout (silent peer) or a reset: what came so far
+        pass
+    return data
+
+
+def _grpc_greeting(data: bytes) -> bool:
+    """True if `data` opens with an HTTP/2 server preface, a SETTINGS frame on stream 0, which a gRPC
+    server (the GCS) sends as soon as a connection opens, before it reads anything."""
+    return len(data) >= 9 and data[3] == 0x04 and not data[4] & 0x01 and data[5:9] == b"\0\0\0\0"
 
 
 def connect(address: str | None, num_cpus: int | None = None) -> bool:
@@ -226,10 +282,18 @@ def connect(address: str | None, num_cpus: int | None = None) -> bool:
     logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     try:
         ray.init(**kwargs)
-    except ConnectionError as exc:  # "auto" with no cluster running on this machine
+    except ConnectionError as exc:  # "auto" with no cluster running on this machine; a GCS that refused us
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0].rstrip(".")
+        # Ray 2.59+ turns token authentication on for `ray start` clusters, but a driver joining one sends
+        # its token only with RAY_AUTH_MODE=token: without it the GCS refuses every call, and ray.init says
+        # only that it could not connect
+        auth = "" if os.environ.get("RAY_AUTH_MODE", "").strip().lower() == "token" else (
+            "; if the head was started with token authentication (`ray start` of Ray 2.59 or later does so), "
+            "set RAY_AUTH_MODE=token here, with its token in ~/.ray/auth_token or RAY_AUTH_TOKEN "
+            "(`ray get-auth-token` on the head prints it)")
         raise ClusterUnreachable(f"{first}. Check that a Ray head runs there (`ray start --head` prints its "
-                                 "address), or leave --address out to run on an embedded local Ray instance") from None
+                                 f"address), or leave --address out to run on an embedded local Ray instance"
+                                 f"{auth if (address or os.environ.get('RAY_ADDRESS') or 'auto').strip() != 'auto' else ''}") from None
     return True
 
 
