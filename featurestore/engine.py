@@ -391,7 +391,7 @@ def _check_numbers(cfg: ExtractConfig) -> None:
         raise ExtractError(f"{where} must be {what}, got {value!r}; leave it out for the default")
 
 
-def preflight(backbone, storage_options: dict | None = None) -> Any:
+def preflight(backbone, storage_options: dict | None = None, workers_here: bool = False) -> Any:
     """Fail in the driver, before any actor loads a model, on an unknown model, layer or weights.
 
     An actor that cannot load its backbone dies after Ray and the actors have started (~30 s on
@@ -404,7 +404,9 @@ def preflight(backbone, storage_options: dict | None = None) -> Any:
     shapes are read, not its values; names every model of its kind has are not checked), and for
     torchvision weights enums the enum's member, fetched into the cache that local actors then read.
     A remote weights URL is asked whether it exists and how big it is (weights.check_remote, no
-    download: each actor reads it itself), with `storage_options` as the actors will use them.
+    download: each actor reads it itself), with `storage_options` as the actors will use them; missing
+    credentials are refused only when `workers_here` (an embedded instance: the workers have this
+    process's environment), as a cluster's nodes may have their own (an instance role).
     """
     from featurestore.weights import NAMED_SOURCES, is_file_spec
     from featurestore.zoo import canonical_name
@@ -451,7 +453,7 @@ def preflight(backbone, storage_options: dict | None = None) -> Any:
         def remote_weights() -> None:  # an unreachable host, a 404, a missing key: before any actor reads it
             from featurestore.weights import check_remote
 
-            check_remote(weights, storage_options)
+            check_remote(weights, storage_options, strict=workers_here)
 
         checks.insert(0, remote_weights)
     if not (file or name.startswith("timm:") or low == "none" or low in NAMED_SOURCES):
@@ -729,7 +731,9 @@ def _extract(cfg: ExtractConfig, stop: _StopOnSignal, leases: list) -> ExtractRe
     started = time.perf_counter()
     storage = cfg.storage_options or None
 
-    slow_checks = [c for c in (preflight(b, storage) for b in backbones) if c is not None]
+    # an embedded instance's workers will have this process's environment (credentials) and network
+    workers_here = not (cfg.address or os.environ.get("RAY_ADDRESS") or ray.is_initialized())
+    slow_checks = [c for c in (preflight(b, storage, workers_here) for b in backbones) if c is not None]
     if multi:
         from featurestore.store import _Loc, _read_meta
 

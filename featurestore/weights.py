@@ -201,21 +201,31 @@ def _read_error(uri: str, exc: BaseException) -> WeightsError:
                             f"is down; " + _offline_hint(uri))
     if isinstance(exc, FileNotFoundError):
         return WeightsError(f"weights not found: {uri}; check the address; " + _offline_hint(uri))
+    if _no_access(chain):
+        return WeightsError(f"cannot read weights {uri}: no credentials, or access denied "
+                            f"({_first_sentence(chain[-1])}); check the credentials (AWS_* variables or "
+                            f"storage_options) where the workers run; " + _offline_hint(uri))
     return WeightsError(f"cannot read weights {uri}: {_first_sentence(exc, 300)}")
+
+
+def _no_access(chain) -> bool:
+    """Missing or refused credentials (botocore's NoCredentialsError, s3fs' PermissionError)."""
+    return any(isinstance(x, PermissionError) or "Credentials" in type(x).__name__ for x in chain)
 
 
 REMOTE_CHECK_SECONDS = 30.0  # a HEAD request; a host that drops packets would otherwise hold the driver for minutes
 
 
-def check_remote(uri: str, storage_options: dict | None = None,
-                 timeout: float = REMOTE_CHECK_SECONDS) -> int | None:
+def check_remote(uri: str, storage_options: dict | None = None, timeout: float = REMOTE_CHECK_SECONDS,
+                 strict: bool = False) -> int | None:
     """Ask the server of a weights URL (http(s)://, s3://, ...) whether the file is there and its size,
     without downloading it: a WeightsError worded as read_state_dict's when the host cannot be reached,
     answers 404 or another HTTP error, or has no such key. Returns the size (None: not said).
 
     The extract driver asks this while Ray starts, so that a bad URL is refused before any actor
     is created, rather than by every actor reading it. What the driver cannot tell (no credentials
-    here: the workers may have their own) is logged and left to the actors. Local paths: None."""
+    here: the workers of a cluster may have their own) is logged and left to the actors, unless
+    `strict` (the workers run here, with this process's environment). Local paths: None."""
     import threading
 
     import fsspec
@@ -241,7 +251,7 @@ def check_remote(uri: str, storage_options: dict | None = None,
     exc = answer.get("error")
     if exc is not None:
         err = _read_error(path, exc)
-        if str(err).startswith("cannot read weights "):  # not a definite answer (credentials, say): the actors try
+        if not strict and str(err).startswith("cannot read weights "):  # credentials, say: the actors may have theirs
             log.warning("weights %s not checked in the driver (%s); the workers will read it", uri,
                         _first_sentence(exc))
             return None

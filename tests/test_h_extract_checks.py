@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import http.server
+import os
 import re
 import socket
 import subprocess
@@ -154,3 +155,19 @@ def test_a_missing_s3_weights_key_is_refused_in_the_driver(tmp_path, ray_local, 
                 weights=url, input_size=32, quiet=True, storage_options=s3_server.storage_options)
     assert not (tmp_path / "store" / "shards").exists()
 
+
+
+def test_s3_weights_without_credentials_are_refused_before_workers_that_would_lack_them_too(tmp_path, s3_server):
+    """No --address: the workers are this machine's, with this environment, so the driver's answer is
+    theirs; said before any actor starts (on a cluster, the nodes may have an instance role: left to them)."""
+    src, out = _images(tmp_path / "src"), tmp_path / "store"
+    url = f"{s3_server.make_bucket()}/w.pth"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env.update(AWS_ENDPOINT_URL=s3_server.endpoint_url, AWS_EC2_METADATA_DISABLED="true",
+               AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"), AWS_CONFIG_FILE=str(tmp_path / "none"))
+    res = subprocess.run(_cli("extract", str(src), str(out), "--model", "mobilenet_v3_small", "--weights", url,
+                              "--input-size", "32"), capture_output=True, text=True, timeout=300, env=env)
+    assert res.returncode == 2, res.stderr[-3000:]
+    assert f"cannot read weights {url}: no credentials, or access denied" in res.stderr, res.stderr[-3000:]
+    assert "check the credentials (AWS_* variables or storage_options)" in res.stderr
+    assert "actor" not in res.stderr and "Traceback" not in res.stderr, res.stderr[-3000:]
