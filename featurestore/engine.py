@@ -163,7 +163,8 @@ def _probe(address: str, where: str) -> None:
         raise ClusterUnreachable(
             f"{where} {address} is a dashboard (Jobs API) address; joining a cluster takes the head's GCS "
             "address, HOST:6379 by default (`ray start --head` prints it), or ray://HOST:10001 for Ray Client. "
-            "To run this as a job on the cluster instead, use `featurestore submit SPEC --address` with it")
+            "To run this as a job on the cluster instead, use `featurestore submit SPEC --address` with it"
+            + _embedded(where, "; or "))
     if scheme not in ("", "ray"):
         raise ClusterUnreachable(f"{where} {address}: not a Ray address; give HOST:PORT (the head's GCS "
                                  "address, port 6379 by default), ray://HOST:10001, or auto")
@@ -183,7 +184,7 @@ def _probe(address: str, where: str) -> None:
         raise ClusterUnreachable(
             f"{where} {address} answers in HTTP: it is a dashboard (Jobs API) port, not the head's GCS address, "
             "which is HOST:6379 by default (`ray start --head` prints it). To run this as a job on the cluster "
-            f"instead, use `featurestore submit SPEC --address http://{host}:{port}`")
+            f"instead, use `featurestore submit SPEC --address http://{host}:{port}`" + _embedded(where, "; or "))
     if scheme != "" or os.environ.get("RAY_USE_TLS", "").strip().lower() in ("1", "true", "yes"):
         return  # Ray Client (a proxy may sit in front), or TLS, where the server speaks second: left to Ray
     via = ""
@@ -196,8 +197,7 @@ def _probe(address: str, where: str) -> None:
         raise ClusterUnreachable(
             f"no Ray cluster answers at {address} ({where}): the port{via} {what}, so it is another service (or "
             f"the leftover of a stopped head), and Ray would wait on it for minutes. Give the head's GCS address "
-            f"(`ray start --head` prints it, port 6379 by default), or leave --address out to run on an embedded "
-            "local Ray instance")
+            f"(`ray start --head` prints it, port 6379 by default){_embedded(where, ', or ')}")
 
 
 def _greeting(address: str, where: str, host: str, port: int, hint: str, wait: float = GCS_PROBE_SECONDS,
@@ -214,7 +214,7 @@ def _greeting(address: str, where: str, host: str, port: int, hint: str, wait: f
             exc.strerror or str(exc) or type(exc).__name__).lower()
         raise ClusterUnreachable(
             f"no Ray cluster answers at {address} ({where}): {why}{via}. Check the address and that the head is "
-            f"running ({hint}), or leave --address out to run on an embedded local Ray instance") from None
+            f"running ({hint}){_embedded(where, ', or ')}") from None
     with conn:
         try:
             conn.settimeout(wait)
@@ -222,6 +222,13 @@ def _greeting(address: str, where: str, host: str, port: int, hint: str, wait: f
         except OSError:
             return b""
         return _first_bytes(conn, 9)
+
+
+def _embedded(where: str, joint: str) -> str:
+    """How to run on an embedded local instance instead: leave --address out, or unset RAY_ADDRESS
+    (often set in a shell for `ray job submit`, to the dashboard's http:// address)."""
+    undo = "leave --address out" if where == "--address" else f"unset {where}"
+    return f"{joint}{undo} to run on an embedded local Ray instance"
 
 
 def _as_ray_dials(host: str) -> str:
@@ -261,6 +268,7 @@ def connect(address: str | None, num_cpus: int | None = None) -> bool:
 
     if ray.is_initialized():
         return False
+    address = address.strip() if address else address  # a pasted " HOST:PORT" is still that address
     if address:
         _probe(address, "--address")
     elif os.environ.get("RAY_ADDRESS"):
@@ -292,7 +300,7 @@ def connect(address: str | None, num_cpus: int | None = None) -> bool:
             "set RAY_AUTH_MODE=token here, with its token in ~/.ray/auth_token or RAY_AUTH_TOKEN "
             "(`ray get-auth-token` on the head prints it)")
         raise ClusterUnreachable(f"{first}. Check that a Ray head runs there (`ray start --head` prints its "
-                                 f"address), or leave --address out to run on an embedded local Ray instance"
+                                 f"address){_embedded('--address' if address else 'RAY_ADDRESS', ', or ')}"
                                  f"{auth if (address or os.environ.get('RAY_ADDRESS') or 'auto').strip() != 'auto' else ''}") from None
     return True
 
@@ -799,7 +807,7 @@ def _extract(cfg: ExtractConfig, stop: _StopOnSignal, leases: list) -> ExtractRe
 
     checking = _InBackground(slow_checks) if slow_checks else None  # layers and weights, while Ray starts
     if not ray.is_initialized():
-        joining = cfg.address or os.environ.get("RAY_ADDRESS")  # connect() joins a submitted job's cluster
+        joining = (cfg.address or os.environ.get("RAY_ADDRESS") or "").strip()  # connect() joins a job's cluster
         say(f"joining the Ray cluster at {joining}" if joining else "starting Ray")
     connect(cfg.address)  # an embedded instance stays up for the process; Ray stops it at exit
     if checking is not None:  # before any actor: one being scheduled cannot be ended without Ray's noise

@@ -90,6 +90,19 @@ def test_a_port_open_on_loopback_only_is_refused_as_ray_dials_it():
         server.close()
 
 
+def test_a_ray_address_from_the_environment_says_to_unset_it():
+    """RAY_ADDRESS is often left set to the dashboard for `ray job submit`; leaving --address out does not help."""
+    with pytest.raises(ClusterUnreachable, match=re.escape(
+            "; or unset RAY_ADDRESS to run on an embedded local Ray instance")):
+        _probe("http://127.0.0.1:8265", "RAY_ADDRESS")
+    port = _free_port()  # closed
+    with pytest.raises(ClusterUnreachable, match=re.escape(
+            f"no Ray cluster answers at 127.0.0.1:{port} (RAY_ADDRESS): connection refused")) as err:
+        _probe(f"127.0.0.1:{port}", "RAY_ADDRESS")
+    assert "or unset RAY_ADDRESS to run on an embedded local Ray instance" in str(err.value)
+    assert "--address" not in str(err.value)
+
+
 @pytest.fixture(scope="module")
 def ray_head():
     """A real `ray start --head` cluster (1 CPU, own temp dir and ports), ended with its process group."""
@@ -141,11 +154,11 @@ def test_a_real_head_passes_the_probe_and_is_joined(tmp_path, ray_head):
         _probe(address, "--address")
     src, out = _images(tmp_path / "src"), tmp_path / "store"
     cmd = [sys.executable, "-m", "featurestore", "extract", str(src), str(out), "--model", "mobilenet_v3_small",
-           "--weights", "none", "--input-size", "32", "--address", f"127.0.0.1:{ray_head}"]
+           "--weights", "none", "--input-size", "32", "--address", f" 127.0.0.1:{ray_head} "]  # as pasted
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
                          env={**os.environ, "RAY_AUTH_MODE": "token"})
     assert res.returncode == 0, res.stderr[-3000:]
-    assert f"joining the Ray cluster at 127.0.0.1:{ray_head}" in res.stderr
+    assert f"joining the Ray cluster at 127.0.0.1:{ray_head}\n" in res.stderr
     assert len(featurestore.open(str(out))) == 2
     # without RAY_AUTH_MODE=token the driver does not send the head's token: ray.init only says it could
     # not connect; the message says what to set
