@@ -295,13 +295,14 @@ def connect(address: str | None, num_cpus: int | None = None) -> bool:
         # Ray 2.59+ turns token authentication on for `ray start` clusters, but a driver joining one sends
         # its token only with RAY_AUTH_MODE=token: without it the GCS refuses every call, and ray.init says
         # only that it could not connect
-        auth = "" if os.environ.get("RAY_AUTH_MODE", "").strip().lower() == "token" else (
+        joined = (address or os.environ.get("RAY_ADDRESS") or "auto").strip() != "auto"
+        auth = "" if not joined or os.environ.get("RAY_AUTH_MODE", "").strip().lower() == "token" else (
             "; if the head was started with token authentication (`ray start` of Ray 2.59 or later does so), "
             "set RAY_AUTH_MODE=token here, with its token in ~/.ray/auth_token or RAY_AUTH_TOKEN "
             "(`ray get-auth-token` on the head prints it)")
         raise ClusterUnreachable(f"{first}. Check that a Ray head runs there (`ray start --head` prints its "
                                  f"address){_embedded('--address' if address else 'RAY_ADDRESS', ', or ')}"
-                                 f"{auth if (address or os.environ.get('RAY_ADDRESS') or 'auto').strip() != 'auto' else ''}") from None
+                                 f"{auth}") from None
     return True
 
 

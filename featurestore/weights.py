@@ -24,7 +24,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "WeightsError", "NAMED_SOURCES", "NamedSource", "state_dict_sha256", "file_sha256",
-    "is_file_spec", "split_recipe", "absolute_file_spec", "file_not_found", "check_remote", "read_state_dict", "load_strict",
+    "is_file_spec", "split_recipe", "absolute_file_spec", "file_not_found", "check_remote", "read_state_dict",
+    "load_strict",
     "checkpoint_classes", "headless_keys", "read_state_dict_shapes", "check_fit",
     "torchvision_enum", "fetch_torchvision",
     "torchvision_offline_error", "timm_tags", "check_timm_tag", "strip_wrapper_prefix", "hub_dir",
@@ -201,7 +202,7 @@ def _read_error(uri: str, exc: BaseException) -> WeightsError:
                             f"is down; " + _offline_hint(uri))
     if isinstance(exc, FileNotFoundError):
         return WeightsError(f"weights not found: {uri}; check the address; " + _offline_hint(uri))
-    if _no_access(chain):
+    if local is None and _no_access(chain):
         return WeightsError(f"cannot read weights {uri}: no credentials, or access denied "
                             f"({_first_sentence(chain[-1])}); check the credentials (AWS_* variables or "
                             f"storage_options) where the workers run; " + _offline_hint(uri))
