@@ -67,8 +67,9 @@ class _BatchSize(click.ParamType):
                    "input, so that every actor gets at least two shards.")
 @click.option("--dtype", type=click.Choice(DTYPES), help="Stored feature dtype. Default: float32.")
 @click.option("--compression", type=click.Choice(COMPRESSIONS), help="HDF5 compression. Default: none.")
-@click.option("--address", help="Ray cluster to join: the head's HOST:6379, ray://HOST:10001 or auto. Default: an "
-                               "embedded local instance.")
+@click.option("--address", help="Ray cluster to join: the head's HOST:6379, ray://HOST:10001 or auto (a head "
+                               "started by `ray start` of Ray 2.59+ also needs RAY_AUTH_MODE=token here). Default: "
+                               "RAY_ADDRESS if set, else an embedded local instance.")
 @click.option("--actors", type=int, help="Number of backbone actors. Default: one per GPU, or enough to fill the CPUs.")
 @click.option("--gpus-per-actor", type=float, help="GPUs per actor (fractions allowed; 0 for CPU).")
 @click.option("--cpus-per-actor", type=float, help="CPUs per actor (also its torch threads on CPU).")

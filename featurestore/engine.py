@@ -153,7 +153,6 @@ def _probe(address: str, where: str) -> None:
 
     `where` names the setting the address came from (--address, RAY_ADDRESS). "auto" and
     "local" are Ray's own words and are left to it."""
-    import socket
     from urllib.parse import urlsplit
 
     text = address.strip()
@@ -164,7 +163,8 @@ def _probe(address: str, where: str) -> None:
         raise ClusterUnreachable(
             f"{where} {address} is a dashboard (Jobs API) address; joining a cluster takes the head's GCS "
             "address, HOST:6379 by default (`ray start --head` prints it), or ray://HOST:10001 for Ray Client. "
-            "To run this as a job on the cluster instead, use `featurestore submit SPEC --address` with it")
+            "To run this as a job on the cluster instead, use `featurestore submit SPEC --address` with it"
+            + _embedded(where, "; or "))
     if scheme not in ("", "ray"):
         raise ClusterUnreachable(f"{where} {address}: not a Ray address; give HOST:PORT (the head's GCS "
                                  "address, port 6379 by default), ray://HOST:10001, or auto")
@@ -176,27 +176,90 @@ def _probe(address: str, where: str) -> None:
     if not host or port is None:
         raise ClusterUnreachable(f"{where} {address}: give HOST:PORT, e.g. 10.0.0.5:6379 (the head's GCS "
                                  "address, which `ray start --head` prints)")
+    hint = f"`ray start --head --port {port}` there" if scheme == "" else "the Ray Client server"
+    target = _as_ray_dials(host) if scheme == "" else host
+    # an HTTP server answers at once; with another address to dial after, the GCS greeting is read there
+    first = _greeting(address, where, host, port, hint, wait=2.0 if target != host else GCS_PROBE_SECONDS)
+    if first.startswith(b"HTTP/") and scheme == "":
+        raise ClusterUnreachable(
+            f"{where} {address} answers in HTTP: it is a dashboard (Jobs API) port, not the head's GCS address, "
+            "which is HOST:6379 by default (`ray start --head` prints it). To run this as a job on the cluster "
+            f"instead, use `featurestore submit SPEC --address http://{host}:{port}`" + _embedded(where, "; or "))
+    if scheme != "" or os.environ.get("RAY_USE_TLS", "").strip().lower() in ("1", "true", "yes"):
+        return  # Ray Client (a proxy may sit in front), or TLS, where the server speaks second: left to Ray
+    via = ""
+    if target != host:  # Ray dials 127.0.0.1 as this machine's address: what listens there must be the GCS
+        via = f" at {target}:{port} (the address Ray dials for {host})"
+        first = _greeting(address, where, target, port, hint, GCS_PROBE_SECONDS, via)
+    if not _grpc_greeting(first):
+        what = (f"accepts connections but sent nothing within {GCS_PROBE_SECONDS:g}s" if not first
+                else "answers, but not in gRPC as a Ray GCS does")
+        raise ClusterUnreachable(
+            f"no Ray cluster answers at {address} ({where}): the port{via} {what}, so it is another service (or "
+            f"the leftover of a stopped head), and Ray would wait on it for minutes. Give the head's GCS address "
+            f"(`ray start --head` prints it, port 6379 by default){_embedded(where, ', or ')}")
+
+
+def _greeting(address: str, where: str, host: str, port: int, hint: str, wait: float = GCS_PROBE_SECONDS,
+              via: str = "") -> bytes:
+    """The first bytes the server at host:port sends after an HTTP/1 request (b"" if none within
+    `wait` seconds); ClusterUnreachable if it cannot be connected to. The GCS speaks HTTP/2 (gRPC)
+    and greets first; the dashboard answers in HTTP/1; another service says something else, or nothing."""
+    import socket
+
     try:
         conn = socket.create_connection((host, port), timeout=GCS_PROBE_SECONDS)
     except OSError as exc:
         why = "nothing answered within %gs" % GCS_PROBE_SECONDS if isinstance(exc, TimeoutError) else (
             exc.strerror or str(exc) or type(exc).__name__).lower()
-        hint = f"`ray start --head --port {port}` there" if scheme == "" else "the Ray Client server"
         raise ClusterUnreachable(
-            f"no Ray cluster answers at {address} ({where}): {why}. Check the address and that the head is "
-            f"running ({hint}), or leave --address out to run on an embedded local Ray instance") from None
-    with conn:  # the GCS speaks HTTP/2 (gRPC); an answer in HTTP/1 is the dashboard, where Ray would hang
+            f"no Ray cluster answers at {address} ({where}): {why}{via}. Check the address and that the head is "
+            f"running ({hint}){_embedded(where, ', or ')}") from None
+    with conn:
         try:
-            conn.settimeout(2.0)
+            conn.settimeout(wait)
             conn.sendall(b"GET / HTTP/1.0\r\nHost: ray\r\n\r\n")
-            web = conn.recv(16).startswith(b"HTTP/1")
         except OSError:
-            web = False
-    if web and scheme == "":
-        raise ClusterUnreachable(
-            f"{where} {address} answers in HTTP: it is a dashboard (Jobs API) port, not the head's GCS address, "
-            "which is HOST:6379 by default (`ray start --head` prints it). To run this as a job on the cluster "
-            f"instead, use `featurestore submit SPEC --address http://{host}:{port}`")
+            return b""
+        return _first_bytes(conn, 9)
+
+
+def _embedded(where: str, joint: str) -> str:
+    """How to run on an embedded local instance instead: leave --address out, or unset RAY_ADDRESS
+    (often set in a shell for `ray job submit`, to the dashboard's http:// address)."""
+    undo = "leave --address out" if where == "--address" else f"unset {where}"
+    return f"{joint}{undo} to run on an embedded local Ray instance"
+
+
+def _as_ray_dials(host: str) -> str:
+    """The host ray.init connects to for `host`: localhost/127.0.0.1 become this machine's node address,
+    so a port open on loopback only (some other local service) is not what Ray reaches."""
+    try:
+        from ray._private.services import resolve_ip_for_localhost
+
+        return resolve_ip_for_localhost(host) or host
+    except Exception:  # Ray's private helper moved or failed: probe what was given
+        return host
+
+
+def _first_bytes(conn, n: int) -> bytes:
+    """Up to n bytes of what the peer sends before it pauses for the socket's timeout or closes."""
+    data = b""
+    try:
+        while len(data) < n:
+            chunk = conn.recv(n - len(data))
+            if not chunk:
+                break
+            data += chunk
+    except OSError:  # a timeout (silent peer) or a reset: what came so far
+        pass
+    return data
+
+
+def _grpc_greeting(data: bytes) -> bool:
+    """True if `data` opens with an HTTP/2 server preface, a SETTINGS frame on stream 0, which a gRPC
+    server (the GCS) sends as soon as a connection opens, before it reads anything."""
+    return len(data) >= 9 and data[3] == 0x04 and not data[4] & 0x01 and data[5:9] == b"\0\0\0\0"
 
 
 def connect(address: str | None, num_cpus: int | None = None) -> bool:
@@ -205,6 +268,7 @@ def connect(address: str | None, num_cpus: int | None = None) -> bool:
 
     if ray.is_initialized():
         return False
+    address = address.strip() if address else address  # a pasted " HOST:PORT" is still that address
     if address:
         _probe(address, "--address")
     elif os.environ.get("RAY_ADDRESS"):
@@ -226,10 +290,19 @@ def connect(address: str | None, num_cpus: int | None = None) -> bool:
     logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     try:
         ray.init(**kwargs)
-    except ConnectionError as exc:  # "auto" with no cluster running on this machine
+    except ConnectionError as exc:  # "auto" with no cluster running on this machine; a GCS that refused us
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0].rstrip(".")
+        # Ray 2.59+ turns token authentication on for `ray start` clusters, but a driver joining one sends
+        # its token only with RAY_AUTH_MODE=token: without it the GCS refuses every call, and ray.init says
+        # only that it could not connect
+        joined = (address or os.environ.get("RAY_ADDRESS") or "auto").strip() != "auto"
+        auth = "" if not joined or os.environ.get("RAY_AUTH_MODE", "").strip().lower() == "token" else (
+            "; if the head was started with token authentication (`ray start` of Ray 2.59 or later does so), "
+            "set RAY_AUTH_MODE=token here, with its token in ~/.ray/auth_token or RAY_AUTH_TOKEN "
+            "(`ray get-auth-token` on the head prints it)")
         raise ClusterUnreachable(f"{first}. Check that a Ray head runs there (`ray start --head` prints its "
-                                 "address), or leave --address out to run on an embedded local Ray instance") from None
+                                 f"address){_embedded('--address' if address else 'RAY_ADDRESS', ', or ')}"
+                                 f"{auth}") from None
     return True
 
 
@@ -327,7 +400,7 @@ def _check_numbers(cfg: ExtractConfig) -> None:
         raise ExtractError(f"{where} must be {what}, got {value!r}; leave it out for the default")
 
 
-def preflight(backbone) -> Any:
+def preflight(backbone, storage_options: dict | None = None, workers_here: bool = False) -> Any:
     """Fail in the driver, before any actor loads a model, on an unknown model, layer or weights.
 
     An actor that cannot load its backbone dies after Ray and the actors have started (~30 s on
@@ -339,6 +412,10 @@ def preflight(backbone) -> Any:
     fit (backbones.check_cut on the meta device: a trace without weights; a local file's names and
     shapes are read, not its values; names every model of its kind has are not checked), and for
     torchvision weights enums the enum's member, fetched into the cache that local actors then read.
+    A remote weights URL is asked whether it exists and how big it is (weights.check_remote, no
+    download: each actor reads it itself), with `storage_options` as the actors will use them; missing
+    credentials are refused only when `workers_here` (an embedded instance: the workers have this
+    process's environment), as a cluster's nodes may have their own (an instance role).
     """
     from featurestore.weights import NAMED_SOURCES, is_file_spec
     from featurestore.zoo import canonical_name
@@ -386,6 +463,14 @@ def preflight(backbone) -> Any:
             log.debug("%s: layers not checked in the driver (%s: %s)", name, type(exc).__name__, exc)
 
     checks = [cut] if file or (layers and not set(layers) <= always) else []  # a file's fit, a named layer
+    if file and "://" in weights and not weights.lstrip().lower().startswith("file://"):
+
+        def remote_weights() -> None:  # an unreachable host, a 404, a missing key: before any actor reads it
+            from featurestore.weights import check_remote
+
+            check_remote(weights, storage_options, strict=workers_here)
+
+        checks.insert(0, remote_weights)
     if not (file or name.startswith("timm:") or low == "none" or low in NAMED_SOURCES):
 
         def torchvision_weights() -> None:
@@ -661,7 +746,9 @@ def _extract(cfg: ExtractConfig, stop: _StopOnSignal, leases: list) -> ExtractRe
     started = time.perf_counter()
     storage = cfg.storage_options or None
 
-    slow_checks = [c for c in (preflight(b) for b in backbones) if c is not None]
+    # an embedded instance's workers will have this process's environment (credentials) and network
+    workers_here = not (cfg.address or os.environ.get("RAY_ADDRESS") or ray.is_initialized())
+    slow_checks = [c for c in (preflight(b, storage, workers_here) for b in backbones) if c is not None]
     if multi:
         from featurestore.store import _Loc, _read_meta
 
@@ -677,6 +764,8 @@ def _extract(cfg: ExtractConfig, stop: _StopOnSignal, leases: list) -> ExtractRe
 
     # The plan: stored on first run, reused on resume, so the shards never move. Every store of a
     # multi-model job holds the same plan; a store that lost (or never had) its plan gets it back.
+    if multi:  # OUTPUT is the parent of the stores: a folder of the user's files is no such parent
+        _refuse_foreign_parent(cfg.output, [b.model for b in backbones], storage)
     for u in outputs:  # a folder of other files (SOURCE given as OUTPUT): refused now, not once actors are up
         StoreWriter.refuse_foreign(u, storage)
     existing = [None if cfg.overwrite else StoreWriter.existing_plan(u, storage_options=storage) for u in outputs]
@@ -725,7 +814,7 @@ def _extract(cfg: ExtractConfig, stop: _StopOnSignal, leases: list) -> ExtractRe
 
     checking = _InBackground(slow_checks) if slow_checks else None  # layers and weights, while Ray starts
     if not ray.is_initialized():
-        joining = cfg.address or os.environ.get("RAY_ADDRESS")  # connect() joins a submitted job's cluster
+        joining = (cfg.address or os.environ.get("RAY_ADDRESS") or "").strip()  # connect() joins a job's cluster
         say(f"joining the Ray cluster at {joining}" if joining else "starting Ray")
     connect(cfg.address)  # an embedded instance stays up for the process; Ray stops it at exit
     if checking is not None:  # before any actor: one being scheduled cannot be ended without Ray's noise
@@ -926,6 +1015,27 @@ def _extract(cfg: ExtractConfig, stop: _StopOnSignal, leases: list) -> ExtractRe
             result,
         )
     return result
+
+
+def _refuse_foreign_parent(output: str, models: list[str], storage) -> None:
+    """Refuse a multi-model OUTPUT that holds anything but stores (the source itself, a folder of documents).
+
+    Each store's own check (StoreWriter.refuse_foreign) only looks at OUTPUT/<model>, which does
+    not exist yet in such a folder, so the job would write its stores among the user's files.
+    Allowed: nothing, the writer lease, this job's OUTPUT/<model> folders (checked one by one
+    after this), and other stores (a featurestore output with another list of models)."""
+    from featurestore.config import join_uri, store_dir_name
+    from featurestore.store import LEASE_FILE, StoreError, _Loc, _read_meta
+
+    ours = {store_dir_name(m) for m in models}
+    loc = _Loc(output, storage)
+    others = [n for n in loc.listdir("") if n != LEASE_FILE and n not in ours
+              and _read_meta(_Loc(join_uri(output, n), storage)) is None]
+    if others:
+        raise StoreError(
+            f"{output} exists and holds files that are not stores ({', '.join(others[:3])}"
+            f"{', ...' if len(others) > 3 else ''}); with several models OUTPUT is a parent folder of one store "
+            f"per model (OUTPUT/<model>): choose a new or empty output")
 
 
 def _absolute(uri: str) -> str:

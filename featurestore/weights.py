@@ -24,7 +24,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "WeightsError", "NAMED_SOURCES", "NamedSource", "state_dict_sha256", "file_sha256",
-    "is_file_spec", "split_recipe", "absolute_file_spec", "file_not_found", "read_state_dict", "load_strict",
+    "is_file_spec", "split_recipe", "absolute_file_spec", "file_not_found", "check_remote", "read_state_dict",
+    "load_strict",
     "checkpoint_classes", "headless_keys", "read_state_dict_shapes", "check_fit",
     "torchvision_enum", "fetch_torchvision",
     "torchvision_offline_error", "timm_tags", "check_timm_tag", "strip_wrapper_prefix", "hub_dir",
@@ -201,7 +202,69 @@ def _read_error(uri: str, exc: BaseException) -> WeightsError:
                             f"is down; " + _offline_hint(uri))
     if isinstance(exc, FileNotFoundError):
         return WeightsError(f"weights not found: {uri}; check the address; " + _offline_hint(uri))
+    if local is None and _no_access(chain):
+        return WeightsError(f"cannot read weights {uri}: no credentials, or access denied "
+                            f"({_first_sentence(chain[-1])}); check the credentials (AWS_* variables or "
+                            f"storage_options) where the workers run; " + _offline_hint(uri))
     return WeightsError(f"cannot read weights {uri}: {_first_sentence(exc, 300)}")
+
+
+def _no_access(chain) -> bool:
+    """Missing or refused credentials (botocore's NoCredentialsError, s3fs' PermissionError)."""
+    return any(isinstance(x, PermissionError) or "Credentials" in type(x).__name__ for x in chain)
+
+
+REMOTE_CHECK_SECONDS = 30.0  # a HEAD request; a host that drops packets would otherwise hold the driver for minutes
+
+
+def check_remote(uri: str, storage_options: dict | None = None, timeout: float = REMOTE_CHECK_SECONDS,
+                 strict: bool = False) -> int | None:
+    """Ask the server of a weights URL (http(s)://, s3://, ...) whether the file is there and its size,
+    without downloading it: a WeightsError worded as read_state_dict's when the host cannot be reached,
+    answers 404 or another HTTP error, or has no such key. Returns the size (None: not said).
+
+    The extract driver asks this while Ray starts, so that a bad URL is refused before any actor
+    is created, rather than by every actor reading it. What the driver cannot tell (no credentials
+    here: the workers of a cluster may have their own) is logged and left to the actors, unless
+    `strict` (the workers run here, with this process's environment). Local paths: None."""
+    import threading
+
+    import fsspec
+
+    path = split_recipe(uri)[0]
+    if _local_file(path) is not None:
+        return None
+    answer: dict[str, Any] = {}
+
+    def ask() -> None:
+        try:
+            fs, fs_path = fsspec.core.url_to_fs(path, **(storage_options or {}))
+            answer["info"] = fs.info(fs_path)
+        except BaseException as exc:  # handed to the caller below
+            answer["error"] = exc
+
+    asking = threading.Thread(target=ask, name="featurestore-weights-check", daemon=True)
+    asking.start()
+    asking.join(timeout)
+    if asking.is_alive():
+        raise WeightsError(f"cannot reach the host of weights URL {uri} (no answer within {timeout:g}s): no network, "
+                           f"or the server is down; " + _offline_hint(path))
+    exc = answer.get("error")
+    if exc is not None:
+        err = _read_error(path, exc)
+        if not strict and str(err).startswith("cannot read weights "):  # credentials, say: the actors may have theirs
+            log.warning("weights %s not checked in the driver (%s); the workers will read it", uri,
+                        _first_sentence(exc))
+            return None
+        raise err from None
+    info = answer["info"]
+    if info.get("type") == "directory":
+        raise WeightsError(f"weights {uri} is a directory; pass the state-dict file inside it")
+    size = info.get("size")
+    if size == 0:
+        raise WeightsError(f"weights file {uri} is empty (0 bytes), e.g. an interrupted upload or save; "
+                           f"upload or save it again")
+    return int(size) if size is not None else None
 
 
 def read_state_dict(uri: str, storage_options: dict | None = None) -> tuple[dict[str, torch.Tensor], str]:
