@@ -466,7 +466,7 @@ class ShardExtractor:
             bb = load_backbone(
                 c.model, weights=c.weights, layers=list(c.layers) or None, pooling=c.pooling,
                 precision=c.precision, device=str(self.device), input_size=c.input_size, crop=c.crop,
-                decode=c.decode, seed=seed,
+                decode=c.decode, seed=seed, storage_options=storage_options or None,  # weights at s3://...
                 # faster on GPUs and on CPUs alike (oneDNN); same float32 maths, another summation order
                 channels_last=True, fold_batchnorm=fold_batchnorm,
             )

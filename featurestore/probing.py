@@ -581,7 +581,10 @@ def _check_weights(cfg: ProbeConfig, cand: Candidate, source: str) -> None:
     from featurestore.zoo import UnknownLayerError
 
     try:
-        check = preflight(_extract_config(cfg, cand, source, "unused", cand.layers).backbones()[0])
+        # as extract decides: workers of an embedded instance share this machine's network and credentials
+        workers_here = not (cfg.address or os.environ.get("RAY_ADDRESS"))
+        check = preflight(_extract_config(cfg, cand, source, "unused", cand.layers).backbones()[0],
+                          cfg.storage_options or None, workers_here)
         if check is not None:
             check()
         elif is_file_spec(cand.weights) and "://" not in cand.weights:

@@ -171,3 +171,30 @@ def test_s3_weights_without_credentials_are_refused_before_workers_that_would_la
     assert f"cannot read weights {url}: no credentials, or access denied" in res.stderr, res.stderr[-3000:]
     assert "check the credentials (AWS_* variables or storage_options)" in res.stderr
     assert "actor" not in res.stderr and "Traceback" not in res.stderr, res.stderr[-3000:]
+
+
+def test_s3_weights_are_read_by_the_workers_with_the_jobs_storage_options(tmp_path, s3_server):
+    """Weights at s3:// on an endpoint named only in storage_options (no AWS_* variables anywhere):
+    the actors read them with the job's options, as the driver's check does."""
+    import io
+
+    import torchvision
+
+    buf = io.BytesIO()
+    torch.save(torchvision.models.mobilenet_v3_small().state_dict(), buf)
+    url = f"{s3_server.make_bucket()}/w.pth"
+    s3_server.fs().pipe(url, buf.getvalue())
+    src, out = _images(tmp_path / "src"), tmp_path / "store"
+    script = ("import json, sys, featurestore\n"
+              "res = featurestore.extract(source=sys.argv[1], output=sys.argv[2], model='mobilenet_v3_small', "
+              "weights=sys.argv[3], input_size=32, batch_size=2, quiet=True, storage_options=json.loads(sys.argv[4]))\n"
+              "print('rows', res.rows)\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_") and k != "RAY_ADDRESS"}
+    env.update(AWS_EC2_METADATA_DISABLED="true", AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"),
+               AWS_CONFIG_FILE=str(tmp_path / "none"))
+    import json
+
+    res = subprocess.run([sys.executable, "-c", script, str(src), str(out), url, json.dumps(s3_server.storage_options)],
+                         capture_output=True, text=True, timeout=300, env=env)
+    assert res.returncode == 0 and "rows 2" in res.stdout, res.stderr[-3000:]
+    assert featurestore.open(str(out)).config["weights"] == url
