@@ -76,7 +76,9 @@ def probe(source, config_path, **flags):
         try:
             data["grid"] = parse_grid(list(grid), data.get("head", "logreg"))
         except HeadError as exc:
-            raise click.UsageError(str(exc))
+            from classifiers.cli import _flag_terms
+
+            raise click.UsageError(_flag_terms(exc))  # the grid's parameter said as --grid
     if isinstance(data.get("models"), str):
         data["models"] = [m.strip() for m in data["models"].split(",") if m.strip()]
     for required, how in (("source", "SOURCE"), ("out", "--out DIR")):
@@ -94,7 +96,9 @@ def probe(source, config_path, **flags):
         result = run_probe(cfg)
     # HeadError: a class too small to train on
     except (ProbeError, ExtractError, HeadError, WeightsError, ClusterUnreachable) as exc:
-        click.echo(f"featurestore probe: {exc}", err=True)
+        from classifiers.cli import _flag_terms
+
+        click.echo(f"featurestore probe: {_flag_terms(exc) if isinstance(exc, HeadError) else exc}", err=True)
         sys.exit(1 if isinstance(exc, (ProbeExtractionError, ExtractError)) else 2)
     except OSError as exc:  # said with the path it names: reading SOURCE or writing --out; else a traceback
         from classifiers.cli import os_error_exception

@@ -25,13 +25,22 @@ s3_bucket (function scope)
 """
 from __future__ import annotations
 
+import atexit
 import itertools
+import os
+import shutil
 import socket
+import tempfile
 import uuid
 from dataclasses import dataclass, field
 
 import numpy as np
 import pytest
+
+# extract's driver records the layer names it traced (featurestore.layer_names); the tests keep that
+# record in a folder of their own, not in the user's ~/.cache (subprocesses and Ray workers inherit it)
+os.environ["FEATURESTORE_LAYER_CACHE"] = tempfile.mkdtemp(prefix="featurestore-test-layers-")
+atexit.register(shutil.rmtree, os.environ["FEATURESTORE_LAYER_CACHE"], ignore_errors=True)
 
 
 @pytest.fixture

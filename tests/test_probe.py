@@ -275,6 +275,14 @@ def test_an_output_that_is_a_file_is_refused_in_one_line(images, tmp_path):
             "folder; choose another path") in res.output, res.output
 
 
+def test_a_bad_grid_is_said_as_the_flag_typed(images, tmp_path):
+    from featurestore.cli import main
+
+    res = CliRunner().invoke(main, ["probe", str(images), "--models", "resnet18@none", "--out", str(tmp_path / "p"),
+                                    "--grid", "C=abc"])
+    assert res.exit_code == 2 and "Error: --grid C: 'abc' is not a number" in res.output, res.output
+
+
 def test_empty_or_unlabeled_source_is_refused(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
