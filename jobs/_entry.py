@@ -280,6 +280,10 @@ def input_error_line(kind: str, exc: BaseException, spec: Any, typed: Any) -> st
     """One line for the job log: the spec, the field and what was wrong, in the spec's terms."""
     if isinstance(exc, OSError) and not isinstance(exc, FileNotFoundError) and exc.filename and exc.strerror:
         text = f"{exc.filename}: {exc.strerror.lower()}; choose another path"
+    elif getattr(exc, "params", None) and hasattr(exc, "worded"):  # classifiers marks the parameters it names
+        from classifiers.terms import spec_term
+
+        text = exc.worded(spec_term)
     else:
         text = str(exc) or type(exc).__name__
     text = " ".join(line.strip() for line in text.splitlines() if line.strip())

@@ -101,9 +101,9 @@ def small_store(tmp_path):
      lambda tmp, store: f"field 'config.split': {tmp}: "),
     (lambda tmp, store: {"split": str(tmp / "none.csv")},
      lambda tmp, store: f"field 'config.split': {tmp / 'none.csv'}: no such file"),
-    # classifiers' HeadError about a field, naming the store: the field it opens with, not the store
+    # classifiers' HeadError marks the parameter it is about: said as the field, not the store it names
     (lambda tmp, store: {"class_weight": {"cat": 2, "tiger": 1}},
-     lambda tmp, store: f"field 'config.class_weight': class_weight names ['tiger'], not classes of {store} (cat, dog)"),
+     lambda tmp, store: f"config.class_weight names ['tiger'], not classes of {store} (cat, dog)"),
     # scikit-learn's ValueError for a scoring name it does not know
     (lambda tmp, store: {"scoring": "acuracy"},
      lambda tmp, store: "field 'config.scoring': 'acuracy' is not a valid scoring value"),
@@ -248,6 +248,21 @@ def test_a_probe_names_its_models_field(tmp_path):
     line = input_error_line("probe", ProbeError("--models 'resnet18@none': UnknownLayerError: no layer 'x'"),
                             spec, typed)
     assert line == f"{spec.source}: config.models: 'resnet18@none': UnknownLayerError: no layer 'x'"
+
+
+def test_a_heads_error_names_the_spec_fields_it_marks(tmp_path):
+    """classifiers marks the parameters its messages name; a train job's log says them as config fields,
+    mid-message too, where str() would say Python's `split=FILE`."""
+    from classifiers.heads import HeadError
+    from classifiers.terms import param
+    from jobs.specs import load_spec
+
+    spec, typed = load_spec(spec_file(tmp_path, "train", {"store": "s3://b/store", "out": "s3://b/head"}))
+    exc = HeadError(f"{param('split_column')} fold: the manifest has no such column; give the split as a file "
+                    f"instead: {param('split', 'FILE')} with columns id and fold")
+    line = input_error_line("train", exc, spec, typed)
+    assert line == (f"{spec.source}: config.split_column fold: the manifest has no such column; give the split as a "
+                    "file instead: config.split: FILE with columns id and fold"), line
 
 
 @pytest.mark.parametrize("error,field", [
