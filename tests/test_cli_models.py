@@ -88,7 +88,7 @@ def test_classify_with_a_checkpoint_without_a_classifier_is_refused_in_one_line(
     assert "Traceback" not in r.output
 
 
-def test_i_layers_help_says_a_local_file_is_read_and_a_bad_input_size_names_the_flag(tmp_path):
+def test_layers_help_says_a_local_file_is_read_and_a_bad_input_size_names_the_flag(tmp_path):
     """The --weights help said files were never read, though their names and shapes are (fine-tuned
     and headless files show as such); --input-size 0 was refused as `input_size`, an API argument."""
     r = CliRunner().invoke(layers, ["--help"])
