@@ -886,9 +886,10 @@ def _annotate(ax, fig, rows: list[ProbeRow]) -> None:
     for r in rows:
         groups.setdefault((round(r.relative_time, 6), round(r.score, 6)), []).append(r)
     fig.canvas.draw()
-    to_px = ax.transData.transform
-    placed: list[tuple[float, float]] = []
+    renderer = fig.canvas.get_renderer()
+    placed: list = []  # the drawn labels' boxes, in pixels
     line_px = 11.0 * fig.dpi / 72.0
+    style = dict(textcoords="offset points", fontsize=7.5, va="center", zorder=4)
     # best first, so the labels that matter sit closest to their points
     for (x, y), group in sorted(groups.items(), key=lambda kv: (-kv[0][1], kv[0][0])):
         pareto = any(r.pareto for r in group)
@@ -896,17 +897,21 @@ def _annotate(ax, fig, rows: list[ProbeRow]) -> None:
         text = head + ", ".join(r.layer for r in group)
         if any(r.best_accuracy for r in group):
             text += f"  [highest {metric_name(group[0].ranked_by)}]"
-        px, py = to_px((x, y))
+        weight = "bold" if pareto else "normal"
+        # the label's own rendered box, not a guess of its width: a long label (a model and a weights
+        # file) reaches over a neighbour's that starts a few hundred pixels to its right
+        trial = ax.annotate(text, (x, y), xytext=(10, 0), fontweight=weight, **style)
         dy = 0.0
         for step in range(60):
-            cand = py + dy
-            if all(abs(cand - qy) >= line_px or abs(px - qx) > 260 for qx, qy in placed):
+            trial.xyann = (10, dy * 72.0 / fig.dpi)
+            box = trial.get_window_extent(renderer)
+            if not any(box.overlaps(other) for other in placed):
                 break
             dy = -(step // 2 + 1) * line_px if step % 2 == 0 else (step // 2 + 1) * line_px
-        placed.append((px, py + dy))
-        ax.annotate(text, (x, y), xytext=(10, dy * 72.0 / fig.dpi), textcoords="offset points", fontsize=7.5,
-                    va="center", fontweight="bold" if pareto else "normal", zorder=4,
-                    arrowprops=dict(arrowstyle="-", lw=0.5, color="grey") if dy else None)
+        trial.remove()
+        placed.append(box)
+        ax.annotate(text, (x, y), xytext=(10, dy * 72.0 / fig.dpi), fontweight=weight,
+                    arrowprops=dict(arrowstyle="-", lw=0.5, color="grey") if dy else None, **style)
 
 
 def plot(rows: list[ProbeRow], path_or_file, title: str = "") -> list[dict]:

@@ -389,3 +389,38 @@ def test_featurestore_probe_and_extract_stay_functions_after_their_modules_load(
 
     assert featurestore.probe is featurestore.probing.probe
     assert featurestore.extract is featurestore.engine.extract
+
+
+def test_plot_labels_never_overlap_even_long_ones_of_near_points():
+    """Two Pareto points a third of the axis apart, each labelled with its model and weights file:
+    the left label's text reaches over the right one's start, so it must move (it did not)."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    from featurestore.probing import ProbeRow, _annotate, mark_best
+
+    def row(model, weights, layer, acc, ips):
+        return ProbeRow(model=model, weights=weights, layer=layer, dim=8, accuracy=acc, balanced_accuracy=acc,
+                        images_per_second=ips, params_m=4.0, size_mb=16.0)
+
+    rows = [row("efficientnet_lite0", "tf_efficientnet_lite0_imagenet.pth", layer, acc, 90.0)
+            for layer, acc in (("blocks.2", 0.78), ("blocks.4", 0.90), ("pre_logits", 1.0))]
+    rows += [row("mobilenet_v2", "mobilenet_v2_imagenet_dequantized.pth", layer, acc, 121.7)
+             for layer, acc in (("features.7.conv.0", 0.80), ("features.14.conv.0", 0.95), ("flatten", 0.9956))]
+    mark_best(rows)
+    fig, ax = plt.subplots(figsize=(9, 6))
+    try:
+        for r in rows:
+            ax.scatter([r.relative_time], [r.score])
+        ax.set_xlim(0.8, 1.9)
+        ax.set_ylim(0.7, 1.04)
+        fig.tight_layout()
+        _annotate(ax, fig, rows)
+        fig.canvas.draw()
+        boxes = [t.get_window_extent(fig.canvas.get_renderer()) for t in ax.texts]
+        assert len(boxes) == 6
+        assert not [(i, j) for i in range(6) for j in range(i + 1, 6) if boxes[i].overlaps(boxes[j])]
+    finally:
+        plt.close(fig)
