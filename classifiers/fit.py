@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from .core import Head, as_rows
-from .heads import (SGD_LOSSES, calibrated, check_kind, make_pipeline, needs_calibration, parse_grid, HeadError)
+from .heads import (calibrated, check_kind, check_loss, make_pipeline, needs_calibration, parse_grid, HeadError)
 from .report import compute_report, write_report
 from .apply import proba_rows
 from .split import check_test_size, hash_split, manifest_split, read_split_file
@@ -126,9 +126,7 @@ def check_arguments(head: str = "logreg", cv: int = 5, batch_size: int = 4096, e
     still a mistake, and job specs refuse it too. loss likewise for a head that does not stream: any
     head streams with SGD when its features exceed the memory budget."""
     check_kind(head)
-    if loss not in SGD_LOSSES:  # SGDClassifier's own refusal came after a pass over the store
-        raise HeadError(f"{param('loss')} must be one of {', '.join(SGD_LOSSES)} (SGD's, when a head streams), "
-                        f"got {loss!r}")
+    check_loss(loss)
     check_test_size(test_size)
     for name, value, low, why in (("cv", cv, 2, f"folds of the sweep; a single {param('grid')} value needs no sweep"),
                                   ("batch_size", batch_size, 1, "rows per streaming batch"),

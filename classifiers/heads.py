@@ -39,6 +39,14 @@ class HeadError(Worded, ValueError):
     marked with terms.param: str() names them as Python does, the CLI as flags)."""
 
 
+def check_loss(loss: str) -> None:
+    """SGD's loss, checked before any work: any head streams with SGD when its features exceed the
+    memory budget, and SGDClassifier's own refusal came after a pass over the store."""
+    if loss not in SGD_LOSSES:
+        raise HeadError(f"{param('loss')} must be one of {', '.join(SGD_LOSSES)} (SGD's, when a head streams), "
+                        f"got {loss!r}")
+
+
 def check_kind(kind: str) -> str:
     if kind not in HEADS:
         raise HeadError(f"unknown head {kind!r}; choose one of: {', '.join(HEADS)}")
@@ -56,8 +64,7 @@ def classifier(kind: str, *, class_weight: Any = None, seed: int = 0, loss: str 
     if kind == "svm":
         return SVC(kernel="rbf", C=params.get("C", 1.0), gamma=params.get("gamma", "scale"),
                    class_weight=class_weight, decision_function_shape="ovr", random_state=seed)
-    if loss not in SGD_LOSSES:
-        raise HeadError(f"{param('loss')} must be one of {', '.join(SGD_LOSSES)} (SGD heads), got {loss!r}")
+    check_loss(loss)
     return SGDClassifier(loss=loss, alpha=params.get("alpha", 1e-4), class_weight=class_weight,
                          max_iter=50, tol=1e-4, random_state=seed)
 
