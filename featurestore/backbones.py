@@ -695,6 +695,13 @@ def _suggest(layer: str, valid: list[str]) -> str:
     return f"; closest: {', '.join(close[:5])}" if close else ""
 
 
+def with_modules(names: list[str]) -> list[str]:
+    """names, then the module names above them (layer3 above layer3.1.relu): torchvision cuts at a
+    module's last node, so they are names a user may mean."""
+    modules = {v.rsplit(".", i)[0] for v in names for i in range(1, v.count(".") + 1)}
+    return names + sorted(modules - set(names))
+
+
 def _check_layers(requested: Sequence[str], valid: list[str], model_name: str, prefixes: bool,
                   input_node: str | None = None) -> None:
     hint = f"list them with `featurestore layers {model_name}`"
@@ -708,8 +715,7 @@ def _check_layers(requested: Sequence[str], valid: list[str], model_name: str, p
             continue  # torchvision accepts a module name: the output of its last node
         names = [v for v in valid if v != input_node] + (["logits"] if "logits" not in valid else [])
         if prefixes:  # module names are valid cuts too (layer3: its last node)
-            modules = {v.rsplit(".", i)[0] for v in names for i in range(1, v.count(".") + 1)}
-            names += sorted(modules - set(names))
+            names = with_modules(names)
         raise UnknownLayerError(f"{model_name} has no layer {layer!r}{_suggest(layer, names)}; {hint}")
 
 

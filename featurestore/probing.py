@@ -350,11 +350,10 @@ def resolve_layers(cands: list[Candidate], layers: Mapping[str, list[str]], inpu
             else:
                 modules = c.canonical[:5] != "timm:"  # torchvision: a module name cuts at its last node
                 if tok not in names and not (modules and any(n.startswith(tok + ".") for n in names)):
-                    from featurestore.backbones import _suggest
+                    from featurestore.backbones import _suggest, with_modules
 
                     # extract's suggestions: a case slip's exact name, stage names before deep nodes
-                    pool = names + (sorted({n.rsplit(".", i)[0] for n in names for i in range(1, n.count(".") + 1)}
-                                           - set(names)) if modules else [])
+                    pool = with_modules(names) if modules else names
                     listing = f"featurestore layers {c.model}" + (f" --weights {local_file}" if local_file else "")
                     raise ProbeError(f"--layers: {c.model} has no layer {tok!r}{_suggest(tok, pool)}; "
                                      f"list them with `{listing}` (or use auto/default)")
