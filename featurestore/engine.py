@@ -559,6 +559,10 @@ class BackboneLoadError(RuntimeError):
     """An actor could not build its backbone (unknown layer, unreadable weights, ...)."""
 
 
+class ActorGpuError(BackboneLoadError):
+    """A GPU actor whose torch cannot use the GPU Ray gave it (a CPU-only build, no driver)."""
+
+
 class ExtractorActor:
     """The Ray actor: a ShardExtractor built in the actor's own process.
 
@@ -572,14 +576,23 @@ class ExtractorActor:
         # A constructor that raises makes Ray print the traceback and the dying worker's
         # crash report into the user's terminal; kept here, the driver says it once, plainly.
         self._error: str | None = None
+        self._gpu_error = False
         try:
             self._extractor = ShardExtractor(*args, **kwargs)
         except Exception as exc:
-            self._error = f"{type(exc).__name__}: {exc}"
+            from featurestore.extractor import NoCudaDevice
+
+            self._gpu_error = isinstance(exc, NoCudaDevice)
+            if self._gpu_error:
+                import ray
+
+                self._error = f"a GPU actor on node {ray.util.get_node_ip_address()}: {exc}"
+            else:
+                self._error = f"{type(exc).__name__}: {exc}"
 
     def _loaded(self):
         if self._error is not None:
-            raise BackboneLoadError(self._error)
+            raise (ActorGpuError if self._gpu_error else BackboneLoadError)(self._error)
         return self._extractor
 
     def configs(self) -> list[dict[str, Any]]:
@@ -841,6 +854,9 @@ def _extract(cfg: ExtractConfig, stop: _StopOnSignal, leases: list) -> ExtractRe
             storage_options=storage, decode_threads=placement.decode_threads,
             torch_threads=placement.torch_threads, max_pixels=cfg.max_image_pixels, strict=cfg.strict,
             compile=cfg.compile, compile_backend=compile_backend, fold_batchnorm=cfg.fold_batchnorm,
+            # Ray (2.5x) leaves every GPU visible to an actor that reserved none: a CPU actor
+            # must not pick one up, and a GPU actor must not quietly fall back to the CPU
+            device="cuda" if placement.num_gpus else "cpu",
         )
 
     say(f"{len(plan.ids)} inputs in {plan.num_shards} shard(s); starting {placement.actors} "
@@ -853,6 +869,9 @@ def _extract(cfg: ExtractConfig, stop: _StopOnSignal, leases: list) -> ExtractRe
         if not isinstance(exc.cause, BackboneLoadError):
             raise
         _kill(actors)
+        if isinstance(exc.cause, ActorGpuError):
+            raise ExtractError(f"{exc.cause}. Install a CUDA build of torch on the GPU nodes (see "
+                               "pytorch.org/get-started), or pass --gpus-per-actor 0 to run on CPUs") from None
         raise ExtractError(f"the backbone could not be loaded on a worker: {exc.cause}") from None
     except ray.exceptions.RayActorError as exc:
         raise ExtractError(f"the backbone could not be loaded on a worker: {_root_cause(str(exc))}") from None

@@ -84,10 +84,28 @@ class ShardProgress:
             self.done = self.errors = 0
 
 
+class NoCudaDevice(RuntimeError):
+    """A GPU was asked for (or Ray gave the actor one) but torch in this process cannot use it."""
+
+
 def pick_device(requested: str | None = None) -> torch.device:
-    if requested:
-        return torch.device(requested)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """The device asked for; none asked: CUDA where torch sees it.
+
+    A CUDA device that torch cannot use is an error, not a quiet fall back to the CPU: a job
+    sized for GPUs would run many times slower on the few threads a GPU actor keeps.
+    """
+    if not requested:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(requested)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        if torch.version.cuda is None:
+            why = f"torch {torch.__version__} here is a CPU-only build"
+        else:
+            visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+            why = (f"torch {torch.__version__} (built for CUDA {torch.version.cuda}) sees no CUDA device: no "
+                   f"NVIDIA driver, or one too old for it (CUDA_VISIBLE_DEVICES={visible!r})")
+        raise NoCudaDevice(f"{requested} asked for, but {why}")
+    return device
 
 
 @dataclass(frozen=True)
