@@ -443,9 +443,17 @@ def check_layers(asked: list[tuple[str, list[str]]], input_size: int | None, sou
     on the meta device (regnet) are traced for real, up to _REAL_TRACE_MAX_PARAMS_M (regnet_y_16gf:
     ~5 s), and larger ones left to the cluster. Where torch, torchvision (or timm, for a timm
     model) cannot be imported, or a model cannot be listed here at all, nothing is checked: the
-    cluster still checks when it builds the model."""
+    cluster still checks when it builds the model. A listing is recorded (featurestore.layer_names),
+    so a later spec that asks only for recorded names is checked without importing torch."""
     asked = [(m, lay) for m, lay in asked if lay]
     if not asked:
+        return
+    from featurestore import layer_names
+    from featurestore.zoo import canonical_name
+
+    # names an earlier listing of the architecture recorded (featurestore.layer_names): a spec that
+    # asks only for those is let through without importing torch (seconds); the cluster checks again
+    if all(layer_names.known(canonical_name(m), "none", lay, input_size) for m, lay in asked):
         return
     import importlib
 
@@ -455,7 +463,7 @@ def check_layers(asked: list[tuple[str, list[str]]], input_size: int | None, sou
     except (ImportError, OSError):  # OSError: a broken CUDA library, say
         return
     from featurestore.backbones import _check_layers
-    from featurestore.zoo import UnknownLayerError, canonical_name
+    from featurestore.zoo import UnknownLayerError
 
     listed: dict[str, list[str] | None] = {}
     for model, layers in asked:

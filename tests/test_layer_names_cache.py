@@ -110,3 +110,27 @@ def test_the_cache_lives_under_xdg_cache_home(tmp_path, monkeypatch):
     assert layer_names.cache_dir() == str(tmp_path / "xdg" / "featurestore" / "layers")
     list_layers("mobilenet_v3_small")
     assert list((tmp_path / "xdg" / "featurestore" / "layers").glob("mobilenet_v3_small-*.json"))
+
+
+def test_a_job_spec_asking_for_recorded_names_is_checked_without_importing_torch(cache):
+    code = (
+        "import sys\n"
+        "from jobs.specs import check_layers\n"
+        "from featurestore.config import ConfigError\n"
+        "check_layers([('resnet18', ['layer3', 'avgpool'])], None, 'job.yaml')\n"
+        "print('torch imported:', 'torch' in sys.modules)\n"
+        "try:\n"
+        "    check_layers([('resnet18', ['layer3', 'layr4'])], None, 'job.yaml')\n"
+        "except ConfigError as exc:\n"
+        "    print('refused:', exc)\n")
+    first = _driver(code, cache)  # nothing recorded: torch traces the architecture, and the names are kept
+    assert first.returncode == 0, first.stderr
+    assert "torch imported: True" in first.stdout
+    assert layer_names.known("resnet18", "none", ["layer3", "avgpool"], None)
+    again = _driver(code, cache)
+    assert again.returncode == 0, again.stderr
+    assert "torch imported: False" in again.stdout
+    # a name not recorded is traced: the same refusal as without a record
+    for out in (first, again):
+        assert "refused: job.yaml: field 'config.layers': resnet18 has no layer 'layr4'; closest: layer4" \
+            in out.stdout, out.stdout
