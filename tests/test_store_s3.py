@@ -61,6 +61,27 @@ def test_list_folder_and_manifest_on_s3(s3_server, s3_bucket, image_folder, tmp_
         list_source(f"{s3_bucket}/nothing-here", storage_options=so)
 
 
+def test_many_class_folders_on_s3_list_as_the_same_local_folder_does(s3_server, s3_bucket, tmp_path):
+    root = tmp_path / "many"
+    names = [f"c{i:02d}/{j}.jpg" for i in range(35) for j in range(3)]
+    names += ["c00/deeper/still/x.png", ".hidden/a.jpg", "c01/.cache/b.jpg", "loose.jpg", "c02/notes.txt",
+              "only-a-folder/sub/y.jpg"]
+    for name in names:
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(b"")
+    _upload(s3_server, root, f"{s3_bucket}/many")
+    so = s3_server.storage_options
+    local = list_source(str(root))
+    remote = list_source(f"{s3_bucket}/many", storage_options=so)
+    assert remote.ids == [f"{s3_bucket}/many/{i[len(str(root)) + 1:]}" for i in local.ids]
+    assert remote.label_names == local.label_names and np.array_equal(remote.labels, local.labels)
+    assert len(remote.label_names) == 36 and f"{s3_bucket}/many/loose.jpg" not in remote.ids
+    one = list_source(f"{s3_bucket}/many/only-a-folder", storage_options=so)
+    assert one.ids == [f"{s3_bucket}/many/only-a-folder/sub/y.jpg"] and one.label_names == ["sub"]
+    with pytest.raises(FileNotFoundError):  # a prefix of folder names is no folder
+        list_source(f"{s3_bucket}/many/c0", storage_options=so)
+
+
 def test_whole_cycle_on_s3(s3_server, s3_bucket, tmp_path):
     so = s3_server.storage_options
     uri = f"{s3_bucket}/stores/run1"
