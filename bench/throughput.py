@@ -148,13 +148,16 @@ class RayDataEmbedder:
         return {"features": out.float().cpu().numpy()}
 
 
-def bench_raydata(model, precision, paths, use_gpu: bool) -> float:
+def bench_raydata(model, precision, paths, use_gpu: bool, actors: int | None = None) -> float:
+    """Ray Data's default for a callable class is an autoscaling actor pool (1 to unlimited
+    actors, one CPU or GPU each); `actors` fixes the pool's size instead."""
     import ray
 
     t = time.perf_counter()
     ds = ray.data.read_images(paths, mode="RGB")
-    ds = ds.map_batches(RayDataEmbedder, fn_constructor_args=(model, precision), concurrency=1,
-                        num_gpus=1 if use_gpu else 0)
+    compute = {} if actors is None else {"compute": ray.data.ActorPoolStrategy(size=actors)}
+    ds = ds.map_batches(RayDataEmbedder, fn_constructor_args=(model, precision), num_gpus=1 if use_gpu else 0,
+                        **compute)
     n = 0
     for batch in ds.iter_batches(batch_size=None):
         n += len(batch["features"])
@@ -218,6 +221,8 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=1,
                     help="repeat every method N times, interleaved, and keep each one's best (shared machines)")
     ap.add_argument("--skip", default="", help="comma list of methods to skip: ceiling,loop,raydata,extract")
+    ap.add_argument("--raydata-actors", type=int, default=None,
+                    help="a fixed Ray Data actor pool of N (default: Ray Data's own, an autoscaling pool)")
     args = ap.parse_args(argv)
     if not args.images.exists():
         print(f"no images at {args.images}; pass --images PATH", file=sys.stderr)
@@ -267,7 +272,8 @@ def main(argv=None) -> int:
                 if "loop" not in skip:
                     keep("loop", bench_loop(plain, paths, batch, device, tmp / f"{model}-loop.h5"))
                 if "raydata" not in skip:
-                    keep("raydata", bench_raydata(model, args.precision, paths, device == "cuda"))
+                    keep("raydata", bench_raydata(model, args.precision, paths, device == "cuda",
+                                                  args.raydata_actors))
                 if "extract" not in skip:
                     wall, steady, info = bench_extract(model, args.precision, paths, args.batch_size,
                                                        tmp / f"{model}-store", args.shard_size, **extra)
