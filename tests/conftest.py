@@ -33,6 +33,7 @@ import socket
 import tempfile
 import uuid
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -41,6 +42,21 @@ import pytest
 # record in a folder of their own, not in the user's ~/.cache (subprocesses and Ray workers inherit it)
 os.environ["FEATURESTORE_LAYER_CACHE"] = tempfile.mkdtemp(prefix="featurestore-test-layers-")
 atexit.register(shutil.rmtree, os.environ["FEATURESTORE_LAYER_CACHE"], ignore_errors=True)
+
+
+def signal_images(root: Path, classes: list[str], per_class: int, side: int) -> Path:
+    """root/<class>/<class>_<i>.jpg, random pixels with one colour channel brightened per class, so
+    that features of a random backbone still separate the classes (heads have a signal)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for ci, cls in enumerate(classes):
+        (root / cls).mkdir(parents=True)
+        for i in range(per_class):
+            arr = rng.integers(0, 160, size=(side, side, 3), dtype=np.uint8)
+            arr[..., ci] += 90
+            Image.fromarray(arr).save(root / cls / f"{cls}_{i}.jpg", quality=90)
+    return root
 
 
 @pytest.fixture

@@ -15,6 +15,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 import featurestore
+from conftest import signal_images
 from featurestore.config import ConfigError
 from featurestore.probing import (ProbeError, ProbeRow, mark_best, parse_candidates, parse_layers,
                                 parse_markdown_table, probe, read_csv, stratified_sample)
@@ -41,15 +42,7 @@ def ray_local():
 @pytest.fixture(scope="module")
 def images(tmp_path_factory) -> Path:
     """3 classes x 8 small JPEGs; each class brightens one colour channel, so heads have a signal."""
-    root = tmp_path_factory.mktemp("probe-src") / "images"
-    rng = np.random.default_rng(0)
-    for ci, cls in enumerate(["cat", "dog", "panda"]):
-        (root / cls).mkdir(parents=True)
-        for i in range(8):
-            arr = rng.integers(0, 160, size=(40, 40, 3), dtype=np.uint8)
-            arr[..., ci] += 90
-            Image.fromarray(arr).save(root / cls / f"{cls}_{i}.jpg", quality=90)
-    return root
+    return signal_images(tmp_path_factory.mktemp("probe-src") / "images", ["cat", "dog", "panda"], 8, 40)
 
 
 def shard_mtimes(store: Path) -> dict[str, int]:

@@ -6,26 +6,17 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
+from conftest import signal_images
 from featurestore import backbones
 from featurestore.probing import ProbeError, probe
 
 
 @pytest.fixture(scope="module")
 def images(tmp_path_factory):
-    root = tmp_path_factory.mktemp("probe-file") / "images"
-    rng = np.random.default_rng(0)
-    for ci, cls in enumerate(["cat", "dog"]):
-        (root / cls).mkdir(parents=True)
-        for i in range(6):
-            arr = rng.integers(0, 160, size=(36, 36, 3), dtype=np.uint8)
-            arr[..., ci] += 90
-            Image.fromarray(arr).save(root / cls / f"{cls}_{i}.jpg", quality=90)
-    return root
+    return signal_images(tmp_path_factory.mktemp("probe-file") / "images", ["cat", "dog"], 6, 36)
 
 
 @pytest.fixture
