@@ -778,7 +778,9 @@ def _extract(cfg: ExtractConfig, stop: _StopOnSignal, leases: list) -> ExtractRe
     # The plan: stored on first run, reused on resume, so the shards never move. Every store of a
     # multi-model job holds the same plan; a store that lost (or never had) its plan gets it back.
     if multi:  # OUTPUT is the parent of the stores: a folder of the user's files is no such parent
-        _refuse_foreign_parent(cfg.output, [b.model for b in backbones], storage)
+        from featurestore.config import store_dir_name
+
+        StoreWriter.refuse_foreign_parent(cfg.output, [store_dir_name(b.model) for b in backbones], storage)
     for u in outputs:  # a folder of other files (SOURCE given as OUTPUT): refused now, not once actors are up
         StoreWriter.refuse_foreign(u, storage)
     existing = [None if cfg.overwrite else StoreWriter.existing_plan(u, storage_options=storage) for u in outputs]
@@ -1034,27 +1036,6 @@ def _extract(cfg: ExtractConfig, stop: _StopOnSignal, leases: list) -> ExtractRe
             result,
         )
     return result
-
-
-def _refuse_foreign_parent(output: str, models: list[str], storage) -> None:
-    """Refuse a multi-model OUTPUT that holds anything but stores (the source itself, a folder of documents).
-
-    Each store's own check (StoreWriter.refuse_foreign) only looks at OUTPUT/<model>, which does
-    not exist yet in such a folder, so the job would write its stores among the user's files.
-    Allowed: nothing, the writer lease, this job's OUTPUT/<model> folders (checked one by one
-    after this), and other stores (a featurestore output with another list of models)."""
-    from featurestore.config import join_uri, store_dir_name
-    from featurestore.store import LEASE_FILE, StoreError, _Loc, _read_meta
-
-    ours = {store_dir_name(m) for m in models}
-    loc = _Loc(output, storage)
-    others = [n for n in loc.listdir("") if n != LEASE_FILE and n not in ours
-              and _read_meta(_Loc(join_uri(output, n), storage)) is None]
-    if others:
-        raise StoreError(
-            f"{output} exists and holds files that are not stores ({', '.join(others[:3])}"
-            f"{', ...' if len(others) > 3 else ''}); with several models OUTPUT is a parent folder of one store "
-            f"per model (OUTPUT/<model>): choose a new or empty output")
 
 
 def _absolute(uri: str) -> str:

@@ -683,6 +683,23 @@ class StoreWriter:
                 f"(choose a new or empty output)"
             )
 
+    @staticmethod
+    def refuse_foreign_parent(output: str, store_names: Sequence[str], storage_options: dict | None = None) -> None:
+        """Refuse a multi-model OUTPUT that holds anything but stores (the source itself, a folder of documents).
+
+        refuse_foreign only looks at OUTPUT/<model>, which does not exist yet in such a folder, so the
+        job would write its stores among the user's files. Allowed: nothing, the writer lease, this
+        job's store folders (`store_names`, checked one by one after this), and other stores (a
+        featurestore output with another list of models)."""
+        loc = _Loc(output, storage_options)
+        others = [n for n in loc.listdir("") if n != LEASE_FILE and n not in store_names
+                  and _read_meta(_Loc(loc.url(n), storage_options)) is None]
+        if others:
+            raise StoreError(
+                f"{output} exists and holds files that are not stores ({', '.join(others[:3])}"
+                f"{', ...' if len(others) > 3 else ''}); with several models OUTPUT is a parent folder of one "
+                f"store per model (OUTPUT/<model>): choose a new or empty output")
+
     def write_plan(self, plan: Plan) -> None:
         """Store the plan: on the first run, and again when --append grew it (a resume reuses it)."""
         self.loc.write_parquet("plan.parquet", plan.to_table())

@@ -74,18 +74,17 @@ def test_a_multi_model_output_of_other_files_is_one_line_before_ray_starts(tmp_p
 def test_a_multi_model_output_may_hold_its_stores_and_other_stores(tmp_path):
     """What featurestore wrote there earlier (this job's OUTPUT/<model>, a store of another model list, the
     writer lease) is no reason to refuse; one file of the user's among them is."""
-    from featurestore.engine import _refuse_foreign_parent
-    from featurestore.store import LEASE_FILE, write_store
+    from featurestore.store import LEASE_FILE, StoreWriter, write_store
 
     out = tmp_path / "out"
     for name in ("resnet18", "timm-resnet18"):  # this job's store, and one of an earlier job's other model
         write_store(str(out / name), {"f": np.zeros((2, 3), np.float32)}, np.array([0, 1]), ["a", "b"])
     (out / LEASE_FILE).write_text("{}")
     (out / "mobilenet_v3_small").mkdir()  # this job's, not written yet (its own check looks inside)
-    _refuse_foreign_parent(str(out), ["resnet18", "mobilenet_v3_small"], None)
+    StoreWriter.refuse_foreign_parent(str(out), ["resnet18", "mobilenet_v3_small"], None)
     (out / "notes.txt").write_text("mine")
     with pytest.raises(StoreError, match=r"holds files that are not stores \(notes.txt\)"):
-        _refuse_foreign_parent(str(out), ["resnet18", "mobilenet_v3_small"], None)
+        StoreWriter.refuse_foreign_parent(str(out), ["resnet18", "mobilenet_v3_small"], None)
 
 
 # -- 2. remote weights URLs -----------------------------------------------------------------------------
