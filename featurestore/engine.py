@@ -198,6 +198,42 @@ def _probe(address: str, where: str) -> None:
             f"no Ray cluster answers at {address} ({where}): the port{via} {what}, so it is another service (or "
             f"the leftover of a stopped head), and Ray would wait on it for minutes. Give the head's GCS address "
             f"(`ray start --head` prints it, port 6379 by default){_embedded(where, ', or ')}")
+    served = _grpc_service(target, port)
+    if served in ("raylet", "other"):  # every Ray process speaks gRPC; only the GCS serves the cluster's ID
+        what = ("a Ray node's raylet (node manager) port" if served == "raylet"
+                else "a gRPC service that is not Ray's GCS (another port of a Ray node, or another program)")
+        raise ClusterUnreachable(
+            f"no Ray cluster answers at {address} ({where}): the port{via} is {what}; ray.init would retry it "
+            f"for about 20 s and fail. Give the head's GCS address (`ray start --head` prints it, port 6379 by "
+            f"default){_embedded(where, ', or ')}")
+
+
+def _grpc_service(host: str, port: int) -> str | None:
+    """Which Ray gRPC service answers at host:port: "gcs", "raylet", "other", or None (cannot tell).
+
+    ray.init's first call is NodeInfoGcsService/GetClusterId; a raylet, an object manager or any other
+    gRPC server answers it UNIMPLEMENTED (Ray checks the method before the token, so token auth does
+    not hide that), where ray.init logs the refusal once a second for about 20 s before it gives up."""
+    try:
+        import grpc
+    except ImportError:  # Ray brings grpcio; without it ray.init says what it says
+        return None
+    ask = {"gcs": "/ray.rpc.NodeInfoGcsService/GetClusterId", "raylet": "/ray.rpc.NodeManagerService/GetNodeStats"}
+    channel = grpc.insecure_channel(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
+    try:
+        for name, method in ask.items():
+            try:
+                channel.unary_unary(method)(b"", timeout=GCS_PROBE_SECONDS)
+                return name
+            except grpc.RpcError as exc:
+                code = exc.code()
+                if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                    return None
+                if code != grpc.StatusCode.UNIMPLEMENTED:  # there, but refused (no token) or failed: served here
+                    return name
+        return "other"
+    finally:
+        channel.close()
 
 
 def _greeting(address: str, where: str, host: str, port: int, hint: str, wait: float = GCS_PROBE_SECONDS,

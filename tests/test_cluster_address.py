@@ -105,28 +105,33 @@ def test_a_ray_address_from_the_environment_says_to_unset_it():
 
 @pytest.fixture(scope="module")
 def ray_head():
-    """A real `ray start --head` cluster (1 CPU, own temp dir and ports), ended with its process group."""
+    """A real `ray start --head` cluster (1 CPU, own temp dir and ports), ended with its process group.
+
+    Yields its ports: gcs (what --address takes), raylet (node manager) and object_manager."""
     temp = tempfile.mkdtemp(prefix="/tmp/fsh_")  # short: Ray's socket paths live under it
     port = _free_port()
+    ports = {"gcs": port, "raylet": _free_port(), "object_manager": _free_port()}
     ray_exe = str(Path(sys.executable).parent / "ray")
     env = {**os.environ, "RAY_AUTH_MODE": "token"}  # as Ray 2.59+ `ray start` has it by default
     log = open(os.path.join(temp, "head.log"), "w")
     proc = subprocess.Popen(
         [ray_exe, "start", "--head", f"--port={port}", f"--temp-dir={temp}", "--num-cpus=1",
+         f"--node-manager-port={ports['raylet']}", f"--object-manager-port={ports['object_manager']}",
          "--include-dashboard=false", "--disable-usage-stats", f"--ray-client-server-port={_free_port()}",
          f"--dashboard-agent-listen-port={_free_port()}", f"--metrics-export-port={_free_port()}", "--block"],
         stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     try:
         deadline = time.monotonic() + 90
-        while time.monotonic() < deadline and proc.poll() is None:
+        waiting = list(ports.values())  # the GCS first, then the raylet's ports
+        while waiting and time.monotonic() < deadline and proc.poll() is None:
             try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
+                socket.create_connection(("127.0.0.1", waiting[0]), timeout=1).close()
+                waiting.pop(0)
             except OSError:
                 time.sleep(0.5)
         if proc.poll() is not None or time.monotonic() >= deadline:
             pytest.fail("ray start --head did not come up: " + Path(temp, "head.log").read_text()[-2000:])
-        yield port
+        yield ports
     finally:
         for sig, wait in ((signal.SIGTERM, 20), (signal.SIGKILL, 10)):
             try:
@@ -149,7 +154,20 @@ def _images(root: Path) -> Path:
     return root
 
 
+def test_another_port_of_a_real_head_is_refused_by_what_it_serves(ray_head):
+    # every Ray process speaks gRPC, so the greeting passes; ray.init then retried for ~20 s
+    for kind, said in (("raylet", "is a Ray node's raylet (node manager) port"),
+                       ("object_manager", "is a gRPC service that is not Ray's GCS")):
+        t0 = time.monotonic()
+        with pytest.raises(ClusterUnreachable, match=re.escape(said)) as err:
+            _probe(f"127.0.0.1:{ray_head[kind]}", "--address")
+        assert time.monotonic() - t0 < 10
+        assert "Give the head's GCS address" in str(err.value)
+    _probe(f"127.0.0.1:{ray_head['gcs']}", "--address")  # the GCS, token auth and all, passes
+
+
 def test_a_real_head_passes_the_probe_and_is_joined(tmp_path, ray_head):
+    ray_head = ray_head["gcs"]
     for address in (f"127.0.0.1:{ray_head}", f"localhost:{ray_head}", f"{_as_ray_dials('127.0.0.1')}:{ray_head}"):
         _probe(address, "--address")
     src, out = _images(tmp_path / "src"), tmp_path / "store"
