@@ -88,7 +88,8 @@ def models(family, max_params, timm_pattern, as_json):
 @click.option("--input-size", type=click.IntRange(min=1), default=None,
               help="Trace at this input size (pixels, square) instead of the model's own.")
 @click.option("--recommended", "only_recommended", is_flag=True, help="Only the recommended cut points.")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON records instead of a table.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print JSON instead of a table: {model, weights, preprocessing, layers: [records]}.")
 @_errors
 def layers(model, weights, input_size, only_recommended, as_json):
     """List every cut point of MODEL with its output shape (from a real trace); * marks recommended ones.
@@ -100,8 +101,9 @@ def layers(model, weights, input_size, only_recommended, as_json):
     rows, pre, recipe = describe_layers(model, weights=weights, input_size=input_size)
     if only_recommended:
         rows = [r for r in rows if r.recommended]
-    if as_json:
-        click.echo(json.dumps([r.to_dict() for r in rows], indent=2))
+    if as_json:  # the table's rows and its last line, for scripts
+        click.echo(json.dumps({"model": model, "weights": weights, "preprocessing": {**pre.to_dict(), "recipe": recipe},
+                               "layers": [r.to_dict() for r in rows]}, indent=2))
         return
     body = [["*" if r.recommended else "", r.name, "x".join(str(d) for d in r.shape), r.note] for r in rows]
     click.echo(_table(["rec", "layer", "shape", "note"], body))

@@ -35,8 +35,12 @@ def test_layers_table_marks_recommended():
     assert any(line.startswith("*") and "flatten" in line and "512" in line for line in lines)
     assert any("layer1.0.conv1" in line and not line.startswith("*") for line in lines)
     r = CliRunner().invoke(layers, ["resnet18", "--input-size", "32", "--json", "--recommended"])
-    rows = json.loads(r.output)
+    out = json.loads(r.output)
+    rows = out["layers"]
     assert all(row["recommended"] for row in rows) and rows[-1]["name"] == "logits" and rows[-1]["shape"] == [1000]
+    # the table's last line, the preprocessing, is there too: the weights' ratio kept at the traced size
+    assert out["model"] == "resnet18" and out["preprocessing"]["input_size"] == [32, 32], out["preprocessing"]
+    assert out["preprocessing"]["resize_size"] == 37 and out["preprocessing"]["mean"] == [0.485, 0.456, 0.406]
     r = CliRunner().invoke(layers, ["resnet-18"])
     assert r.exit_code == 2 and "resnet18" in r.output
 

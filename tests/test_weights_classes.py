@@ -166,7 +166,7 @@ def test_layers_shows_a_fine_tuned_files_class_count(timm_r18_10, tmp_path):
     for model, path in (("resnet18", tv), ("timm:resnet18", timm_r18_10[1])):
         r = CliRunner().invoke(layers, [model, "--weights", path, "--json", "--recommended"])
         assert r.exit_code == 0, r.output
-        logits = json.loads(r.output)[-1]
+        logits = json.loads(r.output)["layers"][-1]
         assert logits["name"] == "logits" and logits["shape"] == [10] and "10 classes" in logits["note"], logits
     r = CliRunner().invoke(layers, ["resnet34", "--weights", tv])
     assert r.exit_code == 2 and f"weights {tv} do not fit resnet34" in r.output and "missing keys" in r.output, \

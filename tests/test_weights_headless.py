@@ -222,7 +222,7 @@ def _layers_json(model, weights, *extra):
 
     r = CliRunner().invoke(layers, [model, "--weights", weights, "--json", *extra])
     assert r.exit_code == 0, r.output
-    return {row["name"]: row for row in json.loads(r.output)}
+    return {row["name"]: row for row in json.loads(r.output)["layers"]}
 
 
 def test_layers_marks_what_a_headless_file_cannot_give(r18, tmp_path):

@@ -98,7 +98,9 @@ def test_layers_never_loads_weights_but_checks_the_name(tmp_path, monkeypatch, m
     r = CliRunner().invoke(layers, ["timm:resnet18", "--weights", "nosuch", "--json"])
     assert r.exit_code == 2 and "tv_in1k" in r.output
     r = CliRunner().invoke(layers, ["timm:resnet18", "--weights", "tv_in1k", "--json", "--recommended"])
-    assert r.exit_code == 0 and json.loads(r.output)[-1]["name"] == "logits"  # --json stays pure JSON
+    out = json.loads(r.output)  # --json stays pure JSON
+    assert r.exit_code == 0 and out["layers"][-1]["name"] == "logits", r.output
+    assert out["weights"] == "tv_in1k" and out["preprocessing"]["recipe"], out["preprocessing"]
 
 
 @pytest.mark.skipif(not os.path.exists(SHARED_MBV2), reason="shared real MobileNetV2 weights absent")
