@@ -682,19 +682,15 @@ def _already_complete(cfg: ExtractConfig, plan, outputs: list[str], requests: li
     with other settings is refused). Weights given as a file or URL always take that path:
     a file can change under its name, and only the actors hash it.
     """
-    from featurestore.store import _Loc, _read_meta, shard_name
+    from featurestore.store import StoreWriter
     from featurestore.weights import is_file_spec
 
     if cfg.overwrite or any(r.get("weights") is not None and is_file_spec(str(r["weights"])) for r in requests):
         return None
-    wanted = {shard_name(i) for i in range(plan.num_shards)}
     metas = []
     for uri, request in zip(outputs, requests):
-        loc = _Loc(uri, storage)
-        meta = _read_meta(loc)
-        if not meta or meta.get("status") != "complete" or meta.get("request") != request \
-                or meta.get("num_shards") != plan.num_shards or not wanted <= set(loc.listdir("shards")) \
-                or not (loc.exists("manifest.parquet") and loc.exists("errors.parquet")):  # deleted to be rewritten
+        meta = StoreWriter.complete_meta(uri, plan.num_shards, storage)
+        if meta is None or meta.get("request") != request:
             return None
         metas.append(meta)
     return metas
@@ -798,13 +794,6 @@ def _extract(cfg: ExtractConfig, stop: _StopOnSignal, leases: list) -> ExtractRe
     # an embedded instance's workers will have this process's environment (credentials) and network
     workers_here = not (cfg.address or os.environ.get("RAY_ADDRESS") or ray.is_initialized())
     slow_checks = [c for c in (preflight(b, storage, workers_here) for b in backbones) if c is not None]
-    if multi:
-        from featurestore.store import _Loc, _read_meta
-
-        if _read_meta(_Loc(cfg.output, storage)) is not None:
-            raise ExtractError(
-                f"{cfg.output} holds a single-model store; with several models OUTPUT is a parent folder of "
-                f"one store per model (OUTPUT/<model>): choose a new output")
 
     # One writer at a time (see featurestore.lease): refused here, before any worker starts.
     from featurestore.lease import WriterLease
@@ -813,7 +802,7 @@ def _extract(cfg: ExtractConfig, stop: _StopOnSignal, leases: list) -> ExtractRe
 
     # The plan: stored on first run, reused on resume, so the shards never move. Every store of a
     # multi-model job holds the same plan; a store that lost (or never had) its plan gets it back.
-    if multi:  # OUTPUT is the parent of the stores: a folder of the user's files is no such parent
+    if multi:  # OUTPUT is the parent of the stores: neither a store itself nor a folder of the user's files
         from featurestore.config import store_dir_name
 
         StoreWriter.refuse_foreign_parent(cfg.output, [store_dir_name(b.model) for b in backbones], storage)

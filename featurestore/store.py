@@ -692,6 +692,10 @@ class StoreWriter:
         job's store folders (`store_names`, checked one by one after this), and other stores (a
         featurestore output with another list of models)."""
         loc = _Loc(output, storage_options)
+        if _read_meta(loc) is not None:
+            raise StoreError(
+                f"{output} holds a single-model store; with several models OUTPUT is a parent folder of one "
+                f"store per model (OUTPUT/<model>): choose a new output")
         others = [n for n in loc.listdir("") if n != LEASE_FILE and n not in store_names
                   and _read_meta(_Loc(loc.url(n), storage_options)) is None]
         if others:
@@ -722,6 +726,18 @@ class StoreWriter:
         if _read_meta(loc) is None or not loc.exists("plan.parquet"):
             return None
         return Plan.from_table(loc.read_parquet("plan.parquet"))
+
+    @staticmethod
+    def complete_meta(uri: str, num_shards: int, storage_options: dict | None = None) -> dict | None:
+        """store.json of a store at uri that is complete with num_shards shards, all of them and its
+        manifest and errors tables on disk (a user may delete one to have it rewritten); else None."""
+        loc = _Loc(uri, storage_options)
+        meta = _read_meta(loc)
+        if not meta or meta.get("status") != "complete" or meta.get("num_shards") != num_shards:
+            return None
+        if not {shard_name(i) for i in range(num_shards)} <= set(loc.listdir("shards")):
+            return None
+        return meta if loc.exists("manifest.parquet") and loc.exists("errors.parquet") else None
 
     def committed(self) -> dict[int, ShardInfo]:
         """Shards whose .h5 exists (the commit point), with their sidecar info."""

@@ -20,7 +20,7 @@ from PIL import Image
 
 import featurestore
 from featurestore.engine import extract
-from featurestore.store import StoreError
+from featurestore.store import StoreError, StoreWriter
 from featurestore.weights import WeightsError
 
 MODELS = ["--model", "resnet18", "--model", "mobilenet_v3_small"]
@@ -74,7 +74,7 @@ def test_a_multi_model_output_of_other_files_is_one_line_before_ray_starts(tmp_p
 def test_a_multi_model_output_may_hold_its_stores_and_other_stores(tmp_path):
     """What featurestore wrote there earlier (this job's OUTPUT/<model>, a store of another model list, the
     writer lease) is no reason to refuse; one file of the user's among them is."""
-    from featurestore.store import LEASE_FILE, StoreWriter, write_store
+    from featurestore.store import LEASE_FILE, write_store
 
     out = tmp_path / "out"
     for name in ("resnet18", "timm-resnet18"):  # this job's store, and one of an earlier job's other model
@@ -85,6 +85,22 @@ def test_a_multi_model_output_may_hold_its_stores_and_other_stores(tmp_path):
     (out / "notes.txt").write_text("mine")
     with pytest.raises(StoreError, match=r"holds files that are not stores \(notes.txt\)"):
         StoreWriter.refuse_foreign_parent(str(out), ["resnet18", "mobilenet_v3_small"], None)
+
+
+def test_a_single_model_store_is_no_multi_model_output(tmp_path):
+    """A store given as the OUTPUT of several models would get OUTPUT/<model> stores inside it: refused
+    before Ray starts, naming what OUTPUT must be, and the store is left as it was."""
+    from featurestore.store import write_store
+
+    out = tmp_path / "store"
+    write_store(str(out), {"f": np.zeros((2, 3), np.float32)}, np.array([0, 1]), ["a", "b"])
+    before = _tree(out)
+    with pytest.raises(StoreError, match=r"holds a single-model store; with several models OUTPUT is a parent"):
+        StoreWriter.refuse_foreign_parent(str(out), ["resnet18", "mobilenet_v3_small"], None)
+    res = subprocess.run(_cli("extract", str(_images(tmp_path / "src")), str(out), *MODELS, "--weights", "none",
+                              "--input-size", "32"), capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2 and f"{out} holds a single-model store" in res.stderr, res.stderr[-3000:]
+    assert "starting Ray" not in res.stderr and _tree(out) == before, res.stderr[-3000:]
 
 
 # -- 2. remote weights URLs -----------------------------------------------------------------------------

@@ -20,10 +20,11 @@ from PIL import Image, ImageOps
 import featurestore
 from featurestore.config import ConfigError, ExtractConfig, from_mapping, parse_model_values
 from featurestore.decode import BadImage, decode_image, decode_image_multi
-from featurestore.engine import ExtractError, extract
+from featurestore.engine import extract
 from featurestore.extractor import CPU_AUTO_BATCH, ShardExtractor, choose_batch_size
 from featurestore.gpu_decode import RawImage, TensorPreprocess, decode_batch, orient, pil_decode, prepare
 from featurestore.preprocess import Preprocessing
+from featurestore.store import StoreError
 
 SMALL = dict(weights="none", input_size=64, quiet=True)
 GiB = 2**30
@@ -428,5 +429,5 @@ def test_two_models_one_decode_equal_single_runs_and_resume_recomputes_only_the_
         reader = featurestore.open(str(out / m))
         assert len(reader) == 13 and str(reader.ids[-1]).endswith("late.jpg") and featurestore.verify(str(out / m)).ok
     # several models cannot write into a single-model store
-    with pytest.raises(ExtractError, match="single-model store"):
+    with pytest.raises(StoreError, match="single-model store"):
         extract(ExtractConfig(output=singles["resnet18"], model=models, weights="none", **common))
