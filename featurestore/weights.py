@@ -44,6 +44,11 @@ class WeightsError(RuntimeError):
     """Weights could not be obtained or do not fit the model; the message says what to do."""
 
 
+class _Unreadable(WeightsError):
+    """A read refused or failed for a reason other than absence or an unreachable host (no credentials
+    here, access denied, something unforeseen): a cluster's workers, with their own, may still read it."""
+
+
 # -- identity -----------------------------------------------------------------------------------
 def state_dict_sha256(sd: dict[str, torch.Tensor]) -> str:
     """sha256 over (name, dtype, shape, bytes) of every tensor in sorted key order.
@@ -203,10 +208,10 @@ def _read_error(uri: str, exc: BaseException) -> WeightsError:
     if isinstance(exc, FileNotFoundError):
         return WeightsError(f"weights not found: {uri}; check the address; " + _offline_hint(uri))
     if local is None and _no_access(chain):
-        return WeightsError(f"cannot read weights {uri}: no credentials, or access denied "
+        return _Unreadable(f"cannot read weights {uri}: no credentials, or access denied "
                             f"({_first_sentence(chain[-1])}); check the credentials (AWS_* variables or "
                             f"storage_options) where the workers run; " + _offline_hint(uri))
-    return WeightsError(f"cannot read weights {uri}: {_first_sentence(exc, 300)}")
+    return _Unreadable(f"cannot read weights {uri}: {_first_sentence(exc, 300)}")
 
 
 def _no_access(chain) -> bool:
@@ -252,7 +257,7 @@ def check_remote(uri: str, storage_options: dict | None = None, timeout: float =
     exc = answer.get("error")
     if exc is not None:
         err = _read_error(path, exc)
-        if not strict and str(err).startswith("cannot read weights "):  # credentials, say: the actors may have theirs
+        if not strict and isinstance(err, _Unreadable):  # credentials, say: the actors may have theirs
             log.warning("weights %s not checked in the driver (%s); the workers will read it", uri,
                         _first_sentence(exc))
             return None

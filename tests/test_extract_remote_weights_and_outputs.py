@@ -172,6 +172,29 @@ def test_a_missing_s3_weights_key_is_refused_in_the_driver(tmp_path, ray_local, 
 
 
 
+def test_weights_the_driver_may_not_read_are_left_to_a_clusters_workers(tmp_path, s3_server, monkeypatch, caplog):
+    """No credentials in the driver: on a cluster (not strict) the nodes may have theirs, so it is logged
+    and left to them; with the workers here (strict) it is refused. A missing key is refused either way."""
+    import logging
+
+    from featurestore.weights import check_remote
+
+    bucket = s3_server.make_bucket()
+    for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    options = {"client_kwargs": {"endpoint_url": s3_server.endpoint_url}, "skip_instance_cache": True}
+    with caplog.at_level(logging.WARNING, logger="featurestore.weights"):
+        assert check_remote(f"{bucket}/w.pth", options, strict=False) is None
+    assert f"weights {bucket}/w.pth not checked in the driver" in caplog.text, caplog.text
+    with pytest.raises(WeightsError, match="no credentials, or access denied"):
+        check_remote(f"{bucket}/w.pth", options, strict=True)
+    with pytest.raises(WeightsError, match=re.escape(f"weights not found: {bucket}/missing.pth")):
+        check_remote(f"{bucket}/missing.pth", {**s3_server.storage_options, "skip_instance_cache": True})
+
+
 def test_s3_weights_without_credentials_are_refused_before_workers_that_would_lack_them_too(tmp_path, s3_server):
     """No --address: the workers are this machine's, with this environment, so the driver's answer is
     theirs; said before any actor starts (on a cluster, the nodes may have an instance role: left to them)."""
