@@ -442,7 +442,8 @@ def preflight(backbone, storage_options: dict | None = None, workers_here: bool 
     An actor that cannot load its backbone dies after Ray and the actors have started (~30 s on
     2 cores) with Ray's stack dump in the log; a bad model name, a layer the model lacks (a typo),
     `logits` from weights saved without a classifier, or an offline download is better said once,
-    plainly, up front. The model name is checked here at once. What needs torch (seconds to import)
+    plainly, up front. The model name is checked here at once (a timm:NAME, whose lookup imports timm,
+    with the slow checks). What needs torch (seconds to import)
     is returned as a callable (None: nothing left), which the engine runs in a thread while Ray
     starts and awaits before any actor is created (see _extract): named layers and a weights file's
     fit (backbones.check_cut on the meta device: a trace without weights; a local file's names and
@@ -456,7 +457,11 @@ def preflight(backbone, storage_options: dict | None = None, workers_here: bool 
     from featurestore.weights import NAMED_SOURCES, is_file_spec
     from featurestore.zoo import canonical_name
 
-    name = canonical_name(backbone.model)  # UnknownModelError names the closest models
+    # UnknownModelError names the closest models. A timm:NAME is looked up in timm's registry, and
+    # importing timm (and torch) takes seconds: that lookup runs with the other slow checks.
+    given = backbone.model.strip() if isinstance(backbone.model, str) else backbone.model
+    timm_name = isinstance(given, str) and given.startswith("timm:") and len(given) > 5
+    name = given if timm_name else canonical_name(backbone.model)
     weights = "none" if backbone.weights is None else str(backbone.weights)
     low = weights.strip().lower()
     layers = list(backbone.layers or [])
@@ -499,6 +504,8 @@ def preflight(backbone, storage_options: dict | None = None, workers_here: bool 
             log.debug("%s: layers not checked in the driver (%s: %s)", name, type(exc).__name__, exc)
 
     checks = [cut] if file or (layers and not set(layers) <= always) else []  # a file's fit, a named layer
+    if timm_name:
+        checks.insert(0, lambda: canonical_name(given))  # before cut(), which would say it less well
     if file and "://" in weights and not weights.lstrip().lower().startswith("file://"):
 
         def remote_weights() -> None:  # an unreachable host, a 404, a missing key: before any actor reads it

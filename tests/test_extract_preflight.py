@@ -11,6 +11,7 @@ import torch
 from featurestore.backbones import UnknownLayerError, WeightsError
 from featurestore.config import BackboneConfig, ExtractConfig
 from featurestore.engine import ExtractError, extract, preflight
+from featurestore.zoo import UnknownModelError
 
 
 @pytest.fixture(scope="module")
@@ -106,6 +107,43 @@ def test_checks_that_need_torch_are_left_for_the_time_ray_starts(r18_files, tmp_
     with pytest.raises(UnknownLayerError, match="resnet18 has no layer 'layr3'"):
         typo()
     assert preflight(BackboneConfig(model="resnet18", weights="none", layers=["logits"])) is None  # every model has it
+
+
+def test_a_timm_name_is_looked_up_while_ray_starts_and_a_typo_is_still_refused(tmp_path):
+    """timm's registry needs `import timm` (and torch): seconds that used to pass before Ray started."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from featurestore.config import BackboneConfig\n"
+        "from featurestore.engine import preflight\n"
+        "from featurestore.zoo import UnknownModelError\n"
+        "ok = preflight(BackboneConfig(model='timm:resnet18', weights='none'))\n"
+        "typo = preflight(BackboneConfig(model=' timm:resnet_18', weights='none', layers=['layer3']))\n"
+        "print('timm' in sys.modules, 'torch' in sys.modules)\n"
+        "ok()\n"
+        "try:\n"
+        "    typo()\n"
+        "except UnknownModelError as exc:\n"
+        "    print(exc)\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    first, said = res.stdout.splitlines()[:2]
+    assert first == "False False", res.stdout  # nothing imported before the returned check runs
+    assert said.startswith("unknown timm model 'resnet_18'; closest: timm:resnet18"), res.stdout
+    import ray
+
+    running = ray.is_initialized()
+    cfg = ExtractConfig(source=_images(tmp_path / "src"), output=str(tmp_path / "out"), model="timm:resnet_18",
+                        weights="none", quiet=True)
+    try:
+        with pytest.raises(UnknownModelError, match="unknown timm model 'resnet_18'"):
+            extract(cfg)
+    finally:
+        if not running:
+            ray.shutdown()
+    assert not (tmp_path / "out" / "shards").exists()
 
 
 def test_a_wrong_enum_member_with_named_layers_is_refused_up_front():
