@@ -698,6 +698,8 @@ def _obtain_store(cfg: ProbeConfig, cand: Candidate, out: _Out, source: str, dig
     computed = len(result.computed_shards) if result is not None else 0
     skipped = len(result.skipped_shards) if result is not None else num_shards
     record = records.get(chosen)
+    if record is not None and "startup_seconds" not in record:
+        record = None  # a whole run's rate (probe.json before 2026-11-24): not comparable with the others
     if result is not None and computed and _speed(result) > 0:
         new = {"images_per_second": _speed(result), "seconds": result.seconds,
                "startup_seconds": result.startup_seconds, "computed_shards": computed, "total_shards": result.shards, "rows": result.rows,
@@ -709,7 +711,7 @@ def _obtain_store(cfg: ProbeConfig, cand: Candidate, out: _Out, source: str, dig
         timing = "this run" if record is new else f"recorded {record['measured']}"
     elif record is not None:
         timing = f"recorded {record['measured']}"
-    else:  # a store made elsewhere: time the same extraction on a slice of the images
+    else:  # a store made elsewhere, or timed the old way: time the same extraction on a slice of the images
         record = _timing_run(cfg, cand, out, source, digest, chosen, say)
         records[chosen] = record
         timing = "this run (timing extraction)"

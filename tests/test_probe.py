@@ -140,6 +140,27 @@ def test_second_run_reuses_the_stores(first_run, images):
         assert r["reused"] == "True" and r["timing"].startswith("recorded ")
 
 
+def test_a_recorded_whole_run_rate_is_timed_again(first_run, images, tmp_path):
+    """probe.json rows written before rates were taken once the actors were up hold the whole run's rate
+    (start-up included): reused as they were, they made the first backbone of that run look slower."""
+    _, out0, mtimes = first_run
+    out = tmp_path / "probe"
+    shutil.copytree(out0, out)
+    path = out / "probe.json"
+    record = json.loads(path.read_text())
+    old = record["stores"]["resnet18-none"]
+    old.pop("startup_seconds")
+    old["images_per_second"] = 0.125
+    path.write_text(json.dumps(record))
+    again = probe(str(images), MODELS, out=str(out), layers="auto", **TINY)
+    use = again.stores["resnet18"]
+    assert use.reused and use.timing == "this run (timing extraction)" and use.images_per_second != 0.125
+    assert again.stores["mobilenet_v2"].timing.startswith("recorded ")  # a current record is kept
+    rec = json.loads(path.read_text())["stores"]["resnet18-none"]
+    assert "startup_seconds" in rec and rec["images_per_second"] == use.images_per_second
+    assert shard_mtimes(out / "stores" / "resnet18-none") == mtimes["resnet18-none"]  # the store itself is reused
+
+
 def test_missing_layer_extracts_a_new_store_and_a_subset_reuses(first_run, images, tmp_path):
     _, out0, mtimes = first_run
     out = tmp_path / "probe"
