@@ -209,8 +209,8 @@ def _read_error(uri: str, exc: BaseException) -> WeightsError:
         return WeightsError(f"weights not found: {uri}; check the address; " + _offline_hint(uri))
     if local is None and _no_access(chain):
         return _Unreadable(f"cannot read weights {uri}: no credentials, or access denied "
-                            f"({_first_sentence(chain[-1])}); check the credentials (AWS_* variables or "
-                            f"storage_options) where the workers run; " + _offline_hint(uri))
+                           f"({_first_sentence(chain[-1])}); check the credentials (AWS_* variables or "
+                           f"storage_options) where the workers run; " + _offline_hint(uri))
     return _Unreadable(f"cannot read weights {uri}: {_first_sentence(exc, 300)}")
 
 
