@@ -9,8 +9,12 @@ real check (typos keep their message and suggestions); the actors check every na
 build the model, so a stale entry can only delay a refusal, never change a result. Any problem
 reading or writing the cache (corrupt, unwritable) falls back to the trace.
 
+timm's registry of model names is recorded here too, once per timm version: a `timm:NAME` is then
+looked up (and a typo given its suggestions) without importing timm, which imports torch.
+
 Where: $FEATURESTORE_LAYER_CACHE, else $XDG_CACHE_HOME/featurestore/layers, else
-~/.cache/featurestore/layers; one JSON file per (model, weights spec, input size, versions).
+~/.cache/featurestore/layers; one JSON file per (model, weights spec, input size, versions), and
+one per timm version for its model names.
 """
 from __future__ import annotations
 
@@ -20,7 +24,7 @@ import logging
 import os
 import re
 import tempfile
-from typing import Sequence
+from typing import Callable, Sequence
 
 log = logging.getLogger("featurestore.layers")
 
@@ -60,26 +64,24 @@ def _path(key: dict) -> str:
     return os.path.join(cache_dir(), f"{re.sub(r'[^A-Za-z0-9_.-]', '_', key['model'])}-{digest}.json")
 
 
-def read(model: str, weights: str | None, input_size: int | None) -> list[str] | None:
-    """The recorded cut names of this (canonical) model, or None: not recorded, or unreadable."""
+def _read_names(key: dict) -> list[str] | None:
+    """The names recorded under key, or None: not recorded, or unreadable."""
     try:
-        key = _key(model, weights, input_size)
         with open(_path(key), encoding="utf-8") as f:
             data = json.load(f)
         names = data["names"]
         if data.get("key") != key or not isinstance(names, list) or not all(isinstance(n, str) for n in names):
             return None
         return names
-    except Exception as exc:  # missing, corrupt, unreadable: the trace decides
-        log.debug("layer-name cache not used for %s (%s: %s)", model, type(exc).__name__, exc)
+    except Exception as exc:  # missing, corrupt, unreadable: the caller finds the names the slow way
+        log.debug("name cache not used for %s (%s: %s)", key["model"], type(exc).__name__, exc)
         return None
 
 
-def write(model: str, weights: str | None, input_size: int | None, names: Sequence[str]) -> None:
-    """Record a successful trace's cut names; atomic (a temporary file renamed), silent on any failure."""
+def _write_names(key: dict, names: Sequence[str]) -> None:
+    """Record names under key; atomic (a temporary file renamed), silent on any failure."""
     tmp = None
     try:
-        key = _key(model, weights, input_size)
         path = _path(key)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=os.path.dirname(path))
@@ -87,14 +89,40 @@ def write(model: str, weights: str | None, input_size: int | None, names: Sequen
             json.dump({"key": key, "names": list(names)}, f)
         os.replace(tmp, path)
         tmp = None
-    except Exception as exc:  # an unwritable cache costs the next run a trace, nothing else
-        log.debug("layer-name cache not written for %s (%s: %s)", model, type(exc).__name__, exc)
+    except Exception as exc:  # an unwritable cache costs the next run the slow way, nothing else
+        log.debug("name cache not written for %s (%s: %s)", key["model"], type(exc).__name__, exc)
     finally:
         if tmp is not None:
             try:
                 os.unlink(tmp)
             except OSError:
                 pass
+
+
+def read(model: str, weights: str | None, input_size: int | None) -> list[str] | None:
+    """The recorded cut names of this (canonical) model, or None: not recorded, or unreadable."""
+    return _read_names(_key(model, weights, input_size))
+
+
+def write(model: str, weights: str | None, input_size: int | None, names: Sequence[str]) -> None:
+    """Record a successful trace's cut names."""
+    _write_names(_key(model, weights, input_size), names)
+
+
+def timm_models(list_them: Callable[[], Sequence[str]]) -> tuple[str, ...]:
+    """timm's model names: recorded for the installed timm, else `list_them()` (which imports timm) and
+    recorded. Keyed by timm's version, read from its metadata, so an upgrade lists them again."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        key = {"schema": SCHEMA, "model": "timm-models", "timm": version("timm")}
+    except PackageNotFoundError:  # list_them says it (an ImportError naming timm)
+        return tuple(list_them())
+    names = _read_names(key)
+    if not names:
+        names = list(list_them())
+        _write_names(key, names)
+    return tuple(names)
 
 
 def known(model: str, weights: str | None, layers: Sequence[str], input_size: int | None) -> bool:

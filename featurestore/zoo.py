@@ -60,9 +60,15 @@ def torchvision_models() -> tuple[str, ...]:
 
 @lru_cache(maxsize=1)
 def _timm_models() -> tuple[str, ...]:
-    import timm
+    """timm's registry; recorded per timm version (layer_names), as importing timm imports torch."""
+    from featurestore import layer_names
 
-    return tuple(timm.list_models())
+    def list_them() -> list[str]:
+        import timm
+
+        return timm.list_models()
+
+    return layer_names.timm_models(list_them)
 
 
 def canonical_name(name: str) -> str:

@@ -134,3 +134,30 @@ def test_a_job_spec_asking_for_recorded_names_is_checked_without_importing_torch
     for out in (first, again):
         assert "refused: job.yaml: field 'config.layers': resnet18 has no layer 'layr4'; closest: layer4" \
             in out.stdout, out.stdout
+
+
+def test_timm_names_are_looked_up_without_importing_timm_once_recorded(cache):
+    """timm's registry (a timm:NAME's lookup, a typo's suggestions) is recorded per timm version; a
+    later driver (extract's, submit's) reads it instead of importing timm and torch. A broken record
+    is listed again."""
+    code = ("import sys\n"
+            "from featurestore.zoo import UnknownModelError, canonical_name\n"
+            "print(canonical_name(' timm:resnet18'))\n"
+            "try:\n"
+            "    canonical_name('timm:resnet_18')\n"
+            "except UnknownModelError as exc:\n"
+            "    print(exc)\n"
+            "print('timm imported:', 'timm' in sys.modules, 'torch' in sys.modules)\n")
+    runs = []
+    for _ in range(2):
+        out = _driver(code, cache)
+        assert out.returncode == 0, out.stderr
+        runs.append(out.stdout.splitlines())
+    assert runs[0][0] == runs[1][0] == "timm:resnet18"
+    assert runs[0][1] == runs[1][1] and runs[1][1].startswith("unknown timm model 'resnet_18'; closest: timm:resnet18")
+    assert runs[0][2] == "timm imported: True True" and runs[1][2] == "timm imported: False False"
+    (entry,) = cache.glob("timm-models-*.json")
+    entry.write_text("{not json")
+    out = _driver(code, cache)
+    assert out.returncode == 0 and out.stdout.splitlines()[:2] == runs[0][:2], out.stderr
+    assert "timm imported: True" in out.stdout and json.loads(entry.read_text())["names"]  # listed and recorded again
