@@ -517,11 +517,16 @@ def preflight(backbone, storage_options: dict | None = None, workers_here: bool 
     if not (file or name.startswith("timm:") or low == "none" or low in NAMED_SOURCES):
 
         def torchvision_weights() -> None:
+            """The member's file in torch's cache, fetched if it is not there. Resolving the member
+            imports torchvision (seconds, beside Ray's start), so its URL is recorded (layer_names):
+            from the second run on, a cached file is found without the import."""
+            from featurestore import layer_names
             from featurestore.weights import _hub_cache_file, fetch_torchvision, torchvision_enum
 
-            member = torchvision_enum(name, weights)  # WeightsError names the enum's members
-            if not os.path.exists(_hub_cache_file(member.url)):
-                fetch_torchvision(member)
+            # WeightsError names the enum's members
+            url = layer_names.torchvision_weights_url(name, weights, lambda: torchvision_enum(name, weights).url)
+            if not os.path.exists(_hub_cache_file(url)):
+                fetch_torchvision(torchvision_enum(name, weights))
 
         checks.append(torchvision_weights)
     if not checks:

@@ -10,11 +10,13 @@ build the model, so a stale entry can only delay a refusal, never change a resul
 reading or writing the cache (corrupt, unwritable) falls back to the trace.
 
 timm's registry of model names is recorded here too, once per timm version: a `timm:NAME` is then
-looked up (and a typo given its suggestions) without importing timm, which imports torch.
+looked up (and a typo given its suggestions) without importing timm, which imports torch. So is the
+download URL of each torchvision weights enum member asked for (DEFAULT, IMAGENET1K_V2), once per
+torchvision version: whether its file is in torch's cache is then known without importing torchvision.
 
 Where: $FEATURESTORE_LAYER_CACHE, else $XDG_CACHE_HOME/featurestore/layers, else
 ~/.cache/featurestore/layers; one JSON file per (model, weights spec, input size, versions), and
-one per timm version for its model names.
+one per timm version for its model names, one per (model, weights, torchvision version) for a URL.
 """
 from __future__ import annotations
 
@@ -64,8 +66,8 @@ def _path(key: dict) -> str:
     return os.path.join(cache_dir(), f"{re.sub(r'[^A-Za-z0-9_.-]', '_', key['model'])}-{digest}.json")
 
 
-def _read_names(key: dict) -> list[str] | None:
-    """The names recorded under key, or None: not recorded, or unreadable."""
+def _read_list(key: dict) -> list[str] | None:
+    """The strings recorded under key, or None: not recorded, or unreadable."""
     try:
         with open(_path(key), encoding="utf-8") as f:
             data = json.load(f)
@@ -78,8 +80,8 @@ def _read_names(key: dict) -> list[str] | None:
         return None
 
 
-def _write_names(key: dict, names: Sequence[str]) -> None:
-    """Record names under key; atomic (a temporary file renamed), silent on any failure."""
+def _write_list(key: dict, names: Sequence[str]) -> None:
+    """Record strings under key; atomic (a temporary file renamed), silent on any failure."""
     tmp = None
     try:
         path = _path(key)
@@ -101,12 +103,12 @@ def _write_names(key: dict, names: Sequence[str]) -> None:
 
 def read(model: str, weights: str | None, input_size: int | None) -> list[str] | None:
     """The recorded cut names of this (canonical) model, or None: not recorded, or unreadable."""
-    return _read_names(_key(model, weights, input_size))
+    return _read_list(_key(model, weights, input_size))
 
 
 def write(model: str, weights: str | None, input_size: int | None, names: Sequence[str]) -> None:
     """Record a successful trace's cut names."""
-    _write_names(_key(model, weights, input_size), names)
+    _write_list(_key(model, weights, input_size), names)
 
 
 def timm_models(list_them: Callable[[], Sequence[str]]) -> tuple[str, ...]:
@@ -118,10 +120,10 @@ def timm_models(list_them: Callable[[], Sequence[str]]) -> tuple[str, ...]:
         key = {"schema": SCHEMA, "model": "timm-models", "timm": version("timm")}
     except PackageNotFoundError:  # list_them says it (an ImportError naming timm)
         return tuple(list_them())
-    names = _read_names(key)
+    names = _read_list(key)
     if not names:
         names = list(list_them())
-        _write_names(key, names)
+        _write_list(key, names)
     return tuple(names)
 
 
@@ -137,3 +139,22 @@ def known(model: str, weights: str | None, layers: Sequence[str], input_size: in
     valid = set(names)
     prefixes = not model.startswith("timm:")
     return all(layer in valid or (prefixes and any(n.startswith(layer + ".") for n in names)) for layer in layers)
+
+
+def torchvision_weights_url(model: str, weights: str, resolve: Callable[[], str]) -> str:
+    """The download URL of torchvision's `weights` member (as given: DEFAULT, IMAGENET1K_V2) for model:
+    recorded for the installed torchvision, else `resolve()` (which imports it) and recorded. A name
+    that does not resolve raises there and is not recorded."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        key = {"schema": SCHEMA, "model": f"{model}@weights", "weights": str(weights).strip(),
+               "torchvision": version("torchvision")}
+    except PackageNotFoundError:
+        return resolve()
+    recorded = _read_list(key)
+    if recorded and len(recorded) == 1:
+        return recorded[0]
+    url = resolve()
+    _write_list(key, [url])
+    return url

@@ -16,6 +16,7 @@ import io
 import logging
 import os
 import re
+import sys
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -490,10 +491,19 @@ def _timm_tag_hint(model_name: str, weights: str) -> str:
     return ""
 
 
-def _hub_cache_file(url: str) -> str:
-    import torch
+def _hub_dir() -> str:
+    """torch.hub.get_dir(), without importing torch where it is not imported yet (seconds in a driver):
+    $TORCH_HOME/hub, else $XDG_CACHE_HOME/torch/hub, else ~/.cache/torch/hub, as torch reads them.
+    Once torch is imported, torch answers (torch.hub.set_dir may have moved it)."""
+    torch_module = sys.modules.get("torch")
+    if torch_module is not None:
+        return torch_module.hub.get_dir()
+    home = os.getenv("TORCH_HOME", os.path.join(os.getenv("XDG_CACHE_HOME", "~/.cache"), "torch"))
+    return os.path.join(os.path.expanduser(home), "hub")
 
-    return os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url.split("?")[0]))
+
+def _hub_cache_file(url: str) -> str:
+    return os.path.join(_hub_dir(), "checkpoints", os.path.basename(url.split("?")[0]))
 
 
 def fetch_torchvision(member) -> dict[str, torch.Tensor]:

@@ -161,3 +161,36 @@ def test_timm_names_are_looked_up_without_importing_timm_once_recorded(cache):
     out = _driver(code, cache)
     assert out.returncode == 0 and out.stdout.splitlines()[:2] == runs[0][:2], out.stderr
     assert "timm imported: True" in out.stdout and json.loads(entry.read_text())["names"]  # listed and recorded again
+
+
+def test_torchvision_weights_in_the_cache_are_found_without_importing_torchvision(cache, tmp_path, monkeypatch):
+    """--weights IMAGENET1K_V1: the member's URL is recorded once per torchvision version, so a later
+    driver finds the file in torch's cache without importing torchvision (seconds beside Ray's start).
+    A member that does not exist is still resolved, and refused naming the members."""
+    from torchvision.models import get_model_weights
+
+    from featurestore.weights import _hub_cache_file
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
+    cached = _hub_cache_file(get_model_weights("resnet18").IMAGENET1K_V1.url)
+    os.makedirs(os.path.dirname(cached))
+    open(cached, "wb").close()  # only its presence is checked in the driver; the actors load it
+    code = ("import sys\n"
+            "from featurestore.config import BackboneConfig\n"
+            "from featurestore.engine import preflight\n"
+            "preflight(BackboneConfig(model='resnet18', weights='IMAGENET1K_V1'))()\n"
+            "print('imported:', 'torchvision' in sys.modules, 'torch' in sys.modules)\n"
+            "try:\n"
+            "    preflight(BackboneConfig(model='resnet18', weights='IMAGENET1K_V9'))()\n"
+            "except Exception as exc:\n"
+            "    print(type(exc).__name__, exc)\n")
+    said = []
+    for _ in range(2):
+        out = _driver(code, cache)
+        assert out.returncode == 0, out.stderr
+        said.append(out.stdout.splitlines())
+    assert said[0][0] == "imported: True True" and said[1][0] == "imported: False False", said
+    assert said[0][1] == said[1][1] and said[1][1].startswith("WeightsError unknown weights 'IMAGENET1K_V9' for resnet18; its weights are "
+                                 "IMAGENET1K_V1"), said
+    (entry,) = cache.glob("resnet18_weights-*.json")
+    assert json.loads(entry.read_text())["names"] == [get_model_weights("resnet18").IMAGENET1K_V1.url]
