@@ -145,12 +145,8 @@ def torchvision_weights_url(model: str, weights: str, resolve: Callable[[], str]
     """The download URL of torchvision's `weights` member (as given: DEFAULT, IMAGENET1K_V2) for model:
     recorded for the installed torchvision, else `resolve()` (which imports it) and recorded. A name
     that does not resolve raises there and is not recorded."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        key = {"schema": SCHEMA, "model": f"{model}@weights", "weights": str(weights).strip(),
-               "torchvision": version("torchvision")}
-    except PackageNotFoundError:
+    key = _weights_key(model, weights)
+    if key is None:
         return resolve()
     recorded = _read_list(key)
     if recorded and len(recorded) == 1:
@@ -158,3 +154,21 @@ def torchvision_weights_url(model: str, weights: str, resolve: Callable[[], str]
     url = resolve()
     _write_list(key, [url])
     return url
+
+
+def recorded_weights_url(model: str, weights: str) -> str | None:
+    """The URL torchvision_weights_url recorded for (model, weights) with the installed torchvision, or
+    None: a name once resolved is known to exist without importing torchvision (`featurestore submit`)."""
+    key = _weights_key(model, weights)
+    recorded = _read_list(key) if key is not None else None
+    return recorded[0] if recorded and len(recorded) == 1 else None
+
+
+def _weights_key(model: str, weights: str) -> dict | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return {"schema": SCHEMA, "model": f"{model}@weights", "weights": str(weights).strip(),
+                "torchvision": version("torchvision")}
+    except PackageNotFoundError:
+        return None

@@ -313,9 +313,11 @@ def check_weights(asked: list[tuple[str, str | None]], source: str, where: str =
     would refuse after waiting for the cluster. `where` is the config field that gave them (a probe's
     `models: [resnet18@NAME]` is config.models). The names are looked up, nothing is downloaded.
     None, DEFAULT, named sources (pypi:...) and files are not checked here (a file may exist only
-    on the cluster); importing torchvision (~3 s) or timm happens only for the other names."""
+    on the cluster); importing torchvision (~3 s) or timm happens only for the other names, and not
+    for a torchvision name that an extraction here resolved before (layer_names records it)."""
     import importlib
 
+    from featurestore import layer_names
     from featurestore.weights import NAMED_SOURCES, is_file_spec
     from featurestore.zoo import canonical_name
 
@@ -325,6 +327,8 @@ def check_weights(asked: list[tuple[str, str | None]], source: str, where: str =
             continue
         canonical = canonical_name(model)
         timm_name = canonical.removeprefix("timm:") if canonical.startswith("timm:") else None
+        if not timm_name and layer_names.recorded_weights_url(canonical, weights):
+            continue
         try:
             importlib.import_module("timm" if timm_name else "torchvision")
             from featurestore.weights import WeightsError, check_timm_tag, torchvision_enum

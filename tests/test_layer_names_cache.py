@@ -194,3 +194,17 @@ def test_torchvision_weights_in_the_cache_are_found_without_importing_torchvisio
                                  "IMAGENET1K_V1"), said
     (entry,) = cache.glob("resnet18_weights-*.json")
     assert json.loads(entry.read_text())["names"] == [get_model_weights("resnet18").IMAGENET1K_V1.url]
+    # `featurestore submit` checks a spec's weights name: a recorded one without importing torchvision
+    code = ("import sys\n"
+            "from jobs.specs import check_weights\n"
+            "from featurestore.config import ConfigError\n"
+            "check_weights([('resnet18', 'IMAGENET1K_V1')], 'job.yaml')\n"
+            "print('imported:', 'torchvision' in sys.modules)\n"
+            "try:\n"
+            "    check_weights([('resnet18', 'IMAGENET1K_V9')], 'job.yaml')\n"
+            "except ConfigError as exc:\n"
+            "    print(exc)\n")
+    out = _driver(code, cache)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines()[0] == "imported: False", out.stdout
+    assert "job.yaml: field 'config.weights': unknown weights 'IMAGENET1K_V9' for resnet18" in out.stdout, out.stdout
