@@ -38,6 +38,16 @@ def _driver(code: str, cache) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
 
 
+def _twice(code: str, cache) -> list[list[str]]:
+    """The stdout lines of `code` in two fresh drivers, one after the other (the first may record)."""
+    runs = []
+    for _ in range(2):
+        out = _driver(code, cache)
+        assert out.returncode == 0, out.stderr
+        runs.append(out.stdout.splitlines())
+    return runs
+
+
 def test_known_layers_are_checked_without_importing_torch_and_typos_as_before(cache):
     list_layers("resnet18")  # `featurestore layers resnet18`: the trace records the names
     (entry,) = cache.glob("resnet18-*.json")
@@ -148,11 +158,7 @@ def test_timm_names_are_looked_up_without_importing_timm_once_recorded(cache):
             "except UnknownModelError as exc:\n"
             "    print(exc)\n"
             "print('timm imported:', 'timm' in sys.modules, 'torch' in sys.modules)\n")
-    runs = []
-    for _ in range(2):
-        out = _driver(code, cache)
-        assert out.returncode == 0, out.stderr
-        runs.append(out.stdout.splitlines())
+    runs = _twice(code, cache)
     assert runs[0][0] == runs[1][0] == "timm:resnet18"
     assert runs[0][1] == runs[1][1] and runs[1][1].startswith("unknown timm model 'resnet_18'; closest: timm:resnet18")
     assert runs[0][2] == "timm imported: True True" and runs[1][2] == "timm imported: False False"
@@ -184,13 +190,10 @@ def test_torchvision_weights_in_the_cache_are_found_without_importing_torchvisio
             "    preflight(BackboneConfig(model='resnet18', weights='IMAGENET1K_V9'))()\n"
             "except Exception as exc:\n"
             "    print(type(exc).__name__, exc)\n")
-    said = []
-    for _ in range(2):
-        out = _driver(code, cache)
-        assert out.returncode == 0, out.stderr
-        said.append(out.stdout.splitlines())
+    said = _twice(code, cache)
     assert said[0][0] == "imported: True True" and said[1][0] == "imported: False False", said
-    assert said[0][1] == said[1][1] and said[1][1].startswith("WeightsError unknown weights 'IMAGENET1K_V9' for resnet18; its weights are "
+    assert said[0][1] == said[1][1], said
+    assert said[1][1].startswith("WeightsError unknown weights 'IMAGENET1K_V9' for resnet18; its weights are "
                                  "IMAGENET1K_V1"), said
     (entry,) = cache.glob("resnet18_weights-*.json")
     assert json.loads(entry.read_text())["names"] == [get_model_weights("resnet18").IMAGENET1K_V1.url]
