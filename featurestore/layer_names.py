@@ -43,17 +43,16 @@ def cache_dir() -> str:
 
 
 def _versions() -> dict[str, str | None]:
-    from importlib.metadata import PackageNotFoundError, version
-
     from featurestore import __version__
+    from featurestore.store import package_versions
 
-    out: dict[str, str | None] = {"featurestore": __version__}
-    for pkg in ("torch", "torchvision", "timm"):
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            out[pkg] = None
-    return out
+    return {"featurestore": __version__, **package_versions(("torch", "torchvision", "timm"))}
+
+
+def _version(package: str) -> str | None:
+    from featurestore.store import package_versions
+
+    return package_versions((package,))[package]
 
 
 def _key(model: str, weights: str | None, input_size: int | None) -> dict:
@@ -114,12 +113,10 @@ def write(model: str, weights: str | None, input_size: int | None, names: Sequen
 def timm_models(list_them: Callable[[], Sequence[str]]) -> tuple[str, ...]:
     """timm's model names: recorded for the installed timm, else `list_them()` (which imports timm) and
     recorded. Keyed by timm's version, read from its metadata, so an upgrade lists them again."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        key = {"schema": SCHEMA, "model": "timm-models", "timm": version("timm")}
-    except PackageNotFoundError:  # list_them says it (an ImportError naming timm)
+    timm = _version("timm")
+    if timm is None:  # list_them says it (an ImportError naming timm)
         return tuple(list_them())
+    key = {"schema": SCHEMA, "model": "timm-models", "timm": timm}
     names = _read_list(key)
     if not names:
         names = list(list_them())
@@ -145,14 +142,12 @@ def torchvision_weights_url(model: str, weights: str, resolve: Callable[[], str]
     """The download URL of torchvision's `weights` member (as given: DEFAULT, IMAGENET1K_V2) for model:
     recorded for the installed torchvision, else `resolve()` (which imports it) and recorded. A name
     that does not resolve raises there and is not recorded."""
-    key = _weights_key(model, weights)
-    if key is None:
-        return resolve()
-    recorded = _read_list(key)
-    if recorded and len(recorded) == 1:
-        return recorded[0]
-    url = resolve()
-    _write_list(key, [url])
+    url = recorded_weights_url(model, weights)
+    if url is None:
+        url = resolve()
+        key = _weights_key(model, weights)
+        if key is not None:
+            _write_list(key, [url])
     return url
 
 
@@ -165,10 +160,8 @@ def recorded_weights_url(model: str, weights: str) -> str | None:
 
 
 def _weights_key(model: str, weights: str) -> dict | None:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return {"schema": SCHEMA, "model": f"{model}@weights", "weights": str(weights).strip(),
-                "torchvision": version("torchvision")}
-    except PackageNotFoundError:
+    """None where torchvision is not installed: nothing to record."""
+    torchvision = _version("torchvision")
+    if torchvision is None:
         return None
+    return {"schema": SCHEMA, "model": f"{model}@weights", "weights": str(weights).strip(), "torchvision": torchvision}
