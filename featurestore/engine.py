@@ -623,24 +623,22 @@ class ExtractorActor:
 
         # A constructor that raises makes Ray print the traceback and the dying worker's
         # crash report into the user's terminal; kept here, the driver says it once, plainly.
-        self._error: str | None = None
-        self._gpu_error = False
+        self._error: BackboneLoadError | None = None
         try:
             self._extractor = ShardExtractor(*args, **kwargs)
         except Exception as exc:
             from featurestore.extractor import NoCudaDevice
 
-            self._gpu_error = isinstance(exc, NoCudaDevice)
-            if self._gpu_error:
+            if isinstance(exc, NoCudaDevice):
                 import ray
 
-                self._error = f"a GPU actor on node {ray.util.get_node_ip_address()}: {exc}"
+                self._error = ActorGpuError(f"a GPU actor on node {ray.util.get_node_ip_address()}: {exc}")
             else:
-                self._error = f"{type(exc).__name__}: {exc}"
+                self._error = BackboneLoadError(f"{type(exc).__name__}: {exc}")
 
     def _loaded(self):
         if self._error is not None:
-            raise (ActorGpuError if self._gpu_error else BackboneLoadError)(self._error)
+            raise self._error.with_traceback(None)  # raised once per call: no traceback of the last one
         return self._extractor
 
     def configs(self) -> list[dict[str, Any]]:
