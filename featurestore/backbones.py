@@ -719,6 +719,24 @@ def _check_layers(requested: Sequence[str], valid: list[str], model_name: str, p
         raise UnknownLayerError(f"{model_name} has no layer {layer!r}{_suggest(layer, names)}; {hint}")
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU has bf16 instructions (AVX512-BF16 or AMX) that torch's kernels use.
+
+    There `--precision bf16` roughly halves the forward pass's time (1.8-2.9x faster, CNNs and a ViT, on
+    2 cores of an AVX512-BF16 EPYC); without them bf16 is converted in software, a gain not measured here.
+    """
+    import torch.cpu as tcpu
+
+    for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):  # private, so looked up
+        check = getattr(tcpu, probe, None)
+        try:
+            if check is not None and check():
+                return True
+        except Exception:  # a build without the probe's backing code
+            continue
+    return False
+
+
 def _check_choice(value, choices, what):
     if value not in choices:
         raise ValueError(f"{what} must be one of {', '.join(choices)}, got {value!r}")

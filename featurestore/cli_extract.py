@@ -45,7 +45,9 @@ class _BatchSize(click.ParamType):
               help="Cut layer (repeatable). Default: the model's recommended cut. With several models, "
                    "MODEL=LAYER cuts that model only.")
 @click.option("--pooling", type=click.Choice(POOLINGS), help="How a layer's map becomes a vector. Default: avg.")
-@click.option("--precision", type=click.Choice(PRECISIONS), help="Forward precision (autocast). Default: fp32.")
+@click.option("--precision", type=click.Choice(PRECISIONS),
+              help="Forward precision (autocast). Default: fp32. bf16 is about 2x faster on GPUs and on CPUs with "
+                   "AVX512-BF16 or AMX, with features rounded to bf16; fp16 is for GPUs.")
 @click.option("--input-size", type=int, help="Override the weights' input size (pixels, square).")
 @click.option("--crop", type=click.Choice(CROPS), help="center (default), squash or pad.")
 @click.option("--decode", type=click.Choice(DECODES),

@@ -580,6 +580,8 @@ class ShardExtractor:
     def info(self) -> dict[str, Any]:
         import socket
 
+        from featurestore.backbones import cpu_has_native_bf16
+
         node = None
         try:
             import ray
@@ -591,6 +593,8 @@ class ShardExtractor:
         return {"pid": os.getpid(), "host": socket.gethostname(), "node_id": node, "device": str(self.device),
                 "batch_size": self.batch_size, "batch_note": self.batch_note, "compile": self.compile_status,
                 "decode": self.decode, "models": [bb.model_name for bb in self.backbones],
+                "precisions": [bb.precision for bb in self.backbones],
+                "native_bf16": self.device.type == "cpu" and cpu_has_native_bf16(),
                 "fold": ", ".join((f"{bb.model_name} " if len(self.backbones) > 1 else "")
                                   + str(bb.folded or "batchnorm not folded") for bb in self.backbones)}
 
