@@ -29,17 +29,17 @@ HEADS = ["logreg", "linear-svm", "svm", "sgd"]
 
 
 def extract_ray(src: Path, out: str, model: str, weights: str, batch_size: int, layers=(), pooling="avg",
-                crop="center") -> None:
+                crop="center", precision="fp32") -> None:
     from featurestore.config import ExtractConfig
     from featurestore.engine import extract
 
     res = extract(ExtractConfig(source=str(src), output=out, model=model, weights=weights, layers=list(layers),
-                                pooling=pooling, crop=crop, batch_size=batch_size, quiet=True))
+                                pooling=pooling, crop=crop, batch_size=batch_size, precision=precision, quiet=True))
     print(f"  extracted {src.name}: {res.summary() if hasattr(res, 'summary') else res}", flush=True)
 
 
 def extract_loop(src: Path, out: str, model: str, weights: str, batch_size: int, layers=(), pooling="avg",
-                 crop="center") -> None:
+                 crop="center", precision="fp32") -> None:
     """One process, no Ray: list, decode, forward, write_store."""
     import torch
 
@@ -49,7 +49,7 @@ def extract_loop(src: Path, out: str, model: str, weights: str, batch_size: int,
     from featurestore.store import write_store
 
     listing = list_source(str(src))
-    bb = load_backbone(model, weights, layers=list(layers) or None, pooling=pooling, crop=crop)
+    bb = load_backbone(model, weights, layers=list(layers) or None, pooling=pooling, crop=crop, precision=precision)
     layer = bb.layers[0]
     ids, labels, feats = [], [], []
     for a in range(0, len(listing.ids), batch_size):
@@ -62,7 +62,7 @@ def extract_loop(src: Path, out: str, model: str, weights: str, batch_size: int,
             ids.append(listing.ids[i])
             labels.append(int(listing.labels[i]))
         if xs:
-            feats.append(bb(torch.stack(xs))[layer].numpy())
+            feats.append(bb(torch.stack(xs))[layer].float().numpy())
     write_store(out, {layer: np.concatenate(feats)}, np.array(labels), listing.label_names, ids=ids,
                 config=bb.config(), overwrite=True)
     print(f"  extracted {src.name} with a plain loop: {len(ids)} images", flush=True)
@@ -76,6 +76,8 @@ def main(argv=None) -> int:
     ap.add_argument("--pooling", default="avg", choices=["avg", "max", "flatten"])
     ap.add_argument("--crop", default="center", choices=["center", "squash", "pad"],
                     help="squash keeps the whole image (SMILEs: the mouth sits near the border)")
+    ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
+                    help="bf16: the forward pass in bf16 autocast (fast on CPUs with AVX512-BF16 or AMX)")
     ap.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
     ap.add_argument("--heads", nargs="+", default=HEADS, choices=HEADS)
     ap.add_argument("--engine", choices=["ray", "loop"], default="ray",
@@ -99,6 +101,7 @@ def main(argv=None) -> int:
             print(f"skip {name}: {src} not found", file=sys.stderr)
             continue
         tag = f"{name}-{args.model}-{args.weights}-{'+'.join(args.layers) or 'default'}-{args.pooling}-{args.crop}"
+        tag += "" if args.precision == "fp32" else f"-{args.precision}"  # fp32 stores keep their old names
         store = os.path.join(args.work, tag.replace("/", "_").replace(":", "_"))
         t0 = time.perf_counter()
         try:
@@ -107,8 +110,9 @@ def main(argv=None) -> int:
         except Exception:
             ok = False
         if not ok:
-            (extract_ray if args.engine == "ray" else extract_loop)(src, store, args.model, args.weights, args.batch_size,
-                                                                    args.layers, args.pooling, args.crop)
+            run = extract_ray if args.engine == "ray" else extract_loop
+            run(src, store, args.model, args.weights, args.batch_size, args.layers, args.pooling, args.crop,
+                args.precision)
             reader = open_store(store)
         t_extract = time.perf_counter() - t0
         counts = np.bincount(reader.labels[reader.labels >= 0])
@@ -136,7 +140,8 @@ def main(argv=None) -> int:
     headers = ["dataset", "head", "split seed", "test acc %", "balanced acc %", "n test", "chosen", "train s"]
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)] if rows else [len(h) for h in headers]
     print()
-    print(f"model {args.model}, weights {args.weights}, split: stratified hash of ids (25% test; "
+    print(f"model {args.model}, weights {args.weights}, precision {args.precision}, "
+          "split: stratified hash of ids (25% test; "
           "mean ± sample standard deviation over the split seeds)")
     print("| " + " | ".join(h.ljust(w) for h, w in zip(headers, widths)) + " |")
     print("|" + "|".join("-" * (w + 2) for w in widths) + "|")

@@ -1,6 +1,7 @@
 """Throughput: featurestore extract against its baselines, same images and model, one run.
 
     python bench/throughput.py                       # resnet18 and mobilenet_v3_small on ../shared/data/animals
+    python bench/throughput.py --precision fp32,bf16 # and again in bf16 (CPUs with AVX512-BF16 or AMX)
     python bench/throughput.py --models resnet50 --precision bf16 --decode gpu --batch-size auto \
         --images ../shared/data/animals-full --repeat 40          # on a GPU node (the GPU targets)
 
@@ -193,6 +194,51 @@ def sync(device):
         torch.cuda.synchronize()
 
 
+METHODS = ("ceiling", "loop", "raydata", "extract", "steady")
+
+
+def bench_model(model, precision, label, paths, device, args, extra, skip, tmp) -> dict[str, float]:
+    """One table row: every method on one model in one precision, best of the rounds."""
+    bb = load(model, precision, device, channels_last=True,  # as the actors run it
+              fold_batchnorm=not args.no_fold)
+    plain = load(model, precision, device, channels_last=False)  # as a user's loop would
+    batch = resolve_batch(bb, args.batch_size, device)
+    if args.compile:
+        from featurestore.extractor import compile_backbones
+
+        compile_backbones([bb], None, batch, torch.device(device))
+    r: dict[str, float] = {}
+    info = {}
+
+    def keep(key: str, value: float) -> None:
+        r[key] = max(r.get(key, 0.0), value)  # best of the rounds: the least disturbed one
+
+    for _ in range(args.rounds):  # methods interleaved, so a busy spell hurts all of them alike
+        if "ceiling" not in skip:
+            keep("ceiling", bench_ceiling(bb, paths, batch, device))
+        if "loop" not in skip:
+            keep("loop", bench_loop(plain, paths, batch, device, tmp / f"{model}-loop.h5"))
+        if "raydata" not in skip:
+            keep("raydata", bench_raydata(model, precision, paths, device == "cuda", args.raydata_actors))
+        if "extract" not in skip:
+            wall, steady, info = bench_extract(model, precision, paths, args.batch_size,
+                                               tmp / f"{model}-{precision}-store", args.shard_size, **extra)
+            keep("extract", wall)
+            keep("steady", steady)
+    del bb, plain
+
+    def ratio(a, b):
+        return f"{r[a] / r[b]:.2f}x" if a in r and b in r else "-"
+
+    print(f"{label:<28}" + "".join(f"{r[k]:>10.1f}" if k in r else f"{'-':>10}" for k in METHODS)
+          + f"{ratio('extract', 'loop'):>10}{ratio('extract', 'raydata'):>10}"
+          + f"{ratio('extract', 'ceiling'):>10}{ratio('steady', 'ceiling'):>10}", flush=True)
+    if info:
+        print(f"#   {label}: ceiling/loop batch {batch}; {info.get('actors')} actor(s): {info.get('device')}, "
+              f"{info.get('batch_note')}, compile {info.get('compile')}, {info.get('fold')}", flush=True)
+    return r
+
+
 def batch_arg(text: str):
     if text.strip().lower() == "auto":
         return "auto"
@@ -200,6 +246,15 @@ def batch_arg(text: str):
     if n < 1:
         raise argparse.ArgumentTypeError("give a positive number of images, or auto")
     return n
+
+
+def precisions_arg(text: str) -> list[str]:
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    bad = [n for n in names if n not in ("fp32", "bf16", "fp16")]
+    if bad or not names or len(set(names)) != len(names):
+        raise argparse.ArgumentTypeError(f"give fp32, bf16 or fp16, or a comma list of them without repeats, "
+                                         f"not {text!r}")
+    return names
 
 
 def main(argv=None) -> int:
@@ -210,7 +265,9 @@ def main(argv=None) -> int:
     ap.add_argument("--models", default="resnet18,mobilenet_v3_small")
     ap.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                     help="auto: cuda where available")
-    ap.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"))
+    ap.add_argument("--precision", default="fp32", type=precisions_arg,
+                    help="fp32, bf16 or fp16, or a comma list (fp32,bf16): a row per model and precision, then "
+                         "each method's rate in the later precisions against the first's")
     ap.add_argument("--decode", default="draft", choices=("draft", "full", "gpu"), help="extract's --decode")
     ap.add_argument("--batch-size", type=batch_arg, default=32, help="images per forward, or auto")
     ap.add_argument("--compile", action="store_true", help="torch.compile (the ceiling's model and the actors')")
@@ -242,9 +299,10 @@ def main(argv=None) -> int:
     cpu = os.cpu_count()
     gpu = torch.cuda.get_device_name(0) if device == "cuda" else "none"
     print(f"# {len(paths)} images ({args.repeat}x) from {args.images}; {cpu} CPUs; device {device}; GPU: {gpu}; "
-          f"torch {torch.__version__}; precision {args.precision}; decode {args.decode}; batch {args.batch_size}"
+          f"torch {torch.__version__}; precision {','.join(args.precision)}; decode {args.decode}; "
+          f"batch {args.batch_size}"
           f"{'; compile' if args.compile else ''}{'; no fold' if args.no_fold else ''}; best of {args.rounds} round(s)")
-    print(f"{'model':<22}{'ceiling':>10}{'loop':>10}{'raydata':>10}{'extract':>10}{'steady':>10}"
+    print(f"{'model':<28}{'ceiling':>10}{'loop':>10}{'raydata':>10}{'extract':>10}{'steady':>10}"
           f"{'ext/loop':>10}{'ext/rayd':>10}{'ext/ceil':>10}{'stdy/ceil':>10}")
     extra = {"decode": args.decode, "compile": args.compile, "actors": args.actors,
              "fold_batchnorm": not args.no_fold}
@@ -252,45 +310,15 @@ def main(argv=None) -> int:
         extra["gpus_per_actor"] = 0
     try:
         for model in args.models.split(","):
-            bb = load(model, args.precision, device, channels_last=True,  # as the actors run it
-                      fold_batchnorm=not args.no_fold)
-            plain = load(model, args.precision, device, channels_last=False)  # as a user's loop would
-            batch = resolve_batch(bb, args.batch_size, device)
-            if args.compile:
-                from featurestore.extractor import compile_backbones
-
-                compile_backbones([bb], None, batch, torch.device(device))
-            r: dict[str, float] = {}
-            info = {}
-
-            def keep(key: str, value: float) -> None:
-                r[key] = max(r.get(key, 0.0), value)  # best of the rounds: the least disturbed one
-
-            for _ in range(args.rounds):  # methods interleaved, so a busy spell hurts all of them alike
-                if "ceiling" not in skip:
-                    keep("ceiling", bench_ceiling(bb, paths, batch, device))
-                if "loop" not in skip:
-                    keep("loop", bench_loop(plain, paths, batch, device, tmp / f"{model}-loop.h5"))
-                if "raydata" not in skip:
-                    keep("raydata", bench_raydata(model, args.precision, paths, device == "cuda",
-                                                  args.raydata_actors))
-                if "extract" not in skip:
-                    wall, steady, info = bench_extract(model, args.precision, paths, args.batch_size,
-                                                       tmp / f"{model}-store", args.shard_size, **extra)
-                    keep("extract", wall)
-                    keep("steady", steady)
-            del bb, plain
-
-            def ratio(a, b):
-                return f"{r[a] / r[b]:.2f}x" if a in r and b in r else "-"
-
-            print(f"{model:<22}" + "".join(f"{r[k]:>10.1f}" if k in r else f"{'-':>10}"
-                                           for k in ("ceiling", "loop", "raydata", "extract", "steady"))
-                  + f"{ratio('extract', 'loop'):>10}{ratio('extract', 'raydata'):>10}"
-                  + f"{ratio('extract', 'ceiling'):>10}{ratio('steady', 'ceiling'):>10}", flush=True)
-            if info:
-                print(f"#   {model}: ceiling/loop batch {batch}; {info.get('actors')} actor(s): {info.get('device')}, "
-                      f"{info.get('batch_note')}, compile {info.get('compile')}, {info.get('fold')}", flush=True)
+            rates = {}
+            for precision in args.precision:
+                label = model if len(args.precision) == 1 else f"{model} {precision}"
+                rates[precision] = bench_model(model, precision, label, paths, device, args, extra, skip, tmp)
+            first = args.precision[0]
+            for precision in args.precision[1:]:
+                print(f"#   {model}: {precision} / {first}: " + ", ".join(
+                    f"{k} {rates[precision][k] / rates[first][k]:.2f}x" for k in METHODS
+                    if k in rates[precision] and k in rates[first]), flush=True)
     finally:
         ray.shutdown()
         shutil.rmtree(tmp, ignore_errors=True)
