@@ -339,7 +339,43 @@ def connect(address: str | None, num_cpus: int | None = None) -> bool:
         raise ClusterUnreachable(f"{first}. Check that a Ray head runs there (`ray start --head` prints its "
                                  f"address){_embedded('--address' if address else 'RAY_ADDRESS', ', or ')}"
                                  f"{auth}") from None
+    if kwargs.get("address") == "local":
+        _stop_monitor_at_exit()
     return True
+
+
+def _stop_monitor_at_exit() -> None:
+    """Ray's exit handler stops the GCS before the autoscaler monitor, which then waits out a full
+    second for its lost GCS before being killed: a second added to every command that started an
+    embedded instance. That instance has nothing to autoscale, so its monitor is killed first (atexit
+    runs handlers last-registered first, so this runs before Ray's own). A Ray whose internals differ
+    is left to stop as it does."""
+    import atexit
+
+    try:
+        from ray._private import ray_constants
+        from ray._private import worker as ray_worker
+
+        node = ray_worker._global_node
+        kind = ray_constants.PROCESS_TYPE_MONITOR
+    except (ImportError, AttributeError):
+        return
+    if node is None:
+        return
+
+    def stop() -> None:
+        if ray_worker._global_node is not node:  # shut down already, or another instance since
+            return
+        for info in list(getattr(node, "all_processes", {}).get(kind, ())):
+            process = getattr(info, "process", None)
+            if process is not None and process.poll() is None:
+                process.kill()  # SIGTERM would make it report "the autoscaler failed" to the driver
+                try:
+                    process.wait(timeout=5)
+                except Exception:  # Ray's own handler reaps it, or gives up on it, after this
+                    pass
+
+    atexit.register(stop)
 
 
 @dataclass

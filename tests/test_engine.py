@@ -791,6 +791,32 @@ print(sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "torchvision
     assert out.stdout.strip().splitlines()[-1] == "[]"
 
 
+def test_an_embedded_instance_stops_its_autoscaler_monitor_before_ray_stops_the_gcs():
+    """At exit Ray stops the GCS before the autoscaler monitor, which then waited a second on it before being
+    killed: a second on every command that started Ray. The monitor of an embedded instance goes first."""
+    code = """
+import atexit, sys
+import ray
+from ray._private import ray_constants, worker
+from featurestore import engine
+
+def seen():  # registered before connect's handler, so it runs after it and before Ray's own
+    node = worker._global_node
+    alive = lambda kind: [i.process.poll() is None for i in node.all_processes.get(kind, [])]
+    print("monitor", alive(ray_constants.PROCESS_TYPE_MONITOR), "gcs", alive(ray_constants.PROCESS_TYPE_GCS_SERVER),
+          flush=True)
+
+atexit.register(seen)
+assert engine.connect(None, num_cpus=1)
+print("monitor was", [i.process.poll() is None for i in
+                      worker._global_node.all_processes[ray_constants.PROCESS_TYPE_MONITOR]], flush=True)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.splitlines()[-2:] == ["monitor was [True]", "monitor [False] gcs [True]"], out.stdout
+    assert "autoscaler failed" not in out.stderr, out.stderr[-3000:]
+
+
 def test_progress_counts_each_shard_once(tmp_path):
     """poll() covers the running shard only: the driver already counted the committed ones."""
     from featurestore.config import BackboneConfig
