@@ -133,6 +133,9 @@ class ExtractResult:
             a = self.actor_info[0]
             lines.append(f"actors:   {a.get('device')}, decode {a.get('decode')}, {a.get('batch_note')}, "
                          f"compile {a.get('compile')}, {a.get('fold')}")
+            if all(b.get("native_bf16") for b in self.actor_info) and "fp32" in a.get("precisions", ()):
+                lines.append("tip:      these CPUs compute bf16 natively (AVX512-BF16 or AMX): --precision bf16 runs "
+                             "the forward pass about twice as fast, with features rounded to bf16")
         for idx, why in sorted(self.failed_shards.items()):
             lines.append(f"FAILED shard {idx:05d}: {why}")
         return "\n".join(lines)
@@ -955,9 +958,6 @@ def _extract(cfg: ExtractConfig, stop: _StopOnSignal, leases: list) -> ExtractRe
     for a in actor_info[:1]:
         log.info("actors ready after %.1fs: %s, decode %s, %s, compile %s, %s", startup, a["device"], a["decode"],
                  a["batch_note"], a["compile"], a.get("fold"))
-    if actor_info and all(a.get("native_bf16") for a in actor_info) and "fp32" in actor_info[0].get("precisions", ()):
-        log.info("these CPUs compute bf16 natively (AVX512-BF16 or AMX): --precision bf16 runs the forward pass about "
-                 "twice as fast on them, with features rounded to bf16 (see the README's Measured figures)")
     for bconf in backbone_configs:  # what every image goes through: a file's recipe is a choice worth seeing
         if bconf.get("preprocessing"):
             from featurestore.preprocess import Preprocessing

@@ -91,7 +91,7 @@ def test_features_equal_single_process_reference(tmp_path, ray_local):
         assert len(f["ids"]) == 4
 
 
-def test_bf16_on_cpu_actors_is_the_bf16_reference_and_part_of_the_request(tmp_path, ray_local, caplog):
+def test_bf16_on_cpu_actors_is_the_bf16_reference_and_part_of_the_request(tmp_path, ray_local):
     """--precision bf16 on CPU actors (twice as fast on CPUs with AVX512-BF16 or AMX): the actors' features
     are a bf16 forward pass's, not fp32's; a store of them is not resumed by an fp32 request; and an fp32
     run on such a CPU says what bf16 would give."""
@@ -100,10 +100,9 @@ def test_bf16_on_cpu_actors_is_the_bf16_reference_and_part_of_the_request(tmp_pa
     src = make_images(tmp_path / "src", per_class=3)
     out = str(tmp_path / "store")
     hint = "compute bf16 natively"
-    with caplog.at_level("INFO", logger="featurestore.extract"):
-        res = extract(ExtractConfig(source=str(src), output=out, shard_size=5, **dict(SMALL, precision="bf16")))
+    res = extract(ExtractConfig(source=str(src), output=out, shard_size=5, **dict(SMALL, precision="bf16")))
     assert res.ok and all(a["precisions"] == ["bf16"] for a in res.actor_info)
-    assert hint not in caplog.text  # already asked for
+    assert hint not in res.summary()  # already asked for
     reader, X, y, ids = read_store(out)
     assert reader.config["precision"] == "bf16" and X.dtype == np.float32
     as_actors = dict(fold_batchnorm=True, channels_last=True)
@@ -115,12 +114,10 @@ def test_bf16_on_cpu_actors_is_the_bf16_reference_and_part_of_the_request(tmp_pa
     assert 2e-3 * scale < np.abs(X - fp32).max() < 0.05 * scale
     with pytest.raises(Exception, match="precision"):
         extract(ExtractConfig(source=str(src), output=out, shard_size=5, **SMALL))
-    caplog.clear()
-    with caplog.at_level("INFO", logger="featurestore.extract"):
-        res = extract(ExtractConfig(source=str(src), output=out, shard_size=5, overwrite=True, **SMALL))
+    res = extract(ExtractConfig(source=str(src), output=out, shard_size=5, overwrite=True, **SMALL))
     assert res.ok and featurestore.open(out).config["precision"] == "fp32"
     assert all(a["native_bf16"] == cpu_has_native_bf16() for a in res.actor_info)
-    assert (hint in caplog.text) == cpu_has_native_bf16(), caplog.text
+    assert (hint in res.summary()) == cpu_has_native_bf16(), res.summary()
 
 
 def test_two_layers_one_pass_and_rerun_is_a_noop(tmp_path, ray_local):
