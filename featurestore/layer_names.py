@@ -12,11 +12,13 @@ reading or writing the cache (corrupt, unwritable) falls back to the trace.
 timm's registry of model names is recorded here too, once per timm version: a `timm:NAME` is then
 looked up (and a typo given its suggestions) without importing timm, which imports torch. So is the
 download URL of each torchvision weights enum member asked for (DEFAULT, IMAGENET1K_V2), once per
-torchvision version: whether its file is in torch's cache is then known without importing torchvision.
+torchvision version: whether its file is in torch's cache is then known without importing torchvision;
+and each timm architecture's pretrained tags, once per timm version, for `--weights TAG`.
 
 Where: $FEATURESTORE_LAYER_CACHE, else $XDG_CACHE_HOME/featurestore/layers, else
 ~/.cache/featurestore/layers; one JSON file per (model, weights spec, input size, versions), and
-one per timm version for its model names, one per (model, weights, torchvision version) for a URL.
+one per timm version for its model names (and per architecture for its tags), one per (model,
+weights, torchvision version) for a URL.
 """
 from __future__ import annotations
 
@@ -122,6 +124,21 @@ def timm_models(list_them: Callable[[], Sequence[str]]) -> tuple[str, ...]:
         names = list(list_them())
         _write_list(key, names)
     return tuple(names)
+
+
+def timm_tags(model: str, list_them: Callable[[], Sequence[str]]) -> tuple[str, ...]:
+    """timm's pretrained tags for one architecture (resnet18: a1_in1k, ..., tv_in1k), recorded per timm
+    version like its model names, so `--weights TAG` is checked (and a typo given its suggestions)
+    without importing timm. An architecture without tags is recorded as such."""
+    timm = _version("timm")
+    if timm is None:
+        return tuple(list_them())
+    key = {"schema": SCHEMA, "model": f"timm-tags-{model}", "timm": timm}
+    tags = _read_list(key)
+    if tags is None:
+        tags = list(list_them())
+        _write_list(key, tags)
+    return tuple(tags)
 
 
 def known(model: str, weights: str | None, layers: Sequence[str], input_size: int | None) -> bool:

@@ -551,10 +551,16 @@ def torchvision_offline_error(member, exc: BaseException) -> WeightsError:
 
 
 def timm_tags(timm_name: str) -> list[str]:
-    """The pretrained tags timm knows for an architecture (resnet18 -> a1_in1k, ..., tv_in1k)."""
-    import timm
+    """The pretrained tags timm knows for an architecture (resnet18 -> a1_in1k, ..., tv_in1k); timm is
+    imported only the first time per timm version (layer_names records them)."""
+    from featurestore import layer_names
 
-    return [n.split(".", 1)[1] for n in timm.list_pretrained(f"{timm_name}.*") if "." in n]
+    def list_them() -> list[str]:
+        import timm
+
+        return [n.split(".", 1)[1] for n in timm.list_pretrained(f"{timm_name}.*") if "." in n]
+
+    return list(layer_names.timm_tags(timm_name, list_them))
 
 
 def check_timm_tag(timm_name: str, tag: str) -> str:

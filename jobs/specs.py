@@ -314,7 +314,7 @@ def check_weights(asked: list[tuple[str, str | None]], source: str, where: str =
     `models: [resnet18@NAME]` is config.models). The names are looked up, nothing is downloaded.
     None, DEFAULT, named sources (pypi:...) and files are not checked here (a file may exist only
     on the cluster); importing torchvision (~3 s) or timm happens only for the other names, and not
-    for a torchvision name that an extraction here resolved before (layer_names records it)."""
+    for a name that was resolved here before (layer_names records torchvision's URLs and timm's tags)."""
     import importlib
 
     from featurestore import layer_names
@@ -329,16 +329,16 @@ def check_weights(asked: list[tuple[str, str | None]], source: str, where: str =
         timm_name = canonical.removeprefix("timm:") if canonical.startswith("timm:") else None
         if not timm_name and layer_names.recorded_weights_url(canonical, weights):
             continue
-        try:
-            importlib.import_module("timm" if timm_name else "torchvision")
-            from featurestore.weights import WeightsError, check_timm_tag, torchvision_enum
-        except (ImportError, OSError):  # the cluster checks them when it builds the model
-            return
+        from featurestore.weights import WeightsError, check_timm_tag, torchvision_enum
+
         try:
             if timm_name:
-                check_timm_tag(timm_name, weights)
+                check_timm_tag(timm_name, weights)  # imports timm unless its tags are recorded
             else:
+                importlib.import_module("torchvision")
                 torchvision_enum(canonical, weights)
+        except (ImportError, OSError):  # not installed here: the cluster checks them when it builds the model
+            continue
         except WeightsError as exc:
             raise ConfigError(f"{source}: field 'config.{where}': {exc}") from None
         except Exception:  # a name these lookups do not cover: the job says what is wrong

@@ -169,6 +169,39 @@ def test_timm_names_are_looked_up_without_importing_timm_once_recorded(cache):
     assert "timm imported: True" in out.stdout and json.loads(entry.read_text())["names"]  # listed and recorded again
 
 
+def test_timm_pretrained_tags_are_checked_without_importing_timm_once_recorded(cache):
+    """--weights TAG for a timm model (extract's check, submit's job-spec check): the architecture's tags are
+    recorded per timm version, so a later driver checks a tag, and refuses a typo with its suggestions,
+    without importing timm or torch. A broken record is listed again."""
+    code = ("import sys\n"
+            "from featurestore.config import ConfigError\n"
+            "from featurestore.weights import WeightsError, check_timm_tag\n"
+            "from jobs.specs import check_weights\n"
+            "print(check_timm_tag('resnet18', 'A1_IN1K'))\n"
+            "try:\n"
+            "    check_timm_tag('resnet18', 'a1_in1kk')\n"
+            "except WeightsError as exc:\n"
+            "    print(exc)\n"
+            "check_weights([('timm:resnet18', 'a1_in1k')], 'job.yaml')\n"
+            "try:\n"
+            "    check_weights([('timm:resnet18', 'a1_in1kk')], 'job.yaml')\n"
+            "except ConfigError as exc:\n"
+            "    print(exc)\n"
+            "print('timm imported:', 'timm' in sys.modules, 'torch' in sys.modules)\n")
+    runs = _twice(code, cache)
+    assert runs[0][0] == runs[1][0] == "a1_in1k"
+    assert runs[0][1] == runs[1][1] and runs[1][1].startswith("unknown weights 'a1_in1kk' for timm:resnet18: not a "
+                                                               "pretrained tag; its tags are a1_in1k, "), runs[1][1]
+    assert "(closest: a1_in1k" in runs[1][1]
+    assert runs[1][2] == "job.yaml: field 'config.weights': " + runs[1][1]  # submit refuses it the same way
+    assert runs[0][3] == "timm imported: True True" and runs[1][3] == "timm imported: False False"
+    (entry,) = cache.glob("timm-tags-resnet18-*.json")
+    entry.write_text("{not json")
+    out = _driver(code, cache)
+    assert out.returncode == 0 and out.stdout.splitlines()[:3] == runs[0][:3], out.stderr
+    assert "timm imported: True" in out.stdout and "a1_in1k" in json.loads(entry.read_text())["names"]
+
+
 def test_torchvision_weights_in_the_cache_are_found_without_importing_torchvision(cache, tmp_path, monkeypatch):
     """--weights IMAGENET1K_V1: the member's URL is recorded once per torchvision version, so a later
     driver finds the file in torch's cache without importing torchvision (seconds beside Ray's start).
