@@ -38,6 +38,11 @@ def _driver(code: str, cache) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
 
 
+def _refusal(call: str, error: str) -> str:
+    """Driver code that runs `call` and prints the message of the `error` it raises."""
+    return f"try:\n    {call}\nexcept {error} as exc:\n    print(exc)\n"
+
+
 def _twice(code: str, cache) -> list[list[str]]:
     """The stdout lines of `code` in two fresh drivers, one after the other (the first may record)."""
     runs = []
@@ -153,11 +158,8 @@ def test_timm_names_are_looked_up_without_importing_timm_once_recorded(cache):
     code = ("import sys\n"
             "from featurestore.zoo import UnknownModelError, canonical_name\n"
             "print(canonical_name(' timm:resnet18'))\n"
-            "try:\n"
-            "    canonical_name('timm:resnet_18')\n"
-            "except UnknownModelError as exc:\n"
-            "    print(exc)\n"
-            "print('timm imported:', 'timm' in sys.modules, 'torch' in sys.modules)\n")
+            + _refusal("canonical_name('timm:resnet_18')", "UnknownModelError")
+            + "print('timm imported:', 'timm' in sys.modules, 'torch' in sys.modules)\n")
     runs = _twice(code, cache)
     assert runs[0][0] == runs[1][0] == "timm:resnet18"
     assert runs[0][1] == runs[1][1] and runs[1][1].startswith("unknown timm model 'resnet_18'; closest: timm:resnet18")
@@ -178,16 +180,10 @@ def test_timm_pretrained_tags_are_checked_without_importing_timm_once_recorded(c
             "from featurestore.weights import WeightsError, check_timm_tag\n"
             "from jobs.specs import check_weights\n"
             "print(check_timm_tag('resnet18', 'A1_IN1K'))\n"
-            "try:\n"
-            "    check_timm_tag('resnet18', 'a1_in1kk')\n"
-            "except WeightsError as exc:\n"
-            "    print(exc)\n"
-            "check_weights([('timm:resnet18', 'a1_in1k')], 'job.yaml')\n"
-            "try:\n"
-            "    check_weights([('timm:resnet18', 'a1_in1kk')], 'job.yaml')\n"
-            "except ConfigError as exc:\n"
-            "    print(exc)\n"
-            "print('timm imported:', 'timm' in sys.modules, 'torch' in sys.modules)\n")
+            + _refusal("check_timm_tag('resnet18', 'a1_in1kk')", "WeightsError")
+            + "check_weights([('timm:resnet18', 'a1_in1k')], 'job.yaml')\n"
+            + _refusal("check_weights([('timm:resnet18', 'a1_in1kk')], 'job.yaml')", "ConfigError")
+            + "print('timm imported:', 'timm' in sys.modules, 'torch' in sys.modules)\n")
     runs = _twice(code, cache)
     assert runs[0][0] == runs[1][0] == "a1_in1k"
     assert runs[0][1] == runs[1][1] and runs[1][1].startswith("unknown weights 'a1_in1kk' for timm:resnet18: not a "
