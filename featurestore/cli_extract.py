@@ -46,8 +46,8 @@ class _BatchSize(click.ParamType):
                    "MODEL=LAYER cuts that model only.")
 @click.option("--pooling", type=click.Choice(POOLINGS), help="How a layer's map becomes a vector. Default: avg.")
 @click.option("--precision", type=click.Choice(PRECISIONS),
-              help="Forward precision (autocast). Default: fp32. bf16 is about 2x faster on GPUs and on CPUs with "
-                   "AVX512-BF16 or AMX, with features rounded to bf16; fp16 is for GPUs.")
+              help="Forward precision (autocast). Default: fp32. bf16 or fp16 on GPUs; on CPUs bf16 only, whose "
+                   "forward pass ran about 2x faster on CPUs with AVX512-BF16 or AMX. Both round the features.")
 @click.option("--input-size", type=int, help="Override the weights' input size (pixels, square).")
 @click.option("--crop", type=click.Choice(CROPS), help="center (default), squash or pad.")
 @click.option("--decode", type=click.Choice(DECODES),
