@@ -112,33 +112,32 @@ def write(model: str, weights: str | None, input_size: int | None, names: Sequen
     _write_list(_key(model, weights, input_size), names)
 
 
-def timm_models(list_them: Callable[[], Sequence[str]]) -> tuple[str, ...]:
-    """timm's model names: recorded for the installed timm, else `list_them()` (which imports timm) and
-    recorded. Keyed by timm's version, read from its metadata, so an upgrade lists them again."""
-    timm = _version("timm")
-    if timm is None:  # list_them says it (an ImportError naming timm)
+def _listed_per_version(package: str, name: str, list_them: Callable[[], Sequence[str]],
+                        empty_is_an_answer: bool) -> tuple[str, ...]:
+    """list_them()'s strings, recorded under `name` for the installed version of `package` (read from its
+    metadata, so an upgrade lists them again); without the package, list_them() says so (an ImportError)."""
+    version = _version(package)
+    if version is None:
         return tuple(list_them())
-    key = {"schema": SCHEMA, "model": "timm-models", "timm": timm}
+    key = {"schema": SCHEMA, "model": name, package: version}
     names = _read_list(key)
-    if not names:
+    if names is None or not (names or empty_is_an_answer):
         names = list(list_them())
         _write_list(key, names)
     return tuple(names)
+
+
+def timm_models(list_them: Callable[[], Sequence[str]]) -> tuple[str, ...]:
+    """timm's model names: recorded for the installed timm, else `list_them()` (which imports timm) and
+    recorded."""
+    return _listed_per_version("timm", "timm-models", list_them, empty_is_an_answer=False)
 
 
 def timm_tags(model: str, list_them: Callable[[], Sequence[str]]) -> tuple[str, ...]:
     """timm's pretrained tags for one architecture (resnet18: a1_in1k, ..., tv_in1k), recorded per timm
     version like its model names, so `--weights TAG` is checked (and a typo given its suggestions)
     without importing timm. An architecture without tags is recorded as such."""
-    timm = _version("timm")
-    if timm is None:
-        return tuple(list_them())
-    key = {"schema": SCHEMA, "model": f"timm-tags-{model}", "timm": timm}
-    tags = _read_list(key)
-    if tags is None:
-        tags = list(list_them())
-        _write_list(key, tags)
-    return tuple(tags)
+    return _listed_per_version("timm", f"timm-tags-{model}", list_them, empty_is_an_answer=True)
 
 
 def known(model: str, weights: str | None, layers: Sequence[str], input_size: int | None) -> bool:
