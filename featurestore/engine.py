@@ -562,10 +562,15 @@ def preflight(backbone, storage_options: dict | None = None, workers_here: bool 
             from featurestore import layer_names
             from featurestore.weights import _hub_cache_file, fetch_torchvision, torchvision_enum
 
-            # WeightsError names the enum's members
-            url = layer_names.torchvision_weights_url(name, weights, lambda: torchvision_enum(name, weights).url)
+            resolved = []
+
+            def resolve() -> str:  # WeightsError names the enum's members
+                resolved.append(torchvision_enum(name, weights))
+                return resolved[0].url
+
+            url = layer_names.torchvision_weights_url(name, weights, resolve)
             if not os.path.exists(_hub_cache_file(url)):
-                fetch_torchvision(torchvision_enum(name, weights))
+                fetch_torchvision(resolved[0] if resolved else torchvision_enum(name, weights))
 
         checks.append(torchvision_weights)
     if not checks:

@@ -198,6 +198,21 @@ def test_timm_pretrained_tags_are_checked_without_importing_timm_once_recorded(c
     assert "timm imported: True" in out.stdout and "a1_in1k" in json.loads(entry.read_text())["names"]
 
 
+def test_weights_missing_from_torchs_cache_resolve_the_enum_once(cache, tmp_path, monkeypatch):
+    """A first run whose file is not in torch's cache resolves the member once, records its URL and fetches
+    that member (it resolved it a second time to fetch)."""
+    from featurestore import weights
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty-torch-home"))
+    resolved, fetched = [], []
+    real_enum = weights.torchvision_enum
+    monkeypatch.setattr(weights, "torchvision_enum", lambda *a: resolved.append(real_enum(*a)) or resolved[-1])
+    monkeypatch.setattr(weights, "fetch_torchvision", fetched.append)  # offline here: only what it is given
+    _check(BackboneConfig(model="resnet18", weights="IMAGENET1K_V1"))
+    assert len(resolved) == 1 and fetched == resolved
+    assert layer_names.recorded_weights_url("resnet18", "IMAGENET1K_V1") == resolved[0].url
+
+
 def test_torchvision_weights_in_the_cache_are_found_without_importing_torchvision(cache, tmp_path, monkeypatch):
     """--weights IMAGENET1K_V1: the member's URL is recorded once per torchvision version, so a later
     driver finds the file in torch's cache without importing torchvision (seconds beside Ray's start).
