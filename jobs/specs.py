@@ -318,7 +318,7 @@ def check_weights(asked: list[tuple[str, str | None]], source: str, where: str =
     import importlib
 
     from featurestore import layer_names
-    from featurestore.weights import NAMED_SOURCES, is_file_spec
+    from featurestore.weights import NAMED_SOURCES, WeightsError, check_timm_tag, is_file_spec, torchvision_enum
     from featurestore.zoo import canonical_name
 
     for model, weights in asked:
@@ -329,8 +329,6 @@ def check_weights(asked: list[tuple[str, str | None]], source: str, where: str =
         timm_name = canonical.removeprefix("timm:") if canonical.startswith("timm:") else None
         if not timm_name and layer_names.recorded_weights_url(canonical, weights):
             continue
-        from featurestore.weights import WeightsError, check_timm_tag, torchvision_enum
-
         try:
             if timm_name:
                 check_timm_tag(timm_name, weights)  # imports timm unless its tags are recorded
